@@ -1,0 +1,363 @@
+"""Hook maps: read a ``hooks/<family>.toml``, resolve canonical names to modules, install hooks.
+
+A *hook point* is a canonical TransformerLens name (``blocks.3.hook_resid_pre``) bound to a
+place in an HF model: the input or the output of a module, a tensor inside mechkit's
+attention function (q, k, v, pattern), or a *virtual* point that is the sum of two others and
+is written through one of them (``resid_mid = resid_pre + attn_out``, written as
+``attn_out' = new - resid_pre``).
+
+Every architecture difference is data in the TOML map. This module never branches on the
+architecture.
+
+Hook functions have the TransformerLens signature ``fn(tensor, hook) -> tensor | None``:
+returning a tensor replaces the activation, returning ``None`` leaves it as it is. ``hook`` is a
+:class:`Hook` with ``.name`` and ``.layer``.
+
+Edge cases:
+
+- A module output that is a tuple is read and written at element 0 (HF attention modules
+  return ``(out, weights)``); a plain tensor output is used as it is (HF 5.x decoder blocks).
+- A module input is the first positional argument, or the ``hidden_states`` keyword.
+- ``reshape = "heads"`` shows ``[batch, pos, n_heads * d_head]`` as ``[batch, pos, n_heads, d_head]``.
+- Hooks on one place run in the order they were installed; nested contexts stack.
+- Removal happens in ``finally``: after any exit, error or not, no mechkit hook remains.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+HookFn = Callable[[torch.Tensor, "Hook"], "torch.Tensor | None"]
+
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Hook:
+    """What a hook function receives besides the tensor: the point's name and layer (or None)."""
+
+    name: str
+    layer: int | None
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """One canonical point, concrete for one layer.
+
+    side: "input" | "output" | "attention" | "virtual"; module: dotted path (None for virtual);
+    tensor: q/k/v/pattern for attention points; reshape: None | "heads";
+    of/write: for virtual sums, the component points and the one written through.
+    """
+
+    name: str
+    layer: int | None
+    side: str
+    module: str | None = None
+    tensor: str | None = None
+    reshape: str | None = None
+    of: tuple[str, ...] = ()
+    write: str | None = None
+
+
+class HookNameError(KeyError):
+    """An unknown or unavailable hook point name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0])
+
+
+@dataclass
+class HookMap:
+    """A family's map: the ``[family]`` table and the point templates of a TOML file."""
+
+    family: dict[str, Any]
+    templates: dict[str, dict[str, Any]]
+    source: str = "<dict>"
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> HookMap:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> HookMap:
+        if "family" not in data or "points" not in data:
+            raise ValueError(f"hook map {source} needs a [family] table and a [points] table; got {sorted(data)}")
+        fam = dict(data["family"])
+        for key in ("layers", "block", "final_norm", "unembed"):
+            if key not in fam:
+                raise ValueError(f"hook map {source}: [family] lacks '{key}'")
+        return cls(fam, dict(data["points"]), source)
+
+    @property
+    def name(self) -> str:
+        return self.family.get("name", "custom")
+
+    def path(self, template: str, layer: int | None = None) -> str:
+        """Expand ``{block}`` and ``{l}`` in a module path."""
+        block = self.family["block"]
+        out = template.replace("{block}", block)
+        if layer is not None:
+            out = out.replace("{l}", str(layer))
+        return out
+
+
+def builtin_maps() -> list[HookMap]:
+    """Every map shipped in ``mechkit/hooks/*.toml``."""
+    root = resources.files("mechkit") / "hooks"
+    maps = []
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            with entry.open("rb") as f:
+                maps.append(HookMap.from_dict(tomllib.load(f), source=f"mechkit/hooks/{entry.name}"))
+    return maps
+
+
+def map_for_model_type(model_type: str) -> HookMap | None:
+    for m in builtin_maps():
+        if model_type in m.family.get("model_types", []):
+            return m
+    return None
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule`` with an error that names the missing part."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError as e:
+        raise AttributeError(f"module path '{path}' not found in {type(root).__name__}: {e}") from None
+
+
+class PointTable:
+    """All concrete points of one model: name -> PointSpec, plus unavailable names -> reason."""
+
+    def __init__(self, hook_map: HookMap, n_layers: int, hf_config: Any):
+        self.map = hook_map
+        self.n_layers = n_layers
+        self.points: dict[str, PointSpec] = {}
+        self.unavailable: dict[str, str] = {}
+        for template, spec in hook_map.templates.items():
+            layers: Iterable[int | None] = range(n_layers) if "{l}" in template else [None]
+            for layer in layers:
+                name = template.replace("{l}", str(layer)) if layer is not None else template
+                cond = spec.get("unavailable_if")
+                if cond and bool(getattr(hf_config, cond, False)):
+                    self.unavailable[name] = spec.get("reason", f"unavailable because config.{cond} is set")
+                    continue
+                self.points[name] = self._concrete(name, layer, spec)
+
+    def _concrete(self, name: str, layer: int | None, spec: dict[str, Any]) -> PointSpec:
+        def sub(s: str) -> str:
+            return s.replace("{l}", str(layer)) if layer is not None else s
+
+        if spec.get("virtual"):
+            if spec["virtual"] != "sum":
+                raise ValueError(f"{self.map.source}: virtual point kind '{spec['virtual']}' is not supported")
+            return PointSpec(name, layer, "virtual", of=tuple(sub(o) for o in spec["of"]), write=sub(spec["write"]))
+        side = spec.get("side", "output")
+        if side not in ("input", "output", "attention"):
+            raise ValueError(f"{self.map.source}: point {name} has side '{side}'")
+        return PointSpec(
+            name, layer, side, module=self.map.path(spec["module"], layer),
+            tensor=spec.get("tensor"), reshape=spec.get("reshape"),
+        )
+
+    def names(self) -> list[str]:
+        return list(self.points)
+
+    def resolve(self, name: str) -> PointSpec:
+        if name in self.points:
+            return self.points[name]
+        if name in self.unavailable:
+            raise HookNameError(f"hook point '{name}' does not exist for this model: {self.unavailable[name]}")
+        close = difflib.get_close_matches(name, list(self.points), n=5, cutoff=0.5)
+        hint = f" Closest names: {', '.join(close)}." if close else ""
+        m = _LAYER_RE.match(name)
+        if m and int(m.group(1)) >= self.n_layers:
+            hint = f" The model has {self.n_layers} layers (0..{self.n_layers - 1})." + hint
+        raise HookNameError(f"unknown hook point '{name}' for family '{self.map.name}'.{hint}")
+
+    def select(self, names: None | str | Iterable[str] | Callable[[str], bool]) -> list[str]:
+        """Names from None (all), one name, a list, or a predicate; each checked."""
+        if names is None:
+            return self.names()
+        if isinstance(names, str):
+            names = [names]
+        if callable(names):
+            return [n for n in self.points if names(n)]
+        out = list(names)
+        for n in out:
+            self.resolve(n)
+        return out
+
+
+# --------------------------------------------------------------------------- installing
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output: Any, new: torch.Tensor) -> Any:
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+@dataclass
+class _Handler:
+    """A function run on one place's tensor: returns a replacement or None."""
+
+    run: Callable[[torch.Tensor], torch.Tensor | None]
+    reshape: str | None = None
+
+
+def _apply(handlers: list[_Handler], x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    for h in handlers:
+        view = x.unflatten(-1, (n_heads, -1)) if h.reshape == "heads" else x
+        new = h.run(view)
+        if new is not None:
+            if new.shape != view.shape:
+                raise ValueError(
+                    f"hook returned a tensor of shape {tuple(new.shape)}; expected {tuple(view.shape)}"
+                )
+            x = new.flatten(-2) if h.reshape == "heads" else new
+    return x
+
+
+@dataclass
+class Installation:
+    """Handlers grouped by place, ready to be registered on modules."""
+
+    inputs: dict[str, list[_Handler]] = field(default_factory=lambda: defaultdict(list))
+    outputs: dict[str, list[_Handler]] = field(default_factory=lambda: defaultdict(list))
+    attention: dict[str, dict[str, list[_Handler]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+
+    @property
+    def needs_attention_fn(self) -> bool:
+        return any(any(v) for v in self.attention.values())
+
+
+def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
+    """Turn (name, fn) pairs into handlers per place. Virtual points get a stash on their
+    read-only component and a write handler on the component written through."""
+    inst = Installation()
+
+    def add(spec: PointSpec, handler: _Handler) -> None:
+        if spec.side == "input":
+            inst.inputs[spec.module].append(handler)
+        elif spec.side == "output":
+            inst.outputs[spec.module].append(handler)
+        elif spec.side == "attention":
+            inst.attention[spec.module][spec.tensor].append(handler)
+        else:
+            raise AssertionError(spec)
+
+    def wrap(fn: HookFn, hook: Hook) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        return lambda x: fn(x, hook)
+
+    for name, fn in hooks:
+        spec = table.resolve(name)
+        hook = Hook(name, spec.layer)
+        if spec.side != "virtual":
+            add(spec, _Handler(wrap(fn, hook), spec.reshape))
+            continue
+        # virtual sum: v = sum(read parts) + written part; write: written' = v_new - sum(read parts)
+        parts = [table.resolve(p) for p in spec.of if p != spec.write]
+        target = table.resolve(spec.write)
+        stash: dict[str, torch.Tensor] = {}
+        for p in parts:
+            def keep(x: torch.Tensor, _p: str = p.name) -> None:
+                stash[_p] = x
+            add(p, _Handler(keep, p.reshape))
+
+        def through(x: torch.Tensor, _fn=fn, _hook=hook, _parts=tuple(p.name for p in parts)) -> torch.Tensor | None:
+            base = sum(stash[p] for p in _parts)
+            v = base + x
+            new = _fn(v, _hook)
+            return None if new is None else new - base
+        add(target, _Handler(through, target.reshape))
+    return inst
+
+
+@contextmanager
+def installed(model: nn.Module, inst: Installation, n_heads: int):
+    """Register the planned handlers as torch hooks on ``model``; remove them on exit."""
+    handles = []
+    attn_modules = []
+    try:
+        for path, handlers in inst.inputs.items():
+            handles.append(get_module(model, path).register_forward_pre_hook(
+                _make_pre_hook(handlers, n_heads), with_kwargs=True))
+        for path, handlers in inst.outputs.items():
+            handles.append(get_module(model, path).register_forward_hook(_make_post_hook(handlers, n_heads)))
+        for path, by_tensor in inst.attention.items():
+            mod = get_module(model, path)
+            stack = mod.__dict__.setdefault("_mechkit_attn", [])
+            stack.append(dict(by_tensor))
+            attn_modules.append(mod)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for mod in attn_modules:
+            stack = mod.__dict__.get("_mechkit_attn", [])
+            if stack:
+                stack.pop()
+            if not stack:
+                mod.__dict__.pop("_mechkit_attn", None)
+
+
+def _make_pre_hook(handlers: list[_Handler], n_heads: int):
+    def pre_hook(module, args, kwargs):
+        if args:
+            new = _apply(handlers, args[0], n_heads)
+            return (new, *args[1:]), kwargs
+        x = kwargs["hidden_states"]
+        kwargs = dict(kwargs, hidden_states=_apply(handlers, x, n_heads))
+        return args, kwargs
+    return pre_hook
+
+
+def _make_post_hook(handlers: list[_Handler], n_heads: int):
+    def post_hook(module, args, output):
+        x = _first_tensor(output)
+        new = _apply(handlers, x, n_heads)
+        return None if new is x else _replace_first(output, new)
+    return post_hook
+
+
+def attention_handlers(module: nn.Module) -> list[dict[str, list[_Handler]]]:
+    """The stacked per-tensor handlers mechkit's attention function must run for ``module``."""
+    return module.__dict__.get("_mechkit_attn", [])
+
+
+def run_attention_handlers(module: nn.Module, tensor: str, x: torch.Tensor) -> torch.Tensor:
+    for table in attention_handlers(module):
+        hs = table.get(tensor)
+        if hs:
+            x = _apply(hs, x, 0)
+    return x
+
+
+def has_mechkit_hooks(model: nn.Module) -> bool:
+    """True if any torch hook or attention handler installed by mechkit remains on ``model``."""
+    for m in model.modules():
+        if "_mechkit_attn" in m.__dict__:
+            return True
+        for d in (m._forward_hooks, m._forward_pre_hooks):
+            for fn in d.values():
+                if getattr(fn, "__qualname__", "").startswith(("_make_pre_hook", "_make_post_hook")):
+                    return True
+    return False

@@ -1,0 +1,288 @@
+"""HookedModel: an HF causal LM, its tokenizer and its named hook points.
+
+The HF model is used as it is: with no hook, ``HookedModel(inputs)`` runs exactly
+``hf_model(input_ids, attention_mask, position_ids)`` and returns its logits, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import attention
+from .cache import ActivationCache
+from .hookpoints import (
+    HookFn,
+    HookMap,
+    PointTable,
+    get_module,
+    installed,
+    map_for_model_type,
+    plan,
+)
+from .inputs import Batch, make_batch
+from .weights import in_features, out_features
+
+HookSpec = Mapping[str, HookFn] | Iterable[tuple[str, HookFn]]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes and identity of a hooked model (read from the HF model and its hook map)."""
+
+    family: str
+    model_type: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    dtype: str
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class HookedModel(nn.Module):
+    """Wraps ``hf_model`` (a ``PreTrainedModel`` for causal LM) with hook points from ``hook_map``.
+
+    Use :func:`mechkit.load` to build one.
+    """
+
+    def __init__(self, hf_model: nn.Module, tokenizer=None, hook_map: HookMap | None = None):
+        super().__init__()
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        config = hf_model.config
+        if hook_map is None:
+            hook_map = map_for_model_type(config.model_type)
+        if hook_map is None:
+            from .autodetect import detect_map
+
+            hook_map = detect_map(hf_model)
+        self.hook_map = hook_map
+        n_layers = len(get_module(hf_model, hook_map.family["layers"]))
+        self.points = PointTable(hook_map, n_layers, config)
+        self.cfg = self._make_cfg(n_layers)
+        self._attn_users = 0
+        self._attn_saved: str | None = None
+
+    # ------------------------------------------------------------------ sizes
+    def _make_cfg(self, n_layers: int) -> ModelConfig:
+        hf, fam, c = self.hf_model, self.hook_map.family, self.hf_model.config
+        n_heads = int(c.num_attention_heads)
+        n_kv = int(getattr(c, "num_key_value_heads", None) or n_heads)
+        o_proj = get_module(hf, self.hook_map.path(fam["attn_out_proj"], 0))
+        down = get_module(hf, self.hook_map.path(fam["mlp_down_proj"], 0))
+        p = next(hf.parameters())
+        return ModelConfig(
+            family=self.hook_map.name, model_type=c.model_type, n_layers=n_layers,
+            d_model=out_features(o_proj), n_heads=n_heads, n_kv_heads=n_kv,
+            d_head=in_features(o_proj) // n_heads, d_mlp=in_features(down),
+            d_vocab=out_features(get_module(hf, fam["unembed"])),
+            dtype=str(p.dtype).removeprefix("torch."), device=str(p.device),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    def module(self, path: str) -> nn.Module:
+        """A submodule of the HF model by dotted path; ``{block}``/``{l}`` templates need :meth:`block_module`."""
+        return get_module(self.hf_model, path)
+
+    def family_module(self, key: str, layer: int | None = None) -> nn.Module:
+        """The module the map's ``[family]`` entry ``key`` names, for ``layer``."""
+        return get_module(self.hf_model, self.hook_map.path(self.hook_map.family[key], layer))
+
+    # ------------------------------------------------------------------ names
+    def hook_names(self) -> list[str]:
+        """Every hook point of this model, expanded over layers."""
+        return self.points.names()
+
+    # ------------------------------------------------------------------ inputs
+    def to_tokens(self, text: str | list[str], prepend_bos: bool | None = None, padding_side: str = "left") -> torch.Tensor:
+        """Text -> token ids [batch, pos] (padded; see :meth:`batch` for the mask)."""
+        return self.batch(text, prepend_bos=prepend_bos, padding_side=padding_side).input_ids
+
+    def to_str_tokens(self, text_or_tokens, prepend_bos: bool | None = None) -> list[str] | list[list[str]]:
+        """Token strings of one prompt (a list) or of several (a list of lists)."""
+        if isinstance(text_or_tokens, str):
+            ids = self.to_tokens(text_or_tokens, prepend_bos=prepend_bos)[0]
+            return self.tokenizer.convert_ids_to_tokens(ids.tolist())
+        if isinstance(text_or_tokens, list) and text_or_tokens and isinstance(text_or_tokens[0], str):
+            return [self.to_str_tokens(t, prepend_bos) for t in text_or_tokens]
+        ids = torch.as_tensor(text_or_tokens)
+        if ids.dim() == 1:
+            return self.tokenizer.convert_ids_to_tokens(ids.tolist())
+        return [self.tokenizer.convert_ids_to_tokens(r.tolist()) for r in ids]
+
+    def batch(self, inputs, attention_mask=None, prepend_bos: bool | None = None, padding_side: str = "left") -> Batch:
+        """Any accepted input -> :class:`Batch` (ids, mask, position ids) on the model's device."""
+        if isinstance(inputs, Batch):
+            return inputs.to(self.device)
+        return make_batch(inputs, self.tokenizer, self.cfg.d_vocab, attention_mask, prepend_bos, padding_side).to(self.device)
+
+    # ------------------------------------------------------------------ running
+    def forward(self, inputs, attention_mask=None, padding_side: str = "left", **hf_kwargs) -> torch.Tensor:
+        """Logits [batch, pos, d_vocab] for text or token ids, under whatever hooks are active."""
+        b = self.batch(inputs, attention_mask, padding_side=padding_side)
+        hf_kwargs.setdefault("use_cache", False)
+        return self.hf_model(**b.kwargs(), **hf_kwargs).logits
+
+    run = forward
+
+    @contextmanager
+    def hooks(self, hooks: HookSpec) -> Iterator[HookedModel]:
+        """Install ``{name: fn}`` (or ``[(name, fn), ...]``) for the duration of the block.
+
+        ``fn(tensor, hook) -> tensor | None``. Names are checked before anything is installed.
+        Per-head points (q, k, v, pattern) switch the model to mechkit's attention function
+        for the duration; everything is removed on exit, exceptions included.
+        """
+        pairs = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
+        for item in pairs:
+            if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
+                raise TypeError(f"hooks must be {{name: fn}} or [(name, fn)]; got item {item!r}")
+        inst = plan(self.points, pairs)
+        with self._attention_fn(inst.needs_attention_fn), installed(self.hf_model, inst, self.cfg.n_heads):
+            yield self
+
+    @contextmanager
+    def _attention_fn(self, needed: bool):
+        if not needed:
+            yield
+            return
+        if self._attn_users == 0:
+            self._attn_saved = self.hf_model.config._attn_implementation
+            self.hf_model.set_attn_implementation(attention.register())
+        self._attn_users += 1
+        try:
+            yield
+        finally:
+            self._attn_users -= 1
+            if self._attn_users == 0:
+                self.hf_model.set_attn_implementation(self._attn_saved)
+
+    def run_with_cache(
+        self,
+        inputs,
+        names: None | str | Iterable[str] | Callable[[str], bool] = None,
+        attention_mask=None,
+        device: str | torch.device | None = None,
+        hooks: HookSpec = (),
+        padding_side: str = "left",
+    ) -> tuple[torch.Tensor, ActivationCache]:
+        """Run and record activations: (logits [batch, pos, d_vocab], ActivationCache).
+
+        ``names``: None (every point), a name, a list, or a predicate on names. ``device``: where
+        cached tensors go (e.g. "cpu"). ``hooks``: extra hooks that run before caching.
+        """
+        selected = self.points.select(names)
+        store: dict[str, torch.Tensor] = {}
+
+        def saver(name: str):
+            def save(x: torch.Tensor, hook) -> None:
+                store[name] = x.detach() if device is None else x.detach().to(device)
+            return save
+
+        extra = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
+        b = self.batch(inputs, attention_mask, padding_side=padding_side)
+        with torch.no_grad(), self.hooks(extra + [(n, saver(n)) for n in selected]):
+            logits = self.hf_model(**b.kwargs(), use_cache=False).logits
+        ordered = {n: store[n] for n in selected if n in store}
+        return logits, ActivationCache(ordered, self, b)
+
+    def generate(self, inputs=None, padding_side: str = "left", **kwargs):
+        """HF ``generate`` under the active hooks. ``inputs``: text, list of text (left-padded), or ids.
+
+        Returns the ids HF returns ([batch, prompt + new tokens]).
+        """
+        if inputs is not None:
+            b = self.batch(inputs, kwargs.pop("attention_mask", None), padding_side=padding_side)
+            kwargs.update(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
+            kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        return self.hf_model.generate(**kwargs)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"HookedModel({type(self.hf_model).__name__}, family={c.family}, layers={c.n_layers}, "
+                f"d_model={c.d_model}, heads={c.n_heads}/{c.n_kv_heads}, dtype={c.dtype}, device={c.device})")
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64}
+
+
+def _dtype(d) -> torch.dtype | None:
+    if d is None or isinstance(d, torch.dtype):
+        return d
+    if d not in _DTYPES:
+        raise ValueError(f"unknown dtype {d!r}; expected one of {sorted(_DTYPES)} or a torch.dtype")
+    return _DTYPES[d]
+
+
+def load(
+    model_or_name_or_path: Any = None,
+    tokenizer=None,
+    dtype=None,
+    device=None,
+    device_map=None,
+    hook_map: str | Path | dict | HookMap | None = None,
+) -> HookedModel:
+    """Load a model and wrap it.
+
+    ``model_or_name_or_path``: None (the bundled default model), a bundled model's short name
+    (see :func:`mechkit.list_models`), an HF ``PreTrainedModel``, a local folder, or a hub name.
+    ``hook_map``: a path to a TOML map, a dict of the same layout, or a HookMap, for an
+    architecture mechkit has no map for (otherwise one is detected and verified at load).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import models
+
+    torch_dtype = _dtype(dtype)
+    src = model_or_name_or_path
+    if src is None:
+        src = models.DEFAULT_MODEL
+    if isinstance(src, str) and src in models.list_models():
+        src = models.model_path(src)
+    if isinstance(src, nn.Module):
+        hf = src
+        if torch_dtype is not None:
+            hf = hf.to(torch_dtype)
+    else:
+        kw: dict[str, Any] = {}
+        if torch_dtype is not None:
+            kw["dtype"] = torch_dtype
+        if device_map is not None:
+            kw["device_map"] = device_map
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(str(src), **kw)
+        except OSError as e:
+            raise OSError(
+                f"could not load model {src!r}: not a bundled model ({', '.join(models.list_models()) or 'none'}), "
+                f"not a local folder, and the hub could not provide it ({e.__class__.__name__})."
+            ) from e
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(src))
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    if device is not None and device_map is None:
+        hf = hf.to(device)
+    hf.eval()
+    if isinstance(hook_map, (str, Path)):
+        hook_map = HookMap.from_toml(hook_map)
+    elif isinstance(hook_map, dict):
+        hook_map = HookMap.from_dict(hook_map)
+    return HookedModel(hf, tokenizer, hook_map)

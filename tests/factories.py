@@ -1,0 +1,56 @@
+"""Seeded random-weight models of every supported family, built from small configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+COMMON = dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, intermediate_size=96, vocab_size=211)
+
+CONFIGS = {
+    "gpt2": lambda: tf.GPT2Config(n_layer=3, n_embd=64, n_head=4, n_inner=96, vocab_size=211, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(**COMMON, max_position_embeddings=64, bos_token_id=0, eos_token_id=0),
+    "gpt_neox_seq": lambda: tf.GPTNeoXConfig(**COMMON, use_parallel_residual=False, max_position_embeddings=64,
+                                             bos_token_id=0, eos_token_id=0),
+    "llama": lambda: tf.LlamaConfig(**COMMON, num_key_value_heads=2, max_position_embeddings=64,
+                                    bos_token_id=0, eos_token_id=0),
+    "qwen2": lambda: tf.Qwen2Config(**COMMON, num_key_value_heads=2, max_position_embeddings=64,
+                                    bos_token_id=0, eos_token_id=0),
+    "qwen3": lambda: tf.Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                                    bos_token_id=0, eos_token_id=0),
+    "gemma2": lambda: tf.Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                                      sliding_window=4, attn_logit_softcapping=20.0, final_logit_softcapping=15.0,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "gemma3_text": lambda: tf.Gemma3TextConfig(**COMMON, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                                               sliding_window=4, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "mistral": lambda: tf.MistralConfig(**COMMON, num_key_value_heads=2, max_position_embeddings=64, sliding_window=4,
+                                        bos_token_id=0, eos_token_id=0),
+    "phi3": lambda: tf.Phi3Config(**COMMON, num_key_value_heads=2, max_position_embeddings=64,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=0),
+}
+
+FAMILIES = list(CONFIGS)
+
+
+def random_hf_model(family: str, seed: int = 0, attn: str = "sdpa", dtype=torch.float32, bias_noise: bool = True):
+    """An HF causal LM of ``family`` with seeded random weights (biases and norm weights perturbed
+    so that no decomposition holds by accident)."""
+    torch.manual_seed(seed)
+    cfg = CONFIGS[family]()
+    try:
+        model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
+    except ValueError:  # Gemma 2 has no sdpa path: its own default is eager
+        torch.manual_seed(seed)
+        model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=dtype)
+    if bias_noise:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "norm" in name or ".ln_" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def random_tokens(n: int, T: int, vocab: int = 211, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (n, T), generator=g)
