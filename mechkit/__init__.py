@@ -5,4 +5,36 @@ The public API is what ``__all__`` lists; everything else may change.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from .cache import ActivationCache
+from .hookpoints import Hook, HookMap, HookNameError
+from .model import HookedModel, ModelConfig, load
+
+
+def list_models() -> list[str]:
+    """Short names of the small pretrained models bundled with mechkit."""
+    from .models import list_models as _list
+
+    return _list()
+
+
+def __getattr__(name):  # lazy subpackages keep `import mechkit` light
+    import importlib
+
+    if name in ("tasks", "models"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'mechkit' has no attribute {name!r}")
+
+
+__all__ = [
+    "__version__",
+    "ActivationCache",
+    "Hook",
+    "HookMap",
+    "HookNameError",
+    "HookedModel",
+    "ModelConfig",
+    "load",
+    "list_models",
+    "tasks",
+    "models",
+]

@@ -163,7 +163,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         """safetensors file (tensors) with the model's config in its metadata; written atomically."""
         meta = {"mechkit": json.dumps(self.model.cfg.to_dict() if self.model is not None else {})}
         with atomic_path(path) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in self._store.items()}, str(tmp), metadata=meta)
+            save_file({k: v.detach().cpu().clone().contiguous() for k, v in self._store.items()}, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, model: HookedModel | None = None) -> ActivationCache:

@@ -54,3 +54,17 @@ def random_hf_model(family: str, seed: int = 0, attn: str = "sdpa", dtype=torch.
 def random_tokens(n: int, T: int, vocab: int = 211, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, vocab, (n, T), generator=g)
+
+
+def word_tokenizer(folder):
+    """A word-level tokenizer whose words are w0..w210 (w0 = BOS/EOS/PAD), saved and reloaded
+    from ``folder`` so transformer-lens can use it offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(211)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w0", eos_token="w0", unk_token="w1",
+                                      pad_token="w0")
+    fast.save_pretrained(str(folder))
+    return tf.AutoTokenizer.from_pretrained(str(folder))
