@@ -1,8 +1,8 @@
 """Repeated random-token sequences (the induction-head probe): BOS + x + x.
 
-``repeated_tokens(tok, n, T, seed)`` -> LongTensor [n, 1 + 2T]; position 0 is BOS (or the
-first drawn token's slot is dropped when the tokenizer has none... it then uses EOS, as
-GPT-2 does), positions 1..T are x, positions T+1..2T repeat them.
+``repeated_tokens(tok, n, T, seed)`` -> LongTensor [n, 1 + 2T]; position 0 is BOS (EOS
+for tokenizers without a BOS token; GPT-2's BOS and EOS are the same token), positions
+1..T are x, positions T+1..2T repeat them.
 """
 
 from __future__ import annotations
