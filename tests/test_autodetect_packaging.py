@@ -1,0 +1,69 @@
+"""Auto-detected hook maps and the installed package's data files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from factories import random_hf_model, random_tokens
+
+from mechkit.autodetect import HookMapDetectionError, detect_map
+from mechkit.model import HookedModel
+
+TOKS = random_tokens(2, 9)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi3"])
+def test_detected_map_gives_the_builtin_cache(family):
+    hf = random_hf_model(family)
+    builtin = HookedModel(hf)
+    detected = HookedModel(hf, hook_map=detect_map(hf))
+    _, a = builtin.run_with_cache(TOKS)
+    _, b = detected.run_with_cache(TOKS)
+    assert set(b) <= set(a) and "blocks.0.attn.hook_pattern" in b
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
+
+
+def test_detection_refuses_post_norm_blocks():
+    hf = random_hf_model("gemma2")  # attention output is normed again before the residual add
+    with pytest.raises(HookMapDetectionError, match="hook_map="):
+        detect_map(hf)
+
+
+def test_unknown_layout_error_names_what_is_missing():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"model_type": "odd"})()
+            self.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(4, 4))])
+
+    with pytest.raises(HookMapDetectionError, match="no attention module"):
+        detect_map(Odd())
+
+
+def test_custom_hook_map_dict():
+    from mechkit.hookpoints import builtin_maps
+
+    llama = next(m for m in builtin_maps() if m.name == "llama")
+    data = {"family": dict(llama.family, name="mine"), "points": llama.templates}
+    import mechkit as mk
+
+    m = mk.load(random_hf_model("llama"), hook_map=data)
+    assert m.cfg.family == "mine" and "blocks.2.attn.hook_z" in m.hook_names()
+
+
+def test_wheel_ships_hook_maps(tmp_path):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "-q"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheel = next(tmp_path.glob("mechkit-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for fam in ("gpt2", "neox", "llama", "gemma", "phi3"):
+        assert f"mechkit/hooks/{fam}.toml" in names
