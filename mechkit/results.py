@@ -1,0 +1,117 @@
+"""Result: what every analysis returns — a tensor, its axis names and labels, baselines, provenance.
+
+``values`` has one axis per name in ``axes`` (e.g. ``("layer", "pos")``); ``labels[axis]`` is a
+list of strings of that axis's length (token strings for positions, ``L3H2`` style for heads).
+``baselines`` holds scalars such as the clean and corrupted metric; ``meta`` says how the result
+was computed (method, model, task, sites, timings). Results convert to a pandas DataFrame,
+to a Plotly figure, and save to safetensors + JSON (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .io import atomic_path
+
+
+@dataclass
+class Result:
+    values: torch.Tensor
+    axes: tuple[str, ...]
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    baselines: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    name: str = "result"
+
+    def __post_init__(self):
+        self.axes = tuple(self.axes)
+        if self.values.dim() != len(self.axes):
+            raise ValueError(f"values have {self.values.dim()} dims {tuple(self.values.shape)} but axes are {self.axes}")
+        for i, ax in enumerate(self.axes):
+            if ax not in self.labels:
+                self.labels[ax] = [str(j) for j in range(self.values.shape[i])]
+            elif len(self.labels[ax]) != self.values.shape[i]:
+                raise ValueError(f"axis '{ax}' has {self.values.shape[i]} entries but {len(self.labels[ax])} labels")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def __repr__(self) -> str:
+        return f"Result({self.name}, axes={self.axes}, shape={self.shape}, baselines={self.baselines})"
+
+    def to_dataframe(self):
+        """Long format: one row per cell, a column per axis (index and label) and ``value``."""
+        import itertools
+
+        import pandas as pd
+
+        flat = self.values.detach().float().cpu().reshape(-1).tolist()
+        rows = []
+        for idx, v in zip(itertools.product(*[range(s) for s in self.shape]), flat):
+            row = {}
+            for ax, i in zip(self.axes, idx):
+                row[ax] = i
+                row[f"{ax}_label"] = self.labels[ax][i]
+            row["value"] = v
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def figure(self, **kwargs):
+        """A Plotly figure: heatmap for 2-D results (rows = first axis), bars for 1-D."""
+        from .viz import result_figure
+
+        return result_figure(self, **kwargs)
+
+    def top(self, k: int = 10, absolute: bool = True) -> list[tuple[tuple[str, ...], float]]:
+        """The k largest cells as (labels, value)."""
+        flat = self.values.detach().float().reshape(-1)
+        order = (flat.abs() if absolute else flat).argsort(descending=True)[:k]
+        out = []
+        for i in order.tolist():
+            idx = torch.unravel_index(torch.tensor(i), self.shape)
+            out.append((tuple(self.labels[ax][int(j)] for ax, j in zip(self.axes, idx)), flat[i].item()))
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """``path`` (.safetensors) holds the values; ``path`` + ``.json`` holds axes, labels, baselines, meta."""
+        path = Path(path)
+        header = {"name": self.name, "axes": list(self.axes), "labels": self.labels,
+                  "baselines": self.baselines, "meta": self.meta}
+        with atomic_path(path) as tmp:
+            save_file({"values": self.values.detach().cpu().contiguous()}, str(tmp))
+        with atomic_path(path.with_name(path.name + ".json")) as tmp:
+            tmp.write_text(json.dumps(header, indent=1, default=str))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Result:
+        path = Path(path)
+        header = json.loads(path.with_name(path.name + ".json").read_text())
+        return cls(load_file(str(path))["values"], tuple(header["axes"]), header["labels"],
+                   header["baselines"], header["meta"], header["name"])
+
+
+def compare(a: Result, b: Result, k: int = 10) -> dict[str, float]:
+    """Pearson r, Spearman rho and top-k overlap (by |value|) of two results over the same cells."""
+    if a.shape != b.shape:
+        raise ValueError(f"results have different shapes: {a.shape} vs {b.shape}")
+    x, y = a.values.detach().double().reshape(-1), b.values.detach().double().reshape(-1)
+
+    def pearson(u, v):
+        u, v = u - u.mean(), v - v.mean()
+        den = (u.norm() * v.norm()).item()
+        return float("nan") if den == 0 else (u @ v).item() / den
+
+    def ranks(u):
+        return u.argsort().argsort().double()
+
+    k = min(k, x.numel())
+    top_a = set(x.abs().argsort(descending=True)[:k].tolist())
+    top_b = set(y.abs().argsort(descending=True)[:k].tolist())
+    return {"pearson": pearson(x, y), "spearman": pearson(ranks(x), ranks(y)), f"top{k}_overlap": len(top_a & top_b) / k}

@@ -1,0 +1,59 @@
+"""Result figures: (a x b) heatmaps with labelled axes, bars for 1-D results, method-vs-method scatter.
+
+Signed scores get a diverging colour scale centred at zero; hover text shows exact values and labels.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+DIVERGING = "RdBu"
+SEQUENTIAL = "Viridis"
+
+
+def result_figure(result, title: str | None = None):
+    v = result.values.detach().float().cpu()
+    title = title or result.meta.get("title", result.name)
+    if v.dim() == 1:
+        ax = result.axes[0]
+        fig = go.Figure(go.Bar(x=result.labels[ax], y=v.tolist(), hovertemplate=f"{ax}=%{{x}}<br>value=%{{y:.4g}}<extra></extra>"))
+        fig.update_layout(xaxis_title=ax, yaxis_title="value")
+    else:
+        if v.dim() > 2:
+            v = v.reshape(v.shape[0], -1)
+            ylab = result.labels[result.axes[0]]
+            xlab = [f"{a}|{b}" for a in result.labels[result.axes[1]] for b in result.labels[result.axes[2]]] if v.shape[1] == len(result.labels[result.axes[1]]) * len(result.labels[result.axes[2]]) else [str(i) for i in range(v.shape[1])]
+            xname = "×".join(result.axes[1:])
+        else:
+            ylab, xlab, xname = result.labels[result.axes[0]], result.labels[result.axes[1]], result.axes[1]
+        # position labels repeat tokens: make them unique for the categorical axis
+        xlab = [f"{s} ({i})" if xlab.count(s) > 1 else s for i, s in enumerate(xlab)]
+        signed = bool((v < 0).any())
+        vmax = float(v.abs().max()) or 1.0
+        fig = go.Figure(go.Heatmap(
+            z=v.tolist(), x=xlab, y=ylab, colorscale=DIVERGING if signed else SEQUENTIAL,
+            zmid=0 if signed else None, zmin=-vmax if signed else None, zmax=vmax if signed else None,
+            reversescale=signed,
+            hovertemplate=f"{result.axes[0]}=%{{y}}<br>{xname}=%{{x}}<br>value=%{{z:.4g}}<extra></extra>",
+        ))
+        fig.update_layout(xaxis_title=xname, yaxis_title=result.axes[0], yaxis_autorange="reversed")
+    fig.update_layout(title=title, template="plotly_white")
+    return fig
+
+
+def scatter_compare(a, b, stats: dict | None = None, names: tuple[str, str] | None = None):
+    """Cells of result ``a`` (x) against ``b`` (y) with the diagonal and r in the title."""
+    from ..results import compare
+
+    stats = stats or compare(a, b)
+    x = a.values.detach().float().reshape(-1).tolist()
+    y = b.values.detach().float().reshape(-1).tolist()
+    names = names or (a.meta.get("method", a.name), b.meta.get("method", b.name))
+    lo, hi = min(x + y), max(x + y)
+    fig = go.Figure([
+        go.Scatter(x=x, y=y, mode="markers", name="cells", hovertemplate=f"{names[0]}=%{{x:.4g}}<br>{names[1]}=%{{y:.4g}}<extra></extra>"),
+        go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line=dict(dash="dash", color="gray")),
+    ])
+    fig.update_layout(title=f"{names[1]} vs {names[0]}: r = {stats['pearson']:.3f}, ρ = {stats['spearman']:.3f}",
+                      xaxis_title=names[0], yaxis_title=names[1], template="plotly_white")
+    return fig
