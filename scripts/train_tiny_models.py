@@ -46,7 +46,17 @@ P1_T = (8, 31)
 EVAL_T = 40  # span length not used in training (training uses 8..31, corpus spans 4..24)
 
 
-def make_model(arch: str, vocab_size: int, tok, tiny: bool = False):
+def sinusoidal_positions(n: int, d: int, scale: float = 0.1) -> torch.Tensor:
+    """[n, d] sinusoidal position table (Vaswani et al.), times ``scale``."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)
+    pe = torch.zeros(n, d)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)
+    return pe * scale
+
+
+def make_model(arch: str, vocab_size: int, tok, tiny: bool = False, pos_init: str = "default"):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     d, L, H = (32, 2, 4) if tiny else (128, 4, 8)
@@ -56,7 +66,11 @@ def make_model(arch: str, vocab_size: int, tok, tiny: bool = False):
         cfg = GPT2Config(n_embd=d, n_layer=L, n_head=H, n_positions=CTX, n_inner=4 * d,
                          activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
                          attn_pdrop=0.0, **common)
-        return GPT2LMHeadModel(cfg)
+        model = GPT2LMHeadModel(cfg)
+        if pos_init == "sinusoidal":  # still trained; only the starting point differs
+            with torch.no_grad():
+                model.transformer.wpe.weight.copy_(sinusoidal_positions(CTX, d))
+        return model
     if arch == "llama":
         cfg = LlamaConfig(hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
                           num_key_value_heads=H // 2, intermediate_size=4 * d,
@@ -160,6 +174,9 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=int, default=None,
                    help="phase-1 steps after the loss threshold (default 200 llama, 400 gpt2)")
     p.add_argument("--min-induction", type=float, default=0.5)
+    p.add_argument("--pos-init", choices=["default", "sinusoidal"], default="default",
+                   help="gpt2 only: initialise the learned position embeddings (default: HF's "
+                        "normal(0, 0.02); sinusoidal: a 0.1-scaled sinusoid table)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -228,7 +245,7 @@ def main(argv=None) -> dict:
 
     tok = build_tokenizer()
     V = len(tok)
-    model = make_model(args.arch, V, tok, args.tiny)
+    model = make_model(args.arch, V, tok, args.tiny, args.pos_init)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     batches = Batches(tok, args.seed, args.batch)
