@@ -1,0 +1,178 @@
+"""The ``mechkit`` command line: ``mechkit patch | attribute | heads | steer | demo``.
+
+Every subcommand takes ``--model`` (bundled name, local folder or hub name), ``--device``,
+``--dtype`` and ``--out``. Errors are printed as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="bundled model name (see `mechkit models`), local folder or hub name")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    p.add_argument("--out", default="mechkit_out", help="output folder (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load(args):
+    import mechkit as mk
+
+    return mk.load(args.model, dtype=args.dtype, device=args.device)
+
+
+def _task(model, args):
+    import mechkit as mk
+
+    if getattr(args, "task", None):
+        return _task_from_jsonl(model, args.task)
+    return mk.tasks.ioi(model.tokenizer, n=args.n, seed=args.seed)
+
+
+def _task_from_jsonl(model, path: str):
+    """Rows ``{"clean": ..., "corrupt": ..., "answer": ..., "wrong": ...}``, one per line."""
+    import mechkit as mk
+
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"task file {path} does not exist")
+    for i, line in enumerate(p.read_text().splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i + 1}: not JSON ({e.msg})") from None
+    need = ("clean", "corrupt", "answer", "wrong")
+    for i, r in enumerate(rows):
+        miss = [k for k in need if k not in r]
+        if miss:
+            raise ValueError(f"{path}:{i + 1}: missing keys {miss}; expected {list(need)}")
+    return mk.tasks.PatchingTask.from_prompts(model, *[[r[k] for r in rows] for k in need])
+
+
+def cmd_models(args) -> None:
+    import mechkit as mk
+
+    for name in mk.list_models():
+        print(name)
+
+
+def cmd_patch(args) -> None:
+    from .patching import activation_patch
+
+    model = _load(args)
+    task = _task(model, args)
+    by = tuple(args.by.split(","))
+    res = activation_patch(model, task, sites=args.site, by=by, progress=not args.quiet)
+    out = Path(args.out)
+    res.save(out / f"patch_{args.site}.safetensors")
+    from .viz import dashboard
+
+    print(dashboard({f"activation patching: {args.site}": res}, out / "patch.html", title="mechkit patch",
+                    metadata={"model": model.cfg.model_type, "site": args.site, "by": args.by}))
+
+
+def cmd_attribute(args) -> None:
+    from .attribution import attribution_patch
+
+    model = _load(args)
+    task = _task(model, args)
+    by = tuple(args.by.split(","))
+    res = attribution_patch(model, task, sites=args.site, by=by, method=args.method)
+    out = Path(args.out)
+    res.save(out / f"{args.method}_{args.site}.safetensors")
+    from .viz import dashboard
+
+    print(dashboard({f"{args.method}: {args.site}": res}, out / "attribute.html", title="mechkit attribute",
+                    metadata={"model": model.cfg.model_type, "site": args.site, "method": args.method}))
+
+
+def cmd_heads(args) -> None:
+    from .heads import head_scores
+
+    model = _load(args)
+    scores = head_scores(model)
+    out = Path(args.out)
+    from .viz import dashboard
+
+    for k, r in scores.items():
+        r.save(out / f"heads_{k}.safetensors")
+    print(dashboard({f"{k} score": r for k, r in scores.items()}, out / "heads.html", title="mechkit heads",
+                    metadata={"model": model.cfg.model_type}))
+
+
+def cmd_steer(args) -> None:
+    import mechkit as mk
+
+    model = _load(args)
+    st = mk.steering.load(args.steering)
+    with st.apply(model, strength=args.strength):
+        ids = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(model.tokenizer.decode(ids[0], skip_special_tokens=True))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    path = run_demo(model_name=args.model, out=args.out, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mechkit", description="Mechanistic interpretability on HF causal LMs.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("models", help="list the bundled models")
+    p.set_defaults(fn=cmd_models)
+    p = sub.add_parser("demo", help="run the main analyses on a bundled model and write a dashboard")
+    _common(p)
+    p.set_defaults(fn=cmd_demo)
+    for name, fn, helptext in (("patch", cmd_patch, "activation patching"), ("attribute", cmd_attribute, "AtP / RelP")):
+        p = sub.add_parser(name, help=helptext)
+        _common(p)
+        p.add_argument("--site", default="resid_pre")
+        p.add_argument("--by", default="layer,pos")
+        p.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")
+        p.add_argument("--n", type=int, default=32)
+        p.add_argument("--seed", type=int, default=0)
+        if name == "attribute":
+            p.add_argument("--method", default="relp", choices=["atp", "relp", "ig"])
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("heads", help="head scores (induction, previous-token, ...)")
+    _common(p)
+    p.set_defaults(fn=cmd_heads)
+    p = sub.add_parser("steer", help="generate with a saved steering file")
+    _common(p)
+    p.add_argument("steering", help="a .safetensors steering file")
+    p.add_argument("--prompt", default="I think the film was")
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.set_defaults(fn=cmd_steer)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    try:
+        args.fn(args)
+    except KeyboardInterrupt:
+        print("mechkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line, not a traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mechkit {args.cmd}: error: {msg}", file=sys.stderr)
+        return 2
+    if not getattr(args, "quiet", False):
+        print(f"done in {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
