@@ -57,3 +57,31 @@ def scatter_compare(a, b, stats: dict | None = None, names: tuple[str, str] | No
     fig.update_layout(title=f"{names[1]} vs {names[0]}: r = {stats['pearson']:.3f}, ρ = {stats['spearman']:.3f}",
                       xaxis_title=names[0], yaxis_title=names[1], template="plotly_white")
     return fig
+
+
+def attention_figure(pattern, tokens: list[str], layer_names: list[str] | None = None, title: str = "attention patterns"):
+    """An attention-pattern viewer: ``pattern`` [layer, head, q, k] for one prompt, tokens on
+    both axes, a dropdown to pick (layer, head)."""
+    import torch
+
+    p = torch.as_tensor(pattern).detach().float().cpu()
+    if p.dim() != 4:
+        raise ValueError(f"pattern must be [layer, head, q, k]; got shape {tuple(p.shape)}")
+    L, H, Q, K = p.shape
+    if len(tokens) != K:
+        raise ValueError(f"{len(tokens)} tokens for a pattern over {K} key positions")
+    toks = [f"{t} ({i})" for i, t in enumerate(tokens)]
+    layer_names = layer_names or [str(l) for l in range(L)]
+    traces, buttons = [], []
+    for l in range(L):
+        for h in range(H):
+            traces.append(go.Heatmap(z=p[l, h].tolist(), x=toks, y=toks[-Q:], colorscale="Blues", zmin=0, zmax=1,
+                                     visible=(l == 0 and h == 0), name=f"L{layer_names[l]}H{h}",
+                                     hovertemplate="query=%{y}<br>key=%{x}<br>attention=%{z:.3f}<extra></extra>"))
+    for i, tr in enumerate(traces):
+        vis = [j == i for j in range(len(traces))]
+        buttons.append(dict(label=tr.name, method="update", args=[{"visible": vis}, {"title": f"{title}: {tr.name}"}]))
+    fig = go.Figure(traces)
+    fig.update_layout(title=f"{title}: {traces[0].name}", template="plotly_white", xaxis_title="key", yaxis_title="query",
+                      yaxis_autorange="reversed", updatemenus=[dict(buttons=buttons, direction="down", x=1.0, y=1.15)])
+    return fig

@@ -1,0 +1,70 @@
+"""Figures carry the right axes and values; the dashboard is one offline HTML file."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from mechkit.results import Result, compare
+from mechkit.viz import attention_figure, dashboard, result_figure, scatter_compare
+
+
+def make_result(signed=True):
+    v = torch.arange(12, dtype=torch.float32).reshape(3, 4) - (5 if signed else 0)
+    return Result(v, ("layer", "pos"), {"pos": ["<bos>", "When", "Mary", "When"]}, {"clean": 2.0}, {"method": "test"}, "r")
+
+
+def test_heatmap_axes_and_values():
+    r = make_result()
+    fig = result_figure(r)
+    hm = fig.data[0]
+    assert hm.type == "heatmap"
+    assert fig.layout.xaxis.title.text == "pos" and fig.layout.yaxis.title.text == "layer"
+    assert list(hm.x) == ["<bos>", "When (1)", "Mary", "When (3)"]  # repeated tokens made unique
+    assert torch.equal(torch.tensor(hm.z), r.values)
+    assert hm.zmid == 0 and hm.zmin == -hm.zmax  # signed scores: diverging scale centred at 0
+    assert result_figure(make_result(signed=False)).data[0].zmid is None
+
+
+def test_result_roundtrip_and_dataframe(tmp_path):
+    r = make_result()
+    r.save(tmp_path / "r.safetensors")
+    back = Result.load(tmp_path / "r.safetensors")
+    assert torch.equal(back.values, r.values) and back.labels == r.labels and back.baselines == r.baselines
+    df = r.to_dataframe()
+    assert len(df) == 12 and df.loc[df.value.idxmax(), "pos_label"] == "When"
+
+
+def test_result_rejects_wrong_labels():
+    with pytest.raises(ValueError, match="labels"):
+        Result(torch.zeros(2, 3), ("layer", "pos"), {"pos": ["a", "b"]})
+
+
+def test_compare_and_scatter():
+    a = make_result()
+    b = Result(a.values * 2 + 1, a.axes, a.labels)
+    stats = compare(a, b, k=3)
+    assert stats["pearson"] == pytest.approx(1.0) and stats["spearman"] == pytest.approx(1.0)
+    assert stats["top3_overlap"] == 1.0
+    fig = scatter_compare(a, b)
+    assert "r = 1.000" in fig.layout.title.text and len(fig.data) == 2
+
+
+def test_attention_viewer():
+    p = torch.rand(2, 3, 4, 4).softmax(-1)
+    fig = attention_figure(p, ["a", "b", "c", "d"])
+    assert len(fig.data) == 6 and sum(bool(t.visible) for t in fig.data) == 1
+    with pytest.raises(ValueError, match="tokens"):
+        attention_figure(p, ["a"])
+
+
+def test_dashboard_is_offline_and_has_every_section(tmp_path):
+    path = dashboard({"first": make_result(), "second": result_figure(make_result(False))}, tmp_path / "d.html",
+                     title="T", metadata={"model": "tiny"})
+    html = path.read_text()
+    assert html.count("<section") == 2 and "first" in html and "second" in html and "tiny" in html
+    assert "mechkit version" in html
+    assert not re.search(r"<script[^>]+src=['\"]https?://", html)  # plotly.js embedded, no CDN
+    assert "Plotly.newPlot" in html or "plotly" in html.lower()
