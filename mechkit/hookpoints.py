@@ -232,6 +232,8 @@ def _apply(handlers: list[_Handler], x: torch.Tensor, n_heads: int) -> torch.Ten
                 raise ValueError(
                     f"hook returned a tensor of shape {tuple(new.shape)}; expected {tuple(view.shape)}"
                 )
+            if new.device != view.device or new.dtype != view.dtype:  # follow the module's device (device_map)
+                new = new.to(device=view.device, dtype=view.dtype)
             x = new.flatten(-2) if h.reshape == "heads" else new
     return x
 

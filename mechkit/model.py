@@ -275,7 +275,10 @@ def load(
                 f"not a local folder, and the hub could not provide it ({e.__class__.__name__})."
             ) from e
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(src))
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(src))
+            except (OSError, ValueError):  # a weights-only folder: token ids still work, text says why not
+                tokenizer = None
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     if device is not None and device_map is None:
