@@ -1,0 +1,193 @@
+"""Attribution patching (AtP), relevance patching (RelP) and integrated gradients (IG).
+
+For a site activation ``a`` (clean run ``a_c``, corrupted run ``a_r``):
+
+    score = sum_d (a_c - a_r)_d * dM/da_d        (gradient on the corrupted run)
+
+estimates activation patching (the clean activation patched into the corrupted run) for
+every site at once: 2 forward + 1 backward passes. RelP is the same with the LRP rules of
+:mod:`mechkit.attribution.lrp` installed during the corrupted forward/backward pass. IG
+averages the gradient over ``ig_steps`` points on the path ``a_r -> a_c`` (one layer at a
+time), for reference.
+
+Sites and their per-layer tensors:
+``resid_pre|resid_mid|resid_post|attn_out|mlp_out`` [batch, pos, d_model] -> axes (pos,);
+``z`` (attn.hook_z) [batch, pos, head, d_head] -> axes (pos, head);
+``neuron`` (alias ``neurons``; mlp.hook_post) [batch, pos, d_mlp] -> axes (pos, neuron).
+Axis names, labels ("i:token" positions, ``H3`` heads, ``N7`` neurons) and normalisation follow
+:func:`mechkit.patching.activation_patch`, so ``mechkit.results.compare`` applies directly.
+Scores are summed over the batch (the metric is a batch mean) and over the axes not in ``by``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..results import Result
+from . import lrp
+from .metrics import logit_diff, prompt_mean
+
+SITES = {
+    "resid_pre": ("blocks.{l}.hook_resid_pre", None),
+    "resid_mid": ("blocks.{l}.hook_resid_mid", None),
+    "resid_post": ("blocks.{l}.hook_resid_post", None),
+    "attn_out": ("blocks.{l}.hook_attn_out", None),
+    "mlp_out": ("blocks.{l}.hook_mlp_out", None),
+    "z": ("blocks.{l}.attn.hook_z", "head"),
+    "neuron": ("blocks.{l}.mlp.hook_post", "neuron"),
+}
+ALIASES = {"neurons": "neuron", "mlp_post": "neuron", "head_out": "z", "attn_head_out": "z"}
+METHODS = ("atp", "relp", "ig")
+
+
+def _check(model, task, sites, by, method):
+    sites = ALIASES.get(sites, sites)
+    if sites not in SITES:
+        raise ValueError(f"unknown sites {sites!r}; expected one of {sorted(SITES) + sorted(ALIASES)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    unit = SITES[sites][1]
+    allowed = ("layer", "pos") + ((unit,) if unit else ())
+    if by is None:
+        by = ("layer", unit) if unit else ("layer", "pos")
+    by = (by,) if isinstance(by, str) else tuple(by)
+    bad = [a for a in by if a not in allowed] + (["(repeated axis)"] if len(set(by)) != len(by) else [])
+    if bad or "layer" not in by:
+        raise ValueError(f"by={by!r} is not valid for sites={sites!r}: expected axes from {allowed}, including 'layer'")
+    if task.clean_tokens.shape != task.corrupt_tokens.shape:
+        raise ValueError(f"clean and corrupted tokens differ in shape: {tuple(task.clean_tokens.shape)} vs "
+                         f"{tuple(task.corrupt_tokens.shape)}; attribution needs aligned prompts")
+    return sites, by, unit
+
+
+def _reduce(per_layer: list[torch.Tensor], unit: str | None, by: tuple[str, ...]) -> torch.Tensor:
+    """per_layer: [batch, pos, (unit)] each -> tensor over ``by``."""
+    full = torch.stack([s.sum(0) for s in per_layer])  # [layer, pos, (unit)]
+    axes = ["layer", "pos"] + ([unit] if unit else [])
+    for ax in reversed(list(axes)):
+        if ax not in by:
+            full = full.sum(axes.index(ax))
+            axes.remove(ax)
+    return full.permute(*[axes.index(a) for a in by])
+
+
+def _score(a_clean: torch.Tensor, a_corr: torch.Tensor, grad: torch.Tensor, unit: str | None) -> torch.Tensor:
+    s = (a_clean - a_corr).double() * grad.double()
+    return s.sum(-1) if unit == "head" else (s if unit == "neuron" else s.sum(-1))
+
+
+def _grad_run(model, batch, names, metric_fn, ig_patch=None):
+    """Corrupted forward with every site kept in the graph; returns (metric, acts, grads)."""
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep(x, hook):
+        if ig_patch is not None and hook.name in ig_patch:
+            x = ig_patch[hook.name].detach().requires_grad_(True)
+        elif not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        acts[hook.name] = x
+        return x
+
+    with torch.enable_grad(), model.hooks([(n, keep) for n in names]):
+        logits = model.hf_model(**batch.kwargs(), use_cache=False).logits
+        m = metric_fn(logits)
+        grads = torch.autograd.grad(m, [acts[n] for n in names], allow_unused=True)
+    grads = [torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads)]
+    return m.detach(), {n: a.detach() for n, a in acts.items()}, dict(zip(names, grads))
+
+
+def _pos_labels(model, task) -> list[str]:
+    """``"i:token"`` for each position of the first clean prompt (as activation patching labels them)."""
+    ids = task.clean_tokens[0].tolist()
+    tok = getattr(model, "tokenizer", None)
+    strs = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
+    return [f"{i}:{s}" for i, s in enumerate(strs)]
+
+
+def attribution_patch(
+    model,
+    task,
+    sites: str = "resid_pre",
+    by=None,
+    method: str = "atp",
+    metric: Callable | None = None,
+    ig_steps: int = 16,
+    rules=lrp.DEFAULT_RULES,
+    progress: bool = True,
+    normalise: bool | None = None,
+) -> Result:
+    """Estimate activation patching (clean into corrupted) for every site of one kind at once.
+
+    ``metric(logits [n, T, vocab]) -> [n]`` per prompt (or a scalar), averaged over prompts;
+    default: logit difference answer - wrong at the last position, normalised. With
+    ``normalise`` (default: the metric's own flag) scores are divided by M_clean - M_corrupt,
+    the units of :func:`mechkit.patching.activation_patch`. ``method``: "atp" | "relp" (LRP ``rules`` installed
+    for the corrupted pass) | "ig" (``ig_steps`` midpoint steps, one layer at a time).
+    Returns a :class:`~mechkit.results.Result` over ``by`` (default ("layer", "pos"), or
+    ("layer", "head") for ``z``, ("layer", "neuron") for ``neurons``).
+    """
+    sites, by, unit = _check(model, task, sites, by, method)
+    metric = metric if metric is not None else logit_diff(task)
+    metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
+    normalise = bool(getattr(metric, "normalise", False)) if normalise is None else normalise
+    L = model.cfg.n_layers
+    names = [SITES[sites][0].replace("{l}", str(l)) for l in range(L)]
+    clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
+    corr_b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
+
+    t0 = time.perf_counter()
+    logits_c, cache = model.run_with_cache(clean_b, names=names)
+    clean_acts = {n: cache[n] for n in names}
+    if hasattr(metric, "bind_clean"):
+        metric.bind_clean(logits_c)
+    with torch.no_grad():
+        clean_metric = float(metric_fn(logits_c))
+    if method == "ig":
+        from tqdm.auto import tqdm
+
+        with torch.no_grad():
+            corr_metric = float(metric_fn(model.hf_model(**corr_b.kwargs(), use_cache=False).logits))
+        _, corr_acts, _ = _grad_run(model, corr_b, names, metric_fn)
+        per_layer = []
+        alphas = [(k + 0.5) / ig_steps for k in range(ig_steps)]
+        bar = tqdm(total=L * ig_steps, desc="integrated gradients", disable=not progress)
+        for n in names:
+            total = torch.zeros_like(corr_acts[n], dtype=torch.float64)
+            for a in alphas:
+                point = corr_acts[n] + a * (clean_acts[n] - corr_acts[n])
+                _, _, g = _grad_run(model, corr_b, [n], metric_fn, ig_patch={n: point})
+                total += g[n].double() / ig_steps
+                bar.update(1)
+            per_layer.append(_score(clean_acts[n], corr_acts[n], total, unit))
+        bar.close()
+    else:
+        if method == "relp":
+            with lrp.rules(model, rules):
+                corr_metric, corr_acts, grads = _grad_run(model, corr_b, names, metric_fn)
+        else:
+            corr_metric, corr_acts, grads = _grad_run(model, corr_b, names, metric_fn)
+        corr_metric = float(corr_metric)
+        per_layer = [_score(clean_acts[n], corr_acts[n], grads[n], unit) for n in names]
+    seconds = time.perf_counter() - t0
+    values = _reduce(per_layer, unit, by)
+    if normalise:
+        values = values / (clean_metric - corr_metric)
+    values = values.float().cpu()
+    first = per_layer[0]
+    sizes = {"layer": L, "pos": first.shape[1]}
+    if unit:
+        sizes[unit] = first.shape[2]
+    labels = {"layer": [str(l) for l in range(L)], "pos": _pos_labels(model, task)}
+    if unit:
+        labels[unit] = [f"{unit[0].upper()}{j}" for j in range(sizes[unit])]
+    meta = {"method": method, "sites": sites, "metric": repr(metric), "normalised": normalise, "by": list(by), "seconds": seconds,
+            "n_prompts": int(task.clean_tokens.shape[0]), "model": model.cfg.to_dict()}
+    if method == "relp":
+        meta["rules"] = list(lrp.check_rules(rules))
+    if method == "ig":
+        meta["ig_steps"] = ig_steps
+    return Result(values, by, {a: labels[a] for a in by}, {"clean": clean_metric, "corrupt": corr_metric},
+                  meta, name=f"{method}_{sites}")
