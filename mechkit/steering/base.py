@@ -1,0 +1,239 @@
+"""The interface every steering method shares: fit, apply / attach / detach, merge / unmerge,
+support, report, save.
+
+A steering is a set of per-point tensors (``self.tensors[point][key]``, each ``[width]``)
+plus the JSON-able hyperparameters and the model description it was fitted on. A method
+subclass says how those tensors turn into hook functions (:meth:`Steering._hooks`).
+
+Applying: ``with st.apply(model, strength=1.0, from_token=None): ...`` installs the hooks
+through ``model.hooks`` (removed on exit, errors included). The maps are elementwise per
+token, so batched padded prompts are steered exactly as each prompt alone, and the KV cache
+is fine (each new token is steered as it is computed). ``from_token=k`` steers only tokens
+whose position id (counting real tokens, so padding does not shift it) is ``>= k``; the
+position ids are read from the HF forward's ``position_ids`` (or derived from its
+``attention_mask``) by a forward pre-hook on the HF model that lives only inside the block.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..weights import bias_of, weight_in_out
+
+Where = Callable[[torch.Tensor], "torch.Tensor | None"]
+INFO_KEYS = ("family", "n_layers", "d_model", "d_mlp")
+# points whose tensor is the output of a linear layer (family key of that layer): mergeable
+MERGE_TARGETS = {"hook_mlp_out": "mlp_down_proj", "hook_attn_out": "attn_out_proj"}
+
+
+def model_info(model) -> dict[str, Any]:
+    c = model.cfg
+    return {"family": c.family, "model_type": c.model_type, "n_layers": c.n_layers, "d_model": c.d_model,
+            "d_mlp": c.d_mlp}
+
+
+def resolve_points(model, layers, point: str) -> list[str]:
+    """layers: "all" | int | list[int] | "middle"; point: a per-layer suffix ("hook_resid_post")
+    or a list of full hook names -> checked full names."""
+    if isinstance(point, (list, tuple)):
+        names = list(point)
+    else:
+        n = model.cfg.n_layers
+        if layers == "all":
+            ls = list(range(n))
+        elif layers == "middle":
+            ls = [n // 2]
+        elif isinstance(layers, int):
+            ls = [layers]
+        else:
+            ls = [int(x) for x in layers]
+        bad = [x for x in ls if not 0 <= x < n]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the model has {n} layers (0..{n - 1})")
+        names = [f"blocks.{x}.{point}" for x in ls]
+    for nm in names:
+        model.points.resolve(nm)
+    return names
+
+
+def blend(x: torch.Tensor, new: torch.Tensor, strength: float, where: Where) -> torch.Tensor:
+    """strength * new + (1 - strength) * x, only at the positions ``where`` selects."""
+    out = x + strength * (new - x) if strength != 1.0 else new
+    m = where(x)
+    return out if m is None else torch.where(m, out, x)
+
+
+class Steering:
+    """Base class; see the module docstring. Subclasses set ``method`` and implement ``fit``,
+    ``_hooks`` and (if linear on a linear layer's output) ``_affine``."""
+
+    method = "base"
+
+    def __init__(self, **hparams: Any):
+        self.hparams = hparams
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self.info: dict[str, Any] | None = None
+        self.history: list[float] = []
+        self._attached: dict[int, ExitStack] = {}
+        self._merged: dict[int, list] = {}
+
+    # ------------------------------------------------------------------ to implement
+    def _hooks(self, model, strength: float, where: Where) -> list[tuple[str, Callable]]:
+        raise NotImplementedError
+
+    def _affine(self, point: str, strength: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(scale [d], shift [d]) if the map at ``point`` is ``x -> scale * x + shift``, else None."""
+        return None
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def points(self) -> list[str]:
+        return list(self.tensors)
+
+    def _require_fitted(self) -> None:
+        if not self.tensors or self.info is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, source, target) or load a file")
+
+    def check_model(self, model) -> None:
+        """Refuse a model of another architecture or width than the one this was fitted on."""
+        self._require_fitted()
+        have = model_info(model)
+        diff = {k: (self.info[k], have[k]) for k in INFO_KEYS if self.info.get(k) != have[k]}
+        if diff:
+            d = ", ".join(f"{k}: fitted {a!r}, model {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"{self.method} steering was fitted on a different model ({d}); refusing to apply it")
+
+    # ------------------------------------------------------------------ applying
+    @contextmanager
+    def _positions(self, model, from_token: int | None) -> Iterator[Where]:
+        if from_token is None:
+            yield lambda x: None
+            return
+        state: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, kwargs):
+            pos = kwargs.get("position_ids")
+            if pos is None and kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 2:
+                pos = (kwargs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if pos is None:
+                pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+            state["pos"] = pos
+
+        def where(x: torch.Tensor) -> torch.Tensor:
+            pos = state["pos"][:, -x.shape[1]:]
+            return (pos >= from_token).reshape(*pos.shape, *([1] * (x.dim() - 2)))
+
+        handle = model.hf_model.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            yield where
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def apply(self, model, strength: float = 1.0, from_token: int | None = None) -> Iterator:
+        """Steer ``model`` inside the block: plain forwards and ``model.generate`` (greedy or sampled)."""
+        self.check_model(model)
+        with self._positions(model, from_token) as where, model.hooks(self._hooks(model, float(strength), where)):
+            yield model
+
+    def attach(self, model, strength: float = 1.0, from_token: int | None = None):
+        """Install the steering until :meth:`detach` (the same hooks :meth:`apply` uses)."""
+        if id(model) in self._attached:
+            raise RuntimeError("this steering is already attached to that model; detach it first")
+        stack = ExitStack()
+        stack.enter_context(self.apply(model, strength, from_token))
+        self._attached[id(model)] = stack
+        return model
+
+    def detach(self, model):
+        stack = self._attached.pop(id(model), None)
+        if stack is None:
+            raise RuntimeError("this steering is not attached to that model")
+        stack.close()
+        return model
+
+    # ------------------------------------------------------------------ merging
+    def merge(self, model, strength: float = 1.0):
+        """Fold the maps into the linear layers that produce their points (zero-overhead inference).
+
+        Only for maps ``x -> scale * x + shift`` on ``hook_mlp_out`` / ``hook_attn_out``: the
+        layer's output columns are scaled and its bias becomes ``scale * bias + shift`` (a bias
+        is created if the layer has none). :meth:`unmerge` restores the exact state_dict.
+        """
+        self.check_model(model)
+        if id(model) in self._merged:
+            raise RuntimeError("already merged into that model; unmerge first")
+        plans = []
+        for p in self.points:
+            aff = self._affine(p, float(strength))
+            suffix = p.split(".", 2)[-1]
+            if aff is None or suffix not in MERGE_TARGETS:
+                raise ValueError(f"{self.method} map at {p} cannot be merged: merging needs an affine map on one of "
+                                 f"{sorted(MERGE_TARGETS)}; use apply/attach instead")
+            plans.append((model.family_module(MERGE_TARGETS[suffix], int(p.split(".")[1])), aff))
+        saved = []
+        with torch.no_grad():
+            for mod, (scale, shift) in plans:
+                b = bias_of(mod)
+                saved.append((mod, mod.weight.detach().clone(), None if b is None else b.detach().clone()))
+                w = weight_in_out(mod)
+                w.mul_(scale.to(w))
+                if b is None:
+                    mod.bias = nn.Parameter(torch.zeros(w.shape[1], dtype=w.dtype, device=w.device),
+                                            requires_grad=mod.weight.requires_grad)
+                    b = mod.bias
+                b.mul_(scale.to(b)).add_(shift.to(b))
+        self._merged[id(model)] = saved
+        return model
+
+    def unmerge(self, model):
+        saved = self._merged.pop(id(model), None)
+        if saved is None:
+            raise RuntimeError("this steering is not merged into that model")
+        with torch.no_grad():
+            for mod, w, b in saved:
+                mod.weight.copy_(w)
+                if b is None:
+                    mod.bias = None
+                else:
+                    mod.bias.copy_(b)
+        return model
+
+    # ------------------------------------------------------------------ describing
+    def support(self, threshold: float | None = None) -> dict[str, torch.Tensor]:
+        """{point: indices of the neurons the steering changes} (method-specific criterion)."""
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for d in self.tensors.values() for k, t in d.items() if k in self.trainable)
+
+    trainable: tuple[str, ...] = ()
+
+    def report(self) -> dict[str, Any]:
+        """A JSON-able summary: method, points, parameters, support size, final loss."""
+        self._require_fitted()
+        sup = self.support()
+        width = sum(next(iter(d.values())).numel() for d in self.tensors.values())
+        n_sup = sum(int(v.numel()) for v in sup.values())
+        return {"method": self.method, "points": self.points, "num_parameters": self.num_parameters(),
+                "support": n_sup, "support_fraction": n_sup / max(width, 1),
+                "final_loss": self.history[-1] if self.history else None, "hparams": self.hparams,
+                "model": self.info}
+
+    def __repr__(self) -> str:
+        state = f"{len(self.points)} points" if self.tensors else "unfitted"
+        return f"{type(self).__name__}({state}, {json.dumps(self.hparams, default=str)})"
+
+    # ------------------------------------------------------------------ io
+    def save(self, path) -> None:
+        """safetensors file: tensors ``"{point}|{key}"`` + JSON metadata (see :mod:`.io`)."""
+        from .io import save
+
+        save(self, path)

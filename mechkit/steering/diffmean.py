@@ -1,0 +1,52 @@
+"""Difference-in-means steering (CAA / ActAdd): ``v_l = mean(a_target) - mean(a_source)``,
+applied as ``a + alpha * v`` (alpha = strength) at every chosen point.
+
+Activations are pooled per sentence (``pool="mean"`` over real tokens, or ``"last"``: the
+last real token) before the means are taken.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._stats import pooled_activations
+from .base import Steering, model_info, resolve_points
+
+
+class DiffMean(Steering):
+    """``DiffMean(layers="middle", point="hook_resid_post", pool="mean")``.
+
+    ``layers``: "middle" | "all" | int | list of ints; ``point``: the per-layer hook suffix, or
+    a list of full hook names. Tensors: ``v`` [width] per point. On ``hook_mlp_out`` /
+    ``hook_attn_out`` it merges into the layer's bias.
+    """
+
+    method = "diffmean"
+    trainable = ("v",)
+
+    def __init__(self, layers="middle", point="hook_resid_post", pool: str = "mean"):
+        super().__init__(layers=layers, point=point, pool=pool)
+
+    def fit(self, model, source: list[str], target: list[str], batch_size: int = 64):
+        pts = resolve_points(model, self.hparams["layers"], self.hparams["point"])
+        src = pooled_activations(model, source, pts, pool=self.hparams["pool"], batch_size=batch_size)
+        tgt = pooled_activations(model, target, pts, pool=self.hparams["pool"], batch_size=batch_size)
+        self.tensors = {p: {"v": tgt[p].mean(0) - src[p].mean(0)} for p in pts}
+        self.info = model_info(model)
+        return self
+
+    def _hooks(self, model, strength, where):
+        def make(v):
+            def fn(x, hook):
+                vv = v.to(x)
+                m = where(x)
+                return x + strength * vv if m is None else x + strength * vv * m.to(x.dtype)
+            return fn
+        return [(p, make(d["v"])) for p, d in self.tensors.items()]
+
+    def _affine(self, point, strength):
+        v = self.tensors[point]["v"]
+        return torch.ones_like(v), strength * v
+
+    def support(self, threshold: float | None = None):
+        return {p: torch.arange(d["v"].numel()) for p, d in self.tensors.items()}

@@ -1,0 +1,45 @@
+"""Linear-AcT (Rodriguez et al. 2024, apple/ml-act): per-neuron affine transport maps.
+
+For each point (in layer order), pool the source and target sentences' activations
+(``[n, d]``), sort each neuron's samples, and fit the sorted pairs by least squares:
+``w = cov(x, y) / var(x)``, ``b = mean(y) - w * mean(x)`` (target quantile-interpolated
+when the counts differ). Fitting is incremental: the source activations of point l are
+computed with the maps of the earlier points applied (the target runs unsteered). At
+inference the map acts only where the activation lies in the source range seen when
+fitting (``lo <= a <= hi``), with strength lambda: ``lambda * (w a + b) + (1 - lambda) a``.
+"""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from ._stats import affine_fit, pooled_activations
+from .affine import AffineSteering
+from .base import model_info, resolve_points
+
+
+class LinearAcT(AffineSteering):
+    """``LinearAcT(layers="all", point="hook_mlp_out", pool="mean", clip_to_range=True)``."""
+
+    method = "linear_act"
+
+    def __init__(self, layers="all", point="hook_mlp_out", pool: str = "mean", clip_to_range: bool = True,
+                 support_threshold: float = 1e-3):
+        super().__init__(layers=layers, point=point, pool=pool, clip_to_range=clip_to_range,
+                         support_threshold=support_threshold)
+
+    def fit(self, model, source: list[str], target: list[str], batch_size: int = 64, progress: bool = True):
+        pts = resolve_points(model, self.hparams["layers"], self.hparams["point"])
+        pool = self.hparams["pool"]
+        tgt = pooled_activations(model, target, pts, pool=pool, batch_size=batch_size)
+        self.info = model_info(model)
+        self.tensors = {}
+        for p in tqdm(pts, desc="Linear-AcT", disable=not progress):
+            with_earlier = self._hooks(model, 1.0, lambda x: None)
+            src = pooled_activations(model, source, [p], hooks=with_earlier, pool=pool, batch_size=batch_size)[p]
+            w, b = affine_fit(src, tgt[p])
+            d = {"w": w, "b": b}
+            if self.hparams["clip_to_range"]:
+                d.update(lo=src.min(0).values, hi=src.max(0).values)
+            self.tensors[p] = d
+        return self
