@@ -1,0 +1,189 @@
+"""Targeted vs matched-random head ablation (Bi-Induct, "Induction Signatures Are Not Enough").
+
+``ablation_study(model, score="induction", top_frac=0.02, seeds=10)`` picks, in every layer,
+the top ``max(1, round(top_frac * n_heads))`` heads by ``score`` and ablates them all at once;
+the control ablates the same number of heads per layer drawn at random (seeded, one draw per
+seed). Metrics, each measured with no ablation, with the targeted set and with each random set:
+
+- ``repeat_loss``: mean next-token loss on BOS + x + x over the predictable second half, i.e.
+  predictions of the tokens at positions T + 2 .. 2T (the first token of the copy, at T + 1,
+  cannot be predicted from context).
+- ``icl_score`` (Olsson et al. 2022): loss at late tokens minus loss at early tokens, averaged
+  over rows: ``late_positions`` and ``early_positions`` index the *predicted* token (default:
+  on ``icl_tokens`` = the repeated sequences, early = tokens 2..6 of the first copy, late = the
+  last 5 tokens of the second copy; pass your own text and positions for a text ICL score,
+  e.g. the paper's token 500 minus token 50). More negative = more in-context learning.
+- ``task``: ``task_metric(model) -> float`` if given, run under each ablation.
+
+Returns a :class:`StudyResult`: per-metric baseline, targeted value and the random values per
+seed, with mean and standard deviation over seeds, the heads chosen, a ``Result`` over
+(condition, metric) and a Plotly figure (bars with the spread over seeds as error bars).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..interventions.ablate import ablate
+from ..results import Result
+from .scores import default_tokens, head_labels, head_scores
+
+
+def per_token_loss(model, tokens) -> torch.Tensor:
+    """[b, pos - 1] next-token cross-entropy: entry j is the loss of predicting token j + 1."""
+    b = model.batch(tokens)
+    logits = model(b).float()
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), b.input_ids[:, 1:], reduction="none")
+
+
+def top_heads_per_layer(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """[(layer, head)] of the ``k`` highest scores [n_layers, n_heads] in every layer."""
+    idx = scores.topk(k, dim=1).indices  # [L, k]
+    return [(l, int(h)) for l in range(scores.shape[0]) for h in idx[l].sort().values]
+
+
+def random_heads_per_layer(n_layers: int, n_heads: int, k: int, seed: int) -> list[tuple[int, int]]:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(n_layers, n_heads, generator=g).argsort(1)[:, :k]
+    return [(l, int(h)) for l in range(n_layers) for h in idx[l].sort().values]
+
+
+@dataclass
+class StudyResult:
+    """Outcome of :func:`ablation_study` (values are losses in nats, or the task metric)."""
+
+    metrics: list[str]
+    baseline: dict[str, float]
+    targeted: dict[str, float]
+    random: dict[str, list[float]]
+    targeted_heads: list[tuple[int, int]]
+    random_heads: list[list[tuple[int, int]]]
+    scores: Result
+    meta: dict = field(default_factory=dict)
+
+    def random_mean(self, metric: str) -> float:
+        return float(torch.tensor(self.random[metric]).mean())
+
+    def random_std(self, metric: str) -> float:
+        v = torch.tensor(self.random[metric])
+        return float(v.std()) if v.numel() > 1 else 0.0
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """metric -> baseline, targeted, random_mean, random_std, and the two changes from baseline."""
+        return {m: {"baseline": self.baseline[m], "targeted": self.targeted[m],
+                    "random_mean": self.random_mean(m), "random_std": self.random_std(m),
+                    "delta_targeted": self.targeted[m] - self.baseline[m],
+                    "delta_random": self.random_mean(m) - self.baseline[m]} for m in self.metrics}
+
+    def to_result(self) -> Result:
+        """Result over (condition: baseline / targeted / random mean, metric); spread in meta."""
+        vals = torch.tensor([[self.baseline[m] for m in self.metrics], [self.targeted[m] for m in self.metrics],
+                             [self.random_mean(m) for m in self.metrics]])
+        return Result(vals, ("condition", "metric"),
+                      {"condition": ["baseline", "targeted", "random"], "metric": list(self.metrics)},
+                      meta={**self.meta, "random_std": {m: self.random_std(m) for m in self.metrics},
+                            "targeted_heads": self.targeted_heads}, name="ablation_study")
+
+    def heads_result(self) -> Result:
+        """(layer, head): 1 for targeted heads, minus the fraction of seeds that drew the head at random."""
+        v = torch.zeros_like(self.scores.values)
+        for l, h in self.targeted_heads:
+            v[l, h] = 1.0
+        for hs in self.random_heads:
+            for l, h in hs:
+                v[l, h] -= 1.0 / len(self.random_heads)
+        return Result(v, ("layer", "head"), dict(self.scores.labels),
+                      meta={"title": "ablated heads: targeted (+1) vs random (- fraction of seeds)"},
+                      name="ablated_heads")
+
+    def figure(self):
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for cond, vals, err in [("baseline", [self.baseline[m] for m in self.metrics], None),
+                                ("targeted", [self.targeted[m] for m in self.metrics], None),
+                                ("random", [self.random_mean(m) for m in self.metrics],
+                                 [self.random_std(m) for m in self.metrics])]:
+            fig.add_bar(name=cond, x=self.metrics, y=vals,
+                        error_y=None if err is None else dict(type="data", array=err, visible=True))
+        fig.update_layout(barmode="group", template="plotly_white", yaxis_title="value",
+                          title=f"ablating top {self.meta.get('score')} heads vs random "
+                                f"({len(self.random_heads)} seeds, error bars = std)")
+        return fig
+
+
+def _metrics(model, rep, T, icl_tokens, early, late, task_metric) -> dict[str, float]:
+    out = {}
+    loss = per_token_loss(model, rep)  # [b, 2T]; entry j predicts token j + 1
+    out["repeat_loss"] = float(loss[:, T + 1:2 * T].mean())  # tokens T + 2 .. 2T
+    il = loss if icl_tokens is None else per_token_loss(model, icl_tokens)
+    e = torch.as_tensor(early) - 1
+    lt = torch.as_tensor(late) - 1
+    out["icl_score"] = float(il[:, lt].mean() - il[:, e].mean())
+    if task_metric is not None:
+        out["task"] = float(task_metric(model))
+    return out
+
+
+@torch.no_grad()
+def ablation_study(
+    model,
+    score: str = "induction",
+    top_frac: float = 0.02,
+    seeds: int = 10,
+    how: str = "mean",
+    n: int = 32,
+    T: int = 24,
+    seed: int = 0,
+    scores: Result | None = None,
+    icl_tokens=None,
+    early_positions=None,
+    late_positions=None,
+    task_metric: Callable | None = None,
+    reference=None,
+    progress: bool = True,
+) -> StudyResult:
+    """Targeted vs matched-random ablation (see module docstring).
+
+    ``scores``: a precomputed (layer, head) Result of ``score`` (else computed with
+    :func:`head_scores` on fresh repeated tokens). ``how``: zero / mean / resample; ``reference``
+    for mean/resample defaults to other repeated sequences (seed + 1) of the same length.
+    """
+    from tqdm.auto import tqdm
+
+    c = model.cfg
+    if not 0 < top_frac <= 1:
+        raise ValueError(f"top_frac must be in (0, 1]; got {top_frac}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1; got {seeds}")
+    if scores is None:
+        scores = head_scores(model, kinds=(score,), n=n, T=T, seed=seed + 2)[score]
+    k = max(1, round(top_frac * c.n_heads))
+    rep = default_tokens(model, n, T, seed)
+    if reference is None and how != "zero":
+        reference = default_tokens(model, n, T, seed + 1)
+    early = list(early_positions) if early_positions is not None else list(range(2, min(T, 6) + 1))
+    late = list(late_positions) if late_positions is not None else list(range(2 * T - min(T, 5) + 1, 2 * T + 1))
+    run = lambda: _metrics(model, rep, T, icl_tokens, early, late, task_metric)  # noqa: E731
+    baseline = run()
+    targeted_heads = top_heads_per_layer(scores.values, k)
+    with ablate(model, heads=targeted_heads, how=how, reference=reference, seed=seed):
+        targeted = run()
+    random_heads, rand_vals = [], {m: [] for m in baseline}
+    for s in tqdm(range(seeds), desc="random ablations", disable=not progress):
+        hs = random_heads_per_layer(c.n_layers, c.n_heads, k, seed=seed * 1000 + s)
+        random_heads.append(hs)
+        with ablate(model, heads=hs, how=how, reference=reference, seed=seed):
+            for m, v in run().items():
+                rand_vals[m].append(v)
+    return StudyResult(list(baseline), baseline, targeted, rand_vals, targeted_heads, random_heads, scores,
+                       meta={"method": "ablation_study", "score": score, "top_frac": top_frac, "k_per_layer": k,
+                             "how": how, "seeds": seeds, "n": n, "T": T, "early_positions": early,
+                             "late_positions": late})
+
+
+__all__ = ["ablation_study", "StudyResult", "top_heads_per_layer", "random_heads_per_layer", "head_labels"]

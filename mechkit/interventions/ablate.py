@@ -1,0 +1,226 @@
+"""Ablation of attention heads (``attn.hook_z``) and MLP neurons (``mlp.hook_post``).
+
+``with ablate(model, heads=[(l, h), ...], neurons=[(l, n), ...], how=..., reference=...):``
+replaces the chosen slices in every forward pass inside the block: plain forwards,
+``model.generate()`` and forwards run inside other ``model.hooks(...)`` contexts. On one point,
+hooks run in installation order: a hook of an enclosing context sees the value before the
+ablation, hooks installed inside the ``ablate`` block see it after.
+
+- ``how="zero"``: z_h = 0 (neuron = 0).
+- ``how="mean"``: the mean of z_h over the ``reference`` prompts, per position
+  (``per_position=True``: the mean at the same position id, over reference rows that have a
+  token there) or pooled over every real reference token.
+- ``how="resample"``: z_h of another prompt: batch row i takes reference row ``perm[i % n_ref]``
+  (``perm`` a seeded permutation), at the same position id (per_position) or that row's mean
+  over its tokens (pooled).
+
+Positions. The hooks see a tensor [batch, pos, ...] without its position ids, so ``ablate``
+also records the model call's position ids (from ``position_ids``, else the attention mask's
+cumulative sum, else ``cache_position``) with a forward pre-hook on the HF model; it is removed
+on exit like every other hook. In ``generate()`` the prompt step has every position and each
+decode step has seq len 1 at the next position id, so a decode step gets the per-position
+reference value of its own position. Position ids the reference does not cover (longer prompts
+or generations, or resample rows shorter than the current one) fall back to the pooled value.
+Pads of the current batch are replaced too (harmless: no real token attends to them).
+
+``preserve_pattern=True`` keeps each ablated head's own attention pattern and replaces only
+what it moves: z_h = sum_k A_h[q, k] v_ref[k], with v_ref the reference value vectors (mean /
+resample as above, zero gives z = 0) at each key's position id. Key position ids come from the
+call's attention mask (all keys, cached ones included in ``generate``). With GQA the value of
+kv head ``h // (n_heads // n_kv_heads)`` is used. This mode needs the eager mechkit attention
+function (pattern and v are recorded), so it is slower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from ..inputs import position_ids_from_mask
+
+HOWS = ("zero", "mean", "resample")
+
+
+def _group(items, n_layers: int, width: int, what: str) -> dict[int, torch.Tensor]:
+    """[(layer, index), ...] -> {layer: bool mask [width]}; checks ranges."""
+    out: dict[int, torch.Tensor] = {}
+    for it in items or ():
+        if not (isinstance(it, (tuple, list)) and len(it) == 2):
+            raise TypeError(f"{what} must be (layer, index) pairs; got {it!r}")
+        l, i = int(it[0]), int(it[1])
+        if not (0 <= l < n_layers and 0 <= i < width):
+            raise ValueError(f"{what} ({l}, {i}) out of range: layers 0..{n_layers - 1}, index 0..{width - 1}")
+        out.setdefault(l, torch.zeros(width, dtype=torch.bool))[i] = True
+    return out
+
+
+class _Positions:
+    """Records the position ids [b, p] and full attention mask of the current model call."""
+
+    def __init__(self):
+        self.pos: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+
+    def pre_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        p = (ids if ids is not None else emb).shape[1]
+        pos, mask, cp = kwargs.get("position_ids"), kwargs.get("attention_mask"), kwargs.get("cache_position")
+        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if pos is None and self.mask is not None:
+            pos = position_ids_from_mask(self.mask)[:, -p:]
+        elif pos is None:
+            start = int(cp[0]) if cp is not None else 0
+            pos = torch.arange(start, start + p, device=(ids if ids is not None else emb).device)[None]
+        self.pos = pos
+        return None
+
+    def key_positions(self, n_keys: int, b: int, device) -> torch.Tensor:
+        if self.mask is not None and self.mask.shape[1] == n_keys:
+            return position_ids_from_mask(self.mask).to(device)
+        return torch.arange(n_keys, device=device)[None].expand(b, -1)
+
+
+class _Reference:
+    """Reference values of one point: per row and position id [n, P, ...], validity [n, P], pooled [...]."""
+
+    def __init__(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor):
+        n, _ = mask.shape
+        P = int(pos[mask.bool()].max()) + 1
+        by = torch.zeros((n, P) + x.shape[2:], dtype=torch.float32, device=x.device)
+        valid = torch.zeros(n, P, dtype=torch.bool, device=x.device)
+        r, c = mask.bool().nonzero(as_tuple=True)
+        by[r, pos[r, c]] = x[r, c].float()
+        valid[r, pos[r, c]] = True
+        self.by_row, self.valid = by, valid  # [n, P, ...], [n, P]
+        vw = valid.float().reshape(n, P, *([1] * (x.dim() - 2)))
+        cnt = vw.sum(0)
+        self.pooled = (by * vw).sum((0, 1)) / cnt.sum(0).clamp(min=1)  # [...]
+        self.mean_pos = torch.where(cnt > 0, (by * vw).sum(0) / cnt.clamp(min=1), self.pooled)  # [P, ...]
+        self.row_pooled = (by * vw).sum(1) / vw.sum(1).clamp(min=1)  # [n, ...]
+
+    def values(self, how: str, pos: torch.Tensor, per_position: bool, rows: torch.Tensor) -> torch.Tensor:
+        """Replacement [b, p, ...] for position ids ``pos`` [b, p]; ``rows`` [b] reference rows (resample)."""
+        P = self.valid.shape[1]
+        inside = pos < P
+        pc = pos.clamp(max=P - 1)
+        tail = self.pooled.shape
+        if how == "mean":
+            if not per_position:
+                return self.pooled.expand(*pos.shape, *tail)
+            v = self.mean_pos[pc]
+            return torch.where(inside.reshape(*pos.shape, *([1] * len(tail))), v, self.pooled)
+        # resample
+        if not per_position:
+            return self.row_pooled[rows][:, None].expand(*pos.shape, *tail)
+        rr = rows[:, None].expand_as(pos)
+        ok = inside & self.valid[rr, pc]
+        v = self.by_row[rr, pc]
+        return torch.where(ok.reshape(*pos.shape, *([1] * len(tail))), v, self.row_pooled[rr])
+
+
+def _record_reference(model, reference, names: list[str], attention_mask=None) -> tuple[dict[str, _Reference], int]:
+    b = model.batch(reference, attention_mask)
+    _, cache = model.run_with_cache(b, names=names)
+    refs = {n: _Reference(cache[n], b.position_ids, b.attention_mask) for n in names}
+    return refs, b.input_ids.shape[0]
+
+
+def ablation_hooks(model, heads=(), neurons=(), how: str = "zero", reference=None, per_position: bool = True,
+                   preserve_pattern: bool = False, seed: int = 0, reference_mask=None, _positions=None):
+    """The ``[(name, fn), ...]`` hooks that :func:`ablate` installs (for use with ``model.hooks``
+    or in sweeps). ``_positions``: a position recorder (``ablate`` supplies one); without it the
+    position ids are assumed to be 0..p-1 (no padding, no KV cache)."""
+    if how not in HOWS:
+        raise ValueError(f"how must be one of {HOWS}; got {how!r}")
+    c = model.cfg
+    head_masks = _group(heads, c.n_layers, c.n_heads, "heads")
+    neuron_masks = _group(neurons, c.n_layers, c.d_mlp, "neurons")
+    if not head_masks and not neuron_masks:
+        raise ValueError("nothing to ablate: give heads=[(layer, head), ...] and/or neurons=[(layer, neuron), ...]")
+    if how != "zero" and reference is None:
+        raise ValueError(f"how='{how}' needs reference= prompts or token ids to take values from")
+    positions = _positions or _Positions()
+    group = c.n_heads // c.n_kv_heads
+    site = {}
+    for l in head_masks:
+        site[f"blocks.{l}.attn.hook_v" if preserve_pattern else f"blocks.{l}.attn.hook_z"] = ("head", l)
+    for l in neuron_masks:
+        site[f"blocks.{l}.mlp.hook_post"] = ("neuron", l)
+    refs: dict[str, _Reference] = {}
+    n_ref = 1
+    if how != "zero":
+        refs, n_ref = _record_reference(model, reference, list(site), reference_mask)
+    perm = torch.randperm(n_ref, generator=torch.Generator().manual_seed(seed))
+
+    def current_pos(x):
+        p = positions.pos
+        if p is None or p.shape[-1] != x.shape[1]:
+            return torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        return p.to(x.device).expand(x.shape[0], -1)
+
+    def replacement(name, x, pos):
+        if how == "zero":
+            return torch.zeros_like(x)
+        rows = perm.to(x.device)[torch.arange(x.shape[0], device=x.device) % n_ref]
+        return refs[name].values(how, pos, per_position, rows).to(x.dtype)
+
+    def masked(x, mask, new):
+        m = mask.to(x.device)
+        shape = [1] * x.dim()
+        shape[2 if x.dim() == 4 else -1] = m.numel()
+        return torch.where(m.reshape(shape), new, x)
+
+    hooks = []
+    stash: dict[int, torch.Tensor] = {}
+    for name, (kind, l) in site.items():
+        if kind == "neuron":
+            def fn(x, hook, _n=name, _m=neuron_masks[l]):
+                return masked(x, _m, replacement(_n, x, current_pos(x)))
+            hooks.append((name, fn))
+        elif not preserve_pattern:
+            def fn(x, hook, _n=name, _m=head_masks[l]):
+                return masked(x, _m, replacement(_n, x, current_pos(x)))
+            hooks.append((name, fn))
+        else:
+            def keep_pattern(x, hook, _l=l):
+                stash[_l] = x  # [b, H, q, k]
+
+            def value_ref(v, hook, _n=name, _l=l):
+                # v: [b, k, H_kv, dh], all keys (cached ones included)
+                if how == "zero":
+                    stash[("v", _l)] = torch.zeros_like(v)
+                else:
+                    kp = positions.key_positions(v.shape[1], v.shape[0], v.device)
+                    stash[("v", _l)] = replacement(_n, v, kp)
+
+            def fn(z, hook, _l=l, _m=head_masks[l]):
+                A = stash.pop(_l)
+                vr = stash.pop(("v", _l)).repeat_interleave(group, dim=2).to(A.dtype)  # [b, k, H, dh]
+                new = torch.einsum("bhqk,bkhd->bqhd", A, vr).to(z.dtype)
+                return masked(z, _m, new)
+            hooks += [(f"blocks.{l}.attn.hook_pattern", keep_pattern), (name, value_ref),
+                      (f"blocks.{l}.attn.hook_z", fn)]
+    return hooks
+
+
+@contextmanager
+def ablate(model, heads=(), neurons=(), how: str = "zero", reference=None, per_position: bool = True,
+           preserve_pattern: bool = False, seed: int = 0, reference_mask=None) -> Iterator:
+    """Context manager: ablate ``heads`` [(layer, head)] and ``neurons`` [(layer, neuron)] in every
+    forward pass of ``model`` inside the block (see the module docstring for each option).
+
+    ``reference``: prompts (text, list of text) or ids [n, pos] the mean/resample values come
+    from (recorded once, on entry, without ablation). Yields the model.
+    """
+    positions = _Positions()
+    hooks = ablation_hooks(model, heads, neurons, how, reference, per_position, preserve_pattern, seed,
+                           reference_mask, _positions=positions)
+    handle = model.hf_model.register_forward_pre_hook(positions.pre_hook, with_kwargs=True)
+    try:
+        with model.hooks(hooks):
+            yield model
+    finally:
+        handle.remove()
