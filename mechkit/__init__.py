@@ -17,10 +17,14 @@ def list_models() -> list[str]:
     return _list()
 
 
+_SUBPACKAGES = ("tasks", "models", "patching", "attribution", "heads", "interventions", "steering", "viz",
+                "results", "metrics")
+
+
 def __getattr__(name):  # lazy subpackages keep `import mechkit` light
     import importlib
 
-    if name in ("tasks", "models"):
+    if name in _SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mechkit' has no attribute {name!r}")
 

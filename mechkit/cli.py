@@ -111,8 +111,10 @@ def cmd_heads(args) -> None:
 def cmd_steer(args) -> None:
     import mechkit as mk
 
-    model = _load(args)
+    if not Path(args.steering).exists():
+        raise FileNotFoundError(f"steering file {args.steering} does not exist")
     st = mk.steering.load(args.steering)
+    model = _load(args)
     with st.apply(model, strength=args.strength):
         ids = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(model.tokenizer.decode(ids[0], skip_special_tokens=True))
@@ -159,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    if getattr(args, "quiet", False) or args.cmd != "demo":
+        transformers.utils.logging.disable_progress_bar()
     t0 = time.time()
     try:
         args.fn(args)

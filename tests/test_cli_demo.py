@@ -1,0 +1,137 @@
+"""The command line and the demo: a dashboard on disk, rendered by a real browser; clear errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mechkit as mk
+
+CLI = [sys.executable, "-m", "mechkit.cli"]
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def model_arg(tmp_path_factory):
+    """The bundled default model, or (until its weights exist) a random GPT-2 with its tokenizer."""
+    if mk.models.DEFAULT_MODEL in mk.list_models():
+        return mk.models.DEFAULT_MODEL
+    import transformers as tf
+
+    from mechkit.tasks import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("randgpt2")
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=128,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tf.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory, model_arg):
+    out = tmp_path_factory.mktemp("demo")
+    t = time.time()
+    res = run_cli("demo", "--model", model_arg, "--out", str(out), "--quiet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("dashboard.html")
+    print(f"demo took {time.time() - t:.1f}s")
+    return out
+
+
+def test_demo_writes_dashboard_and_results(demo_dir):
+    html = (demo_dir / "dashboard.html").read_text()
+    for section in ("activation patching", "ATP vs activation patching", "RELP vs activation patching",
+                    "head scores: induction", "attention patterns", "steering"):
+        assert section in html, section
+    assert (demo_dir / "patch_resid_pre.safetensors").exists()
+    assert (demo_dir / "steer_positive.safetensors").exists()
+    res = mk.results.Result.load(demo_dir / "patch_resid_pre.safetensors") if hasattr(mk, "results") else None
+    if res is not None:
+        assert res.axes == ("layer", "pos")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("patch", "--model", "no-such-model-xyz"), "no-such-model-xyz"),
+    (("heads", "--model", "/nonexistent/folder"), "/nonexistent/folder"),
+    (("steer", "/nonexistent/steer.safetensors"), "steer.safetensors"),
+])
+def test_cli_errors_are_one_clear_line(args, needle, model_arg):
+    if args[0] == "steer":
+        args = (*args, "--model", model_arg)
+    res = run_cli(*args, timeout=120)
+    assert res.returncode != 0
+    lines = [l for l in res.stderr.strip().splitlines() if l.strip() and not l.startswith("[transformers]")]
+    assert len(lines) == 1 and "error" in lines[0] and needle in lines[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_unknown_site_and_bad_task_file(tmp_path, model_arg):
+    res = run_cli("patch", "--model", model_arg, "--site", "resid_banana", "--n", "2", "--quiet", timeout=120)
+    assert res.returncode != 0 and "resid_banana" in res.stderr and "Traceback" not in res.stderr
+    bad = tmp_path / "task.jsonl"
+    bad.write_text('{"clean": "a b", "corrupt": "a c"}\n')
+    res = run_cli("patch", "--model", model_arg, "--task", str(bad), "--quiet", timeout=120)
+    assert res.returncode != 0 and "missing keys" in res.stderr
+
+
+def test_cli_help():
+    res = run_cli("--help", timeout=60)
+    assert res.returncode == 0
+    for cmd in ("patch", "attribute", "heads", "steer", "demo"):
+        assert cmd in res.stdout
+
+
+def _chrome():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them as root)")
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        opts.add_argument(a)
+    opts.binary_location = chromium
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_dashboard_renders_in_a_real_browser(demo_dir):
+    html = (demo_dir / "dashboard.html").read_text()
+    n_sections = html.count("<section")
+    drv = _chrome()
+    try:
+        drv.get((demo_dir / "dashboard.html").resolve().as_uri())
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            plots = drv.find_elements("css selector", ".js-plotly-plot .main-svg")
+            if len({p.find_element("xpath", "./ancestor::section").get_attribute("id") for p in plots}) == n_sections:
+                break
+            time.sleep(0.5)
+        rendered = {p.find_element("xpath", "./ancestor::section").get_attribute("id")
+                    for p in drv.find_elements("css selector", ".js-plotly-plot .main-svg")}
+        assert len(rendered) == n_sections, f"{len(rendered)} of {n_sections} figures rendered"
+        errors = [e for e in drv.get_log("browser") if e.get("level") == "SEVERE"]
+        assert not errors, errors
+        shot = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
+        if os.environ.get("MECHKIT_SCREENSHOT"):
+            shot.parent.mkdir(exist_ok=True)
+            drv.save_screenshot(str(shot))
+    finally:
+        drv.quit()
