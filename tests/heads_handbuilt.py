@@ -51,5 +51,5 @@ def handbuilt_induction_model(q_scale: float = 3.0) -> tf.GPT2LMHeadModel:
             Wq[TOK + t, t] = q_scale + 1
             Wk[PREV + t, t] = q_scale + 1
             a1.c_attn.weight[TOK + t, 2 * D + t] = 1.0  # value: the key's token; output to the logits
-            a1.c_proj.weight[t, TOK + t] = 1.0
+            a1.c_proj.weight[t, TOK + t] = 4.0  # the copied token dominates the logits
     return m

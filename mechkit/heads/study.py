@@ -140,6 +140,7 @@ def ablation_study(
     T: int = 24,
     seed: int = 0,
     scores: Result | None = None,
+    tokens: torch.Tensor | None = None,
     icl_tokens=None,
     early_positions=None,
     late_positions=None,
@@ -150,7 +151,8 @@ def ablation_study(
     """Targeted vs matched-random ablation (see module docstring).
 
     ``scores``: a precomputed (layer, head) Result of ``score`` (else computed with
-    :func:`head_scores` on fresh repeated tokens). ``how``: zero / mean / resample; ``reference``
+    :func:`head_scores` on fresh repeated tokens). ``tokens``: your own repeated sequences
+    [n, 1 + 2T] (BOS + x + x) instead of ``n`` seeded ones; T is read from their length. ``how``: zero / mean / resample; ``reference``
     for mean/resample defaults to other repeated sequences (seed + 1) of the same length.
     """
     from tqdm.auto import tqdm
@@ -160,10 +162,15 @@ def ablation_study(
         raise ValueError(f"top_frac must be in (0, 1]; got {top_frac}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1; got {seeds}")
+    k = max(1, round(top_frac * c.n_heads))
+    if tokens is not None:
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() != 2 or tokens.shape[1] % 2 != 1 or tokens.shape[1] < 3:
+            raise ValueError(f"tokens must be [n, 1 + 2T] (BOS + x + x); got shape {tuple(tokens.shape)}")
+        n, T = tokens.shape[0], (tokens.shape[1] - 1) // 2
+    rep = tokens if tokens is not None else default_tokens(model, n, T, seed)
     if scores is None:
         scores = head_scores(model, kinds=(score,), n=n, T=T, seed=seed + 2)[score]
-    k = max(1, round(top_frac * c.n_heads))
-    rep = default_tokens(model, n, T, seed)
     if reference is None and how != "zero":
         reference = default_tokens(model, n, T, seed + 1)
     early = list(early_positions) if early_positions is not None else list(range(2, min(T, 6) + 1))
