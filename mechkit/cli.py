@@ -70,7 +70,17 @@ def cmd_patch(args) -> None:
     model = _load(args)
     task = _task(model, args)
     by = tuple(args.by.split(","))
-    res = activation_patch(model, task, sites=args.site, by=by, progress=not args.quiet)
+    if args.distributed:  # under torchrun: shard the chunks over the ranks, gather, rank 0 writes
+        from .distributed import gather, init_from_env
+
+        rank, world = init_from_env()
+        res = gather(activation_patch(model, task, sites=args.site, by=by, shard=(rank, world),
+                                      checkpoint_dir=args.checkpoint_dir, progress=not args.quiet and rank == 0))
+        if rank != 0:
+            return
+    else:
+        res = activation_patch(model, task, sites=args.site, by=by, checkpoint_dir=args.checkpoint_dir,
+                               progress=not args.quiet)
     out = Path(args.out)
     res.save(out / f"patch_{args.site}.safetensors")
     from .viz import dashboard
@@ -143,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")
         p.add_argument("--n", type=int, default=32)
         p.add_argument("--seed", type=int, default=0)
+        if name == "patch":
+            p.add_argument("--checkpoint-dir", default=None, help="finished chunks go here; a rerun resumes")
+            p.add_argument("--distributed", action="store_true",
+                           help="run under torchrun: shard the sweep over the ranks (see scripts/sweep_distributed.py)")
         if name == "attribute":
             p.add_argument("--method", default="relp", choices=["atp", "relp", "ig"])
         p.set_defaults(fn=fn)

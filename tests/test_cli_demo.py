@@ -23,25 +23,6 @@ def run_cli(*args, timeout=600):
 
 
 @pytest.fixture(scope="session")
-def model_arg(tmp_path_factory):
-    """The bundled default model, or (until its weights exist) a random GPT-2 with its tokenizer."""
-    if mk.models.DEFAULT_MODEL in mk.list_models():
-        return mk.models.DEFAULT_MODEL
-    import transformers as tf
-
-    from mechkit.tasks import build_tokenizer
-
-    folder = tmp_path_factory.mktemp("randgpt2")
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=128,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    tf.GPT2LMHeadModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory, model_arg):
     out = tmp_path_factory.mktemp("demo")
     t = time.time()
