@@ -1,0 +1,159 @@
+"""``activation_patch``: a patching sweep over one site kind, run by the fused engine.
+
+Denoising (default) writes the clean run's activation into the corrupted run; noising writes
+the corrupted activation into the clean run. The value of each patch is the prompt-mean
+metric, normalised ``(M - M_corrupt) / (M_clean - M_corrupt)`` when the metric asks for it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..inputs import Batch
+from ..results import Result
+from ..tasks.base import position_ids_from_mask
+from .checkpoint import ChunkStore, sweep_key
+from .engine import FusedRunner
+from .metrics import evaluate, logit_diff
+from .sites import axis_size, check_by, site_kind
+
+
+def check_aligned(task) -> None:
+    """Clean and corrupted prompts must align token for token (same padding)."""
+    if task.clean_tokens.shape != task.corrupt_tokens.shape:
+        raise ValueError(f"clean tokens {tuple(task.clean_tokens.shape)} and corrupt tokens "
+                         f"{tuple(task.corrupt_tokens.shape)} differ in shape; patching needs aligned prompts")
+    diff = (task.clean_mask.bool() != task.corrupt_mask.bool()).any(-1)
+    if diff.any():
+        i = int(diff.nonzero()[0, 0])
+        names = ""
+        if task.clean_prompts and task.corrupt_prompts:
+            names = f" (clean {task.clean_prompts[i]!r} vs corrupt {task.corrupt_prompts[i]!r})"
+        raise ValueError(f"prompt {i} is not aligned: clean has {int(task.clean_mask[i].sum())} tokens, corrupt has "
+                         f"{int(task.corrupt_mask[i].sum())}{names}; patching needs prompts with equal token counts")
+
+
+def _batch(tokens, mask, device) -> Batch:
+    return Batch(tokens, mask.long(), position_ids_from_mask(mask)).to(device)
+
+
+def pos_labels(model, task) -> list[str]:
+    """``"i:token"`` for each position of the first clean prompt."""
+    ids = task.clean_tokens[0].tolist()
+    tok = getattr(model, "tokenizer", None)
+    strs = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
+    return [f"{i}:{s}" for i, s in enumerate(strs)]
+
+
+def _chunks(n_items: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + size, n_items)) for s in range(0, n_items, size)]
+
+
+def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None, mode: str = "denoise",
+                     layers=None, max_batch_tokens: int = 8192, checkpoint_dir=None, shard=(0, 1),
+                     progress: bool = True, normalise: bool | None = None, skip_layers: bool = True,
+                     on_chunk=None) -> Result:
+    """Patch every index of ``sites`` over ``by`` and measure ``metric``.
+
+    Args:
+        model: HookedModel. task: PatchingTask (left padded, clean/corrupt aligned).
+        sites: a site kind (resid_pre/mid/post, attn_out, mlp_out, z, q, k, v, pattern, neuron).
+        by: patch axes, ("layer", ...) — default per kind, e.g. ("layer", "pos"), ("layer", "head").
+        metric: callable on logits -> one value per prompt (default ``logit_diff(task)``).
+        mode: "denoise" (clean into corrupted) or "noise" (corrupted into clean).
+        layers: layers to sweep (default all). max_batch_tokens: rows x positions per forward.
+        checkpoint_dir: finished chunks are saved there and reused on a rerun.
+        shard: (rank, world) — this process computes chunks ``i % world == rank``; others are NaN.
+        normalise: override the metric's own ``normalise`` flag (plain callables: False).
+        on_chunk: ``fn(chunk_index, values)`` after each computed chunk.
+
+    Returns:
+        Result with values [len(layers), *sizes of by[1:]] (pos labels are token strings).
+    """
+    t0 = time.perf_counter()
+    check_aligned(task)
+    kind = site_kind(sites)
+    by = check_by(kind, by if by is not None else kind.default_by)
+    if mode not in ("denoise", "noise"):
+        raise ValueError(f"mode must be 'denoise' or 'noise', got {mode!r}")
+    rank, world = shard
+    if not (0 <= rank < world):
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    cfg = model.cfg
+    L = cfg.n_layers
+    layers = list(range(L)) if layers is None else [int(l) for l in layers]
+    if not layers or any(not 0 <= l < L for l in layers):
+        raise ValueError(f"layers must be a non-empty list within 0..{L - 1}, got {layers}")
+    metric = metric if metric is not None else logit_diff(task)
+    normalise = bool(getattr(metric, "normalise", False)) if normalise is None else normalise
+    n, T = task.clean_tokens.shape
+    dev = model.device
+
+    clean = _batch(task.clean_tokens, task.clean_mask, dev)
+    corrupt = _batch(task.corrupt_tokens, task.corrupt_mask, dev)
+    base, src = (corrupt, clean) if mode == "denoise" else (clean, corrupt)
+    site_names = [kind.hook_name(l) for l in layers]
+    resid_names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    src_logits, src_cache = model.run_with_cache(src, names=site_names)
+    base_logits, base_cache = model.run_with_cache(base, names=resid_names)
+    clean_logits, corrupt_logits = (src_logits, base_logits) if mode == "denoise" else (base_logits, src_logits)
+    if hasattr(metric, "bind_clean"):
+        metric.bind_clean(clean_logits)
+    m_clean = float(evaluate(metric, clean_logits, n)[0])
+    m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
+
+    sizes = [len(layers)] + [axis_size(kind, a, cfg, T) for a in by[1:]]
+    grid = torch.tensor(list(itertools.product(layers, *[range(s) for s in sizes[1:]])), dtype=torch.long)
+    chunk = max(1, max_batch_tokens // (n * T))
+    spans = _chunks(len(grid), chunk)
+    key = sweep_key(site=kind.name, by=list(by), mode=mode, layers=layers, chunk=chunk, clean=task.clean_tokens,
+                    corrupt=task.corrupt_tokens, mask=task.clean_mask, answers=task.answer_ids,
+                    wrong=task.wrong_ids, cfg=cfg.to_dict(), metric=repr(metric))
+    store = ChunkStore(checkpoint_dir, key, len(spans))
+    runner = FusedRunner(model, kind, by, base, {l: src_cache[kind.hook_name(l)] for l in layers},
+                         {l: base_cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)}, metric, skip_layers)
+
+    raw = torch.full((len(grid),), math.nan)
+    mine = [i for i in range(len(spans)) if i % world == rank]
+    computed = 0
+    for i in tqdm(mine, desc=f"patch {kind.name} by {'x'.join(by)}", disable=not progress, unit="chunk"):
+        s, e = spans[i]
+        vals = store.load(i)
+        if vals is None:
+            vals = runner.run(grid[s:e].to(dev)).cpu()
+            store.save(i, vals)
+            computed += 1
+            if on_chunk is not None:
+                on_chunk(i, vals)
+        raw[s:e] = vals
+    values = (raw - m_corrupt) / (m_clean - m_corrupt) if normalise else raw
+
+    labels = {"layer": [str(l) for l in layers]}
+    for a, s in zip(by[1:], sizes[1:]):
+        labels[a] = pos_labels(model, task) if a == "pos" else [f"{a[0].upper()}{j}" for j in range(s)]
+    meta = dict(method="activation_patch", site=kind.name, hook=kind.hook, by=list(by), mode=mode,
+                metric=repr(metric), normalised=normalise, n_prompts=n, n_pos=T, chunk_size=chunk,
+                n_chunks=len(spans), chunks_computed=computed, shard=[rank, world], model=cfg.to_dict(),
+                skip_layers=skip_layers, seconds=time.perf_counter() - t0)
+    return Result(values.reshape(sizes), tuple(by), labels, {"clean": m_clean, "corrupt": m_corrupt}, meta,
+                  name=f"patch_{kind.name}")
+
+
+def patch_every(model, task, sites=("resid_pre", "attn_out", "mlp_out"), by=("layer", "pos"), **kw) -> Result:
+    """Several site kinds at once, stacked on a leading ``site`` axis (like TransformerLens's
+    ``get_act_patch_block_every``; use ``sites=("z", "q", "k", "v", "pattern"), by=("layer", "head")``
+    for its per-head variant). Kinds with fewer entries on an axis (k/v under GQA) are NaN-padded."""
+    results = [activation_patch(model, task, sites=s, by=by, **kw) for s in sites]
+    shape = [max(r.values.shape[d] for r in results) for d in range(results[0].values.dim())]
+    out = torch.full([len(results)] + shape, math.nan)
+    for i, r in enumerate(results):
+        out[(i,) + tuple(slice(0, s) for s in r.values.shape)] = r.values
+    big = max(results, key=lambda r: r.values.numel())
+    labels = dict(big.labels, site=list(sites))
+    meta = dict(method="patch_every", sites=list(sites), parts=[r.meta for r in results])
+    return Result(out, ("site",) + tuple(by), labels, results[0].baselines, meta, name="patch_every")

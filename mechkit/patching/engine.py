@@ -1,0 +1,124 @@
+"""The fused patching engine: many patches in one forward pass, work a patch cannot change skipped.
+
+A chunk of k patches runs as one batch of ``k * n`` rows (row ``g * n + i`` is prompt i under
+patch g). For each hook point the chunk touches, one hook writes the source activation into
+the rows of the patches at that point, at their index (a boolean mask, no Python loop over
+rows). Layers below the lowest patched layer of a chunk cannot change: they are not run; the
+base run's cached ``blocks.{k0}.hook_resid_pre`` is injected at the first remaining layer (the
+decoder layer list is replaced by its slice for the call and restored in ``finally``).
+Only the last position's logits are computed when the metric reads only those.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..hookpoints import get_module
+from ..inputs import Batch
+from .metrics import evaluate
+from .sites import SiteKind, patch_mask
+
+
+@contextmanager
+def start_at_layer(model, k0: int) -> Iterator[None]:
+    """Run only decoder layers ``[k0:]`` inside the block (no-op for k0 = 0).
+
+    Replaces the map's ``family.layers`` ModuleList by its slice and, where the config lists
+    per-layer attention types by position (``config.layer_types``), slices that list too.
+    Hooks must be installed before entering (paths resolve against the full list).
+    """
+    if k0 == 0:
+        yield
+        return
+    path = model.hook_map.family["layers"]
+    parent_path, _, attr = path.rpartition(".")
+    parent = get_module(model.hf_model, parent_path) if parent_path else model.hf_model
+    full = getattr(parent, attr)
+    cfg = getattr(parent, "config", model.hf_model.config)
+    types = getattr(cfg, "layer_types", None)
+    sliced_types = isinstance(types, list) and len(types) == len(full)
+    try:
+        setattr(parent, attr, nn.ModuleList(list(full)[k0:]))
+        if sliced_types:
+            cfg.layer_types = types[k0:]
+        yield
+    finally:
+        setattr(parent, attr, full)
+        if sliced_types:
+            cfg.layer_types = types
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class FusedRunner:
+    """Runs chunks of patches of one site kind.
+
+    Args:
+        model: HookedModel.
+        kind, by: the site kind and the patch axes (``by[0] == "layer"``).
+        base: Batch [n, T] the patches are written into (corrupted run when denoising).
+        source: {layer: activation [n, ...]} of the run patched from.
+        base_resid_pre: {layer: [n, T, d_model]} of the base run (for layer skipping).
+        metric: a metric (see :mod:`mechkit.patching.metrics`).
+        skip_layers: skip layers below the lowest patched layer of each chunk.
+    """
+
+    def __init__(self, model, kind: SiteKind, by, base: Batch, source: dict, base_resid_pre: dict, metric,
+                 skip_layers: bool = True):
+        self.model, self.kind, self.by, self.base = model, kind, tuple(by), base
+        self.source, self.base_resid_pre, self.metric = source, base_resid_pre, metric
+        self.n = base.input_ids.shape[0]
+        self.skip_layers = skip_layers
+        self.last_only = bool(getattr(metric, "last_only", False)) and _accepts(model.hf_model.forward, "logits_to_keep")
+
+    def _patch_hook(self, k: int, groups: torch.Tensor, idx: torch.Tensor, src: torch.Tensor):
+        kind, by, n = self.kind, self.by, self.n
+
+        def hook(x: torch.Tensor, h) -> torch.Tensor:
+            rest = tuple(x.shape[1:])
+            mask = torch.zeros((k, 1) + tuple(1 if (d not in by) else rest[i] for i, d in enumerate(kind.dims)),
+                               dtype=torch.bool, device=x.device)
+            mask[groups.to(x.device)] = patch_mask(kind, by, idx.to(x.device), rest)
+            xv = x.reshape((k, n) + rest)
+            return torch.where(mask, src.to(x.device, x.dtype).unsqueeze(0), xv).reshape(x.shape)
+
+        return hook
+
+    def _inject_hook(self, k: int, resid: torch.Tensor):
+        def hook(x: torch.Tensor, h) -> torch.Tensor:
+            return resid.to(x.device, x.dtype).repeat((k,) + (1,) * (resid.dim() - 1))
+
+        return hook
+
+    @torch.no_grad()
+    def run(self, items: torch.Tensor) -> torch.Tensor:
+        """Prompt-mean raw metric for each patch of ``items`` (LongTensor [k, len(by)]) -> [k] float32."""
+        k = items.shape[0]
+        layers = items[:, 0]
+        k0 = int(layers.min()) if self.skip_layers else 0
+        hooks = []
+        if k0 > 0:
+            hooks.append((f"blocks.{k0}.hook_resid_pre", self._inject_hook(k, self.base_resid_pre[k0])))
+        for layer in torch.unique(layers).tolist():
+            sel = layers == layer
+            groups = sel.nonzero()[:, 0]
+            hooks.append((self.kind.hook_name(layer),
+                          self._patch_hook(k, groups, items[sel, 1:], self.source[layer])))
+        b = self.base
+        kw = dict(input_ids=b.input_ids.repeat(k, 1), attention_mask=b.attention_mask.repeat(k, 1),
+                  position_ids=b.position_ids.repeat(k, 1), use_cache=False)
+        if self.last_only:
+            kw["logits_to_keep"] = 1
+        with self.model.hooks(hooks), start_at_layer(self.model, k0):
+            logits = self.model.hf_model(**kw).logits
+        return evaluate(self.metric, logits, self.n)

@@ -1,0 +1,116 @@
+"""Patching metrics: callables on logits returning one value per row (prompt).
+
+Built-in metrics read the logits at the last position (prompts are left padded) and know the
+task's answer/wrong ids; they work on any number of stacked copies of the task's prompts
+(row ``r`` is prompt ``r % n``). ``normalise=True`` (default) asks the patching functions to
+report ``(M - M_corrupt) / (M_clean - M_corrupt)`` of the prompt-mean M.
+
+Any other callable ``fn(logits [n, T, d_vocab]) -> [n]`` may be used as a metric; it is
+called on the full logits of each group of n prompts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Metric:
+    """A task metric on last-position logits.
+
+    ``last_only``: only logits[:, -1] are needed (the engine then asks HF for one position).
+    ``rowwise``: accepts ``[g * n, T, V]`` logits of g stacked copies of the task.
+    """
+
+    last_only = True
+    rowwise = True
+
+    def __init__(self, task, name: str, normalise: bool = True):
+        self.answer_ids = task.answer_ids
+        self.wrong_ids = task.wrong_ids
+        self.n = len(task.answer_ids)
+        self.name = name
+        self.normalise = normalise
+
+    def _ids(self, ids: torch.Tensor, rows: int, device) -> torch.Tensor:
+        if rows % self.n:
+            raise ValueError(f"metric {self.name}: {rows} rows is not a multiple of the task's {self.n} prompts")
+        return ids.to(device).repeat(rows // self.n)
+
+    def last_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1].float().log_softmax(-1)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{self.name}(normalise={self.normalise})"
+
+
+class LogitDiff(Metric):
+    def __call__(self, logits):
+        last = logits[:, -1].float()
+        a, w = self._ids(self.answer_ids, len(last), last.device), self._ids(self.wrong_ids, len(last), last.device)
+        return last.gather(1, a[:, None])[:, 0] - last.gather(1, w[:, None])[:, 0]
+
+
+class AnswerLogprob(Metric):
+    def __call__(self, logits):
+        lp = self.last_logprobs(logits)
+        return lp.gather(1, self._ids(self.answer_ids, len(lp), lp.device)[:, None])[:, 0]
+
+
+class AnswerProb(AnswerLogprob):
+    def __call__(self, logits):
+        return super().__call__(logits).exp()
+
+
+class KLToClean(Metric):
+    """KL(clean || patched) of the last-position distributions; the engine binds the clean logits."""
+
+    def __init__(self, task, normalise: bool = True):
+        super().__init__(task, "kl_to_clean", normalise)
+        self.clean_logprobs: torch.Tensor | None = None
+
+    def bind_clean(self, clean_logits: torch.Tensor) -> None:
+        self.clean_logprobs = self.last_logprobs(clean_logits)
+
+    def __call__(self, logits):
+        if self.clean_logprobs is None:
+            raise RuntimeError("kl_to_clean needs the clean logits: call bind_clean(clean_logits) first "
+                               "(activation_patch does this)")
+        lp = self.last_logprobs(logits)
+        ref = self.clean_logprobs.to(lp.device).repeat(len(lp) // self.n, 1)
+        return (ref.exp() * (ref - lp)).sum(-1)
+
+
+def logit_diff(task, normalise: bool = True) -> Metric:
+    """logit[answer] - logit[wrong] at the last position, per prompt."""
+    return LogitDiff(task, "logit_diff", normalise)
+
+
+def answer_prob(task, normalise: bool = True) -> Metric:
+    """Probability of the answer token at the last position, per prompt."""
+    return AnswerProb(task, "answer_prob", normalise)
+
+
+def logprob(task, normalise: bool = True) -> Metric:
+    """Log-probability of the answer token at the last position, per prompt."""
+    return AnswerLogprob(task, "logprob", normalise)
+
+
+def kl_to_clean(task, normalise: bool = True) -> Metric:
+    """KL divergence from the clean run's last-position distribution, per prompt (0 when clean)."""
+    return KLToClean(task, normalise)
+
+
+def evaluate(metric, logits: torch.Tensor, n: int) -> torch.Tensor:
+    """Prompt-mean metric for each of the g groups of n rows in ``logits`` -> [g] float32."""
+    g = logits.shape[0] // n
+    if getattr(metric, "rowwise", False):
+        vals = metric(logits)
+    else:
+        vals = torch.cat([torch.as_tensor(metric(logits[i * n:(i + 1) * n])).reshape(-1) for i in range(g)])
+    vals = torch.as_tensor(vals).float()
+    if vals.numel() != g * n:
+        raise ValueError(f"metric returned {vals.numel()} values for {g * n} prompts; expected one per prompt")
+    return vals.reshape(g, n).mean(1)

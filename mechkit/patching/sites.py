@@ -1,0 +1,95 @@
+"""Site kinds for activation patching: which hook point, which axes, how one index is written.
+
+A *site kind* names a hook point template and the axes of its activation (batch excluded):
+
+- ``resid_pre/mid/post``, ``attn_out``, ``mlp_out``: ``[batch, pos, d_model]``
+- ``z``, ``q``, ``k``, ``v`` (per head): ``[batch, pos, head, d_head]`` (k/v have n_kv_heads)
+- ``pattern``: ``[batch, head, pos (query), key_pos]``
+- ``neuron`` (MLP post-activation): ``[batch, pos, neuron]``
+
+A patch is an index over ``by`` (always starting with ``"layer"``); the axes of ``by`` other
+than ``layer`` are written at that index, every other axis is written whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SiteKind:
+    name: str
+    hook: str                  # template with {l}
+    dims: tuple[str, ...]      # activation axes after batch
+    default_by: tuple[str, ...]
+
+    def hook_name(self, layer: int) -> str:
+        return self.hook.format(l=layer)
+
+    def indexable(self) -> tuple[str, ...]:
+        return tuple(d for d in self.dims if d in ("pos", "head", "neuron"))
+
+
+_RESID = ("pos", "d_model")
+_HEAD = ("pos", "head", "d_head")
+SITE_KINDS: dict[str, SiteKind] = {
+    "resid_pre": SiteKind("resid_pre", "blocks.{l}.hook_resid_pre", _RESID, ("layer", "pos")),
+    "resid_mid": SiteKind("resid_mid", "blocks.{l}.hook_resid_mid", _RESID, ("layer", "pos")),
+    "resid_post": SiteKind("resid_post", "blocks.{l}.hook_resid_post", _RESID, ("layer", "pos")),
+    "attn_out": SiteKind("attn_out", "blocks.{l}.hook_attn_out", _RESID, ("layer", "pos")),
+    "mlp_out": SiteKind("mlp_out", "blocks.{l}.hook_mlp_out", _RESID, ("layer", "pos")),
+    "z": SiteKind("z", "blocks.{l}.attn.hook_z", _HEAD, ("layer", "head")),
+    "q": SiteKind("q", "blocks.{l}.attn.hook_q", _HEAD, ("layer", "head")),
+    "k": SiteKind("k", "blocks.{l}.attn.hook_k", _HEAD, ("layer", "head")),
+    "v": SiteKind("v", "blocks.{l}.attn.hook_v", _HEAD, ("layer", "head")),
+    "pattern": SiteKind("pattern", "blocks.{l}.attn.hook_pattern", ("head", "pos", "key_pos"), ("layer", "head")),
+    "neuron": SiteKind("neuron", "blocks.{l}.mlp.hook_post", ("pos", "neuron"), ("layer", "neuron")),
+}
+ALIASES = {"head_out": "z", "attn_head_out": "z", "mlp_post": "neuron", "neurons": "neuron"}
+
+
+def site_kind(name: str) -> SiteKind:
+    """The :class:`SiteKind` called ``name`` (or an alias); ``ValueError`` listing the kinds otherwise."""
+    key = ALIASES.get(name, name)
+    if key not in SITE_KINDS:
+        raise ValueError(f"unknown site kind {name!r}; expected one of {sorted(SITE_KINDS) + sorted(ALIASES)}")
+    return SITE_KINDS[key]
+
+
+def check_by(kind: SiteKind, by) -> tuple[str, ...]:
+    """Validate ``by`` for ``kind``: ("layer", *distinct indexable axes of the kind)."""
+    by = (by,) if isinstance(by, str) else tuple(by)
+    ok = kind.indexable()
+    if not by or by[0] != "layer" or len(set(by)) != len(by) or any(a not in ok for a in by[1:]):
+        raise ValueError(f"by={by!r} is not valid for site {kind.name!r}: expected ('layer', ...) followed by "
+                         f"any of {ok}, e.g. {kind.default_by}")
+    return by
+
+
+def axis_size(kind: SiteKind, axis: str, cfg, T: int) -> int:
+    """Length of ``axis`` (pos, head, neuron) for ``kind`` on a model with config ``cfg``, T positions."""
+    if axis == "pos":
+        return T
+    if axis == "head":
+        return cfg.n_kv_heads if kind.name in ("k", "v") else cfg.n_heads
+    if axis == "neuron":
+        return cfg.d_mlp
+    raise ValueError(f"no size for axis {axis!r}")
+
+
+def patch_mask(kind: SiteKind, by: tuple[str, ...], idx: torch.Tensor, act_shape: tuple[int, ...]) -> torch.Tensor:
+    """Boolean mask [k, 1, *act_shape] (size-1 where an axis is written whole) for k patches.
+
+    ``idx``: LongTensor [k, len(by) - 1], the non-layer index of each patch (columns in ``by[1:]`` order).
+    ``act_shape``: the activation's shape without batch.
+    """
+    k = idx.shape[0]
+    shape = [k, 1] + [act_shape[i] if d in by else 1 for i, d in enumerate(kind.dims)]
+    mask = torch.zeros(shape, dtype=torch.bool, device=idx.device)
+    index: list = [torch.arange(k, device=idx.device), torch.zeros(k, dtype=torch.long, device=idx.device)]
+    for d in kind.dims:
+        index.append(idx[:, by.index(d) - 1] if d in by else torch.zeros(k, dtype=torch.long, device=idx.device))
+    mask[tuple(index)] = True
+    return mask

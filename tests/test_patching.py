@@ -1,0 +1,260 @@
+"""Activation patching: the fused engine against a one-forward-per-patch reference loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from factories import random_hf_model, random_tokens
+
+import mechkit as mk
+from mechkit.hookpoints import get_module, has_mechkit_hooks
+from mechkit.model import HookedModel
+from mechkit.patching import activation_patch, answer_prob, kl_to_clean, logit_diff, logprob, patch_every
+from mechkit.patching.sites import site_kind
+from mechkit.tasks.base import PatchingTask, position_ids_from_mask
+
+LENGTHS = [5, 3, 4]  # left padded to 5: padding handled with position ids
+
+
+def make_task(n_vocab: int = 211, lengths=LENGTHS, seed: int = 1, pad: int = 0) -> PatchingTask:
+    T = max(lengths)
+    clean, corrupt = random_tokens(len(lengths), T, n_vocab, seed), random_tokens(len(lengths), T, n_vocab, seed + 1)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, T - n:] = 1
+    clean, corrupt = clean.masked_fill(mask == 0, pad), corrupt.masked_fill(mask == 0, pad)
+    g = torch.Generator().manual_seed(seed)
+    ans, wrong = torch.randint(1, n_vocab, (2, len(lengths)), generator=g)
+    return PatchingTask(clean, corrupt, mask, mask.clone(), ans, wrong, [], [])
+
+
+def bundled(name):
+    if name not in mk.list_models():
+        pytest.skip(f"bundled model {name} has no weights in mechkit/models yet")
+    return mk.load(name, dtype="float32")
+
+
+MODELS = {"gpt2": lambda: HookedModel(random_hf_model("gpt2")),
+          "llama": lambda: HookedModel(random_hf_model("llama")),
+          "tiny-gpt2": lambda: bundled("tiny-gpt2"),
+          "tiny-llama": lambda: bundled("tiny-llama")}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model_task(request):
+    m = MODELS[request.param]()
+    return m, make_task(m.cfg.d_vocab)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def named_model_task(request):
+    m = MODELS[request.param]()
+    return list(MODELS).index(request.param), m, make_task(m.cfg.d_vocab)
+
+
+# ---------------------------------------------------------------------- the reference loop
+def _batch(task, which):
+    toks, mask = (task.clean_tokens, task.clean_mask) if which == "clean" else (task.corrupt_tokens, task.corrupt_mask)
+    return dict(input_ids=toks, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+
+
+def reference_patch(model, task, site, by, metric, mode="denoise", layers=None, normalise=True):
+    """One forward pass per patch, writing the source activation at the index by plain indexing."""
+    kind = site_kind(site)
+    base, src = ("corrupt", "clean") if mode == "denoise" else ("clean", "corrupt")
+    clean_logits = model.hf_model(**_batch(task, "clean")).logits
+    corrupt_logits = model.hf_model(**_batch(task, "corrupt")).logits
+    if hasattr(metric, "bind_clean"):
+        metric.bind_clean(clean_logits)
+    m_clean, m_corrupt = metric(clean_logits).float().mean(), metric(corrupt_logits).float().mean()
+    layers = range(model.cfg.n_layers) if layers is None else layers
+    _, cache = model.run_with_cache(_batch(task, src)["input_ids"], attention_mask=_batch(task, src)["attention_mask"])
+    n, T = task.clean_tokens.shape
+    sizes = {"pos": T, "head": model.cfg.n_kv_heads if site in ("k", "v") else model.cfg.n_heads,
+             "neuron": model.cfg.d_mlp}
+    out = torch.zeros([len(layers)] + [sizes[a] for a in by[1:]])
+    for li, l in enumerate(layers):
+        name = kind.hook_name(l)
+        for rest in torch.cartesian_prod(*[torch.arange(sizes[a]) for a in by[1:]]).reshape(-1, len(by) - 1) \
+                if len(by) > 1 else [torch.zeros(0, dtype=torch.long)]:
+            rest = rest.tolist()
+            ix = tuple(rest[by.index(d) - 1] if d in by else slice(None) for d in kind.dims)
+
+            def hook(x, h, ix=ix, name=name):
+                x = x.clone()
+                x[(slice(None),) + ix] = cache[name][(slice(None),) + ix]
+                return x
+
+            with torch.no_grad(), model.hooks({name: hook}):
+                logits = model.hf_model(**_batch(task, base)).logits
+            out[(li,) + tuple(rest)] = metric(logits).float().mean()
+    return (out - m_corrupt) / (m_clean - m_corrupt) if normalise else out
+
+
+CASES = [("resid_pre", ("layer", "pos")), ("resid_pre", ("layer",)), ("resid_mid", ("layer", "pos")),
+         ("resid_post", ("layer", "pos")), ("attn_out", ("layer", "pos")), ("mlp_out", ("layer",)),
+         ("mlp_out", ("layer", "pos")), ("z", ("layer", "head")), ("z", ("layer", "head", "pos")),
+         ("q", ("layer", "head", "pos")), ("k", ("layer", "head")), ("v", ("layer", "head", "pos")),
+         ("pattern", ("layer", "head")), ("pattern", ("layer", "head", "pos")), ("neuron", ("layer", "neuron"))]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{s}-{'x'.join(b)}" for s, b in CASES])
+def test_fused_equals_reference_loop(named_model_task, case):
+    """Raw metric of every patch equals the reference loop; modes alternate over cases and models
+    so that every site kind is checked denoising and noising (on different models)."""
+    mi, m, task = named_model_task
+    site, by = CASES[case]
+    mode = ("denoise", "noise")[(case + mi) % 2]
+    layers = [2] if site == "neuron" else [0, 2] if len(by) == 3 else None
+    n, T = task.clean_tokens.shape
+    res = activation_patch(m, task, sites=site, by=by, mode=mode, layers=layers, max_batch_tokens=2 * n * T,
+                           progress=False, normalise=False)
+    ref = reference_patch(m, task, site, by, logit_diff(task), mode=mode, layers=layers, normalise=False)
+    assert res.axes == by and res.shape == tuple(ref.shape)
+    assert res.meta["n_chunks"] > 1
+    torch.testing.assert_close(res.values, ref, atol=1e-5, rtol=1e-5)
+    assert not has_mechkit_hooks(m.hf_model)
+    assert len(get_module(m.hf_model, m.hook_map.family["layers"])) == m.cfg.n_layers
+
+
+def test_normalised_is_affine_in_raw():
+    m = HookedModel(random_hf_model("gpt2"))
+    task = make_task()
+    a = activation_patch(m, task, sites="attn_out", progress=False)
+    b = activation_patch(m, task, sites="attn_out", progress=False, normalise=False)
+    c, x = a.baselines["clean"], a.baselines["corrupt"]
+    torch.testing.assert_close(a.values, (b.values - x) / (c - x))
+
+
+@pytest.mark.parametrize("family,make_metric", [("gpt2", answer_prob), ("llama", logprob), ("gpt2", kl_to_clean),
+                                               ("llama", kl_to_clean)])
+def test_other_metrics_equal_reference(family, make_metric):
+    m, task = HookedModel(random_hf_model(family)), make_task()
+    res = activation_patch(m, task, metric=make_metric(task), max_batch_tokens=40, progress=False, normalise=False)
+    ref = reference_patch(m, task, "resid_pre", ("layer", "pos"), make_metric(task), normalise=False)
+    torch.testing.assert_close(res.values, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_callable_metric_full_logits():
+    m = HookedModel(random_hf_model("llama"))
+    task = make_task()
+
+    w = task.clean_mask.float()
+
+    def mean_logit(logits):  # a user metric reading every real position of the n prompts
+        return (logits[:, :, 3] * w).sum(-1) / w.sum(-1)
+
+    res = activation_patch(m, task, sites="attn_out", metric=mean_logit, max_batch_tokens=50, progress=False)
+    ref = reference_patch(m, task, "attn_out", ("layer", "pos"), mean_logit, normalise=False)
+    torch.testing.assert_close(res.values, ref, atol=1e-5, rtol=1e-5)
+    assert res.meta["normalised"] is False
+
+
+@pytest.mark.parametrize("site,by", CASES, ids=[f"{s}-{'x'.join(b)}" for s, b in CASES])
+def test_clean_into_clean_gives_clean_metric(site, by):
+    m = HookedModel(random_hf_model("gpt2"))
+    t = make_task()
+    task = PatchingTask(t.clean_tokens, t.clean_tokens.clone(), t.clean_mask, t.clean_mask.clone(), t.answer_ids,
+                        t.wrong_ids, [], [])
+    res = activation_patch(m, task, sites=site, by=by, layers=[0, 2], progress=False)
+    assert abs(res.baselines["clean"] - res.baselines["corrupt"]) < 1e-5
+    raw = activation_patch(m, task, sites=site, by=by, layers=[0, 2], progress=False, normalise=False)
+    torch.testing.assert_close(raw.values, torch.full(raw.shape, res.baselines["clean"]), atol=1e-5, rtol=0)
+
+
+def test_all_positions_of_layer0_resid_pre_is_clean(model_task):
+    m, task = model_task
+    res = activation_patch(m, task, sites="resid_pre", by=("layer",), progress=False)
+    assert abs(res.values[0].item() - 1.0) < 1e-5
+    raw = activation_patch(m, task, sites="resid_pre", by=("layer",), progress=False, normalise=False)
+    assert abs(raw.values[0].item() - res.baselines["clean"]) < 1e-5
+
+
+def test_misaligned_prompts_name_the_first_mismatch():
+    m = HookedModel(random_hf_model("gpt2"))
+    t = make_task(lengths=[6, 4, 5, 3])
+    bad = t.corrupt_mask.clone()
+    bad[2, 0] = 1
+    task = PatchingTask(t.clean_tokens, t.corrupt_tokens, t.clean_mask, bad, t.answer_ids, t.wrong_ids,
+                        ["a", "b", "c c", "d"], ["a", "b", "c c c", "d"])
+    with pytest.raises(ValueError, match="prompt 2 .*5 tokens.*6"):
+        activation_patch(m, task, progress=False)
+
+
+def test_bad_arguments():
+    m = HookedModel(random_hf_model("gpt2"))
+    task = make_task()
+    with pytest.raises(ValueError, match="unknown site kind"):
+        activation_patch(m, task, sites="resid", progress=False)
+    with pytest.raises(ValueError, match="not valid for site 'z'"):
+        activation_patch(m, task, sites="z", by=("layer", "neuron"), progress=False)
+    with pytest.raises(ValueError, match="mode"):
+        activation_patch(m, task, mode="both", progress=False)
+    assert not has_mechkit_hooks(m.hf_model)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_killed_sweep_resumes_to_identical_result(tmp_path):
+    m = HookedModel(random_hf_model("llama"))
+    task = make_task()
+    kw = dict(sites="z", by=("layer", "head", "pos"), max_batch_tokens=4 * 15, progress=False)
+    full = activation_patch(m, task, **kw)
+    seen = []
+
+    def kill(i, vals):
+        seen.append(i)
+        if len(seen) == 9:
+            raise Stop
+
+    with pytest.raises(Stop):
+        activation_patch(m, task, checkpoint_dir=tmp_path, on_chunk=kill, **kw)
+    assert not has_mechkit_hooks(m.hf_model)
+    assert len(get_module(m.hf_model, m.hook_map.family["layers"])) == m.cfg.n_layers
+    assert len(list(tmp_path.glob("chunk_*.safetensors"))) == 9
+    assert not list(tmp_path.glob(".*tmp"))
+    resumed = []
+    res = activation_patch(m, task, checkpoint_dir=tmp_path, on_chunk=lambda i, v: resumed.append(i), **kw)
+    assert res.meta["n_chunks"] == 15 and res.meta["chunks_computed"] == 9
+    assert sorted(set(resumed) | set(seen)) == list(range(15)) and not set(resumed) & set(seen)
+    assert torch.equal(res.values, full.values)
+    with pytest.raises(ValueError, match="another sweep"):
+        activation_patch(m, task, checkpoint_dir=tmp_path, **dict(kw, sites="q"))
+
+
+def test_shards_cover_the_sweep(tmp_path):
+    m = HookedModel(random_hf_model("gpt2"))
+    task = make_task()
+    kw = dict(sites="resid_post", max_batch_tokens=36, progress=False)
+    full = activation_patch(m, task, **kw)
+    parts = [activation_patch(m, task, shard=(r, 3), **kw).values for r in range(3)]
+    stacked = torch.stack(parts)
+    assert (stacked.isnan().logical_not().sum(0) == 1).all()
+    torch.testing.assert_close(stacked.nan_to_num(0).sum(0), full.values, atol=0, rtol=0)
+
+
+def test_no_layer_skipping_gives_the_same(model_task):
+    m, task = model_task
+    a = activation_patch(m, task, sites="mlp_out", progress=False, max_batch_tokens=40)
+    b = activation_patch(m, task, sites="mlp_out", progress=False, max_batch_tokens=10 ** 6, skip_layers=False)
+    torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+
+
+def test_result_labels_and_patch_every(tmp_path, word_tokenizer):
+    m = HookedModel(random_hf_model("llama"), word_tokenizer)
+    task = make_task()
+    res = activation_patch(m, task, sites="z", by=("layer", "head", "pos"), progress=False)
+    assert res.labels["pos"] == [f"{i}:w{int(t)}" for i, t in enumerate(task.clean_tokens[0])]
+    assert res.labels["head"] == ["H0", "H1", "H2", "H3"] and res.labels["layer"] == ["0", "1", "2"]
+    res.save(tmp_path / "r.safetensors")
+    assert torch.equal(mk.results.Result.load(tmp_path / "r.safetensors").values, res.values)
+    every = patch_every(m, task, progress=False)
+    assert every.axes == ("site", "layer", "pos") and every.shape == (3, 3, 5)
+    torch.testing.assert_close(every.values[1], activation_patch(m, task, sites="attn_out", progress=False).values)
+    heads = patch_every(m, task, sites=("z", "q", "k", "v", "pattern"), by=("layer", "head"), progress=False)
+    assert heads.shape == (5, 3, 4) and heads.values[2, :, 2:].isnan().all()  # k has 2 kv heads
+    assert not heads.values[2, :, :2].isnan().any()
