@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import types
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -150,11 +151,16 @@ def _probe_norm(mod: nn.Module, orig_forward) -> tuple[str, float]:
     return best
 
 
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> probe result (per instance)
+
+
 def _install_norm(stack: ExitStack, mod: nn.Module) -> None:
     had = "forward" in mod.__dict__
     saved = mod.__dict__.get("forward")
     orig = mod.forward
-    kind, offset = _probe_norm(mod, orig)
+    if mod not in _PROBED:
+        _PROBED[mod] = _probe_norm(mod, orig)
+    kind, offset = _PROBED[mod]
 
     def forward(self, x, *args, **kwargs):
         exact = orig(x, *args, **kwargs)
@@ -204,7 +210,9 @@ def _install_identity(stack: ExitStack, mod: nn.Module) -> None:
     had = "forward" in mod.__dict__
     saved = mod.__dict__.get("forward")
     orig = mod.forward
-    gate = _probe_gate(mod)
+    if mod not in _PROBED:
+        _PROBED[mod] = _probe_gate(mod)
+    gate = _PROBED[mod]
 
     def forward(self, x):
         exact = orig(x)
