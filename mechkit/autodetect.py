@@ -114,7 +114,7 @@ def verify(hf: nn.Module, hook_map: HookMap, tol: float = 1e-4) -> None:
               for p in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")]
     wanted += ["ln_final.hook_normalized", "hook_logits"]
     store: dict[str, torch.Tensor] = {}
-    pairs = [(n, (lambda n: lambda x, h: store.__setitem__(n, x))(n)) for n in wanted]
+    pairs = [(n, lambda x, h: store.__setitem__(h.name, x)) for n in wanted]
     vocab = hf.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(next(hf.parameters()).device)
     with installed(hf, plan(table, pairs), int(hf.config.num_attention_heads)):

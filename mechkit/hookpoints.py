@@ -278,19 +278,28 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
         # virtual sum: v = sum(read parts) + written part; write: written' = v_new - sum(read parts)
         parts = [table.resolve(p) for p in spec.of if p != spec.write]
         target = table.resolve(spec.write)
-        stash: dict[str, torch.Tensor] = {}
-        for p in parts:
-            def keep(x: torch.Tensor, _p: str = p.name) -> None:
-                stash[_p] = x
+        keepers, through = _virtual_handlers(fn, hook, [p.name for p in parts])
+        for p, keep in zip(parts, keepers):
             add(p, _Handler(keep, p.reshape))
-
-        def through(x: torch.Tensor, _fn=fn, _hook=hook, _parts=tuple(p.name for p in parts)) -> torch.Tensor | None:
-            base = sum(stash[p] for p in _parts)
-            v = base + x
-            new = _fn(v, _hook)
-            return None if new is None else new - base
         add(target, _Handler(through, target.reshape))
     return inst
+
+
+def _virtual_handlers(fn: HookFn, hook: Hook, part_names: list[str]):
+    """Handlers of one virtual sum point: a stash per read-only part, and the write-through."""
+    stash: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str):
+        def keep(x: torch.Tensor) -> None:
+            stash[name] = x
+        return keep
+
+    def through(x: torch.Tensor) -> torch.Tensor | None:
+        base = sum(stash[p] for p in part_names)
+        new = fn(base + x, hook)
+        return None if new is None else new - base
+
+    return [keeper(n) for n in part_names], through
 
 
 @contextmanager

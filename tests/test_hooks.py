@@ -34,7 +34,7 @@ def test_caching_everything_matches_eager(family_model):
     assert (logits - eager(input_ids=TOKS).logits).abs().max() <= 1e-5
     assert set(cache) == set(m.hook_names())
     # mechkit's attention ran and is switched off again
-    assert f"blocks.0.attn.hook_pattern" in cache
+    assert "blocks.0.attn.hook_pattern" in cache
     assert m.hf_model.config._attn_implementation != "mechkit"
     assert not has_mechkit_hooks(m.hf_model)
     pat = cache["blocks.1.attn.hook_pattern"]
@@ -94,12 +94,14 @@ def test_write_changes_only_what_comes_after(family, point):
 
 def test_resid_mid_write_is_seen_downstream():
     m = wrap("llama")
-    target = torch.randn(2, 10, m.cfg.d_model)
-    _, cache = m.run_with_cache(TOKS, hooks={"blocks.1.hook_resid_mid": lambda x, h: target})
-    torch.testing.assert_close(cache["blocks.1.hook_resid_mid"], target, atol=1e-5, rtol=0)
-    torch.testing.assert_close(
-        cache["blocks.1.hook_resid_post"], target + cache["blocks.1.hook_mlp_out"], atol=1e-5, rtol=0
-    )
+    targets = {l: torch.randn(2, 10, m.cfg.d_model) for l in (1, 2)}
+    hooks = {f"blocks.{l}.hook_resid_mid": (lambda t: lambda x, h: t)(t) for l, t in targets.items()}
+    _, cache = m.run_with_cache(TOKS, hooks=hooks)  # two virtual points in one context
+    for l, target in targets.items():
+        torch.testing.assert_close(cache[f"blocks.{l}.hook_resid_mid"], target, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            cache[f"blocks.{l}.hook_resid_post"], target + cache[f"blocks.{l}.hook_mlp_out"], atol=1e-5, rtol=0
+        )
 
 
 def test_pattern_write_matches_z():
