@@ -81,10 +81,10 @@ def run_model(name, model, n, seed, repeats, progress):
         t0 = time.perf_counter()
         ap = activation_patch(model, task, sites=site, by=("layer", "pos"), progress=progress)
         t_ap = time.perf_counter() - t0
-        atp, t_atp = timed(lambda: attribution_patch(model, task, sites=site, method="atp", progress=False), repeats)
-        relp, t_relp = timed(lambda: attribution_patch(model, task, sites=site, method="relp", progress=False),
+        atp, t_atp = timed(lambda site=site: attribution_patch(model, task, sites=site, method="atp", progress=False), repeats)
+        relp, t_relp = timed(lambda site=site: attribution_patch(model, task, sites=site, method="relp", progress=False),
                              repeats)
-        relp_ah, t_relp_ah = timed(lambda: attribution_patch(model, task, sites=site, method="relp",
+        relp_ah, t_relp_ah = timed(lambda site=site: attribution_patch(model, task, sites=site, method="relp",
                                                              rules=lrp.ALL_RULES, progress=False), repeats)
         row["sites"][site] = {
             "atp": compare(atp, ap), "relp": compare(relp, ap), "relp_ah": compare(relp_ah, ap),

@@ -131,7 +131,7 @@ def test_atp_matches_finite_differences():
         name = f"blocks.{layer}.hook_resid_pre"
         delta = clean[name][:, pos] - corr[name][:, pos]
 
-        def shifted(s):
+        def shifted(s, name=name, pos=pos, delta=delta):
             def write(x, hook):
                 x = x.clone()
                 x[:, pos] = x[:, pos] + s * delta

@@ -46,8 +46,10 @@ def test_rules_in_bf16(family):
 
 def test_rules_come_off_after_an_error():
     m = mk.load(random_hf_model("llama"))
+    other = mk.load(random_hf_model("llama", seed=1))
     with pytest.raises(RuntimeError, match="boom"):
         with lrp.rules(m, lrp.ALL_RULES):
+            assert _patched(m) and not _patched(other)  # instances only, never the class
             raise RuntimeError("boom")
     assert not _patched(m) and not has_mechkit_hooks(m.hf_model)
     with pytest.raises(ValueError, match="unknown LRP rule"):
