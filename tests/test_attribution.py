@@ -191,3 +191,19 @@ def test_errors_leave_no_hooks():
     assert not has_mechkit_hooks(m.hf_model)
     assert m.hf_model.config._attn_implementation == "sdpa"
     assert all("forward" not in mod.__dict__ for _, mod in lrp.norm_modules(m))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_relp_same_under_sdpa_and_eager(family):
+    """The rules act on module instances, not on the attention kernel: RelP is the same under
+    sdpa and eager attention (and with the AH rule, which runs mechkit's attention function)."""
+    task = make_task()
+    sdpa = mk.load(random_hf_model(family, attn="sdpa"))
+    eager = mk.load(random_hf_model(family, attn="eager"))
+    for rules in (lrp.DEFAULT_RULES, lrp.ALL_RULES):
+        a = attribution_patch(sdpa, task, sites="resid_pre", method="relp", rules=rules, progress=False,
+                              normalise=False)
+        b = attribution_patch(eager, task, sites="resid_pre", method="relp", rules=rules, progress=False,
+                              normalise=False)
+        assert torch.allclose(a.values, b.values, atol=1e-5, rtol=1e-4)
+        assert a.values.abs().max() > 0
