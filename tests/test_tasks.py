@@ -8,7 +8,6 @@ import torch
 from mechkit import tasks
 from mechkit.tasks import PatchingTask, build_tokenizer, ioi, repeated_tokens, sentiment, vocab
 from mechkit.tasks.corpus import documents, ioi_sentence
-from mechkit.tasks.ioi import TEMPLATES
 
 
 @pytest.fixture(scope="module")
