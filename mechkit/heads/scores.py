@@ -28,7 +28,9 @@ functionally, so no architecture-specific weight names are needed: each layer's 
 applies, and ``attn.hook_v`` gives ``v = norm(W_E) W_V + b_V`` for every token. Then
 ``M_h = v_h W_O^h W_U[:, S]`` with v centred over the token sample (the input-independent part,
 biases included, is not copying) and logits centred over the S output tokens (softmax
-invariance). The final norm is not applied (as in Olsson et al.). With grouped-query attention,
+invariance). The final norm is not applied (as in Olsson et al.). ``M_h = A B`` with A [S, d_head]
+and B [d_head, S] has the same nonzero eigenvalues as ``B A`` [d_head, d_head], which is what is
+decomposed (exact, and cheap for any S). With grouped-query attention,
 query head h reads kv head ``h // (n_heads // n_kv_heads)`` (HF's ``repeat_kv`` order).
 """
 
@@ -141,9 +143,12 @@ def copying_scores(model, n_tokens: int = 512, seed: int = 0) -> torch.Tensor:
         v = v - v.mean(0, keepdim=True)
         v = v.repeat_interleave(group, dim=1)  # [S, H, dh]
         W_O = weight_in_out(model.family_module("attn_out_proj", l)).float().unflatten(0, (c.n_heads, c.d_head))
-        M = torch.einsum("shd,hdm,mt->hst", v, W_O, W_U)  # [H, S, S]
-        M = M - M.mean(-1, keepdim=True)
-        eig = torch.linalg.eigvals(M.double().cpu())  # [H, S]
+        # M = v (W_O W_U C) with C the centring over outputs; its nonzero eigenvalues are those of
+        # the small [dh, dh] matrix (W_O W_U C) v (AB and BA share nonzero eigenvalues)
+        B = torch.einsum("hdm,mt->hdt", W_O, W_U)
+        B = B - B.mean(-1, keepdim=True)  # [H, dh, S]
+        small = torch.einsum("hdt,the->hde", B, v)  # [H, dh, dh]
+        eig = torch.linalg.eigvals(small.double().cpu())  # [H, dh]
         out[l] = (eig.sum(-1).real / eig.abs().sum(-1).clamp(min=1e-30)).float()
     return out
 
