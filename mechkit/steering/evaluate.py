@@ -35,27 +35,30 @@ def generate(model, prompts: Sequence[str], st=None, strength: float = 1.0, max_
     return out
 
 
-def concept_rate(model, prompts: Sequence[str], words: Iterable[str], st=None, strength: float = 1.0,
-                 max_new_tokens: int = 8, stop_words: Iterable[str] = (".",)) -> dict[str, float]:
+def concept_rate(model, prompts: Sequence[str], words, st=None, strength: float = 1.0,
+                 max_new_tokens: int = 8, stop_words: Iterable[str] = (".",)) -> dict:
     """{"rate": fraction of continuations with >= 1 concept word, "word_rate": concept words / words}.
 
-    A continuation is cut at its first stop word (the end of the sentence) or the EOS token.
+    ``words``: a list of concept words, or {label: list} to score several concepts on the same
+    continuations (then the result is {label: {...}}). A continuation is cut at its first stop
+    word (the end of the sentence) or the EOS token.
     """
     tok = model.tokenizer
-    concept = {tok.convert_tokens_to_ids(w) for w in words}
+    sets = words if isinstance(words, dict) else {"_": words}
+    ids = {k: {tok.convert_tokens_to_ids(w) for w in v} for k, v in sets.items()}
     stops = {tok.convert_tokens_to_ids(w) for w in stop_words} | {tok.eos_token_id}
-    hits, n_words, n_concept = 0, 0, 0
+    cuts = []
     for row in generate(model, prompts, st, strength, max_new_tokens):
         cut = []
         for t in row:
             if t in stops:
                 break
             cut.append(t)
-        c = sum(t in concept for t in cut)
-        hits += c > 0
-        n_concept += c
-        n_words += len(cut)
-    return {"rate": hits / max(len(prompts), 1), "word_rate": n_concept / max(n_words, 1)}
+        cuts.append(cut)
+    n_words = max(sum(len(c) for c in cuts), 1)
+    out = {k: {"rate": sum(any(t in c for t in cut) for cut in cuts) / max(len(prompts), 1),
+               "word_rate": sum(t in c for cut in cuts for t in cut) / n_words} for k, c in ids.items()}
+    return out if isinstance(words, dict) else out["_"]
 
 
 @torch.no_grad()
@@ -101,3 +104,17 @@ def transport_distance(model, st, source: Sequence[str], target: Sequence[str],
         d = torch.stack([wasserstein(src[n], tgt[n], p).mean() for n in names]).mean()
         out.append(float(d.sqrt() if p == 2 else d))
     return out
+
+
+def damage(model, texts: Sequence[str], st, strength: float = 1.0) -> dict[str, float]:
+    """{"perplexity", "kl"} on ``texts`` under the steering, from one steered and one plain pass."""
+    tot_nll, tot_kl, n_tok, n_pos = 0.0, 0.0, 0.0, 0.0
+    for (b, p), (_, q) in zip(_logprobs(model, texts, None, 0.0), _logprobs(model, texts, st, strength)):
+        nll = -q[:, :-1].gather(-1, b.input_ids[:, 1:, None])[..., 0]
+        m = (b.attention_mask[:, 1:] * b.attention_mask[:, :-1]).float()
+        tot_nll += float((nll * m).sum())
+        n_tok += float(m.sum())
+        mk = b.attention_mask.float()
+        tot_kl += float(((p.exp() * (p - q)).sum(-1) * mk).sum())
+        n_pos += float(mk.sum())
+    return {"perplexity": float(torch.tensor(tot_nll / max(n_tok, 1)).exp()), "kl": tot_kl / max(n_pos, 1)}
