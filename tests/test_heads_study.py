@@ -44,6 +44,17 @@ def test_study_on_handbuilt_circuit(handbuilt):
     assert st.heads_result().figure().data[0].type == "heatmap"
 
 
+def test_single_head_effects_handbuilt(handbuilt):
+    from test_heads_scores import repeated_perm_tokens
+    from mechkit.heads import head_ablation_effects
+
+    r = head_ablation_effects(handbuilt, how="zero", tokens=repeated_perm_tokens(4, 16), progress=False)
+    assert r.axes == ("layer", "head") and r.baselines["clean"] < 0.01
+    assert r.values[0, 0] > 2 and r.values[1, 0] > 2  # both circuit heads are load-bearing
+    assert r.values[:, 1].abs().max() < 1e-4  # uniform heads write nothing
+    assert r.figure().data[0].type == "heatmap"
+
+
 def test_previous_token_ablation_lowers_induction_handbuilt(handbuilt):
     toks = head_scores(handbuilt, kinds=("induction",), T=16)["induction"].values
     with ablate(handbuilt, heads=[(0, 0)], how="zero"):

@@ -130,6 +130,36 @@ def _metrics(model, rep, T, icl_tokens, early, late, task_metric) -> dict[str, f
 
 
 @torch.no_grad()
+def head_ablation_effects(model, how: str = "mean", tokens=None, n: int = 16, T: int = 24, seed: int = 0,
+                          reference=None, progress: bool = True) -> Result:
+    """Change in ``repeat_loss`` (see module docstring) when each head alone is ablated:
+    Result over (layer, head), baseline loss in ``baselines["clean"]``. One forward pass per head."""
+    from tqdm.auto import tqdm
+
+    c = model.cfg
+    if tokens is not None:
+        tokens = torch.as_tensor(tokens)
+        n, T = tokens.shape[0], (tokens.shape[1] - 1) // 2
+    rep = tokens if tokens is not None else default_tokens(model, n, T, seed)
+    if reference is None and how != "zero":
+        reference = default_tokens(model, n, T, seed + 1)
+
+    def loss() -> float:
+        return float(per_token_loss(model, rep)[:, T + 1:2 * T].mean())
+
+    base = loss()
+    out = torch.zeros(c.n_layers, c.n_heads)
+    for i in tqdm(range(c.n_layers * c.n_heads), desc="head ablations", disable=not progress):
+        l, h = divmod(i, c.n_heads)
+        with ablate(model, heads=[(l, h)], how=how, reference=reference, seed=seed):
+            out[l, h] = loss() - base
+    return Result(out, ("layer", "head"), head_labels(c.n_layers, c.n_heads), baselines={"clean": base},
+                  meta={"method": "head_ablation", "how": how, "metric": "repeat_loss", "n": n, "T": T,
+                        "title": f"repeat-loss change when one head is {how}-ablated"},
+                  name="head_ablation_effects")
+
+
+@torch.no_grad()
 def ablation_study(
     model,
     score: str = "induction",
@@ -193,4 +223,4 @@ def ablation_study(
                              "late_positions": late})
 
 
-__all__ = ["ablation_study", "StudyResult", "top_heads_per_layer", "random_heads_per_layer", "head_labels"]
+__all__ = ["ablation_study", "head_ablation_effects", "StudyResult", "top_heads_per_layer", "random_heads_per_layer", "head_labels"]
