@@ -42,6 +42,6 @@ def test_concept_rate_counts_generated_words():
 
 def test_transport_distance_falls_with_strength_after_lineas():
     m = make_model("gpt2")
-    st = LinEAS().fit(m, DATA.negative, DATA.positive, steps=10, lr=0.05, optimizer="adam", progress=False)
-    w = ev.transport_distance(m, st, DATA.negative, DATA.positive, strengths=(0.0, 1.0))
+    st = LinEAS().fit(m, DATA.negative[:8], DATA.positive[:8], steps=5, lr=0.05, optimizer="adam", progress=False)
+    w = ev.transport_distance(m, st, DATA.negative[:8], DATA.positive[:8], strengths=(0.0, 1.0))
     assert w[1] < w[0]
