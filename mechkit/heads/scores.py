@@ -30,7 +30,10 @@ applies, and ``attn.hook_v`` gives ``v = norm(W_E) W_V + b_V`` for every token. 
 biases included, is not copying) and logits centred over the S output tokens (softmax
 invariance). The final norm is not applied (as in Olsson et al.). ``M_h = A B`` with A [S, d_head]
 and B [d_head, S] has the same nonzero eigenvalues as ``B A`` [d_head, d_head], which is what is
-decomposed (exact, and cheap for any S). With grouped-query attention,
+decomposed (exact, and cheap for any S). This is the *direct-path* OV circuit: in a deeper
+layer a head reads what earlier layers made of the token, not the raw embedding, so a head
+that copies in context can score negative here (seen on a 4-layer Llama: its induction heads
+in layer 3 score about -0.98). Read it for the first layers, or next to ablations. With grouped-query attention,
 query head h reads kv head ``h // (n_heads // n_kv_heads)`` (HF's ``repeat_kv`` order).
 """
 

@@ -40,16 +40,20 @@ def per_token_loss(model, tokens) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), b.input_ids[:, 1:], reduction="none")
 
 
-def top_heads_per_layer(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
-    """[(layer, head)] of the ``k`` highest scores [n_layers, n_heads] in every layer."""
-    idx = scores.topk(k, dim=1).indices  # [L, k]
-    return [(l, int(h)) for l in range(scores.shape[0]) for h in idx[l].sort().values]
+def top_heads_per_layer(scores: torch.Tensor, k: int, min_score: float | None = None) -> list[tuple[int, int]]:
+    """[(layer, head)] of the ``k`` highest scores [n_layers, n_heads] in every layer; with
+    ``min_score``, only heads scoring at least that (layers with none get none)."""
+    val, idx = scores.topk(k, dim=1)  # [L, k]
+    keep = torch.ones_like(val, dtype=torch.bool) if min_score is None else val >= min_score
+    return sorted((l, int(idx[l, j])) for l in range(scores.shape[0]) for j in range(k) if keep[l, j])
 
 
-def random_heads_per_layer(n_layers: int, n_heads: int, k: int, seed: int) -> list[tuple[int, int]]:
+def random_heads_per_layer(n_layers: int, n_heads: int, k, seed: int) -> list[tuple[int, int]]:
+    """``k`` (an int, or a count per layer) heads drawn uniformly without replacement in every layer."""
+    counts = [k] * n_layers if isinstance(k, int) else list(k)
     g = torch.Generator().manual_seed(seed)
-    idx = torch.rand(n_layers, n_heads, generator=g).argsort(1)[:, :k]
-    return [(l, int(h)) for l in range(n_layers) for h in idx[l].sort().values]
+    idx = torch.rand(n_layers, n_heads, generator=g).argsort(1)
+    return [(l, int(h)) for l in range(n_layers) for h in idx[l, :counts[l]].sort().values]
 
 
 @dataclass
@@ -176,6 +180,7 @@ def ablation_study(
     late_positions=None,
     task_metric: Callable | None = None,
     reference=None,
+    min_score: float | None = None,
     progress: bool = True,
 ) -> StudyResult:
     """Targeted vs matched-random ablation (see module docstring).
@@ -184,6 +189,9 @@ def ablation_study(
     :func:`head_scores` on fresh repeated tokens). ``tokens``: your own repeated sequences
     [n, 1 + 2T] (BOS + x + x) instead of ``n`` seeded ones; T is read from their length. ``how``: zero / mean / resample; ``reference``
     for mean/resample defaults to other repeated sequences (seed + 1) of the same length.
+    ``min_score``: target only heads scoring at least this (small models: a layer with no
+    induction head otherwise contributes an arbitrary "top" head); the random control then
+    draws the same number of heads in each layer as were targeted there.
     """
     from tqdm.auto import tqdm
 
@@ -207,18 +215,21 @@ def ablation_study(
     late = list(late_positions) if late_positions is not None else list(range(2 * T - min(T, 5) + 1, 2 * T + 1))
     run = lambda: _metrics(model, rep, T, icl_tokens, early, late, task_metric)  # noqa: E731
     baseline = run()
-    targeted_heads = top_heads_per_layer(scores.values, k)
+    targeted_heads = top_heads_per_layer(scores.values, k, min_score)
+    if not targeted_heads:
+        raise ValueError(f"no head has a {score} score >= min_score={min_score} (max {float(scores.values.max()):.3f})")
+    per_layer = [sum(1 for l, _ in targeted_heads if l == i) for i in range(c.n_layers)]
     with ablate(model, heads=targeted_heads, how=how, reference=reference, seed=seed):
         targeted = run()
     random_heads, rand_vals = [], {m: [] for m in baseline}
     for s in tqdm(range(seeds), desc="random ablations", disable=not progress):
-        hs = random_heads_per_layer(c.n_layers, c.n_heads, k, seed=seed * 1000 + s)
+        hs = random_heads_per_layer(c.n_layers, c.n_heads, per_layer, seed=seed * 1000 + s)
         random_heads.append(hs)
         with ablate(model, heads=hs, how=how, reference=reference, seed=seed):
             for m, v in run().items():
                 rand_vals[m].append(v)
     return StudyResult(list(baseline), baseline, targeted, rand_vals, targeted_heads, random_heads, scores,
-                       meta={"method": "ablation_study", "score": score, "top_frac": top_frac, "k_per_layer": k,
+                       meta={"method": "ablation_study", "score": score, "top_frac": top_frac, "k_per_layer": k, "min_score": min_score, "per_layer": per_layer,
                              "how": how, "seeds": seeds, "n": n, "T": T, "early_positions": early,
                              "late_positions": late})
 
