@@ -83,7 +83,7 @@ def test_attach_detach_and_errors_leave_nothing_behind(model):
         st.detach(model)
     assert not has_mechkit_hooks(model.hf_model)
     with pytest.raises(ZeroDivisionError), st.apply(model):
-        1 / 0
+        raise ZeroDivisionError("inside the block")
     assert not has_mechkit_hooks(model.hf_model)
     assert all(torch.equal(v, sd[k]) for k, v in model.hf_model.state_dict().items())
 
@@ -159,5 +159,9 @@ def test_other_architecture_or_width_is_refused(tmp_path):
                 pass
         assert not has_mechkit_hooks(other.hf_model)
     (tmp_path / "x.safetensors").write_bytes(b"not a file")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not a readable safetensors"):
         mk.steering.load(tmp_path / "x.safetensors")
+    from safetensors.torch import save_file
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "y.safetensors"))
+    with pytest.raises(ValueError, match="not a mechkit steering file"):
+        mk.steering.load(tmp_path / "y.safetensors")

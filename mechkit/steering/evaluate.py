@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 
 import torch
 

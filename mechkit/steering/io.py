@@ -45,12 +45,15 @@ def load(path, model=None):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no steering file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
-        if KEY not in md:
-            raise ValueError(f"{path} is not a mechkit steering file (no '{KEY}' metadata)")
-        meta = json.loads(md[KEY])
-        flat = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a malformed file
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    if KEY not in md:
+        raise ValueError(f"{path} is not a mechkit steering file (no '{KEY}' metadata)")
+    meta = json.loads(md[KEY])
     classes = _classes()
     if meta.get("method") not in classes:
         raise ValueError(f"{path}: unknown steering method {meta.get('method')!r}; known: {sorted(classes)}")

@@ -97,7 +97,7 @@ class LinEAS(AffineSteering):
                     b = model.batch([source[i] for i in idx])
                 got: dict[str, torch.Tensor] = {}
 
-                def grab(p, mask=b.attention_mask):
+                def grab(p, mask=b.attention_mask, got=got):
                     def fn(x, hook):
                         got[p] = masked_mean(x.float(), mask)
                     return fn
