@@ -155,6 +155,9 @@ def test_integrated_gradients_complete_and_relp_differs():
     atp = attribution_patch(m, task, sites="resid_pre", method="atp", progress=False, normalise=False)
     relp = attribution_patch(m, task, sites="resid_pre", method="relp", progress=False, normalise=False)
     assert (atp.values - relp.values).abs().max() > 1e-4
+    no_rules = attribution_patch(m, task, sites="resid_pre", method="relp", rules=(), progress=False,
+                                 normalise=False)
+    assert torch.equal(no_rules.values, atp.values)  # RelP differs from AtP only by its rules
     assert not has_mechkit_hooks(m.hf_model)
 
 
