@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import random_hf_model, random_tokens
 
 import mechkit as mk
-from factories import random_hf_model, random_tokens
 from mechkit.hookpoints import has_mechkit_hooks
 from mechkit.interventions import ablate
 
@@ -142,7 +142,7 @@ def test_generate_kv_cache_matches_full_recompute(model, how):
         b = model.generate(prompts, use_cache=False, **kw)
     plain = model.generate(prompts, use_cache=True, **kw)
     assert torch.equal(a.sequences, b.sequences)
-    for sa, sb, sp in zip(a.scores, b.scores, plain.scores):
+    for sa, sb in zip(a.scores, b.scores):
         torch.testing.assert_close(sa, sb, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(a.scores[-1], plain.scores[-1], atol=1e-4)  # the ablation was active
     assert not has_mechkit_hooks(model.hf_model)

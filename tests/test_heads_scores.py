@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-
-import mechkit as mk
 from factories import random_hf_model, random_tokens
 from heads_handbuilt import V, handbuilt_induction_model
+
+import mechkit as mk
 from mechkit.heads import head_scores
 from mechkit.heads.scores import target_masks
 
@@ -149,8 +149,8 @@ def test_induction_ranking_agrees_with_transformer_lens(tmp_path):
         k = 3
     else:  # the hand-built circuit, with a word tokenizer <s>, t1..t19 (special tokens must not be
         # prefixes of words: transformers 5 splits "w13" into the special "w1" + "3")
-        from tokenizers import Tokenizer, models, pre_tokenizers
         import transformers as tf
+        from tokenizers import Tokenizer, models, pre_tokenizers
 
         vocab = {"<s>": 0, **{f"t{i}": i for i in range(1, V)}, "<unk>": V}
         t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

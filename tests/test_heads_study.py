@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from heads_handbuilt import handbuilt_induction_model
 
 import mechkit as mk
-from heads_handbuilt import handbuilt_induction_model
 from mechkit.heads import ablation_study, head_scores, random_heads_per_layer, top_heads_per_layer
 from mechkit.interventions import ablate
 
@@ -48,6 +48,7 @@ def test_study_on_handbuilt_circuit(handbuilt):
 
 def test_single_head_effects_handbuilt(handbuilt):
     from test_heads_scores import repeated_perm_tokens
+
     from mechkit.heads import head_ablation_effects
 
     r = head_ablation_effects(handbuilt, how="zero", tokens=repeated_perm_tokens(4, 16), progress=False)

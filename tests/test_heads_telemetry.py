@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 import transformers as tf
-
 from factories import random_hf_model
+
 from mechkit.heads import ALL_KINDS, TelemetryCallback, log_head_scores, read_telemetry, timeline_figure
 
 

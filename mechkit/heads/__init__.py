@@ -7,9 +7,15 @@
 """
 
 from .scores import ALL_KINDS, copying_scores, head_scores, target_masks
-from .study import StudyResult, ablation_study, head_ablation_effects, random_heads_per_layer, top_heads_per_layer
+from .study import (
+    StudyResult,
+    ablation_study,
+    head_ablation_effects,
+    random_heads_per_layer,
+    top_heads_per_layer,
+)
 from .telemetry import TelemetryCallback, log_head_scores, read_telemetry, timeline_figure
 
-__all__ = ["ALL_KINDS", "head_scores", "copying_scores", "target_masks", "ablation_study", "head_ablation_effects", "StudyResult",
-           "top_heads_per_layer", "random_heads_per_layer", "TelemetryCallback", "log_head_scores",
+__all__ = ["ALL_KINDS", "head_scores", "copying_scores", "target_masks", "ablation_study", "head_ablation_effects",
+           "StudyResult", "top_heads_per_layer", "random_heads_per_layer", "TelemetryCallback", "log_head_scores",
            "read_telemetry", "timeline_figure"]

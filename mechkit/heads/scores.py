@@ -119,7 +119,6 @@ def copying_scores(model, n_tokens: int = 512, seed: int = 0) -> torch.Tensor:
     """[n_layers, n_heads] OV-circuit copying scores (sum eig / sum |eig|); see module docstring."""
     c = model.cfg
     toks = _sample_tokens(model, n_tokens, seed).to(model.device)  # [S]
-    S = toks.numel()
     store: dict[str, torch.Tensor] = {}
 
     def keep_embed(x, hook):
