@@ -240,7 +240,9 @@ def test_shards_cover_the_sweep(tmp_path):
 def test_no_layer_skipping_gives_the_same(model_task):
     m, task = model_task
     a = activation_patch(m, task, sites="mlp_out", progress=False, max_batch_tokens=40)
-    b = activation_patch(m, task, sites="mlp_out", progress=False, max_batch_tokens=10 ** 6, skip_layers=False)
+    b = activation_patch(m, task, sites="mlp_out", progress=False, max_batch_tokens=10 ** 6, skip_layers=False,
+                           skip_prefix=False)
+    assert a.meta["skip_prefix"] and not b.meta["skip_prefix"]
     torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
 
 

@@ -56,7 +56,7 @@ def _chunks(n_items: int, size: int) -> list[tuple[int, int]]:
 
 def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None, mode: str = "denoise",
                      layers=None, max_batch_tokens: int = 8192, checkpoint_dir=None, shard=(0, 1),
-                     progress: bool = True, normalise: bool | None = None, skip_layers: bool = True,
+                     progress: bool = True, normalise: bool | None = None, skip_layers: bool = True, skip_prefix: bool = True,
                      on_chunk=None) -> Result:
     """Patch every index of ``sites`` over ``by`` and measure ``metric``.
 
@@ -70,6 +70,8 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
         checkpoint_dir: finished chunks are saved there and reused on a rerun.
         shard: (rank, world) — this process computes chunks ``i % world == rank``; others are NaN.
         normalise: override the metric's own ``normalise`` flag (plain callables: False).
+        skip_layers / skip_prefix: don't run layers below the lowest patched layer / positions
+            before the earliest patched position of a chunk (reuse the base run's residual / KV cache).
         on_chunk: ``fn(chunk_index, values)`` after each computed chunk.
 
     Returns:
@@ -115,8 +117,14 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
                     corrupt=task.corrupt_tokens, mask=task.clean_mask, answers=task.answer_ids,
                     wrong=task.wrong_ids, cfg=cfg.to_dict(), metric=repr(metric))
     store = ChunkStore(checkpoint_dir, key, len(spans))
+    base_past = None
+    if skip_prefix and "pos" in by:
+        with torch.no_grad():
+            past = model.hf_model(**base.kwargs(), use_cache=True).past_key_values
+        base_past = [(layer.keys, layer.values) for layer in past.layers]
     runner = FusedRunner(model, kind, by, base, {l: src_cache[kind.hook_name(l)] for l in layers},
-                         {l: base_cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)}, metric, skip_layers)
+                         {l: base_cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)}, metric, skip_layers,
+                         base_past, base_logits)
 
     raw = torch.full((len(grid),), math.nan)
     mine = [i for i in range(len(spans)) if i % world == rank]
@@ -139,7 +147,7 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
     meta = dict(method="activation_patch", site=kind.name, hook=kind.hook, by=list(by), mode=mode,
                 metric=repr(metric), normalised=normalise, n_prompts=n, n_pos=T, chunk_size=chunk,
                 n_chunks=len(spans), chunks_computed=computed, shard=[rank, world], model=cfg.to_dict(),
-                skip_layers=skip_layers, seconds=time.perf_counter() - t0)
+                skip_layers=skip_layers, skip_prefix=base_past is not None, seconds=time.perf_counter() - t0)
     return Result(values.reshape(sizes), tuple(by), labels, {"clean": m_clean, "corrupt": m_corrupt}, meta,
                   name=f"patch_{kind.name}")
 

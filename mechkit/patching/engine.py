@@ -6,6 +6,10 @@ the rows of the patches at that point, at their index (a boolean mask, no Python
 rows). Layers below the lowest patched layer of a chunk cannot change: they are not run; the
 base run's cached ``blocks.{k0}.hook_resid_pre`` is injected at the first remaining layer (the
 decoder layer list is replaced by its slice for the call and restored in ``finally``).
+Positions before the earliest patched position of a chunk cannot change either (every site
+is causal in position): they are not run; the base run's keys and values for them are passed
+as a KV cache and only positions ``[p0:]`` are computed. Hooks find the offset from the
+activation's length (k/v and the pattern's key axis still span every position).
 Only the last position's logits are computed when the metric reads only those.
 """
 
@@ -71,14 +75,23 @@ class FusedRunner:
         base_resid_pre: {layer: [n, T, d_model]} of the base run (for layer skipping).
         metric: a metric (see :mod:`mechkit.patching.metrics`).
         skip_layers: skip layers below the lowest patched layer of each chunk.
+        base_past: [(keys, values)] per layer of the base run ([n, kv_heads, T, d_head]); with it,
+            positions before the earliest patched position of a chunk are not run.
+        base_logits: [n, T, d_vocab] of the base run: a metric that reads every position gets
+            them for the positions that were not run (they cannot change).
     """
 
     def __init__(self, model, kind: SiteKind, by, base: Batch, source: dict, base_resid_pre: dict, metric,
-                 skip_layers: bool = True):
+                 skip_layers: bool = True, base_past: list | None = None, base_logits: torch.Tensor | None = None):
         self.model, self.kind, self.by, self.base = model, kind, tuple(by), base
         self.source, self.base_resid_pre, self.metric = source, base_resid_pre, metric
         self.n = base.input_ids.shape[0]
         self.skip_layers = skip_layers
+        self.base_past = base_past if "pos" in self.by else None
+        self.T = base.input_ids.shape[1]
+        self.base_logits = base_logits
+        # transformers 5.x renames ``past_key_values`` to ``cache`` model by model
+        self.cache_kw = "cache" if _accepts(model.hf_model.forward, "cache") else "past_key_values"
         self.last_only = bool(getattr(metric, "last_only", False)) and _accepts(model.hf_model.forward, "logits_to_keep")
 
     def _patch_hook(self, k: int, groups: torch.Tensor, idx: torch.Tensor, src: torch.Tensor):
@@ -86,17 +99,27 @@ class FusedRunner:
 
         def hook(x: torch.Tensor, h) -> torch.Tensor:
             rest = tuple(x.shape[1:])
+            s, ix = src, idx
+            if "pos" in kind.dims:  # a KV-cache run computes only the last positions
+                d = kind.dims.index("pos")
+                off = src.shape[1 + d] - rest[d]
+                if off:
+                    s = src.narrow(1 + d, off, rest[d])
+                    if "pos" in by:
+                        ix = idx.clone()
+                        ix[:, by.index("pos") - 1] -= off
             mask = torch.zeros((k, 1) + tuple(1 if (d not in by) else rest[i] for i, d in enumerate(kind.dims)),
                                dtype=torch.bool, device=x.device)
-            mask[groups.to(x.device)] = patch_mask(kind, by, idx.to(x.device), rest)
+            mask[groups.to(x.device)] = patch_mask(kind, by, ix.to(x.device), rest)
             xv = x.reshape((k, n) + rest)
-            return torch.where(mask, src.to(x.device, x.dtype).unsqueeze(0), xv).reshape(x.shape)
+            return torch.where(mask, s.to(x.device, x.dtype).unsqueeze(0), xv).reshape(x.shape)
 
         return hook
 
     def _inject_hook(self, k: int, resid: torch.Tensor):
         def hook(x: torch.Tensor, h) -> torch.Tensor:
-            return resid.to(x.device, x.dtype).repeat((k,) + (1,) * (resid.dim() - 1))
+            r = resid[:, resid.shape[1] - x.shape[1]:]
+            return r.to(x.device, x.dtype).repeat((k,) + (1,) * (r.dim() - 1))
 
         return hook
 
@@ -115,10 +138,20 @@ class FusedRunner:
             hooks.append((self.kind.hook_name(layer),
                           self._patch_hook(k, groups, items[sel, 1:], self.source[layer])))
         b = self.base
-        kw = dict(input_ids=b.input_ids.repeat(k, 1), attention_mask=b.attention_mask.repeat(k, 1),
-                  position_ids=b.position_ids.repeat(k, 1), use_cache=False)
+        p0 = int(items[:, self.by.index("pos")].min()) if self.base_past is not None else 0
+        if not self.last_only and self.base_logits is None:
+            p0 = 0
+        kw = dict(input_ids=b.input_ids[:, p0:].repeat(k, 1), attention_mask=b.attention_mask.repeat(k, 1),
+                  position_ids=b.position_ids[:, p0:].repeat(k, 1), use_cache=p0 > 0)
+        if p0 > 0:
+            from transformers import DynamicCache
+
+            kw[self.cache_kw] = DynamicCache(ddp_cache_data=[
+                (kk[:, :, :p0].repeat(k, 1, 1, 1), vv[:, :, :p0].repeat(k, 1, 1, 1)) for kk, vv in self.base_past])
         if self.last_only:
             kw["logits_to_keep"] = 1
         with self.model.hooks(hooks), start_at_layer(self.model, k0):
             logits = self.model.hf_model(**kw).logits
+        if p0 > 0 and not self.last_only:
+            logits = torch.cat([self.base_logits[:, :p0].to(logits.dtype).repeat(k, 1, 1), logits], 1)
         return evaluate(self.metric, logits, self.n)

@@ -1,0 +1,149 @@
+"""Benchmark: fused activation patching vs TransformerLens's per-patch loop vs plain forwards.
+
+Sweeps ``resid_pre`` by (layer, pos) and head output ``z`` by (layer, head, pos) on the bundled
+tiny-gpt2 (when its weights are present) and on a GPT-2-small-shaped random model (12 layers,
+d_model 768, 12 heads), 8 prompts x 20 tokens, TransformerLens on the same weights, same run.
+
+On a slow or shared CPU the full sweeps take too long, so each timing may be measured on a
+uniform sample and extrapolated (all reported in the JSON):
+
+- mechkit: chunks ``i % S == 0`` of the real chunk plan (``shard=(0, S)``), time x (chunks / sampled);
+- TransformerLens: a random sample of patches through ``index_df``, time x (patches / sampled);
+- plain forwards: a few batched full forwards of the chunk's row count, time x (rows / rows timed).
+
+Usage: python benchmarks/patching.py [--threads 2] [--sample-chunks 4] [--tl-patches 8]
+Writes benchmarks/results/patching.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import transformers as tf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import mechkit as mk  # noqa: E402
+from mechkit.model import HookedModel  # noqa: E402
+from mechkit.patching import activation_patch, logit_diff  # noqa: E402
+from mechkit.tasks.base import PatchingTask  # noqa: E402
+
+# the TransformerLens functions of the full sweeps (get_act_patch_resid_pre, get_act_patch_attn_head_out_by_pos)
+# are generic_activation_patch with these setters; calling it directly lets a sample of patches be timed
+SWEEPS = {"resid_pre": ("resid_pre", ("layer", "pos"), "layer_pos_patch_setter", "resid_pre", ["layer", "pos"]),
+          "head_z": ("z", ("layer", "pos", "head"), "layer_pos_head_vector_patch_setter", "z", ["layer", "pos", "head"])}
+
+
+def task_for(vocab: int, n: int, T: int) -> PatchingTask:
+    g = torch.Generator().manual_seed(0)
+    clean, corrupt = torch.randint(1, vocab, (2, n, T), generator=g)
+    mask = torch.ones(n, T, dtype=torch.long)
+    ans, wrong = torch.randint(1, vocab, (2, n), generator=g)
+    return PatchingTask(clean, corrupt, mask, mask.clone(), ans, wrong, [], [])
+
+
+def gpt2_small_random(seed: int = 0):
+    torch.manual_seed(seed)
+    return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)).eval()
+
+
+def bench_model(label, make_hf, tokenizer, args) -> list[dict]:
+    from transformer_lens import patching as tlp
+    from transformer_lens.model_bridge import TransformerBridge
+
+    m = HookedModel(make_hf(), tokenizer)
+    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=make_hf(), tokenizer=tokenizer, device="cpu")
+    task = task_for(m.cfg.d_vocab, args.prompts, args.tokens)
+    n, T = task.clean_tokens.shape
+    metric = logit_diff(task)
+    _, clean_cache = bridge.run_with_cache(task.clean_tokens)
+    rows = []
+    for sweep, (site, by, setter, act, tl_axes) in SWEEPS.items():
+        sizes = [m.cfg.n_layers] + [{"pos": T, "head": m.cfg.n_heads}[a] for a in by[1:]]
+        n_patches = int(torch.tensor(sizes).prod())
+        chunk = max(1, args.max_batch_tokens // (n * T))
+        n_chunks = -(-n_patches // chunk)
+        stride = max(1, n_chunks // args.sample_chunks)
+        t = time.perf_counter()
+        ours = activation_patch(m, task, sites=site, by=by, metric=metric, progress=False,
+                                max_batch_tokens=args.max_batch_tokens, shard=(0, stride), normalise=False)
+        t_ours_sampled = time.perf_counter() - t
+        sampled = len(range(0, n_chunks, stride))
+        t_ours = t_ours_sampled * n_chunks / sampled
+        # plain batched forwards with full logits, the chunk's row count
+        ids = task.corrupt_tokens.repeat(chunk, 1)
+        with torch.no_grad():
+            t = time.perf_counter()
+            for _ in range(args.plain_reps):
+                m.hf_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            t_plain = (time.perf_counter() - t) / (args.plain_reps * chunk * n) * n_patches * n
+        # TransformerLens on a random sample of the same patches
+        grid = torch.cartesian_prod(*[torch.arange(s) for s in sizes])
+        pick = torch.randperm(len(grid), generator=torch.Generator().manual_seed(1))[:args.tl_patches]
+        df = pd.DataFrame(grid[pick].numpy(), columns=tl_axes)
+
+        def tl_metric(logits):
+            return metric(logits).mean()
+
+        t = time.perf_counter()
+        tl_vals = tlp.generic_activation_patch(bridge, task.corrupt_tokens, clean_cache, tl_metric,
+                                               patch_setter=getattr(tlp, setter), activation_name=act, index_df=df)
+        t_tl = (time.perf_counter() - t) / len(pick) * n_patches
+        ours_at = ours.values[tuple(grid[pick].T)]  # NaN where not in a timed chunk
+        ok = ~ours_at.isnan()
+        max_diff = (ours_at[ok] - torch.as_tensor(tl_vals).detach().float()[ok]).abs().max().item() if ok.any() else None
+        rows.append(dict(model=label, sweep=sweep, patches=n_patches, rows=n_patches * n, chunk_patches=chunk,
+                         chunks=n_chunks, chunks_timed=sampled, tl_patches_timed=len(pick),
+                         mechkit_s=t_ours, transformer_lens_s=t_tl, plain_forwards_s=t_plain,
+                         speedup_vs_tl=t_tl / t_ours, sweep_over_plain=t_ours / t_plain,
+                         max_abs_diff_vs_tl_on_shared_patches=max_diff))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=20)
+    ap.add_argument("--max-batch-tokens", type=int, default=2560)
+    ap.add_argument("--sample-chunks", type=int, default=4)
+    ap.add_argument("--tl-patches", type=int, default=8)
+    ap.add_argument("--plain-reps", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/patching.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from factories import word_tokenizer
+
+    tok = word_tokenizer(tempfile.mkdtemp())
+    rows = []
+    if "tiny-gpt2" in mk.list_models():
+        bundled = mk.load("tiny-gpt2", dtype="float32")
+        rows += bench_model("tiny-gpt2", lambda: mk.load("tiny-gpt2", dtype="float32").hf_model, bundled.tokenizer, args)
+    else:
+        print("tiny-gpt2 weights absent: bundled-model rows skipped", flush=True)
+    rows += bench_model("gpt2-small-shaped random (12L, 768d, 12H)", gpt2_small_random, tok, args)
+    out = dict(machine=dict(threads=args.threads, torch=torch.__version__, note="shared CPU; ratios from one run"),
+               settings=vars(args), rows=rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    from mechkit.io import write_json
+
+    write_json(args.out, out)
+    print("\n| model | sweep | patches | mechkit s | TL s | plain fwd s | speed-up vs TL | sweep / plain |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['sweep']} | {r['patches']} | {r['mechkit_s']:.1f} | {r['transformer_lens_s']:.1f} | "
+              f"{r['plain_forwards_s']:.1f} | {r['speedup_vs_tl']:.2f}x | {r['sweep_over_plain']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
