@@ -72,6 +72,21 @@ def test_plain_loop_and_scores_match_direct(tmp_path):
     assert timeline_figure(path).layout.title.text == "head scores during training"
 
 
+def test_checkpoint_folder(tmp_path):
+    from mechkit.heads import telemetry_from_checkpoints
+
+    for step, seed in [(10, 0), (2, 1)]:
+        random_hf_model("gpt2", seed=seed).save_pretrained(str(tmp_path / "run" / f"checkpoint-{step}"))
+    (tmp_path / "run" / "other").mkdir()
+    steps = telemetry_from_checkpoints(tmp_path / "run", tmp_path / "t.jsonl", kinds=("induction",), n=2, T=5,
+                                       progress=False)
+    recs = read_telemetry(tmp_path / "t.jsonl")
+    assert steps == [2, 10] and [r["step"] for r in recs] == [2, 10]
+    assert recs[0]["scores"] != recs[1]["scores"]  # different weights, different scores
+    with pytest.raises(ValueError, match="no checkpoint"):
+        telemetry_from_checkpoints(tmp_path / "run" / "other", tmp_path / "u.jsonl")
+
+
 def test_bad_every():
     with pytest.raises(ValueError, match="every"):
         TelemetryCallback(every=0)

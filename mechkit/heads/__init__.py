@@ -14,8 +14,14 @@ from .study import (
     random_heads_per_layer,
     top_heads_per_layer,
 )
-from .telemetry import TelemetryCallback, log_head_scores, read_telemetry, timeline_figure
+from .telemetry import (
+    TelemetryCallback,
+    log_head_scores,
+    read_telemetry,
+    telemetry_from_checkpoints,
+    timeline_figure,
+)
 
 __all__ = ["ALL_KINDS", "head_scores", "copying_scores", "target_masks", "ablation_study", "head_ablation_effects",
            "StudyResult", "top_heads_per_layer", "random_heads_per_layer", "TelemetryCallback", "log_head_scores",
-           "read_telemetry", "timeline_figure"]
+           "read_telemetry", "telemetry_from_checkpoints", "timeline_figure"]

@@ -106,6 +106,38 @@ class TelemetryCallback(_Base):
         return control
 
 
+def telemetry_from_checkpoints(folder: str | Path, path: str | Path, tokenizer=None, kinds=ALL_KINDS,
+                               progress: bool = True, **score_kwargs) -> list[int]:
+    """Log :func:`log_head_scores` for every ``checkpoint-<step>`` subfolder of ``folder`` (the
+    ``transformers.Trainer`` layout, each loadable with ``from_pretrained``), in step order.
+
+    ``tokenizer``: a tokenizer or a folder; default: ``folder`` itself if it holds one, else the
+    first checkpoint's. Returns the steps logged. (``scripts/induction_telemetry.py`` is meant to
+    be a thin front end over this.)
+    """
+    import re
+
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    ckpts = sorted(((int(m.group(1)), d) for d in folder.iterdir()
+                    if d.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", d.name))), key=lambda t: t[0])
+    if not ckpts:
+        raise ValueError(f"no checkpoint-<step> folders in {folder}")
+    if tokenizer is None:
+        for cand in (folder, ckpts[0][1]):
+            if (cand / "tokenizer_config.json").exists():
+                tokenizer = cand
+                break
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    for step, d in tqdm(ckpts, desc="checkpoints", disable=not progress):
+        hf = AutoModelForCausalLM.from_pretrained(str(d)).eval()
+        log_head_scores(hf, step, path, tokenizer=tokenizer, kinds=kinds, **score_kwargs)
+    return [s for s, _ in ckpts]
+
+
 def timeline_figure(path: str | Path, kinds=None, top: int = 3):
     """Plotly figure: score vs step for every head, one row per kind; the ``top`` heads by
     their last logged score are coloured and named, the others thin grey lines."""
@@ -137,4 +169,4 @@ def timeline_figure(path: str | Path, kinds=None, top: int = 3):
     return fig
 
 
-__all__ = ["TelemetryCallback", "log_head_scores", "read_telemetry", "timeline_figure"]
+__all__ = ["TelemetryCallback", "log_head_scores", "read_telemetry", "telemetry_from_checkpoints", "timeline_figure"]
