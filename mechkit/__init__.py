@@ -5,9 +5,14 @@ The public API is what ``__all__`` lists; everything else may change.
 
 __version__ = "0.1.0"
 
+from .attribution import attribution_patch, lrp
 from .cache import ActivationCache
+from .heads import head_scores
 from .hookpoints import Hook, HookMap, HookNameError
+from .interventions import ablate
 from .model import HookedModel, ModelConfig, load
+from .patching import activation_patch, patch_every
+from .results import Result, compare
 
 
 def list_models() -> list[str]:
@@ -39,6 +44,14 @@ __all__ = [
     "ModelConfig",
     "load",
     "list_models",
+    "Result",
+    "compare",
+    "activation_patch",
+    "patch_every",
+    "attribution_patch",
+    "lrp",
+    "head_scores",
+    "ablate",
     "tasks",
     "models",
 ]

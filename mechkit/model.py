@@ -253,8 +253,9 @@ def load(
 
     torch_dtype = _dtype(dtype)
     src = model_or_name_or_path
-    if src is None:
-        src = models.DEFAULT_MODEL
+    if src is None:  # the default bundled model, else whichever bundled model has weights
+        present = models.list_models()
+        src = models.DEFAULT_MODEL if models.DEFAULT_MODEL in present or not present else present[0]
     if isinstance(src, str) and src in models.list_models():
         src = models.model_path(src)
     if isinstance(src, nn.Module):
