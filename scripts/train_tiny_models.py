@@ -83,10 +83,22 @@ def make_model(arch: str, vocab_size: int, tok, tiny: bool = False, pos_init: st
 class Batches:
     """Deterministic batches: batch(step, phase) depends only on (seed, step, phase)."""
 
-    def __init__(self, tok, seed: int, batch: int = 8):
+    def __init__(self, tok, seed: int, batch: int = 8, aux_prev: float = 0.0):
         self.tok, self.seed, self.batch = tok, seed, batch
         self.pool = ordinary_token_ids(tok)
         self.bos = tok.bos_token_id
+        self.aux_rows = round(aux_prev * batch)
+        perm = list(self.pool)
+        random.Random(f"{seed}-perm").shuffle(perm)
+        self.skip = dict(zip(self.pool, perm))  # x[t+1] = skip[x[t-1]] in the auxiliary rows
+
+    def skip_bigram_row(self, rng: random.Random, length: int) -> list[int]:
+        """``[BOS] a b skip(a) skip(b) skip(skip(a)) ...``: the next token is a fixed function of
+        the token before the current one, so a previous-token head is the way to predict it."""
+        row = [self.bos, rng.choice(self.pool), rng.choice(self.pool)]
+        while len(row) < length:
+            row.append(self.skip[row[-2]])
+        return row
 
     def _rng(self, step: int, phase: int) -> random.Random:
         return random.Random(f"{self.seed}-{phase}-{step}")
@@ -98,7 +110,8 @@ class Batches:
     def get(self, step: int, phase: int) -> torch.Tensor:
         rng = self._rng(step, phase)
         if phase == 1:
-            rows = [packed_repeat_row(rng, self.pool, P1_LEN, P1_T, self.bos) for _ in range(self.batch)]
+            rows = [self.skip_bigram_row(rng, P1_LEN) for _ in range(self.aux_rows)]
+            rows += [packed_repeat_row(rng, self.pool, P1_LEN, P1_T, self.bos) for _ in range(self.batch - self.aux_rows)]
         else:
             n_rep = max(1, self.batch // 4)
             rows = [packed_repeat_row(rng, self.pool, CTX, P1_T, self.bos) for _ in range(n_rep)]
@@ -177,6 +190,9 @@ def parse_args(argv=None):
     p.add_argument("--pos-init", choices=["default", "sinusoidal"], default="default",
                    help="gpt2 only: initialise the learned position embeddings (default: HF's "
                         "normal(0, 0.02); sinusoidal: a 0.1-scaled sinusoid table)")
+    p.add_argument("--aux-prev", type=float, default=0.0,
+                   help="phase 1: fraction of rows that are skip-bigram sequences (x[t+1] = f(x[t-1])), which "
+                        "reward a previous-token head directly; helps learned-position models form induction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -248,7 +264,7 @@ def main(argv=None) -> dict:
     model = make_model(args.arch, V, tok, args.tiny, args.pos_init)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    batches = Batches(tok, args.seed, args.batch)
+    batches = Batches(tok, args.seed, args.batch, args.aux_prev)
     probe_rows = repeated_tokens(tok, 16, 20, seed=999)
     ioi_task = ioi(tok, 50, seed=999, split="heldout")
     threshold = 0.75 * math.log(V)
