@@ -197,3 +197,18 @@ def test_inside_outer_hooks_context(model):
         "blocks.0.attn.hook_z": lambda z, h: torch.cat([torch.zeros_like(z[:, :, :1]), z[:, :, 1:]], 2),
         "blocks.1.attn.hook_z": lambda z, h: torch.stack([z[:, :, 0], torch.zeros_like(z[:, :, 1]), *z[:, :, 2:].unbind(2)], 2)})
     torch.testing.assert_close(seen["r"], cache["blocks.2.hook_resid_pre"])
+
+
+def test_preserve_pattern_generate_kv_cache(model):
+    """Pattern-preserving ablation reads v at every key position (cached keys included) in generate."""
+    prompts = random_tokens(2, 6, seed=4)
+    mask = torch.ones_like(prompts)
+    mask[0, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    with ablate(model, heads=[(0, 1), (2, 2)], how="mean", reference=random_tokens(3, 12, seed=5),
+                preserve_pattern=True):
+        a = model.generate(prompts, use_cache=True, **kw)
+        b = model.generate(prompts, use_cache=False, **kw)
+    for sa, sb in zip(a.scores, b.scores):
+        torch.testing.assert_close(sa, sb, atol=1e-4, rtol=1e-4)
