@@ -260,3 +260,14 @@ def test_result_labels_and_patch_every(tmp_path, word_tokenizer):
     heads = patch_every(m, task, sites=("z", "q", "k", "v", "pattern"), by=("layer", "head"), progress=False)
     assert heads.shape == (5, 3, 4) and heads.values[2, :, 2:].isnan().all()  # k has 2 kv heads
     assert not heads.values[2, :, :2].isnan().any()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "mistral", "gpt_neox", "phi3"])
+def test_other_families_equal_reference(family):
+    """Layer and prefix skipping on families with per-layer attention types, sliding windows, parallel blocks."""
+    m = HookedModel(random_hf_model(family))
+    task = make_task()
+    res = activation_patch(m, task, sites="attn_out", max_batch_tokens=30, progress=False, normalise=False)
+    ref = reference_patch(m, task, "attn_out", ("layer", "pos"), logit_diff(task), normalise=False)
+    torch.testing.assert_close(res.values, ref, atol=1e-5, rtol=1e-5)
+    assert not has_mechkit_hooks(m.hf_model)

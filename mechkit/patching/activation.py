@@ -118,10 +118,14 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
                     wrong=task.wrong_ids, cfg=cfg.to_dict(), metric=repr(metric))
     store = ChunkStore(checkpoint_dir, key, len(spans))
     base_past = None
-    if skip_prefix and "pos" in by:
+    # a sliding-window cache keeps only the last keys and its masks assume that layout: no prefix reuse there
+    windowed = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None) is not None
+    if skip_prefix and "pos" in by and not windowed:
         with torch.no_grad():
             past = model.hf_model(**base.kwargs(), use_cache=True).past_key_values
         base_past = [(layer.keys, layer.values) for layer in past.layers]
+        if any(kk is None or kk.shape[-2] != T for kk, _ in base_past):
+            base_past = None
     runner = FusedRunner(model, kind, by, base, {l: src_cache[kind.hook_name(l)] for l in layers},
                          {l: base_cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)}, metric, skip_layers,
                          base_past, base_logits)
