@@ -40,6 +40,8 @@ def test_handbuilt_heads_score_as_built(handbuilt):
     # the induction head copies (its OV maps a token to its own logit); uniform heads write nothing
     assert s["copying"].values[1, 0] > 0.9
     assert s["copying"].values[:, 1].abs().max() < 1e-6
+    # L0H0 writes the previous token where the unembedding reads only a constant: no OV circuit
+    assert s["copying"].values[0, 0].abs() < 1e-6
     fig = s["induction"].figure()
     assert fig.data[0].type == "heatmap" and len(fig.data[0].z) == 2
 

@@ -151,7 +151,12 @@ def copying_scores(model, n_tokens: int = 512, seed: int = 0) -> torch.Tensor:
         B = B - B.mean(-1, keepdim=True)  # [H, dh, S]
         small = torch.einsum("hdt,the->hde", B, v)  # [H, dh, dh]
         eig = torch.linalg.eigvals(small.double().cpu())  # [H, dh]
-        out[l] = (eig.sum(-1).real / eig.abs().sum(-1).clamp(min=1e-30)).float()
+        # a head whose OV circuit is numerically zero (e.g. it writes nothing the unembedding
+        # reads after centring) scores 0, not the sign of rounding noise
+        scale = (B.flatten(1).norm(dim=1) * v.transpose(0, 1).flatten(1).norm(dim=1)).double().cpu()
+        mag = eig.abs().sum(-1)
+        ratio = eig.sum(-1).real / mag.clamp(min=1e-30)
+        out[l] = torch.where(mag > 1e-6 * scale, ratio, torch.zeros_like(ratio)).float()
     return out
 
 
