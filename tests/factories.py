@@ -57,14 +57,15 @@ def random_tokens(n: int, T: int, vocab: int = 211, seed: int = 0) -> torch.Tens
 
 
 def word_tokenizer(folder):
-    """A word-level tokenizer whose words are w0..w210 (w0 = BOS/EOS/PAD), saved and reloaded
-    from ``folder`` so transformer-lens can use it offline."""
+    """A word-level tokenizer: ``<s>`` (id 0, BOS/EOS/PAD), ``<unk>`` (id 1), then words w2..w210
+    (the id of ``wN`` is N). Special tokens are no prefix of a word, so text round-trips. Saved and
+    reloaded from ``folder`` so transformer-lens can use it offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {f"w{i}": i for i in range(211)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
+    vocab = {"<s>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 211)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w0", eos_token="w0", unk_token="w1",
-                                      pad_token="w0")
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>", unk_token="<unk>",
+                                      pad_token="<s>")
     fast.save_pretrained(str(folder))
     return tf.AutoTokenizer.from_pretrained(str(folder))

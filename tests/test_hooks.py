@@ -217,7 +217,8 @@ def test_bad_inputs_are_clear():
 
 def test_text_helpers(word_tokenizer):
     m = HookedModel(random_hf_model("gpt2"), word_tokenizer)
-    assert m.to_str_tokens("w5 w6") == ["w0", "w5", "w6"]
+    assert m.to_str_tokens("w5 w16") == ["<s>", "w5", "w16"]
+    assert m.to_tokens(["w5 w16 w7", "w9"]).tolist() == [[0, 5, 16, 7], [0, 0, 0, 9]]  # left padded
     assert m.to_tokens("w5 w6").tolist() == [[0, 5, 6]]
     out = m.generate("w5 w6", max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
