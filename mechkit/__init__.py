@@ -5,7 +5,7 @@ The public API is what ``__all__`` lists; everything else may change.
 
 __version__ = "0.1.0"
 
-from .attribution import attribution_patch, lrp
+from .attribution import attribution_patch, input_relevance, lrp
 from .cache import ActivationCache
 from .heads import head_scores
 from .hookpoints import Hook, HookMap, HookNameError
@@ -52,6 +52,15 @@ __all__ = [
     "lrp",
     "head_scores",
     "ablate",
+    "input_relevance",
     "tasks",
     "models",
+    "patching",
+    "attribution",
+    "heads",
+    "interventions",
+    "steering",
+    "viz",
+    "results",
+    "metrics",
 ]
