@@ -88,17 +88,16 @@ class Batches:
         self.pool = ordinary_token_ids(tok)
         self.bos = tok.bos_token_id
         self.aux_rows = round(aux_prev * batch)
-        perm = list(self.pool)
-        random.Random(f"{seed}-perm").shuffle(perm)
-        self.skip = dict(zip(self.pool, perm))  # x[t+1] = skip[x[t-1]] in the auxiliary rows
 
-    def skip_bigram_row(self, rng: random.Random, length: int) -> list[int]:
-        """``[BOS] a b skip(a) skip(b) skip(skip(a)) ...``: the next token is a fixed function of
-        the token before the current one, so a previous-token head is the way to predict it."""
-        row = [self.bos, rng.choice(self.pool), rng.choice(self.pool)]
+    def alternating_row(self, rng: random.Random, length: int) -> list[int]:
+        """``[BOS] a b a b a ... c d c d ...``: chunks of 4-16 tokens where the next token repeats the
+        one before the current token, so a previous-token head that copies is the way to predict it.
+        (A copying previous-token head is what an induction head later composes with.)"""
+        row = [self.bos]
         while len(row) < length:
-            row.append(self.skip[row[-2]])
-        return row
+            a, b = rng.sample(self.pool, 2)
+            row += [a, b] * (rng.randint(4, 16) // 2)
+        return row[:length]
 
     def _rng(self, step: int, phase: int) -> random.Random:
         return random.Random(f"{self.seed}-{phase}-{step}")
@@ -110,7 +109,7 @@ class Batches:
     def get(self, step: int, phase: int) -> torch.Tensor:
         rng = self._rng(step, phase)
         if phase == 1:
-            rows = [self.skip_bigram_row(rng, P1_LEN) for _ in range(self.aux_rows)]
+            rows = [self.alternating_row(rng, P1_LEN) for _ in range(self.aux_rows)]
             rows += [packed_repeat_row(rng, self.pool, P1_LEN, P1_T, self.bos) for _ in range(self.batch - self.aux_rows)]
         else:
             n_rep = max(1, self.batch // 4)
@@ -191,8 +190,8 @@ def parse_args(argv=None):
                    help="gpt2 only: initialise the learned position embeddings (default: HF's "
                         "normal(0, 0.02); sinusoidal: a 0.1-scaled sinusoid table)")
     p.add_argument("--aux-prev", type=float, default=0.0,
-                   help="phase 1: fraction of rows that are skip-bigram sequences (x[t+1] = f(x[t-1])), which "
-                        "reward a previous-token head directly; helps learned-position models form induction")
+                   help="phase 1: fraction of rows that alternate two words (x[t+1] = x[t-1]), which reward a "
+                        "copying previous-token head directly; helps learned-position models form induction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
