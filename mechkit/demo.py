@@ -93,7 +93,7 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
     sections["steering: negative → positive (DiffMean)"] = fig
     steer.save(out / "steer_positive.safetensors")
 
-    meta = {"model": f"{model_name or mk.models.DEFAULT_MODEL} ({model.cfg.model_type}, {model.cfg.n_layers} layers, "
+    meta = {"model": f"{model.name} ({model.cfg.model_type}, {model.cfg.n_layers} layers, "
                      f"d_model {model.cfg.d_model})",
             "task": f"IOI, {len(task)} prompt pairs (seed 0)", "device": model.cfg.device, "dtype": model.cfg.dtype}
     meta.update({f"time: {k}": f"{v:.2f} s" for k, v in timings.items()})

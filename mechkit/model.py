@@ -75,6 +75,7 @@ class HookedModel(nn.Module):
         self.cfg = self._make_cfg(n_layers)
         self._attn_users = 0
         self._attn_saved: str | None = None
+        self.name = type(hf_model).__name__  # mk.load sets the bundled name, path or hub name
 
     # ------------------------------------------------------------------ sizes
     def _make_cfg(self, n_layers: int) -> ModelConfig:
@@ -256,6 +257,7 @@ def load(
     if src is None:  # the default bundled model, else whichever bundled model has weights
         present = models.list_models()
         src = models.DEFAULT_MODEL if models.DEFAULT_MODEL in present or not present else present[0]
+    name = src if isinstance(src, (str, Path)) else type(src).__name__
     if isinstance(src, str) and src in models.list_models():
         src = models.model_path(src)
     if isinstance(src, nn.Module):
@@ -289,4 +291,6 @@ def load(
         hook_map = HookMap.from_toml(hook_map)
     elif isinstance(hook_map, dict):
         hook_map = HookMap.from_dict(hook_map)
-    return HookedModel(hf, tokenizer, hook_map)
+    hooked = HookedModel(hf, tokenizer, hook_map)
+    hooked.name = str(name)
+    return hooked
