@@ -53,3 +53,35 @@ def test_load_with_device_map_from_folder(tmp_path, word_tokenizer):
     m = mk.load(str(tmp_path), device_map={"": "cpu"})
     torch.testing.assert_close(m(random_tokens(1, 5)), hf(input_ids=random_tokens(1, 5)).logits, atol=1e-6, rtol=0)
     assert m.tokenizer is not None
+
+
+def test_dispatched_bundled_model_gives_same_patching_and_steering():
+    if "tiny-llama" not in mk.list_models():
+        pytest.skip("bundled tiny-llama weights absent")
+    from accelerate import dispatch_model
+
+    from mechkit.steering import DiffMean
+
+    plain = mk.load("tiny-llama")
+    hf = mk.load("tiny-llama").hf_model
+    other = "cuda:0" if torch.cuda.is_available() else "cpu"
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "cpu", "model.layers.2": other, "model.layers.3": other,
+                  "model.norm": other, "lm_head": other}
+    dispatched = mk.load(dispatch_model(hf, device_map=device_map, main_device="cpu", force_hooks=True),
+                         tokenizer=plain.tokenizer)
+    task = mk.tasks.ioi(plain.tokenizer, n=8, seed=3)
+    for site, by in (("resid_pre", ("layer", "pos")), ("z", ("layer", "head"))):
+        a = mk.activation_patch(plain, task, sites=site, by=by, progress=False)
+        b = mk.activation_patch(dispatched, task, sites=site, by=by, progress=False)
+        torch.testing.assert_close(a.values, b.values.cpu(), atol=1e-4, rtol=0)
+    data = mk.tasks.sentiment(plain.tokenizer, n=16, seed=0)
+    st = DiffMean().fit(plain, data.negative, data.positive)
+    st_d = DiffMean().fit(dispatched, data.negative, data.positive)
+    prompts = data.neutral[:4]
+    with st.apply(plain, strength=2.0):
+        la = plain(prompts)
+    with st_d.apply(dispatched, strength=2.0):
+        lb = dispatched(prompts)
+    torch.testing.assert_close(la, lb.cpu(), atol=1e-4, rtol=0)
+    assert not has_mechkit_hooks(dispatched.hf_model)
