@@ -57,12 +57,12 @@ def gpt2_small_random(seed: int = 0):
     return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)).eval()
 
 
-def bench_model(label, make_hf, tokenizer, args) -> list[dict]:
+def bench_model(label, make_hf, tokenizer, args, arch: str = "gpt2") -> list[dict]:
     from transformer_lens import patching as tlp
     from transformer_lens.model_bridge import TransformerBridge
 
     m = HookedModel(make_hf(), tokenizer)
-    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=make_hf(), tokenizer=tokenizer, device="cpu")
+    bridge = TransformerBridge.boot_transformers(arch, hf_model=make_hf(), tokenizer=tokenizer, device="cpu")
     task = task_for(m.cfg.d_vocab, args.prompts, args.tokens)
     n, T = task.clean_tokens.shape
     metric = logit_diff(task)
@@ -125,6 +125,8 @@ def main():
     ap.add_argument("--tl-patches", type=int, default=8)
     ap.add_argument("--plain-reps", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/patching.json"))
+    ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--skip-random", action="store_true", help="only the bundled models")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from factories import word_tokenizer
@@ -135,8 +137,13 @@ def main():
         bundled = mk.load("tiny-gpt2", dtype="float32")
         rows += bench_model("tiny-gpt2", lambda: mk.load("tiny-gpt2", dtype="float32").hf_model, bundled.tokenizer, args)
     else:
-        print("tiny-gpt2 weights absent: bundled-model rows skipped", flush=True)
-    rows += bench_model("gpt2-small-shaped random (12L, 768d, 12H)", gpt2_small_random, tok, args)
+        print("tiny-gpt2 weights absent: its rows are skipped", flush=True)
+    if "tiny-llama" in mk.list_models() and not args.skip_llama:
+        bundled = mk.load("tiny-llama", dtype="float32")
+        rows += bench_model("tiny-llama", lambda: mk.load("tiny-llama", dtype="float32").hf_model, bundled.tokenizer,
+                            args, arch="llama")
+    if not args.skip_random:
+        rows += bench_model("gpt2-small-shaped random (12L, 768d, 12H)", gpt2_small_random, tok, args)
     out = dict(machine=dict(threads=args.threads, torch=torch.__version__, note="shared CPU; ratios from one run"),
                settings=vars(args), rows=rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
