@@ -55,25 +55,10 @@ def _ioi_diffs(name):
     return torch.cat([ioi_scores(model, held)["per_prompt"], ioi_scores(model, trn)["per_prompt"]])
 
 
-# Issue 3's acceptance threshold. The shipped tiny-llama reaches 0.88 (held-out names 0.85, see its
-# model card): below 0.9, so the check is an expected failure until a retrained model passes it
-# (strict: once it passes, the marker must go).
-IOI_SHORT = {"tiny-llama": "shipped tiny-llama: IOI accuracy 0.88 < 0.90 (held-out names 0.85); issue 3 open"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=IOI_SHORT[n]))
-                                  if n in IOI_SHORT else n for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_ioi(name):
     diffs = _ioi_diffs(name)
     assert (diffs > 0).float().mean() >= 0.9
-    assert diffs.mean() > 2
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_ioi_as_shipped(name):
-    """What each shipped model does reach (its model card's numbers), so a regression shows."""
-    diffs = _ioi_diffs(name)
-    assert (diffs > 0).float().mean() >= 0.85
     assert diffs.mean() > 2
 
 
