@@ -72,8 +72,8 @@ def test_wheel_ships_hook_maps(tmp_path):
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                           capture_output=True, text=True)
     assert inst.returncode == 0, inst.stderr[-2000:]
-    code = ("import mechkit, mechkit.hookpoints as h; assert mechkit.__file__.startswith(%r), mechkit.__file__; "
-            "print(sorted(m.name for m in h.builtin_maps()))" % str(target))
+    code = (f"import mechkit, mechkit.hookpoints as h; assert mechkit.__file__.startswith({str(target)!r}), mechkit.__file__; "
+            "print(sorted(m.name for m in h.builtin_maps()))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
                          env={**__import__("os").environ, "PYTHONPATH": str(target)})
     assert run.returncode == 0, run.stderr[-2000:]

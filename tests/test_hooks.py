@@ -95,7 +95,7 @@ def test_write_changes_only_what_comes_after(family, point):
 def test_resid_mid_write_is_seen_downstream():
     m = wrap("llama")
     targets = {l: torch.randn(2, 10, m.cfg.d_model) for l in (1, 2)}
-    hooks = {f"blocks.{l}.hook_resid_mid": (lambda t: lambda x, h: t)(t) for l, t in targets.items()}
+    hooks = {f"blocks.{l}.hook_resid_mid": lambda x, h: targets[h.layer] for l in targets}
     _, cache = m.run_with_cache(TOKS, hooks=hooks)  # two virtual points in one context
     for l, target in targets.items():
         torch.testing.assert_close(cache[f"blocks.{l}.hook_resid_mid"], target, atol=1e-5, rtol=0)
