@@ -57,6 +57,18 @@ def _task_from_jsonl(model, path: str):
     return mk.tasks.PatchingTask.from_prompts(model, *[[r[k] for r in rows] for k in need])
 
 
+def _write(results: dict, args, model, stem: str, command: str) -> None:
+    """Save each result as ``out/<stem>.safetensors`` (+ .json) and print the dashboard's path."""
+    from .viz import dashboard
+
+    out = Path(args.out)
+    for res in results.values():
+        res.save(out / f"{stem}.safetensors")
+    meta = {"model": getattr(model, "name", model.cfg.model_type), "site": args.site, "by": args.by,
+            "method": getattr(args, "method", "activation patching")}
+    print(dashboard(results, out / f"{command}.html", title=f"mechkit {command}", metadata=meta))
+
+
 def cmd_models(args) -> None:
     import mechkit as mk
 
@@ -81,12 +93,7 @@ def cmd_patch(args) -> None:
     else:
         res = activation_patch(model, task, sites=args.site, by=by, checkpoint_dir=args.checkpoint_dir,
                                progress=not args.quiet)
-    out = Path(args.out)
-    res.save(out / f"patch_{args.site}.safetensors")
-    from .viz import dashboard
-
-    print(dashboard({f"activation patching: {args.site}": res}, out / "patch.html", title="mechkit patch",
-                    metadata={"model": model.cfg.model_type, "site": args.site, "by": args.by}))
+    _write({f"activation patching: {args.site}": res}, args, model, f"patch_{args.site}", "patch")
 
 
 def cmd_attribute(args) -> None:
@@ -96,12 +103,7 @@ def cmd_attribute(args) -> None:
     task = _task(model, args)
     by = tuple(args.by.split(","))
     res = attribution_patch(model, task, sites=args.site, by=by, method=args.method)
-    out = Path(args.out)
-    res.save(out / f"{args.method}_{args.site}.safetensors")
-    from .viz import dashboard
-
-    print(dashboard({f"{args.method}: {args.site}": res}, out / "attribute.html", title="mechkit attribute",
-                    metadata={"model": model.cfg.model_type, "site": args.site, "method": args.method}))
+    _write({f"{args.method}: {args.site}": res}, args, model, f"{args.method}_{args.site}", "attribute")
 
 
 def cmd_heads(args) -> None:
