@@ -79,17 +79,17 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
     data = mk.tasks.sentiment(model.tokenizer, n=32, seed=0)
     steer = DiffMean().fit(model, data.negative[:32], data.positive[:32])
     prompts = data.neutral[:16]
-    from mechkit.steering.evaluate import concept_rate
+    from mechkit.steering.evaluate import concept_rate, perplexity
     from mechkit.tasks.vocab import POSITIVE_ADJECTIVES
+    from mechkit.viz import steering_figure
 
-    rates = {s: concept_rate(model, prompts, POSITIVE_ADJECTIVES, st=steer, strength=s, max_new_tokens=8)["rate"]
-             for s in (0.0, 0.5, 1.0, 2.0)}
+    strengths = [0.0, 0.5, 1.0, 2.0]
+    curve = {"strength": strengths,
+             "concept": [concept_rate(model, prompts, POSITIVE_ADJECTIVES, st=steer, strength=s,
+                                      max_new_tokens=8)["rate"] for s in strengths],
+             "ppl": [perplexity(model, data.neutral[16:32], st=steer, strength=s) for s in strengths]}
     timings["steering"] = time.perf_counter() - t
-    import plotly.graph_objects as go
-
-    fig = go.Figure(go.Scatter(x=list(rates), y=list(rates.values()), mode="lines+markers"))
-    fig.update_layout(title="difference-in-means steering: positive words in continuations",
-                      xaxis_title="strength", yaxis_title="positive-word rate", template="plotly_white")
+    fig = steering_figure({"DiffMean": curve}, title="difference-in-means steering: positive words in continuations")
     sections["steering: negative → positive (DiffMean)"] = fig
     steer.save(out / "steer_positive.safetensors")
 

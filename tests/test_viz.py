@@ -68,3 +68,15 @@ def test_dashboard_is_offline_and_has_every_section(tmp_path):
     assert "mechkit version" in html
     assert not re.search(r"<script[^>]+src=['\"]https?://", html)  # plotly.js embedded, no CDN
     assert "Plotly.newPlot" in html or "plotly" in html.lower()
+
+
+def test_steering_curves():
+    from mechkit.viz import steering_figure
+
+    fig = steering_figure({"LinEAS": {"strength": [0, 0.5, 1], "concept": [0.1, 0.5, 0.9], "ppl": [9.0, 9.1, 9.2]},
+                           "DiffMean": {"strength": [0, 1], "concept": [0.1, 0.3]}})
+    assert [t.name for t in fig.data] == ["LinEAS: concept rate", "LinEAS: perplexity", "DiffMean: concept rate"]
+    assert list(fig.data[0].y) == [0.1, 0.5, 0.9] and fig.data[1].yaxis == "y2"
+    assert fig.layout.xaxis.title.text == "strength" and fig.layout.yaxis.title.text == "concept rate"
+    with pytest.raises(ValueError, match="strengths"):
+        steering_figure({"x": {"strength": [0, 1], "concept": [0.1]}})

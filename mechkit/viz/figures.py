@@ -85,3 +85,27 @@ def attention_figure(pattern, tokens: list[str], layer_names: list[str] | None =
     fig.update_layout(title=f"{title}: {traces[0].name}", template="plotly_white", xaxis_title="key", yaxis_title="query",
                       yaxis_autorange="reversed", updatemenus=[dict(buttons=buttons, direction="down", x=1.0, y=1.15)])
     return fig
+
+
+def steering_figure(curves: dict, title: str = "steering: strength sweep"):
+    """Strength vs concept rate (left axis) and perplexity change (right axis), one colour per method.
+
+    ``curves``: ``{method: {"strength": [...], "concept": [...], "ppl": [...] (optional)}}``.
+    """
+    from plotly.colors import qualitative
+
+    fig = go.Figure()
+    for i, (name, c) in enumerate(curves.items()):
+        if len(c["strength"]) != len(c["concept"]):
+            raise ValueError(f"{name}: {len(c['strength'])} strengths but {len(c['concept'])} concept rates")
+        colour = qualitative.Plotly[i % len(qualitative.Plotly)]
+        fig.add_trace(go.Scatter(x=c["strength"], y=c["concept"], name=f"{name}: concept rate", mode="lines+markers",
+                                 line=dict(color=colour),
+                                 hovertemplate=f"{name}<br>strength=%{{x}}<br>concept rate=%{{y:.3f}}<extra></extra>"))
+        if c.get("ppl") is not None:
+            fig.add_trace(go.Scatter(x=c["strength"], y=c["ppl"], name=f"{name}: perplexity", mode="lines+markers",
+                                     yaxis="y2", line=dict(color=colour, dash="dot"),
+                                     hovertemplate=f"{name}<br>strength=%{{x}}<br>perplexity=%{{y:.3f}}<extra></extra>"))
+    fig.update_layout(title=title, template="plotly_white", xaxis_title="strength", yaxis_title="concept rate",
+                      yaxis2=dict(title="perplexity on neutral text", overlaying="y", side="right"))
+    return fig
