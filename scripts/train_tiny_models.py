@@ -56,12 +56,12 @@ def sinusoidal_positions(n: int, d: int, scale: float = 0.1) -> torch.Tensor:
     return pe * scale
 
 
-def make_model(arch: str, vocab_size: int, tok, tiny: bool = False, pos_init: str = "default"):
+def make_model(arch: str, vocab_size: int, tok, tiny: bool = False, pos_init: str = "default", untie: bool = False):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     d, L, H = (32, 2, 4) if tiny else (128, 4, 8)
     common = dict(vocab_size=vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+                  pad_token_id=tok.pad_token_id, tie_word_embeddings=not untie)
     if arch == "gpt2":
         cfg = GPT2Config(n_embd=d, n_layer=L, n_head=H, n_positions=CTX, n_inner=4 * d,
                          activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
@@ -192,6 +192,8 @@ def parse_args(argv=None):
     p.add_argument("--aux-prev", type=float, default=0.0,
                    help="phase 1: fraction of rows that alternate two words (x[t+1] = x[t-1]), which reward a "
                         "copying previous-token head directly; helps learned-position models form induction")
+    p.add_argument("--untie", action="store_true",
+                   help="separate unembedding matrix (default: tied to the embedding)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -260,7 +262,7 @@ def main(argv=None) -> dict:
 
     tok = build_tokenizer()
     V = len(tok)
-    model = make_model(args.arch, V, tok, args.tiny, args.pos_init)
+    model = make_model(args.arch, V, tok, args.tiny, args.pos_init, args.untie)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     batches = Batches(tok, args.seed, args.batch, args.aux_prev)
