@@ -220,7 +220,7 @@ and tests run offline on a model with real circuits (induction, IOI, a sentiment
 
 - Layers {cfg.num_hidden_layers}, d_model {cfg.hidden_size}, heads {cfg.num_attention_heads}, context {CTX},
   vocabulary {cfg.vocab_size} (word-level tokenizer of `mechkit.tasks.build_tokenizer()`),
-  {info['params']:,} parameters, tied embeddings.
+  {info['params']:,} parameters, {'untied' if args.untie else 'tied'} embeddings.
 - Data (`mechkit/tasks/corpus.py`, generated on the fly): phase 1 packed `[BOS] x x` rows of
   {P1_LEN} tokens (x uniform over the words, span length 8-31); phase 2 batches of 2 packed repeat
   rows + 6 corpus rows of {CTX} tokens (filler grammar, IOI sentences with the IOI-train names only,
