@@ -49,7 +49,14 @@ def gather(result: Result) -> Result:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return result
-    v = result.values.detach().double()
+    out = _sum_disjoint(result.values).to(result.values.dtype)
+    meta = dict(result.meta, shard=[0, 1], world_size=dist.get_world_size())
+    return Result(out, result.axes, result.labels, result.baselines, meta, result.name)
+
+
+def _sum_disjoint(values: torch.Tensor) -> torch.Tensor:
+    """All-reduce a tensor whose cells are NaN except on the rank that computed them."""
+    v = values.detach().double()
     filled = (~torch.isnan(v)).double()
     total = torch.nan_to_num(v, nan=0.0)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -59,9 +66,17 @@ def gather(result: Result) -> Result:
     total, filled = total.cpu(), filled.cpu()
     if (filled > 1).any():
         raise RuntimeError("two ranks computed the same cell: the shards overlap (different world sizes?)")
-    out = torch.where(filled > 0, total, torch.full_like(total, float("nan"))).to(result.values.dtype)
-    meta = dict(result.meta, shard=[0, 1], world_size=dist.get_world_size())
-    return Result(out, result.axes, result.labels, result.baselines, meta, result.name)
+    return torch.where(filled > 0, total, torch.full_like(total, float("nan")))
+
+
+def gather_study(study):
+    """Combine the ranks' :func:`mechkit.heads.ablation_study` results (random seeds sharded)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return study
+    for m, vals in study.random.items():
+        study.random[m] = _sum_disjoint(torch.tensor(vals)).tolist()
+    study.meta = dict(study.meta, shard=[0, 1], world_size=dist.get_world_size())
+    return study
 
 
 def sharded(fn: Callable[..., Result], *args, **kwargs) -> Result:

@@ -43,3 +43,43 @@ def test_torchrun_sweep_equals_single_process(tmp_path, model_arg, site, by):
     assert not torch.isnan(got.values).any()
     torch.testing.assert_close(got.values, ref.values, atol=1e-6, rtol=0)
     assert got.labels == ref.labels
+
+
+def _study_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from mechkit.distributed import gather_study
+        from mechkit.heads import ablation_study
+
+        model = mk.load("tiny-llama")
+        st = gather_study(ablation_study(model, seeds=4, n=6, T=10, min_score=0.5, progress=False,
+                                         shard=(rank, world)))
+        if rank == 0:
+            torch.save({m: torch.tensor(v) for m, v in st.random.items()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_ablation_study_equals_single_process(tmp_path):
+    if "tiny-llama" not in mk.list_models():
+        pytest.skip("bundled tiny-llama weights absent")
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    from mechkit.heads import ablation_study
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "study.pt"
+    tmp.spawn(_study_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    ref = ablation_study(mk.load("tiny-llama"), seeds=4, n=6, T=10, min_score=0.5, progress=False)
+    for m, v in ref.random.items():
+        assert not torch.isnan(got[m]).any()
+        torch.testing.assert_close(got[m], torch.tensor(v), atol=1e-5, rtol=0)

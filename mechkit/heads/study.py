@@ -182,6 +182,7 @@ def ablation_study(
     reference=None,
     min_score: float | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> StudyResult:
     """Targeted vs matched-random ablation (see module docstring).
 
@@ -192,6 +193,8 @@ def ablation_study(
     ``min_score``: target only heads scoring at least this (small models: a layer with no
     induction head otherwise contributes an arbitrary "top" head); the random control then
     draws the same number of heads in each layer as were targeted there.
+    ``shard=(rank, world)``: this process runs the random seeds ``s % world == rank`` (the others'
+    values are NaN); :func:`mechkit.distributed.gather_study` combines the ranks' results.
     """
     from tqdm.auto import tqdm
 
@@ -222,16 +225,21 @@ def ablation_study(
     with ablate(model, heads=targeted_heads, how=how, reference=reference, seed=seed):
         targeted = run()
     random_heads, rand_vals = [], {m: [] for m in baseline}
+    rank, world = shard
     for s in tqdm(range(seeds), desc="random ablations", disable=not progress):
         hs = random_heads_per_layer(c.n_layers, c.n_heads, per_layer, seed=seed * 1000 + s)
         random_heads.append(hs)
+        if s % world != rank:
+            for m in rand_vals:
+                rand_vals[m].append(float("nan"))
+            continue
         with ablate(model, heads=hs, how=how, reference=reference, seed=seed):
             for m, v in run().items():
                 rand_vals[m].append(v)
     return StudyResult(list(baseline), baseline, targeted, rand_vals, targeted_heads, random_heads, scores,
                        meta={"method": "ablation_study", "score": score, "top_frac": top_frac, "k_per_layer": k, "min_score": min_score, "per_layer": per_layer,
                              "how": how, "seeds": seeds, "n": n, "T": T, "early_positions": early,
-                             "late_positions": late})
+                             "late_positions": late, "shard": list(shard)})
 
 
 __all__ = ["ablation_study", "head_ablation_effects", "StudyResult", "top_heads_per_layer", "random_heads_per_layer", "head_labels"]
