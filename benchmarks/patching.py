@@ -73,7 +73,7 @@ def bench_model(label, make_hf, tokenizer, args, arch: str = "gpt2") -> list[dic
         n_patches = int(torch.tensor(sizes).prod())
         chunk = max(1, args.max_batch_tokens // (n * T))
         n_chunks = -(-n_patches // chunk)
-        stride = max(1, n_chunks // args.sample_chunks)
+        stride = 1 if args.sample_chunks <= 0 else max(1, n_chunks // args.sample_chunks)  # 0: the whole sweep
         kw = dict(sites=site, by=by, metric=metric, progress=False, max_batch_tokens=args.max_batch_tokens,
                   normalise=False)
         t = time.perf_counter()  # fixed cost: the clean/corrupted cached runs (a shard with no chunk)
@@ -121,7 +121,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--max-batch-tokens", type=int, default=2560)
-    ap.add_argument("--sample-chunks", type=int, default=5)
+    ap.add_argument("--sample-chunks", type=int, default=5, help="chunks timed (0: all of them)")
     ap.add_argument("--tl-patches", type=int, default=8)
     ap.add_argument("--plain-reps", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/patching.json"))
