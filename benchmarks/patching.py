@@ -61,12 +61,15 @@ def bench_model(label, make_hf, tokenizer, args, arch: str = "gpt2") -> list[dic
     from transformer_lens import patching as tlp
     from transformer_lens.model_bridge import TransformerBridge
 
-    m = HookedModel(make_hf(), tokenizer)
-    bridge = TransformerBridge.boot_transformers(arch, hf_model=make_hf(), tokenizer=tokenizer, device="cpu")
-    task = task_for(m.cfg.d_vocab, args.prompts, args.tokens)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    m = HookedModel(make_hf().to(device=args.device, dtype=dtype).eval(), tokenizer)
+    bridge = TransformerBridge.boot_transformers(arch, hf_model=make_hf().to(device=args.device, dtype=dtype).eval(),
+                                                 tokenizer=tokenizer, device=args.device, dtype=dtype)
+    task = task_for(m.cfg.d_vocab, args.prompts, args.tokens).to(args.device)
     n, T = task.clean_tokens.shape
     metric = logit_diff(task)
     _, clean_cache = bridge.run_with_cache(task.clean_tokens)
+    sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else (lambda: None)
     rows = []
     for sweep, (site, by, setter, act, tl_axes) in SWEEPS.items():
         sizes = [m.cfg.n_layers] + [{"pos": T, "head": m.cfg.n_heads}[a] for a in by[1:]]
@@ -78,9 +81,11 @@ def bench_model(label, make_hf, tokenizer, args, arch: str = "gpt2") -> list[dic
                   normalise=False)
         t = time.perf_counter()  # fixed cost: the clean/corrupted cached runs (a shard with no chunk)
         activation_patch(m, task, shard=(n_chunks, n_chunks + 1), **kw)
+        sync()
         t_setup = time.perf_counter() - t
         t = time.perf_counter()  # a centred uniform sample of the chunk plan
         ours = activation_patch(m, task, shard=(stride // 2, stride), **kw)
+        sync()
         t_ours_sampled = time.perf_counter() - t
         sampled = len(range(stride // 2, n_chunks, stride))
         t_ours = t_setup + max(0.0, t_ours_sampled - t_setup) * n_chunks / sampled
@@ -90,6 +95,7 @@ def bench_model(label, make_hf, tokenizer, args, arch: str = "gpt2") -> list[dic
             t = time.perf_counter()
             for _ in range(args.plain_reps):
                 m.hf_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            sync()
             t_plain = (time.perf_counter() - t) / (args.plain_reps * chunk * n) * n_patches * n
         # TransformerLens on a random sample of the same patches
         grid = torch.cartesian_prod(*[torch.arange(s) for s in sizes])
@@ -102,8 +108,9 @@ def bench_model(label, make_hf, tokenizer, args, arch: str = "gpt2") -> list[dic
         t = time.perf_counter()
         tl_vals = tlp.generic_activation_patch(bridge, task.corrupt_tokens, clean_cache, tl_metric,
                                                patch_setter=getattr(tlp, setter), activation_name=act, index_df=df)
+        sync()
         t_tl = (time.perf_counter() - t) / len(pick) * n_patches
-        ours_at = ours.values[tuple(grid[pick].T)]  # NaN where not in a timed chunk
+        ours_at = ours.values[tuple(grid[pick].T)].float()  # NaN where not in a timed chunk
         ok = ~ours_at.isnan()
         max_diff = (ours_at[ok] - torch.as_tensor(tl_vals).detach().float()[ok]).abs().max().item() if ok.any() else None
         rows.append(dict(model=label, sweep=sweep, patches=n_patches, rows=n_patches * n, chunk_patches=chunk,
@@ -126,6 +133,8 @@ def main():
     ap.add_argument("--plain-reps", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/patching.json"))
     ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--skip-random", action="store_true", help="only the bundled models")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -134,17 +143,19 @@ def main():
     tok = word_tokenizer(tempfile.mkdtemp())
     rows = []
     if "tiny-gpt2" in mk.list_models():
-        bundled = mk.load("tiny-gpt2", dtype="float32")
-        rows += bench_model("tiny-gpt2", lambda: mk.load("tiny-gpt2", dtype="float32").hf_model, bundled.tokenizer, args)
+        bundled = mk.load("tiny-gpt2")
+        rows += bench_model("tiny-gpt2", lambda: mk.load("tiny-gpt2").hf_model, bundled.tokenizer, args)
     else:
         print("tiny-gpt2 weights absent: its rows are skipped", flush=True)
     if "tiny-llama" in mk.list_models() and not args.skip_llama:
-        bundled = mk.load("tiny-llama", dtype="float32")
-        rows += bench_model("tiny-llama", lambda: mk.load("tiny-llama", dtype="float32").hf_model, bundled.tokenizer,
+        bundled = mk.load("tiny-llama")
+        rows += bench_model("tiny-llama", lambda: mk.load("tiny-llama").hf_model, bundled.tokenizer,
                             args, arch="llama")
     if not args.skip_random:
         rows += bench_model("gpt2-small-shaped random (12L, 768d, 12H)", gpt2_small_random, tok, args)
-    out = dict(machine=dict(threads=args.threads, torch=torch.__version__, note="shared CPU; ratios from one run"),
+    dev = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"
+    out = dict(machine=dict(threads=args.threads, torch=torch.__version__, device=dev, dtype=args.dtype,
+                            note="ratios from one run"),
                settings=vars(args), rows=rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     from mechkit.io import write_json

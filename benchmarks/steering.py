@@ -69,16 +69,19 @@ def speed_ratio(model, prompts, st, reps: int = 3, new: int = 20) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="tiny-gpt2")
+    ap.add_argument("--model", default=None, help="default: mechkit's default bundled model")
     ap.add_argument("--random", action="store_true", help="random-weight model if the bundled one is absent")
     ap.add_argument("--lineas-steps", type=int, default=250)
     ap.add_argument("--gains-steps", type=int, default=200)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "steering.json"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    if a.model in mk.list_models():
-        model, name = mk.load(a.model), a.model
+    if a.model is None or a.model in mk.list_models():
+        model = mk.load(a.model, device=a.device, dtype=a.dtype)
+        name = model.name
     elif a.random:
         model, name = random_model(), "random-gpt2 (bundled model absent)"
     else:

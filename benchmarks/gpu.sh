@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU checks in one prepared script (for a lent H100/H200): the fused patching and steering
+# benchmarks on CUDA in bf16, against TransformerLens on the same weights, plus the GPU parts of
+# the test suite (device_map splits onto cuda:0). Writes benchmarks/results/*_cuda*.json and a log.
+# On the lent machine python3 already holds torch (CUDA) and transformers; mechkit runs from the
+# working tree (PYTHONPATH). transformer-lens, plotly and their missing needs are not there: carry
+# them as wheels (see the device tool's README: pip download ... -d .whl), then
+#   run(command="pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+#        PYTHONPATH=/tmp/site bash benchmarks/gpu.sh", carry=[".whl"])
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu_device.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+# fused patching vs TransformerLens, bf16 on the GPU (bundled models + the 12-layer GPT-2-small shape)
+timeout 300 $PY benchmarks/patching.py --device cuda --dtype bfloat16 --sample-chunks 0 --tl-patches 64 \
+  --prompts 8 --out "$OUT/patching_cuda_bf16.json" 2>&1 | tail -8
+# steering methods, bf16 on the GPU
+timeout 240 $PY benchmarks/steering.py --device cuda --dtype bfloat16 --out "$OUT/steering_cuda_bf16.json" 2>&1 | tail -30
+# the tests that use a GPU when one is present (device_map cuda:0/cpu split)
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_device_map.py 2>&1 | tail -3
