@@ -124,11 +124,11 @@ def test_bad_kind_and_no_hooks_left():
     assert not mk.hookpoints.has_mechkit_hooks(model.hf_model)
 
 
-def _tl_vs_mechkit(model, hf_copy, tok, text: str):
+def _tl_vs_mechkit(model, hf_copy, tok, text: str, arch: str = "gpt2"):
     from transformer_lens.head_detector import detect_head
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf_copy, tokenizer=tok, device="cpu")
+    bridge = TransformerBridge.boot_transformers(arch, hf_model=hf_copy, tokenizer=tok, device="cpu")
     toks = bridge.to_tokens(text)  # what head_detector itself runs on
     tl = detect_head(bridge, text, "induction_head").float()
     ours = head_scores(model, kinds=("induction",), tokens=toks.cpu())["induction"].values
@@ -174,3 +174,25 @@ def test_induction_ranking_agrees_with_transformer_lens(tmp_path):
     assert len(top_tl & top_ours) >= k - (k > 1), (tl, ours)
     # scale differs: TL divides by the whole pattern mass, ~T / (2T + 1) for a perfect head
     assert ours.max() > tl.max()
+
+
+def test_induction_ranking_agrees_with_transformer_lens_on_tiny_llama():
+    """The bundled Llama-family model: TransformerLens's head_detector and mechkit agree on the top heads."""
+    if "tiny-llama" not in mk.list_models():
+        pytest.skip("bundled tiny-llama weights absent")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mechkit.tasks import repeated_tokens
+
+    path = mk.models.model_path("tiny-llama")
+    model = mk.load("tiny-llama")
+    hf_copy = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    ids = repeated_tokens(tok, 1, 30, seed=5)[0, 1:31]
+    text = " ".join(tok.convert_ids_to_tokens(ids.tolist() * 2))
+    tl, ours = _tl_vs_mechkit(model, hf_copy, tok, text, arch="llama")
+    # several near-perfect induction heads tie (~0.96 each), so compare the top set, not the argmax
+    top_tl, top_ours = set(tl.flatten().topk(3).indices.tolist()), set(ours.flatten().topk(3).indices.tolist())
+    assert len(top_tl & top_ours) >= 2, (top_tl, top_ours)
+    assert ours.flatten()[tl.flatten().argmax()] >= 0.8  # TL's top head is an induction head for mechkit too
+    assert ours.max() > tl.max()  # TransformerLens's score is capped near T / (2T + 1)
