@@ -122,7 +122,8 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
     windowed = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None) is not None
     if skip_prefix and "pos" in by and not windowed:
         with torch.no_grad():
-            past = model.hf_model(**base.kwargs(), use_cache=True).past_key_values
+            out = model.hf_model(**base.kwargs(), use_cache=True)
+            past = out.cache if "cache" in out else out.past_key_values  # transformers 5.x renamed it
         base_past = [(layer.keys, layer.values) for layer in past.layers]
         if any(kk is None or kk.shape[-2] != T for kk, _ in base_past):
             base_past = None
