@@ -154,9 +154,21 @@ def _probe_norm(mod: nn.Module, orig_forward) -> tuple[str, float]:
 _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> probe result (per instance)
 
 
-def _install_norm(stack: ExitStack, mod: nn.Module) -> None:
+def _replace_forward(stack: ExitStack, mod: nn.Module, forward) -> None:
+    """Give this module instance ``forward`` until ``stack`` closes (its class is not touched)."""
     had = "forward" in mod.__dict__
     saved = mod.__dict__.get("forward")
+    mod.forward = types.MethodType(forward, mod)
+
+    def restore():
+        if had:
+            mod.forward = saved
+        else:
+            del mod.forward
+    stack.callback(restore)
+
+
+def _install_norm(stack: ExitStack, mod: nn.Module) -> None:
     orig = mod.forward
     if mod not in _PROBED:
         _PROBED[mod] = _probe_norm(mod, orig)
@@ -169,14 +181,7 @@ def _install_norm(stack: ExitStack, mod: nn.Module) -> None:
             return lin
         return exact.detach() + (lin - lin.detach())
 
-    mod.forward = types.MethodType(forward, mod)
-
-    def restore():
-        if had:
-            mod.forward = saved
-        else:
-            del mod.forward
-    stack.callback(restore)
+    _replace_forward(stack, mod, forward)
 
 
 # --------------------------------------------------------------------------- identity rule
@@ -207,8 +212,6 @@ def _probe_gate(act: nn.Module):
 
 
 def _install_identity(stack: ExitStack, mod: nn.Module) -> None:
-    had = "forward" in mod.__dict__
-    saved = mod.__dict__.get("forward")
     orig = mod.forward
     if mod not in _PROBED:
         _PROBED[mod] = _probe_gate(mod)
@@ -221,14 +224,7 @@ def _install_identity(stack: ExitStack, mod: nn.Module) -> None:
             g = gate(xf).to(x.dtype)
         return exact.detach() + (x - x.detach()) * g
 
-    mod.forward = types.MethodType(forward, mod)
-
-    def restore():
-        if had:
-            mod.forward = saved
-        else:
-            del mod.forward
-    stack.callback(restore)
+    _replace_forward(stack, mod, forward)
 
 
 # --------------------------------------------------------------------------- hooks (half, AH)
