@@ -68,12 +68,17 @@ def test_previous_token_ablation_lowers_induction_handbuilt(handbuilt):
 BUNDLED = mk.list_models()
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_bundled_targeted_beats_random(name):
+def load_bundled(name: str):
+    """The bundled model ``name``, or a skip that says which ones are present."""
     if name not in BUNDLED:
         pytest.skip(f"bundled model {name} has no weights yet (mechkit/models/{name}/model.safetensors); "
                     f"present: {BUNDLED}")
-    model = mk.load(name)
+    return mk.load(name)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_bundled_targeted_beats_random(name):
+    model = load_bundled(name)
     # min_score: layers without an induction head contribute no arbitrary "top" head (on a 4-layer
     # model, top-1 per layer in layers 0-2 would mostly be noise, and random draws there hit the
     # previous-token heads the circuit needs); the random control is matched per layer
@@ -85,10 +90,7 @@ def test_bundled_targeted_beats_random(name):
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_bundled_previous_token_ablation_lowers_induction(name):
-    if name not in BUNDLED:
-        pytest.skip(f"bundled model {name} has no weights yet (mechkit/models/{name}/model.safetensors); "
-                    f"present: {BUNDLED}")
-    model = mk.load(name)
+    model = load_bundled(name)
     s = head_scores(model, kinds=("induction", "previous_token"), n=16, T=20)
     ind, prev = s["induction"].values, s["previous_token"].values
     l_ind = int(ind.max(1).values.argmax())  # layer of the strongest induction head
