@@ -56,10 +56,12 @@ def sinusoidal_positions(n: int, d: int, scale: float = 0.1) -> torch.Tensor:
     return pe * scale
 
 
-def make_model(arch: str, vocab_size: int, tok, tiny: bool = False, pos_init: str = "default", untie: bool = False):
+def make_model(arch: str, vocab_size: int, tok, tiny: bool = False, pos_init: str = "default", untie: bool = False,
+               heads: int | None = None, layers: int | None = None, pos_scale: float = 0.1):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     d, L, H = (32, 2, 4) if tiny else (128, 4, 8)
+    H, L = heads or H, layers or L
     common = dict(vocab_size=vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id, tie_word_embeddings=not untie)
     if arch == "gpt2":
@@ -69,7 +71,7 @@ def make_model(arch: str, vocab_size: int, tok, tiny: bool = False, pos_init: st
         model = GPT2LMHeadModel(cfg)
         if pos_init == "sinusoidal":  # still trained; only the starting point differs
             with torch.no_grad():
-                model.transformer.wpe.weight.copy_(sinusoidal_positions(CTX, d))
+                model.transformer.wpe.weight.copy_(sinusoidal_positions(CTX, d, pos_scale))
         return model
     if arch == "llama":
         cfg = LlamaConfig(hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
@@ -116,6 +118,31 @@ class Batches:
             rows = [packed_repeat_row(rng, self.pool, CTX, P1_T, self.bos) for _ in range(n_rep)]
             rows += [self.corpus_row(rng) for _ in range(self.batch - n_rep)]
         return torch.tensor(rows, dtype=torch.long)
+
+    def position_ids(self, step: int, phase: int, shape: torch.Size) -> torch.Tensor | None:
+        """[batch, seq] position ids starting at a random per-row offset (phase 1 only)."""
+        if phase != 1:
+            return None
+        rng = random.Random(f"{self.seed}-pos-{step}")
+        offsets = torch.tensor([rng.randint(0, CTX - shape[1]) for _ in range(shape[0])])
+        return offsets[:, None] + torch.arange(shape[1])[None, :]
+
+
+def induction_targets(x: torch.Tensor, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows [batch, seq]: the position after each token's latest earlier occurrence in its BOS chunk.
+
+    Returns (target [batch, seq] long, valid [batch, seq] bool); valid where such an occurrence
+    exists and the target is not the query itself.
+    """
+    n = x.shape[1]
+    chunk = (x == bos).cumsum(1)  # [batch, seq]
+    same = (x[:, :, None] == x[:, None, :]) & (chunk[:, :, None] == chunk[:, None, :])
+    same &= torch.ones(n, n, dtype=torch.bool).tril(-1)  # k < q
+    idx = torch.arange(n).expand_as(same)
+    last = torch.where(same, idx, torch.full_like(idx, -1)).amax(-1)  # [batch, seq]
+    target = last + 1
+    valid = (last >= 0) & (target < torch.arange(n)) & (x != bos)
+    return target.clamp(max=n - 1), valid
 
 
 def lr_at(step: int, phase: int, p2_start: int | None, p2_steps: int, base: float, warmup: int = 100) -> float:
@@ -189,11 +216,26 @@ def parse_args(argv=None):
     p.add_argument("--pos-init", choices=["default", "sinusoidal"], default="default",
                    help="gpt2 only: initialise the learned position embeddings (default: HF's "
                         "normal(0, 0.02); sinusoidal: a 0.1-scaled sinusoid table)")
+    p.add_argument("--pos-scale", type=float, default=0.1, help="scale of the sinusoidal position table")
     p.add_argument("--aux-prev", type=float, default=0.0,
                    help="phase 1: fraction of rows that alternate two words (x[t+1] = x[t-1]), which reward a "
                         "copying previous-token head directly; helps learned-position models form induction")
+    p.add_argument("--pos-shift", action="store_true",
+                   help="phase 1: each row's position ids start at a random offset in [0, %d], so every "
+                        "learned position embedding is trained on the copying task (no effect on RoPE)" % (CTX - P1_LEN))
+    p.add_argument("--prev-attn-loss", type=float, default=0.0,
+                   help="phase 1: weight of an auxiliary loss -log(attention to the previous position) on one "
+                        "head (--prev-attn-head); shapes only that head's query-key circuit, the way RoPE makes "
+                        "previous-token attention cheap; off in phase 2")
+    p.add_argument("--prev-attn-head", default="0,0", help="layer,head for --prev-attn-loss")
+    p.add_argument("--ind-attn-loss", type=float, default=0.0,
+                   help="phase 1: weight of an auxiliary loss -log(attention to the token after the current "
+                        "token's previous occurrence) on one head (--ind-attn-head); off in phase 2")
+    p.add_argument("--ind-attn-head", default="1,0", help="layer,head for --ind-attn-loss")
     p.add_argument("--untie", action="store_true",
                    help="separate unembedding matrix (default: tied to the embedding)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default 8; 4 with --tiny)")
+    p.add_argument("--layers", type=int, default=None, help="layers (default 4; 2 with --tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -262,7 +304,9 @@ def main(argv=None) -> dict:
 
     tok = build_tokenizer()
     V = len(tok)
-    model = make_model(args.arch, V, tok, args.tiny, args.pos_init, args.untie)
+    model = make_model(args.arch, V, tok, args.tiny, args.pos_init, args.untie, args.heads, args.layers, args.pos_scale)
+    if args.prev_attn_loss > 0:
+        model.config._attn_implementation = "eager"  # attention probabilities for the auxiliary loss
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     batches = Batches(tok, args.seed, args.batch, args.aux_prev)
@@ -296,7 +340,21 @@ def main(argv=None) -> dict:
         lr = lr_at(step, phase, state["p2_start"], args.steps, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = model(input_ids=x, labels=x).loss
+        pos = batches.position_ids(step, phase, x.shape) if args.pos_shift else None
+        supervise = (args.prev_attn_loss > 0 or args.ind_attn_loss > 0) and phase == 1
+        out = model(input_ids=x, labels=x, position_ids=pos, output_attentions=supervise)
+        loss = out.loss
+        if supervise and args.prev_attn_loss > 0:
+            pl, ph = (int(v) for v in args.prev_attn_head.split(","))
+            pattern = out.attentions[pl][:, ph]  # [batch, q, k]
+            q = torch.arange(1, pattern.shape[1])
+            loss = loss - args.prev_attn_loss * pattern[:, q, q - 1].clamp_min(1e-6).log().mean()
+        if supervise and args.ind_attn_loss > 0:
+            il, ih = (int(v) for v in args.ind_attn_head.split(","))
+            target, valid = induction_targets(x, batches.bos)
+            pattern = out.attentions[il][:, ih]  # [batch, q, k]
+            p_t = pattern.gather(2, target[..., None]).squeeze(-1)  # [batch, q]
+            loss = loss - args.ind_attn_loss * p_t.clamp_min(1e-6).log()[valid].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
