@@ -20,6 +20,7 @@ from ..tasks.base import position_ids_from_mask
 from .checkpoint import ChunkStore, sweep_key
 from .engine import FusedRunner
 from .metrics import evaluate, logit_diff
+from .plan import overhead_token_layers, plan_chunks
 from .sites import axis_size, check_by, site_kind
 
 
@@ -48,10 +49,6 @@ def pos_labels(model, task) -> list[str]:
     tok = getattr(model, "tokenizer", None)
     strs = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
     return [f"{i}:{s}" for i, s in enumerate(strs)]
-
-
-def _chunks(n_items: int, size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + size, n_items)) for s in range(0, n_items, size)]
 
 
 def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None, mode: str = "denoise",
@@ -111,16 +108,17 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
 
     sizes = [len(layers)] + [axis_size(kind, a, cfg, T) for a in by[1:]]
     grid = torch.tensor(list(itertools.product(layers, *[range(s) for s in sizes[1:]])), dtype=torch.long)
-    chunk = max(1, max_batch_tokens // (n * T))
-    spans = _chunks(len(grid), chunk)
-    key = sweep_key(site=kind.name, by=list(by), mode=mode, layers=layers, chunk=chunk, clean=task.clean_tokens,
+    windowed = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None) is not None
+    reuse_prefix = skip_prefix and "pos" in by and not windowed
+    order, spans = plan_chunks(grid, by.index("pos") if reuse_prefix else None, n, T, L, max_batch_tokens,
+                               overhead_token_layers(cfg.d_model), skip_layers)
+    key = sweep_key(site=kind.name, by=list(by), mode=mode, layers=layers, plan=spans, clean=task.clean_tokens,
                     corrupt=task.corrupt_tokens, mask=task.clean_mask, answers=task.answer_ids,
                     wrong=task.wrong_ids, cfg=cfg.to_dict(), metric=repr(metric))
     store = ChunkStore(checkpoint_dir, key, len(spans))
     base_past = None
     # a sliding-window cache keeps only the last keys and its masks assume that layout: no prefix reuse there
-    windowed = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None) is not None
-    if skip_prefix and "pos" in by and not windowed:
+    if reuse_prefix:
         with torch.no_grad():
             out = model.hf_model(**base.kwargs(), use_cache=True)
             past = out.cache if "cache" in out else out.past_key_values  # transformers 5.x renamed it
@@ -138,19 +136,20 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
         s, e = spans[i]
         vals = store.load(i)
         if vals is None:
-            vals = runner.run(grid[s:e].to(dev)).cpu()
+            vals = runner.run(grid[order[s:e]].to(dev)).cpu()
             store.save(i, vals)
             computed += 1
             if on_chunk is not None:
                 on_chunk(i, vals)
-        raw[s:e] = vals
+        raw[order[s:e]] = vals
     values = (raw - m_corrupt) / (m_clean - m_corrupt) if normalise else raw
 
     labels = {"layer": [str(l) for l in layers]}
     for a, s in zip(by[1:], sizes[1:]):
         labels[a] = pos_labels(model, task) if a == "pos" else [f"{a[0].upper()}{j}" for j in range(s)]
     meta = dict(method="activation_patch", site=kind.name, hook=kind.hook, by=list(by), mode=mode,
-                metric=repr(metric), normalised=normalise, n_prompts=n, n_pos=T, chunk_size=chunk,
+                metric=repr(metric), normalised=normalise, n_prompts=n, n_pos=T,
+                chunk_size=max(e - s for s, e in spans),
                 n_chunks=len(spans), chunks_computed=computed, shard=[rank, world], model=cfg.to_dict(),
                 skip_layers=skip_layers, skip_prefix=base_past is not None, seconds=time.perf_counter() - t0)
     return Result(values.reshape(sizes), tuple(by), labels, {"clean": m_clean, "corrupt": m_corrupt}, meta,

@@ -1,0 +1,63 @@
+"""The chunk plan of a patching sweep: which patches share a forward pass.
+
+A chunk of k patches whose lowest layer is ``k0`` and earliest position ``p0`` costs about
+``k * n * (T - p0) * (L - k0)`` token-layers (the engine skips the rest), plus a fixed cost per
+forward. Patches are ordered by (layer, position, other axes) and cut into consecutive chunks
+by dynamic programming over that cost, with at most ``max_batch_tokens`` rows x computed
+positions per forward. Versus cutting the layer-major grid into equal chunks this keeps late
+positions and high layers together, so each chunk skips more.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def overhead_token_layers(d_model: int) -> int:
+    """Fixed cost of one forward, per layer, in token-layers of compute (a heuristic: ~2 ms of
+    dispatch per layer on CPU; small models pay relatively more)."""
+    return max(16, 4_000_000 // max(1, d_model * d_model))
+
+
+def plan_chunks(grid: torch.Tensor, pos_axis: int | None, n: int, T: int, L: int, max_batch_tokens: int,
+                overhead: int, skip_layers: bool = True) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Order and cut a sweep's patch list.
+
+    Args:
+        grid: LongTensor [N, len(by)], column 0 the layer.
+        pos_axis: column of the position in ``grid`` (None: no position axis / no prefix reuse).
+        n, T, L: prompts, positions, model layers. max_batch_tokens: rows x computed positions per forward.
+        overhead: fixed cost per forward and layer, in token-layers.
+
+    Returns:
+        (order [N] long: grid rows in execution order, spans: [(start, end)] into ``order``).
+    """
+    N = grid.shape[0]
+    layer = grid[:, 0].numpy()
+    pos = grid[:, pos_axis].numpy() if pos_axis is not None else np.zeros(N, dtype=np.int64)
+    rest = [grid[:, j].numpy() for j in range(grid.shape[1] - 1, 0, -1) if j != pos_axis]
+    order = np.lexsort(rest + [pos, layer]) if N else np.zeros(0, dtype=np.int64)  # last key is primary
+    lay, p = layer[order], pos[order]
+    k0 = lay if skip_layers else np.zeros_like(lay)
+    best = np.full(N + 1, np.inf)
+    best[0] = 0.0
+    cut = np.zeros(N + 1, dtype=np.int64)
+    for e in range(1, N + 1):
+        # candidate starts s = e-1, e-2, ... while the chunk fits: running min of p over [s, e)
+        lo = max(0, e - max(1, max_batch_tokens // n))
+        s = np.arange(e - 1, lo - 1, -1)
+        p0 = np.minimum.accumulate(p[lo:e][::-1])
+        k = e - s
+        fits = (k * n * (T - p0) <= max_batch_tokens) | (k == 1)
+        s, p0, k = s[fits], p0[fits], k[fits]
+        layers_run = L - k0[s]  # order is layer-major: the chunk's lowest layer is its first item's
+        cost = best[s] + k * n * (T - p0) * layers_run + overhead * layers_run
+        j = int(np.argmin(cost))
+        best[e], cut[e] = cost[j], s[j]
+    spans = []
+    e = N
+    while e > 0:
+        spans.append((int(cut[e]), e))
+        e = int(cut[e])
+    return torch.as_tensor(order, dtype=torch.long), spans[::-1]
