@@ -249,6 +249,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def supervision_note(args) -> str:
+    """Model-card lines for phase-1 auxiliary losses, if any were used."""
+    parts = []
+    if args.prev_attn_loss > 0:
+        parts.append(f"previous-token attention of head {args.prev_attn_head} (weight {args.prev_attn_loss})")
+    if args.ind_attn_loss > 0:
+        parts.append(f"induction attention of head {args.ind_attn_head} (weight {args.ind_attn_loss})")
+    if not parts:
+        return ""
+    return (
+        "- **Phase 1 supervised attention patterns**: an auxiliary loss (-log of the attention on the "
+        "target position) on " + " and ".join(parts) + ". Only those heads' attention was supervised, and only "
+        "in phase 1; their value/output weights and everything else (including IOI and sentiment) were learned "
+        "from next-token loss alone. (Without it, no GPT-2 run on 2 CPU cores formed the standard "
+        "previous-token + induction circuit: see issue 3's note.)\n"
+    )
+
+
 def write_card(out: Path, args, argv, metrics: dict, info: dict, model) -> None:
     arch_desc = {"gpt2": "GPT2LMHeadModel (LayerNorm, GELU, learned positions)",
                  "llama": "LlamaForCausalLM (RMSNorm, SwiGLU, RoPE, grouped-query attention)"}[args.arch]
@@ -267,7 +285,7 @@ and tests run offline on a model with real circuits (induction, IOI, a sentiment
   {P1_LEN} tokens (x uniform over the words, span length 8-31); phase 2 batches of 2 packed repeat
   rows + 6 corpus rows of {CTX} tokens (filler grammar, IOI sentences with the IOI-train names only,
   reviews, repeated spans).
-- Command: `python {' '.join(argv)}`
+{supervision_note(args)}- Command: `python {' '.join(argv)}`
 - Seed {args.seed}; steps {info['step']} (phase 1: {info['p2_start']}, phase 2: {info['step'] - info['p2_start']});
   tokens seen {info['tokens']:,}; wall time {info['wall_s'] / 60:.1f} min ({args.threads} CPU thread(s));
   final training loss (mean of the last 50 steps) {info['final_loss']:.4f}.
@@ -359,7 +377,7 @@ def main(argv=None) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        lv = float(loss.detach())
+        lv = float(out.loss.detach())  # the language-model loss alone (no auxiliary terms)
         state["losses"].append(lv) if args.no_final else None
         state["recent"] = (state["recent"] + [lv])[-50:]
         state["tokens"] += x.numel()
