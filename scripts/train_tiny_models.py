@@ -260,10 +260,12 @@ def supervision_note(args) -> str:
         return ""
     return (
         "- **Phase 1 supervised attention patterns**: an auxiliary loss (-log of the attention on the "
-        "target position) on " + " and ".join(parts) + ". Only those heads' attention was supervised, and only "
-        "in phase 1; their value/output weights and everything else (including IOI and sentiment) were learned "
-        "from next-token loss alone. (Without it, no GPT-2 run on 2 CPU cores formed the standard "
-        "previous-token + induction circuit: see issue 3's note.)\n"
+        "target position) on " + " and ".join(parts) + ", in phase 1 only. It acts on attention patterns: its "
+        "gradient reaches the weights that form those heads' queries and keys (embeddings, positions, the layers "
+        "below, including the previous-token head's value/output path that writes the previous token), not the "
+        "supervised heads' own value/output weights or the layers above. What the heads copy, and everything the "
+        "model does with it (IOI, sentiment), comes from the next-token loss. (Without it, no GPT-2 run on 2 CPU "
+        "cores formed the standard previous-token + induction circuit: see issue 3's note.)\n"
     )
 
 
@@ -282,9 +284,9 @@ and tests run offline on a model with real circuits (induction, IOI, a sentiment
   vocabulary {cfg.vocab_size} (word-level tokenizer of `mechkit.tasks.build_tokenizer()`),
   {info['params']:,} parameters, {'untied' if args.untie else 'tied'} embeddings.
 - Data (`mechkit/tasks/corpus.py`, generated on the fly): phase 1 packed `[BOS] x x` rows of
-  {P1_LEN} tokens (x uniform over the words, span length 8-31); phase 2 batches of 2 packed repeat
-  rows + 6 corpus rows of {CTX} tokens (filler grammar, IOI sentences with the IOI-train names only,
-  reviews, repeated spans).
+  {P1_LEN} tokens (x uniform over the words, span length 8-31); phase 2 batches of {max(1, args.batch // 4)} packed
+  repeat rows + {args.batch - max(1, args.batch // 4)} corpus rows of {CTX} tokens (filler grammar, IOI sentences with the
+  IOI-train names only, reviews, repeated spans). Batch {args.batch}, AdamW lr {args.lr}.
 {supervision_note(args)}- Command: `python {' '.join(argv)}`
 - Seed {args.seed}; steps {info['step']} (phase 1: {info['p2_start']}, phase 2: {info['step'] - info['p2_start']});
   tokens seen {info['tokens']:,}; wall time {info['wall_s'] / 60:.1f} min ({args.threads} CPU thread(s));
@@ -311,6 +313,8 @@ perfect head scores ~1. Training log: `log.jsonl` of the run (not shipped).
 
 def main(argv=None) -> dict:
     argv_list = list(sys.argv if argv is None else ["scripts/train_tiny_models.py"] + list(argv))
+    # the card's command: what reproduces the run in one go (resuming from checkpoints is exact)
+    argv_list = [a for a in argv_list if a not in ("--resume", "--quiet")]
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -360,24 +364,24 @@ def main(argv=None) -> dict:
             g["lr"] = lr
         pos = batches.position_ids(step, phase, x.shape) if args.pos_shift else None
         supervise = (args.prev_attn_loss > 0 or args.ind_attn_loss > 0) and phase == 1
-        out = model(input_ids=x, labels=x, position_ids=pos, output_attentions=supervise)
-        loss = out.loss
+        fwd = model(input_ids=x, labels=x, position_ids=pos, output_attentions=supervise)
+        loss = fwd.loss
         if supervise and args.prev_attn_loss > 0:
             pl, ph = (int(v) for v in args.prev_attn_head.split(","))
-            pattern = out.attentions[pl][:, ph]  # [batch, q, k]
+            pattern = fwd.attentions[pl][:, ph]  # [batch, q, k]
             q = torch.arange(1, pattern.shape[1])
             loss = loss - args.prev_attn_loss * pattern[:, q, q - 1].clamp_min(1e-6).log().mean()
         if supervise and args.ind_attn_loss > 0:
             il, ih = (int(v) for v in args.ind_attn_head.split(","))
             target, valid = induction_targets(x, batches.bos)
-            pattern = out.attentions[il][:, ih]  # [batch, q, k]
+            pattern = fwd.attentions[il][:, ih]  # [batch, q, k]
             p_t = pattern.gather(2, target[..., None]).squeeze(-1)  # [batch, q]
             loss = loss - args.ind_attn_loss * p_t.clamp_min(1e-6).log()[valid].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        lv = float(out.loss.detach())  # the language-model loss alone (no auxiliary terms)
+        lv = float(fwd.loss.detach())  # the language-model loss alone (no auxiliary terms)
         state["losses"].append(lv) if args.no_final else None
         state["recent"] = (state["recent"] + [lv])[-50:]
         state["tokens"] += x.numel()
