@@ -90,3 +90,23 @@ def test_checkpoint_folder(tmp_path):
 def test_bad_every():
     with pytest.raises(ValueError, match="every"):
         TelemetryCallback(every=0)
+
+
+def test_induction_telemetry_script(tmp_path):
+    """scripts/induction_telemetry.py: one JSONL record per checkpoint in step order, and the timeline HTML."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "induction_telemetry.py"
+    spec = importlib.util.spec_from_file_location("induction_telemetry", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for step, seed in [(20, 0), (5, 1), (100, 2)]:
+        random_hf_model("llama", seed=seed).save_pretrained(str(tmp_path / "run" / f"checkpoint-{step}"))
+    steps = mod.main([str(tmp_path / "run"), "--out", str(tmp_path / "t.jsonl"), "--kinds", "induction",
+                      "previous_token", "--n", "2", "--T", "5", "--quiet"])
+    recs = read_telemetry(tmp_path / "t.jsonl")
+    assert steps == [5, 20, 100] and [r["step"] for r in recs] == [5, 20, 100]
+    assert set(recs[0]["scores"]) == {"induction", "previous_token"}
+    html = (tmp_path / "t.html").read_text()
+    assert "L0H0" in html and "previous_token score" in html

@@ -112,8 +112,8 @@ def telemetry_from_checkpoints(folder: str | Path, path: str | Path, tokenizer=N
     ``transformers.Trainer`` layout, each loadable with ``from_pretrained``), in step order.
 
     ``tokenizer``: a tokenizer or a folder; default: ``folder`` itself if it holds one, else the
-    first checkpoint's. Returns the steps logged. (``scripts/induction_telemetry.py`` is meant to
-    be a thin front end over this.)
+    first checkpoint's. Returns the steps logged. ``scripts/induction_telemetry.py`` is the command-line
+    front end (plus the timeline figure).
     """
     import re
 
