@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import random_hf_model, random_tokens
+from factories import FAMILIES, random_hf_model, random_tokens
 
 import mechkit as mk
 from mechkit.hookpoints import get_module, has_mechkit_hooks
@@ -272,3 +272,31 @@ def test_other_families_equal_reference(family):
     ref = reference_patch(m, task, "attn_out", ("layer", "pos"), logit_diff(task), normalise=False)
     torch.testing.assert_close(res.values, ref, atol=1e-5, rtol=1e-5)
     assert not has_mechkit_hooks(m.hf_model)
+
+
+def test_sweep_under_other_hooks_equals_reference_loop():
+    """With other hooks on the model (a per-position mean ablation of last-layer neurons), the sweep
+    still equals the reference loop: the last-layer-MLP shortcut steps aside for hooks it cannot see."""
+    from mechkit import ablate
+
+    m = HookedModel(random_hf_model("gpt2"))
+    task = make_task(m.cfg.d_vocab)
+    n, T = task.clean_tokens.shape
+    last = m.cfg.n_layers - 1
+    with ablate(m, neurons=[(last, 0), (last, 5)], how="mean", reference=task.clean_tokens, per_position=True):
+        res = activation_patch(m, task, sites="resid_pre", by=("layer", "pos"), max_batch_tokens=2 * n * T,
+                               progress=False, normalise=False)
+        ref = reference_patch(m, task, "resid_pre", ("layer", "pos"), logit_diff(task), normalise=False)
+    torch.testing.assert_close(res.values, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_equals_reference_every_family(family):
+    """Every mapped family (layer skipping, KV prefix, last-position MLP of the last layer)."""
+    m = HookedModel(random_hf_model(family))
+    task = make_task(m.cfg.d_vocab)
+    n, T = task.clean_tokens.shape
+    res = activation_patch(m, task, sites="resid_pre", by=("layer", "pos"), max_batch_tokens=2 * n * T,
+                           progress=False, normalise=False)
+    ref = reference_patch(m, task, "resid_pre", ("layer", "pos"), logit_diff(task), normalise=False)
+    torch.testing.assert_close(res.values, ref, atol=1e-5, rtol=0)

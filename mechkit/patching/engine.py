@@ -10,19 +10,20 @@ Positions before the earliest patched position of a chunk cannot change either (
 is causal in position): they are not run; the base run's keys and values for them are passed
 as a KV cache and only positions ``[p0:]`` are computed. Hooks find the offset from the
 activation's length (k/v and the pattern's key axis still span every position).
-Only the last position's logits are computed when the metric reads only those.
+Only the last position's logits are computed when the metric reads only those, and then the
+last layer's MLP runs on the last position only (nothing reads the others).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
-from ..hookpoints import get_module
+from ..hookpoints import get_module, has_mechkit_hooks
 from ..inputs import Batch
 from .metrics import evaluate
 from .sites import SiteKind, patch_mask
@@ -57,6 +58,35 @@ def start_at_layer(model, k0: int) -> Iterator[None]:
             cfg.layer_types = types
 
 
+# site kinds whose hook points in a layer come before that layer's MLP
+PRE_MLP_KINDS = frozenset({"resid_pre", "resid_mid", "attn_out", "z", "q", "k", "v", "pattern"})
+
+
+@contextmanager
+def last_position_mlp(model, layer: int) -> Iterator[None]:
+    """The MLP of ``layer`` runs on the last position only.
+
+    Its output [batch, 1, d] broadcasts over the other positions where the block adds it to the
+    residual stream; for the last layer nothing reads those positions when only the last logits
+    are kept, so the result there is exact while ~2/3 of the layer's work is skipped. The MLP is
+    the parent module of the map's ``mlp_down_proj``.
+    """
+    mlp_path = model.hook_map.path(model.hook_map.family["mlp_down_proj"], layer).rpartition(".")[0]
+    mlp = get_module(model.hf_model, mlp_path)
+
+    def last_only(module, args, kwargs):
+        if args:
+            return (args[0][:, -1:],) + tuple(args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, dict(kwargs, **{key: kwargs[key][:, -1:]})
+
+    handle = mlp.register_forward_pre_hook(last_only, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _accepts(fn, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
@@ -79,10 +109,13 @@ class FusedRunner:
             positions before the earliest patched position of a chunk are not run.
         base_logits: [n, T, d_vocab] of the base run: a metric that reads every position gets
             them for the positions that were not run (they cannot change).
+        mlp_last_position_ok: with a last-position metric, run the last layer's MLP on the last
+            position only (see :func:`last_position_mlp`).
     """
 
     def __init__(self, model, kind: SiteKind, by, base: Batch, source: dict, base_resid_pre: dict, metric,
-                 skip_layers: bool = True, base_past: list | None = None, base_logits: torch.Tensor | None = None):
+                 skip_layers: bool = True, base_past: list | None = None, base_logits: torch.Tensor | None = None,
+                 mlp_last_position_ok: bool = True):
         self.model, self.kind, self.by, self.base = model, kind, tuple(by), base
         self.source, self.base_resid_pre, self.metric = source, base_resid_pre, metric
         self.n = base.input_ids.shape[0]
@@ -93,6 +126,7 @@ class FusedRunner:
         # transformers 5.x renames ``past_key_values`` to ``cache`` model by model
         self.cache_kw = "cache" if _accepts(model.hf_model.forward, "cache") else "past_key_values"
         self.last_only = bool(getattr(metric, "last_only", False)) and _accepts(model.hf_model.forward, "logits_to_keep")
+        self.mlp_last_ok = mlp_last_position_ok
 
     def _patch_hook(self, k: int, groups: torch.Tensor, idx: torch.Tensor, src: torch.Tensor):
         kind, by, n = self.kind, self.by, self.n
@@ -150,8 +184,15 @@ class FusedRunner:
                 (kk[:, :, :p0].repeat(k, 1, 1, 1), vv[:, :, :p0].repeat(k, 1, 1, 1)) for kk, vv in self.base_past])
         if self.last_only:
             kw["logits_to_keep"] = 1
-        with self.model.hooks(hooks), start_at_layer(self.model, k0):
-            logits = self.model.hf_model(**kw).logits
+        last = self.model.cfg.n_layers - 1
+        # the last layer's MLP only at the last position: when just the last logits are read, nothing
+        # patched sits at or after that MLP, and no other hooks are on the model (they might index positions)
+        mlp_last = (self.last_only and self.mlp_last_ok
+                    and (self.kind.name in PRE_MLP_KINDS or int(layers.max()) < last)
+                    and not has_mechkit_hooks(self.model.hf_model))
+        with (last_position_mlp(self.model, last) if mlp_last else nullcontext()):
+            with self.model.hooks(hooks), start_at_layer(self.model, k0):
+                logits = self.model.hf_model(**kw).logits
         if p0 > 0 and not self.last_only:
             logits = torch.cat([self.base_logits[:, :p0].to(logits.dtype).repeat(k, 1, 1), logits], 1)
         return evaluate(self.metric, logits, self.n)
