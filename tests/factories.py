@@ -69,3 +69,15 @@ def word_tokenizer(folder):
                                       pad_token="<s>")
     fast.save_pretrained(str(folder))
     return tf.AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "discover_circuit.py"
+from factories import load_script as _load_script
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("discover_circuit", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load_script("discover_circuit")
 
 
 def test_faithfulness_curve_runs_from_nothing_to_everything(tmp_path, model_arg):

@@ -94,13 +94,9 @@ def test_bad_every():
 
 def test_induction_telemetry_script(tmp_path):
     """scripts/induction_telemetry.py: one JSONL record per checkpoint in step order, and the timeline HTML."""
-    import importlib.util
-    from pathlib import Path
+    from factories import load_script
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "induction_telemetry.py"
-    spec = importlib.util.spec_from_file_location("induction_telemetry", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("induction_telemetry")
     for step, seed in [(20, 0), (5, 1), (100, 2)]:
         random_hf_model("llama", seed=seed).save_pretrained(str(tmp_path / "run" / f"checkpoint-{step}"))
     steps = mod.main([str(tmp_path / "run"), "--out", str(tmp_path / "t.jsonl"), "--kinds", "induction",

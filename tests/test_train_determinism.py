@@ -1,18 +1,11 @@
 """The training script is deterministic: same seed, same losses (a few tiny steps)."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny_models.py"
+from factories import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("train_tiny_models", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train_tiny_models")
 
 
 def _run(mod, out, arch, seed, extra=()):
