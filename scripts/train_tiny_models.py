@@ -17,7 +17,9 @@ Every batch is drawn from ``random.Random(seed, step)``, so a run is determinist
 (every ``--ckpt-every`` steps), and at the end the model (``save_pretrained``,
 safetensors), tokenizer, ``metrics.json`` and a ``README.md`` model card.
 
-Example: python scripts/train_tiny_models.py --arch llama --out runs/tiny-llama --threads 1
+Examples (the shipped models' commands are in their model cards):
+    python scripts/train_tiny_models.py --arch llama --out runs/tiny-llama --threads 1
+    python scripts/train_tiny_models.py --arch gpt2 --out runs/tiny-gpt2 --lr 1e-3 --batch 16 --pos-shift
 """
 
 from __future__ import annotations
@@ -264,8 +266,8 @@ def supervision_note(args) -> str:
         "gradient reaches the weights that form those heads' queries and keys (embeddings, positions, the layers "
         "below, including the previous-token head's value/output path that writes the previous token), not the "
         "supervised heads' own value/output weights or the layers above. What the heads copy, and everything the "
-        "model does with it (IOI, sentiment), comes from the next-token loss. (Without it, no GPT-2 run on 2 CPU "
-        "cores formed the standard previous-token + induction circuit: see issue 3's note.)\n"
+        "model does with it (IOI, sentiment), comes from the next-token loss. (The shipped GPT-2 needed none of "
+        "this: `--pos-shift` formed the circuit unsupervised.)\n"
     )
 
 
