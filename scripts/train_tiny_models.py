@@ -224,7 +224,8 @@ def parse_args(argv=None):
                         "copying previous-token head directly; helps learned-position models form induction")
     p.add_argument("--pos-shift", action="store_true",
                    help=f"phase 1: each row's position ids start at a random offset in [0, {CTX - P1_LEN}], so every "
-                        "learned position embedding is trained on the copying task (no effect on RoPE)")
+                        "learned position embedding is trained on the copying task (no effect on RoPE); with it GPT-2 "
+                        "forms the previous-token + induction circuit on its own (the shipped tiny-gpt2)")
     p.add_argument("--prev-attn-loss", type=float, default=0.0,
                    help="phase 1: weight of an auxiliary loss -log(attention to the previous position) on one "
                         "head (--prev-attn-head); shapes only that head's query-key circuit, the way RoPE makes "
