@@ -15,8 +15,12 @@ import torch
 
 
 def overhead_token_layers(d_model: int) -> int:
-    """Fixed cost of one forward, per layer, in token-layers of compute (a heuristic: ~2 ms of
-    dispatch per layer on CPU; small models pay relatively more)."""
+    """Fixed cost of one forward, per layer, in token-layers of compute.
+
+    A heuristic, not measured per machine: the same fixed dispatch cost is worth more token-layers
+    of a small model than of a large one (d_model 128 -> 244, d_model >= 500 -> 16). It only shapes
+    the chunk plan; results do not depend on it.
+    """
     return max(16, 4_000_000 // max(1, d_model * d_model))
 
 
