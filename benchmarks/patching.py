@@ -4,7 +4,9 @@ Sweeps ``resid_pre`` by (layer, pos) and head output ``z`` by (layer, head, pos)
 tiny-gpt2 (when its weights are present) and on a GPT-2-small-shaped random model (12 layers,
 d_model 768, 12 heads), 8 prompts x 20 tokens, TransformerLens on the same weights, same run.
 
-On a slow or shared CPU the full sweeps take too long, so each timing may be measured on a
+Each timing is repeated ``--repeats`` times, interleaved with the others, and the medians are
+reported (every sample is in the JSON): on a shared CPU one shot of each can land on different
+speed drifts. On a slow or shared CPU the full sweeps take too long, so each timing may be measured on a
 uniform sample and extrapolated (all reported in the JSON):
 
 - mechkit: the fixed cost (cached clean/corrupted runs) + chunks ``i % S == S // 2`` of the real chunk
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -85,48 +88,57 @@ def bench_model(label, make_hf, tokenizer, args, arch: str = "gpt2") -> list[dic
         chunk = max(1, args.max_batch_tokens // (n * T))  # rows of one plain forward (below)
         kw = dict(sites=site, by=by, metric=metric, progress=False, max_batch_tokens=args.max_batch_tokens,
                   normalise=False)
-        t = time.perf_counter()  # fixed cost: the clean/corrupted cached runs (a shard with no chunk)
-        n_chunks = activation_patch(m, task, shard=(10**9, 10**9 + 1), **kw).meta["n_chunks"]
-        sync()
-        t_setup = time.perf_counter() - t
-        # chunks differ in cost (the plan groups late positions / high layers): a sample is an estimate
-        stride = 1 if args.sample_chunks <= 0 else max(1, n_chunks // args.sample_chunks)  # 0: the whole sweep
-        t = time.perf_counter()  # a centred uniform sample of the chunk plan
-        ours = activation_patch(m, task, shard=(stride // 2, stride), **kw)
-        sync()
-        t_ours_sampled = time.perf_counter() - t
-        sampled = len(range(stride // 2, n_chunks, stride))
-        t_ours = t_setup + max(0.0, t_ours_sampled - t_setup) * n_chunks / sampled
-        # plain batched forwards with full logits, the chunk's row count
-        ids = task.corrupt_tokens.repeat(chunk, 1)
-        with torch.no_grad():
-            t = time.perf_counter()
-            for _ in range(args.plain_reps):
-                m.hf_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            sync()
-            t_plain = (time.perf_counter() - t) / (args.plain_reps * chunk * n) * n_patches * n
-        # TransformerLens on a random sample of the same patches
         grid = torch.cartesian_prod(*[torch.arange(s) for s in sizes])
         pick = torch.randperm(len(grid), generator=torch.Generator().manual_seed(1))[:args.tl_patches]
         df = pd.DataFrame(grid[pick].numpy(), columns=tl_axes)
+        ids = task.corrupt_tokens.repeat(chunk, 1)
 
         def tl_metric(logits):
             return metric(logits).mean()
 
-        t = time.perf_counter()
-        tl_vals = tlp.generic_activation_patch(bridge, task.corrupt_tokens, clean_cache, tl_metric,
-                                               patch_setter=getattr(tlp, setter), activation_name=act, index_df=df)
-        sync()
-        t_tl = (time.perf_counter() - t) / len(pick) * n_patches
+        # the three timings are interleaved and repeated; medians are reported (this machine's speed
+        # drifts by tens of percent over seconds, so one shot of each can land on different drifts)
+        t_setups, t_ourss, t_plains, t_tls = [], [], [], []
+        for _ in range(args.repeats):
+            t = time.perf_counter()  # fixed cost: the clean/corrupted cached runs (a shard with no chunk)
+            n_chunks = activation_patch(m, task, shard=(10**9, 10**9 + 1), **kw).meta["n_chunks"]
+            sync()
+            t_setup = time.perf_counter() - t
+            # chunks differ in cost (the plan groups late positions / high layers): a sample is an estimate
+            stride = 1 if args.sample_chunks <= 0 else max(1, n_chunks // args.sample_chunks)  # 0: the whole sweep
+            t = time.perf_counter()  # a centred uniform sample of the chunk plan
+            ours = activation_patch(m, task, shard=(stride // 2, stride), **kw)
+            sync()
+            t_ours_sampled = time.perf_counter() - t
+            sampled = len(range(stride // 2, n_chunks, stride))
+            t_ourss.append(t_setup + max(0.0, t_ours_sampled - t_setup) * n_chunks / sampled)
+            t_setups.append(t_setup)
+            # plain batched forwards with full logits, the chunk's row count
+            with torch.no_grad():
+                t = time.perf_counter()
+                for _ in range(args.plain_reps):
+                    m.hf_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                sync()
+                t_plains.append((time.perf_counter() - t) / (args.plain_reps * chunk * n) * n_patches * n)
+            # TransformerLens on a random sample of the same patches
+            t = time.perf_counter()
+            tl_vals = tlp.generic_activation_patch(bridge, task.corrupt_tokens, clean_cache, tl_metric,
+                                                   patch_setter=getattr(tlp, setter), activation_name=act,
+                                                   index_df=df)
+            sync()
+            t_tls.append((time.perf_counter() - t) / len(pick) * n_patches)
+        t_ours, t_plain, t_tl = (statistics.median(x) for x in (t_ourss, t_plains, t_tls))
         ours_at = ours.values[tuple(grid[pick].T)].float()  # NaN where not in a timed chunk
         ok = ~ours_at.isnan()
         max_diff = (ours_at[ok] - torch.as_tensor(tl_vals).detach().float()[ok]).abs().max().item() if ok.any() else None
         rows.append(dict(model=label, sweep=sweep, patches=n_patches, rows=n_patches * n, chunk_patches=chunk,
-                         chunks=n_chunks, chunks_timed=sampled, mechkit_setup_s=t_setup, tl_patches_timed=len(pick),
+                         chunks=n_chunks, chunks_timed=sampled, repeats=args.repeats,
+                         mechkit_setup_s=statistics.median(t_setups), tl_patches_timed=len(pick),
                          mechkit_s=t_ours, transformer_lens_s=t_tl, plain_forwards_s=t_plain,
                          speedup_vs_tl=t_tl / t_ours, sweep_over_plain=t_ours / t_plain,
+                         samples=dict(mechkit_s=t_ourss, transformer_lens_s=t_tls, plain_forwards_s=t_plains),
                          max_abs_diff_vs_tl_on_shared_patches=max_diff))
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}), flush=True)
     return rows
 
 
@@ -139,6 +151,7 @@ def main():
     ap.add_argument("--sample-chunks", type=int, default=0, help="chunks timed, extrapolated (0: all of them)")
     ap.add_argument("--tl-patches", type=int, default=8)
     ap.add_argument("--plain-reps", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of all three timings; medians reported")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/patching.json"))
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--device", default="cpu")
@@ -163,7 +176,7 @@ def main():
         rows += bench_model("gpt2-small-shaped random (12L, 768d, 12H)", gpt2_small_random, tok, args)
     dev = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"
     out = dict(machine=dict(threads=args.threads, torch=torch.__version__, device=dev, dtype=args.dtype,
-                            note="ratios from one run"),
+                            note="medians of interleaved repeats, one run"),
                settings=vars(args), rows=rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     from mechkit.io import write_json

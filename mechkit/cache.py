@@ -29,6 +29,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         self._store = store
         self.model = model
         self.batch = batch
+        self.kv: list | None = None  # HF's key/value cache of the run, when asked for (run_with_cache(keep_kv=True))
 
     # mapping -----------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:

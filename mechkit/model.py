@@ -182,11 +182,14 @@ class HookedModel(nn.Module):
         device: str | torch.device | None = None,
         hooks: HookSpec = (),
         padding_side: str = "left",
+        keep_kv: bool = False,
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Run and record activations: (logits [batch, pos, d_vocab], ActivationCache).
 
         ``names``: None (every point), a name, a list, or a predicate on names. ``device``: where
         cached tensors go (e.g. "cpu"). ``hooks``: extra hooks that run before caching.
+        ``keep_kv``: also keep HF's key/value cache of the run as ``cache.kv``: [(keys, values)] per
+        layer, each [batch, kv_heads, pos, d_head] (None for a layer that kept none).
         """
         selected = self.points.select(names)
         store: dict[str, torch.Tensor] = {}
@@ -199,9 +202,13 @@ class HookedModel(nn.Module):
         extra = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
         b = self.batch(inputs, attention_mask, padding_side=padding_side)
         with torch.no_grad(), self.hooks(extra + [(n, saver(n)) for n in selected]):
-            logits = self.hf_model(**b.kwargs(), use_cache=False).logits
+            out = self.hf_model(**b.kwargs(), use_cache=keep_kv)
         ordered = {n: store[n] for n in selected if n in store}
-        return logits, ActivationCache(ordered, self, b)
+        cache = ActivationCache(ordered, self, b)
+        if keep_kv:
+            past = out.cache if "cache" in out else out.past_key_values  # transformers 5.x renames it per model
+            cache.kv = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in past.layers]
+        return out.logits, cache
 
     def generate(self, inputs=None, padding_side: str = "left", **kwargs):
         """HF ``generate`` under the active hooks. ``inputs``: text, list of text (left-padded), or ids.

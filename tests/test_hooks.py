@@ -245,3 +245,17 @@ def test_cache_save_load(tmp_path):
     assert set(back) == set(cache)
     assert all(torch.equal(back[k], cache[k]) for k in cache)
     torch.testing.assert_close(back.accumulated_resid(), cache.accumulated_resid())
+
+
+def test_run_with_cache_keeps_kv_on_request(family_model):
+    """``keep_kv=True``: the same logits and activations, plus HF's key/value cache of the run."""
+    fam, m = family_model
+    logits, cache = m.run_with_cache(TOKS, names="blocks.0.hook_resid_pre")
+    logits_kv, cache_kv = m.run_with_cache(TOKS, names="blocks.0.hook_resid_pre", keep_kv=True)
+    assert cache.kv is None and len(cache_kv.kv) == m.cfg.n_layers
+    assert torch.equal(logits, logits_kv)
+    assert torch.equal(cache["blocks.0.hook_resid_pre"], cache_kv["blocks.0.hook_resid_pre"])
+    out = m.hf_model(input_ids=TOKS, use_cache=True)
+    past = out.cache if "cache" in out else out.past_key_values
+    for (k, v), layer in zip(cache_kv.kv, past.layers):
+        assert torch.equal(k, layer.keys) and torch.equal(v, layer.values)

@@ -300,3 +300,20 @@ def test_fused_equals_reference_every_family(family):
                            progress=False, normalise=False)
     ref = reference_patch(m, task, "resid_pre", ("layer", "pos"), logit_diff(task), normalise=False)
     torch.testing.assert_close(res.values, ref, atol=1e-5, rtol=0)
+
+
+def test_prefix_cache_is_the_repeated_base_prefix_then_the_new_keys():
+    """The chunk's KV cache: every row group sees the base run's first p0 keys/values, then its own."""
+    from mechkit.patching.prefix_cache import prefix_cache
+
+    g = torch.Generator().manual_seed(0)
+    n, h, T, d, k, p0 = 3, 2, 7, 4, 4, 5
+    past = [(torch.randn(n, h, T, d, generator=g), torch.randn(n, h, T, d, generator=g)) for _ in range(2)]
+    cache = prefix_cache(past, k, p0)
+    assert cache.get_seq_length() == p0  # before a layer runs: the prefix length (positions/masks use it)
+    new_k, new_v = torch.randn(2, k * n, h, T - p0, d, generator=g)
+    keys, values = cache.update(new_k, new_v, 1)
+    assert torch.equal(keys, torch.cat([past[1][0][:, :, :p0].repeat(k, 1, 1, 1), new_k], 2))
+    assert torch.equal(values, torch.cat([past[1][1][:, :, :p0].repeat(k, 1, 1, 1), new_v], 2))
+    assert cache.layers[0].keys is None  # a layer the chunk does not run allocates nothing
+    assert cache.get_seq_length(1) == T

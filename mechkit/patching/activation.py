@@ -98,8 +98,11 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
     base, src = (corrupt, clean) if mode == "denoise" else (clean, corrupt)
     site_names = [kind.hook_name(l) for l in layers]
     resid_names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    windowed = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None) is not None
+    # a sliding-window cache keeps only the last keys and its masks assume that layout: no prefix reuse there
+    reuse_prefix = skip_prefix and "pos" in by and not windowed
     src_logits, src_cache = model.run_with_cache(src, names=site_names)
-    base_logits, base_cache = model.run_with_cache(base, names=resid_names)
+    base_logits, base_cache = model.run_with_cache(base, names=resid_names, keep_kv=reuse_prefix)
     clean_logits, corrupt_logits = (src_logits, base_logits) if mode == "denoise" else (base_logits, src_logits)
     if hasattr(metric, "bind_clean"):
         metric.bind_clean(clean_logits)
@@ -108,23 +111,15 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
 
     sizes = [len(layers)] + [axis_size(kind, a, cfg, T) for a in by[1:]]
     grid = torch.tensor(list(itertools.product(layers, *[range(s) for s in sizes[1:]])), dtype=torch.long)
-    windowed = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None) is not None
-    reuse_prefix = skip_prefix and "pos" in by and not windowed
     order, spans = plan_chunks(grid, by.index("pos") if reuse_prefix else None, n, T, L, max_batch_tokens,
                                overhead_token_layers(cfg.d_model), skip_layers)
     key = sweep_key(site=kind.name, by=list(by), mode=mode, layers=layers, plan=spans, clean=task.clean_tokens,
                     corrupt=task.corrupt_tokens, mask=task.clean_mask, answers=task.answer_ids,
                     wrong=task.wrong_ids, cfg=cfg.to_dict(), metric=repr(metric))
     store = ChunkStore(checkpoint_dir, key, len(spans))
-    base_past = None
-    # a sliding-window cache keeps only the last keys and its masks assume that layout: no prefix reuse there
-    if reuse_prefix:
-        with torch.no_grad():
-            out = model.hf_model(**base.kwargs(), use_cache=True)
-            past = out.cache if "cache" in out else out.past_key_values  # transformers 5.x renamed it
-        base_past = [(layer.keys, layer.values) for layer in past.layers]
-        if any(kk is None or kk.shape[-2] != T for kk, _ in base_past):
-            base_past = None
+    base_past = base_cache.kv
+    if base_past is not None and any(kk is None or kk.shape[-2] != T for kk, _ in base_past):
+        base_past = None
     runner = FusedRunner(model, kind, by, base, {l: src_cache[kind.hook_name(l)] for l in layers},
                          {l: base_cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)}, metric, skip_layers,
                          base_past, base_logits)

@@ -8,10 +8,12 @@ base run's cached ``blocks.{k0}.hook_resid_pre`` is injected at the first remain
 decoder layer list is replaced by its slice for the call and restored in ``finally``).
 Positions before the earliest patched position of a chunk cannot change either (every site
 is causal in position): they are not run; the base run's keys and values for them are passed
-as a KV cache and only positions ``[p0:]`` are computed. Hooks find the offset from the
-activation's length (k/v and the pattern's key axis still span every position).
+as a KV cache (:mod:`.prefix_cache`: one shared prefix, no per-layer copies for skipped layers)
+and only positions ``[p0:]`` are computed. Hooks find the offset from the activation's length
+(k/v and the pattern's key axis still span every position).
 Only the last position's logits are computed when the metric reads only those, and then the
-last layer's MLP runs on the last position only (nothing reads the others).
+last layer's MLP and attention output projection run on the last position only (nothing reads
+the others; that layer's keys and values are still computed for every position).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from ..hookpoints import get_module, has_mechkit_hooks
 from ..inputs import Batch
 from .metrics import evaluate
+from .prefix_cache import prefix_cache
 from .sites import SiteKind, patch_mask
 
 
@@ -60,31 +63,38 @@ def start_at_layer(model, k0: int) -> Iterator[None]:
 
 # site kinds whose hook points in a layer come before that layer's MLP
 PRE_MLP_KINDS = frozenset({"resid_pre", "resid_mid", "attn_out", "z", "q", "k", "v", "pattern"})
+# ... and before its attention output projection (a patch there reaches every later position's keys/values)
+PRE_ATTN_OUT_KINDS = frozenset({"resid_pre", "q", "k", "v", "pattern"})
+
+
+def _last_only(module, args, kwargs):
+    if args:
+        return (args[0][:, -1:],) + tuple(args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, dict(kwargs, **{key: kwargs[key][:, -1:]})
 
 
 @contextmanager
-def last_position_mlp(model, layer: int) -> Iterator[None]:
-    """The MLP of ``layer`` runs on the last position only.
+def last_position_tail(model, layer: int, attn_out: bool = True) -> Iterator[None]:
+    """The MLP of ``layer`` (and with ``attn_out`` its attention output projection) run on the
+    last position only.
 
-    Its output [batch, 1, d] broadcasts over the other positions where the block adds it to the
+    Their outputs [batch, 1, d] broadcast over the other positions where the block adds them to the
     residual stream; for the last layer nothing reads those positions when only the last logits
-    are kept, so the result there is exact while ~2/3 of the layer's work is skipped. The MLP is
-    the parent module of the map's ``mlp_down_proj``.
+    are kept, so the result there is exact while most of the layer's work on them is skipped (the
+    keys and values of every position are still computed: the last query reads them). The modules
+    are the parents of the map's ``mlp_down_proj`` and its ``attn_out_proj`` itself.
     """
-    mlp_path = model.hook_map.path(model.hook_map.family["mlp_down_proj"], layer).rpartition(".")[0]
-    mlp = get_module(model.hf_model, mlp_path)
-
-    def last_only(module, args, kwargs):
-        if args:
-            return (args[0][:, -1:],) + tuple(args[1:]), kwargs
-        key = next(iter(kwargs))
-        return args, dict(kwargs, **{key: kwargs[key][:, -1:]})
-
-    handle = mlp.register_forward_pre_hook(last_only, with_kwargs=True)
+    hm = model.hook_map
+    paths = [hm.path(hm.family["mlp_down_proj"], layer).rpartition(".")[0]]
+    if attn_out and "attn_out_proj" in hm.family:
+        paths.append(hm.path(hm.family["attn_out_proj"], layer))
+    handles = [get_module(model.hf_model, p).register_forward_pre_hook(_last_only, with_kwargs=True) for p in paths]
     try:
         yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 def _accepts(fn, name: str) -> bool:
@@ -110,7 +120,7 @@ class FusedRunner:
         base_logits: [n, T, d_vocab] of the base run: a metric that reads every position gets
             them for the positions that were not run (they cannot change).
         mlp_last_position_ok: with a last-position metric, run the last layer's MLP on the last
-            position only (see :func:`last_position_mlp`).
+            position only, and its attention output projection where nothing patched sits after it (see :func:`last_position_tail`).
     """
 
     def __init__(self, model, kind: SiteKind, by, base: Batch, source: dict, base_resid_pre: dict, metric,
@@ -126,7 +136,8 @@ class FusedRunner:
         # transformers 5.x renames ``past_key_values`` to ``cache`` model by model
         self.cache_kw = "cache" if _accepts(model.hf_model.forward, "cache") else "past_key_values"
         self.last_only = bool(getattr(metric, "last_only", False)) and _accepts(model.hf_model.forward, "logits_to_keep")
-        self.mlp_last_ok = mlp_last_position_ok
+        # other hooks on the model might read positions the shortcut leaves stale (checked once per sweep)
+        self.mlp_last_ok = mlp_last_position_ok and not has_mechkit_hooks(model.hf_model)
 
     def _patch_hook(self, k: int, groups: torch.Tensor, idx: torch.Tensor, src: torch.Tensor):
         kind, by, n = self.kind, self.by, self.n
@@ -178,19 +189,16 @@ class FusedRunner:
         kw = dict(input_ids=b.input_ids[:, p0:].repeat(k, 1), attention_mask=b.attention_mask.repeat(k, 1),
                   position_ids=b.position_ids[:, p0:].repeat(k, 1), use_cache=p0 > 0)
         if p0 > 0:
-            from transformers import DynamicCache
-
-            kw[self.cache_kw] = DynamicCache(ddp_cache_data=[
-                (kk[:, :, :p0].repeat(k, 1, 1, 1), vv[:, :, :p0].repeat(k, 1, 1, 1)) for kk, vv in self.base_past])
+            kw[self.cache_kw] = prefix_cache(self.base_past, k, p0)
         if self.last_only:
             kw["logits_to_keep"] = 1
         last = self.model.cfg.n_layers - 1
         # the last layer's MLP only at the last position: when just the last logits are read, nothing
         # patched sits at or after that MLP, and no other hooks are on the model (they might index positions)
-        mlp_last = (self.last_only and self.mlp_last_ok
-                    and (self.kind.name in PRE_MLP_KINDS or int(layers.max()) < last)
-                    and not has_mechkit_hooks(self.model.hf_model))
-        with (last_position_mlp(self.model, last) if mlp_last else nullcontext()):
+        below_last = int(layers.max()) < last
+        mlp_last = self.last_only and self.mlp_last_ok and (self.kind.name in PRE_MLP_KINDS or below_last)
+        attn_last = mlp_last and (self.kind.name in PRE_ATTN_OUT_KINDS or below_last)
+        with (last_position_tail(self.model, last, attn_last) if mlp_last else nullcontext()):
             with self.model.hooks(hooks), start_at_layer(self.model, k0):
                 logits = self.model.hf_model(**kw).logits
         if p0 > 0 and not self.last_only:
