@@ -102,7 +102,8 @@ def cmd_attribute(args) -> None:
     model = _load(args)
     task = _task(model, args)
     by = tuple(args.by.split(","))
-    res = attribution_patch(model, task, sites=args.site, by=by, method=args.method)
+    res = attribution_patch(model, task, sites=args.site, by=by, method=args.method, batch_size=args.batch_size,
+                            progress=not args.quiet)
     _write({f"{args.method}: {args.site}": res}, args, model, f"{args.method}_{args.site}", "attribute")
 
 
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="run under torchrun: shard the sweep over the ranks (see scripts/sweep_distributed.py)")
         if name == "attribute":
             p.add_argument("--method", default="relp", choices=["atp", "relp", "ig"])
+            p.add_argument("--batch-size", type=int, default=None, help="prompts per forward/backward (default: all)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("heads", help="head scores (induction, previous-token, ...)")
     _common(p)

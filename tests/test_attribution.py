@@ -210,3 +210,26 @@ def test_relp_same_under_sdpa_and_eager(family):
                               normalise=False)
         assert torch.allclose(a.values, b.values, atol=1e-5, rtol=1e-4)
         assert a.values.abs().max() > 0
+
+
+@pytest.mark.parametrize("method", ["atp", "relp", "ig"])
+def test_prompt_batches_give_the_same_scores(method):
+    """``batch_size`` splits the prompts (uneven last batch): the scores and baselines are the
+    unbatched ones, for the default metric and for one that binds the clean run (KL)."""
+    from mechkit.patching.metrics import kl_to_clean
+
+    m = mk.load(random_hf_model("gpt2"))
+    task = make_task(n=5, changed=(1, 3))
+    for metric_fn, sites in ((None, "resid_pre"), (kl_to_clean, "neurons")):
+        kw = dict(sites=sites, method=method, ig_steps=2, progress=False)
+        whole = attribution_patch(m, task, metric=metric_fn and metric_fn(task), **kw)
+        batched = attribution_patch(m, task, metric=metric_fn and metric_fn(task), batch_size=2, **kw)
+        assert batched.meta["batch_size"] == 2 and whole.meta["batch_size"] == 5
+        torch.testing.assert_close(batched.values, whole.values, atol=1e-5, rtol=1e-4)
+        for k in ("clean", "corrupt"):
+            assert batched.baselines[k] == pytest.approx(whole.baselines[k], rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="cannot be split by prompt"):
+        attribution_patch(m, task, metric=lambda logits: logits[:, -1, 3], batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="positive number"):
+        attribution_patch(m, task, batch_size=0, progress=False)
+    assert not has_mechkit_hooks(m.hf_model)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import mechkit as mk
 
@@ -115,3 +116,17 @@ def test_dashboard_renders_in_a_real_browser(demo_dir):
             drv.save_screenshot(str(shot))
     finally:
         drv.quit()
+
+
+def test_cli_attribute_in_prompt_batches_equals_the_library(tmp_path, model_arg):
+    """``mechkit attribute --batch-size``: the saved result is the in-process, unbatched one."""
+    from mechkit.attribution import attribution_patch
+
+    res = run_cli("attribute", "--model", model_arg, "--n", "6", "--batch-size", "4", "--method", "atp",
+                  "--out", str(tmp_path), "--quiet", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = mk.results.Result.load(tmp_path / "atp_resid_pre.safetensors")
+    model = mk.load(model_arg)
+    ref = attribution_patch(model, mk.tasks.ioi(model.tokenizer, n=6, seed=0), method="atp", progress=False)
+    assert saved.meta["batch_size"] == 4
+    torch.testing.assert_close(saved.values, ref.values, atol=1e-5, rtol=1e-4)

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
+from tqdm.auto import tqdm
 
 from ..results import Result
 from . import lrp
@@ -64,8 +66,8 @@ def _check(model, task, sites, by, method):
 
 
 def _reduce(per_layer: list[torch.Tensor], unit: str | None, by: tuple[str, ...]) -> torch.Tensor:
-    """per_layer: [batch, pos, (unit)] each -> tensor over ``by``."""
-    full = torch.stack([s.sum(0) for s in per_layer])  # [layer, pos, (unit)]
+    """per_layer: [pos, (unit)] each (summed over prompts) -> tensor over ``by``."""
+    full = torch.stack(per_layer)  # [layer, pos, (unit)]
     axes = ["layer", "pos"] + ([unit] if unit else [])
     for ax in reversed(list(axes)):
         if ax not in by:
@@ -107,6 +109,40 @@ def _pos_labels(model, task) -> list[str]:
     return [f"{i}:{s}" for i, s in enumerate(strs)]
 
 
+def _batch_scores(model, task, names, metric, method, unit, ig_steps, rules, bar):
+    """One batch of prompts: (per-layer scores [pos, (unit)] summed over the batch, M_clean, M_corrupt)."""
+    metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
+    clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
+    corr_b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
+    logits_c, cache = model.run_with_cache(clean_b, names=names)
+    clean_acts = {n: cache[n] for n in names}
+    if hasattr(metric, "bind_clean"):
+        metric.bind_clean(logits_c)
+    with torch.no_grad():
+        clean_metric = float(metric_fn(logits_c))
+    if method == "ig":
+        with torch.no_grad():
+            corr_metric = float(metric_fn(model.hf_model(**corr_b.kwargs(), use_cache=False).logits))
+        _, corr_acts, _ = _grad_run(model, corr_b, names, metric_fn)
+        per_layer = []
+        alphas = [(k + 0.5) / ig_steps for k in range(ig_steps)]
+        for n in names:
+            total = torch.zeros_like(corr_acts[n], dtype=torch.float64)
+            for a in alphas:
+                point = corr_acts[n] + a * (clean_acts[n] - corr_acts[n])
+                _, _, g = _grad_run(model, corr_b, [n], metric_fn, ig_patch={n: point})
+                total += g[n].double() / ig_steps
+                bar.update(1)
+            per_layer.append(_score(clean_acts[n], corr_acts[n], total, unit).sum(0))
+    else:
+        with (lrp.rules(model, rules) if method == "relp" else nullcontext()):
+            corr_metric, corr_acts, grads = _grad_run(model, corr_b, names, metric_fn)
+        corr_metric = float(corr_metric)
+        per_layer = [_score(clean_acts[n], corr_acts[n], grads[n], unit).sum(0) for n in names]
+        bar.update(1)
+    return per_layer, clean_metric, corr_metric
+
+
 def attribution_patch(
     model,
     task,
@@ -118,6 +154,7 @@ def attribution_patch(
     rules=lrp.DEFAULT_RULES,
     progress: bool = True,
     normalise: bool | None = None,
+    batch_size: int | None = None,
 ) -> Result:
     """Estimate activation patching (clean into corrupted) for every site of one kind at once.
 
@@ -126,65 +163,51 @@ def attribution_patch(
     ``normalise`` (default: the metric's own flag) scores are divided by M_clean - M_corrupt,
     the units of :func:`mechkit.patching.activation_patch`. ``method``: "atp" | "relp" (LRP ``rules`` installed
     for the corrupted pass) | "ig" (``ig_steps`` midpoint steps, one layer at a time).
+    ``batch_size``: prompts per forward/backward pass (default: all at once); the result is the
+    same (the prompt mean is a weighted sum over batches). Splitting needs a metric that can be
+    split by prompt (mechkit's metrics: ``metric.subset(rows)``).
     Returns a :class:`~mechkit.results.Result` over ``by`` (default ("layer", "pos"), or
     ("layer", "head") for ``z``, ("layer", "neuron") for ``neurons``).
     """
     sites, by, unit = _check(model, task, sites, by, method)
     metric = metric if metric is not None else logit_diff(task)
-    metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
     normalise = bool(getattr(metric, "normalise", False)) if normalise is None else normalise
     L = model.cfg.n_layers
     names = [SITES[sites][0].replace("{l}", str(l)) for l in range(L)]
-    clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
-    corr_b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
+    n = int(task.clean_tokens.shape[0])
+    bs = n if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be a positive number of prompts, got {batch_size!r}")
+    spans = [(i, min(n, i + bs)) for i in range(0, n, bs)]
+    if len(spans) > 1 and not hasattr(metric, "subset"):
+        raise ValueError(f"batch_size={bs} splits the {n} prompts, but the metric {metric!r} cannot be split by prompt "
+                         "(it has no .subset(rows)); use a mechkit metric or batch_size=None")
 
     t0 = time.perf_counter()
-    logits_c, cache = model.run_with_cache(clean_b, names=names)
-    clean_acts = {n: cache[n] for n in names}
-    if hasattr(metric, "bind_clean"):
-        metric.bind_clean(logits_c)
-    with torch.no_grad():
-        clean_metric = float(metric_fn(logits_c))
-    if method == "ig":
-        from tqdm.auto import tqdm
-
-        with torch.no_grad():
-            corr_metric = float(metric_fn(model.hf_model(**corr_b.kwargs(), use_cache=False).logits))
-        _, corr_acts, _ = _grad_run(model, corr_b, names, metric_fn)
-        per_layer = []
-        alphas = [(k + 0.5) / ig_steps for k in range(ig_steps)]
-        bar = tqdm(total=L * ig_steps, desc="integrated gradients", disable=not progress)
-        for n in names:
-            total = torch.zeros_like(corr_acts[n], dtype=torch.float64)
-            for a in alphas:
-                point = corr_acts[n] + a * (clean_acts[n] - corr_acts[n])
-                _, _, g = _grad_run(model, corr_b, [n], metric_fn, ig_patch={n: point})
-                total += g[n].double() / ig_steps
-                bar.update(1)
-            per_layer.append(_score(clean_acts[n], corr_acts[n], total, unit))
-        bar.close()
-    else:
-        if method == "relp":
-            with lrp.rules(model, rules):
-                corr_metric, corr_acts, grads = _grad_run(model, corr_b, names, metric_fn)
-        else:
-            corr_metric, corr_acts, grads = _grad_run(model, corr_b, names, metric_fn)
-        corr_metric = float(corr_metric)
-        per_layer = [_score(clean_acts[n], corr_acts[n], grads[n], unit) for n in names]
+    per_layer, clean_metric, corr_metric = None, 0.0, 0.0
+    steps = L * ig_steps if method == "ig" else 1
+    with tqdm(total=len(spans) * steps, desc=f"{method} {sites}", disable=not progress) as bar:
+        for i, j in spans:
+            sub_task, sub_metric = (task, metric) if len(spans) == 1 else (task[i:j], metric.subset(slice(i, j)))
+            pl, mc, mr = _batch_scores(model, sub_task, names, sub_metric, method, unit, ig_steps, rules, bar)
+            w = (j - i) / n  # the metric is a prompt mean: each batch's share of it
+            per_layer = [w * s for s in pl] if per_layer is None else [a + w * s for a, s in zip(per_layer, pl)]
+            clean_metric += w * mc
+            corr_metric += w * mr
     seconds = time.perf_counter() - t0
     values = _reduce(per_layer, unit, by)
     if normalise:
         values = values / (clean_metric - corr_metric)
     values = values.float().cpu()
     first = per_layer[0]
-    sizes = {"layer": L, "pos": first.shape[1]}
+    sizes = {"layer": L, "pos": first.shape[0]}
     if unit:
-        sizes[unit] = first.shape[2]
+        sizes[unit] = first.shape[1]
     labels = {"layer": [str(l) for l in range(L)], "pos": _pos_labels(model, task)}
     if unit:
         labels[unit] = [f"{unit[0].upper()}{j}" for j in range(sizes[unit])]
     meta = {"method": method, "sites": sites, "metric": repr(metric), "normalised": normalise, "by": list(by), "seconds": seconds,
-            "n_prompts": int(task.clean_tokens.shape[0]), "model": model.cfg.to_dict()}
+            "n_prompts": n, "batch_size": bs, "model": model.cfg.to_dict()}
     if method == "relp":
         meta["rules"] = list(lrp.check_rules(rules))
     if method == "ig":

@@ -11,6 +11,8 @@ called on the full logits of each group of n prompts.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -35,6 +37,14 @@ class Metric:
         if rows % self.n:
             raise ValueError(f"metric {self.name}: {rows} rows is not a multiple of the task's {self.n} prompts")
         return ids.to(device).repeat(rows // self.n)
+
+    def subset(self, rows) -> Metric:
+        """The same metric on prompts ``rows`` (a slice or index tensor) of its task: what a
+        function that splits the prompts into batches calls."""
+        sub = copy.copy(self)
+        sub.answer_ids, sub.wrong_ids = self.answer_ids[rows], self.wrong_ids[rows]
+        sub.n = len(sub.answer_ids)
+        return sub
 
     def last_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[:, -1].float().log_softmax(-1)
@@ -73,6 +83,12 @@ class KLToClean(Metric):
 
     def bind_clean(self, clean_logits: torch.Tensor) -> None:
         self.clean_logprobs = self.last_logprobs(clean_logits)
+
+    def subset(self, rows) -> KLToClean:
+        sub = super().subset(rows)
+        if self.clean_logprobs is not None:
+            sub.clean_logprobs = self.clean_logprobs[rows]
+        return sub
 
     def __call__(self, logits):
         if self.clean_logprobs is None:
