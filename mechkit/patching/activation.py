@@ -21,7 +21,7 @@ from .checkpoint import ChunkStore, sweep_key
 from .engine import FusedRunner
 from .metrics import evaluate, logit_diff
 from .plan import overhead_token_layers, plan_chunks
-from .sites import axis_size, check_by, site_kind
+from .sites import SiteKind, axis_size, check_by, site_kind
 
 
 def check_aligned(task) -> None:
@@ -49,6 +49,77 @@ def pos_labels(model, task) -> list[str]:
     tok = getattr(model, "tokenizer", None)
     strs = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
     return [f"{i}:{s}" for i, s in enumerate(strs)]
+
+
+def base_run(model, base: Batch, keep_kv: bool):
+    """The run patches are written into.
+
+    Returns (logits [n, T, d_vocab], {layer: hook_resid_pre [n, T, d_model]} for every layer, and
+    with ``keep_kv`` its keys/values [(keys, values)] per layer, [n, kv_heads, T, d_head] each;
+    None when not kept or when the model's cache does not hold every position).
+    """
+    L, T = model.cfg.n_layers, base.input_ids.shape[1]
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    logits, cache = model.run_with_cache(base, names=names, keep_kv=keep_kv)
+    past = cache.kv
+    if past is not None and any(kk is None or kk.shape[-2] != T for kk, _ in past):
+        past = None
+    return logits, {l: cache[names[l]] for l in range(L)}, past
+
+
+def prefix_reusable(model, by) -> bool:
+    """Whether a sweep over ``by`` may reuse the base run's KV cache for unpatched positions: it
+    needs a position axis, and a sliding-window cache keeps only the last keys (its masks assume
+    that layout), so windowed models run every position."""
+    windowed = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None) is not None
+    return "pos" in by and not windowed
+
+
+def run_sweep(model, kind: SiteKind, by, grid: torch.Tensor, base: Batch, source: dict, metric, base_out,
+              max_batch_tokens: int = 8192, skip_layers: bool = True, shard=(0, 1), progress: bool = True,
+              checkpoint_dir=None, key_fields: dict | None = None, on_chunk=None, desc: str | None = None):
+    """Run every patch of ``grid`` with the fused engine, chunk by chunk.
+
+    Args:
+        kind, by: site kind and patch axes. grid: LongTensor [N, len(by)] (column 0 the layer).
+        base: Batch [n, T] patched into; base_out: :func:`base_run` of it.
+        source: {layer: activation [n, ...]} written at each patch's index.
+        metric: see :mod:`mechkit.patching.metrics`.
+        shard: (rank, world): chunks ``i % world == rank`` only (others NaN).
+        checkpoint_dir, key_fields: finished chunks are stored under a key of ``key_fields`` and
+            the chunk plan, and reused on a rerun.
+
+    Returns:
+        (raw [N] float32: prompt-mean metric per grid row, NaN outside the shard;
+        info: n_chunks, chunk_size, chunks_computed, skip_prefix).
+    """
+    rank, world = shard
+    if not (0 <= rank < world):
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    logits, resid, past = base_out
+    n, T = base.input_ids.shape
+    past = past if "pos" in by else None
+    order, spans = plan_chunks(grid, by.index("pos") if past is not None else None, n, T, model.cfg.n_layers,
+                               max_batch_tokens, overhead_token_layers(model.cfg.d_model), skip_layers)
+    store = ChunkStore(checkpoint_dir, sweep_key(**(key_fields or {}), plan=spans), len(spans))
+    runner = FusedRunner(model, kind, by, base, source, resid, metric, skip_layers, past, logits)
+    raw = torch.full((len(grid),), math.nan)
+    mine = [i for i in range(len(spans)) if i % world == rank]
+    computed = 0
+    dev = model.device
+    for i in tqdm(mine, desc=desc or f"patch {kind.name} by {'x'.join(by)}", disable=not progress, unit="chunk"):
+        s, e = spans[i]
+        vals = store.load(i)
+        if vals is None:
+            vals = runner.run(grid[order[s:e]].to(dev)).cpu()
+            store.save(i, vals)
+            computed += 1
+            if on_chunk is not None:
+                on_chunk(i, vals)
+        raw[order[s:e]] = vals
+    info = dict(n_chunks=len(spans), chunk_size=max((e - s for s, e in spans), default=0), chunks_computed=computed,
+                skip_prefix=past is not None)
+    return raw, info
 
 
 def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None, mode: str = "denoise",
@@ -96,13 +167,9 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
     clean = _batch(task.clean_tokens, task.clean_mask, dev)
     corrupt = _batch(task.corrupt_tokens, task.corrupt_mask, dev)
     base, src = (corrupt, clean) if mode == "denoise" else (clean, corrupt)
-    site_names = [kind.hook_name(l) for l in layers]
-    resid_names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
-    windowed = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None) is not None
-    # a sliding-window cache keeps only the last keys and its masks assume that layout: no prefix reuse there
-    reuse_prefix = skip_prefix and "pos" in by and not windowed
-    src_logits, src_cache = model.run_with_cache(src, names=site_names)
-    base_logits, base_cache = model.run_with_cache(base, names=resid_names, keep_kv=reuse_prefix)
+    src_logits, src_cache = model.run_with_cache(src, names=[kind.hook_name(l) for l in layers])
+    base_out = base_run(model, base, keep_kv=skip_prefix and prefix_reusable(model, by))
+    base_logits = base_out[0]
     clean_logits, corrupt_logits = (src_logits, base_logits) if mode == "denoise" else (base_logits, src_logits)
     if hasattr(metric, "bind_clean"):
         metric.bind_clean(clean_logits)
@@ -111,32 +178,11 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
 
     sizes = [len(layers)] + [axis_size(kind, a, cfg, T) for a in by[1:]]
     grid = torch.tensor(list(itertools.product(layers, *[range(s) for s in sizes[1:]])), dtype=torch.long)
-    order, spans = plan_chunks(grid, by.index("pos") if reuse_prefix else None, n, T, L, max_batch_tokens,
-                               overhead_token_layers(cfg.d_model), skip_layers)
-    key = sweep_key(site=kind.name, by=list(by), mode=mode, layers=layers, plan=spans, clean=task.clean_tokens,
-                    corrupt=task.corrupt_tokens, mask=task.clean_mask, answers=task.answer_ids,
-                    wrong=task.wrong_ids, cfg=cfg.to_dict(), metric=repr(metric))
-    store = ChunkStore(checkpoint_dir, key, len(spans))
-    base_past = base_cache.kv
-    if base_past is not None and any(kk is None or kk.shape[-2] != T for kk, _ in base_past):
-        base_past = None
-    runner = FusedRunner(model, kind, by, base, {l: src_cache[kind.hook_name(l)] for l in layers},
-                         {l: base_cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)}, metric, skip_layers,
-                         base_past, base_logits)
-
-    raw = torch.full((len(grid),), math.nan)
-    mine = [i for i in range(len(spans)) if i % world == rank]
-    computed = 0
-    for i in tqdm(mine, desc=f"patch {kind.name} by {'x'.join(by)}", disable=not progress, unit="chunk"):
-        s, e = spans[i]
-        vals = store.load(i)
-        if vals is None:
-            vals = runner.run(grid[order[s:e]].to(dev)).cpu()
-            store.save(i, vals)
-            computed += 1
-            if on_chunk is not None:
-                on_chunk(i, vals)
-        raw[order[s:e]] = vals
+    key = dict(site=kind.name, by=list(by), mode=mode, layers=layers, clean=task.clean_tokens,
+               corrupt=task.corrupt_tokens, mask=task.clean_mask, answers=task.answer_ids,
+               wrong=task.wrong_ids, cfg=cfg.to_dict(), metric=repr(metric))
+    raw, info = run_sweep(model, kind, by, grid, base, {l: src_cache[kind.hook_name(l)] for l in layers}, metric,
+                          base_out, max_batch_tokens, skip_layers, shard, progress, checkpoint_dir, key, on_chunk)
     values = (raw - m_corrupt) / (m_clean - m_corrupt) if normalise else raw
 
     labels = {"layer": [str(l) for l in layers]}
@@ -144,9 +190,9 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
         labels[a] = pos_labels(model, task) if a == "pos" else [f"{a[0].upper()}{j}" for j in range(s)]
     meta = dict(method="activation_patch", site=kind.name, hook=kind.hook, by=list(by), mode=mode,
                 metric=repr(metric), normalised=normalise, n_prompts=n, n_pos=T,
-                chunk_size=max(e - s for s, e in spans),
-                n_chunks=len(spans), chunks_computed=computed, shard=[rank, world], model=cfg.to_dict(),
-                skip_layers=skip_layers, skip_prefix=base_past is not None, seconds=time.perf_counter() - t0)
+                chunk_size=info["chunk_size"], n_chunks=info["n_chunks"], chunks_computed=info["chunks_computed"],
+                shard=[rank, world], model=cfg.to_dict(), skip_layers=skip_layers, skip_prefix=info["skip_prefix"],
+                seconds=time.perf_counter() - t0)
     return Result(values.reshape(sizes), tuple(by), labels, {"clean": m_clean, "corrupt": m_corrupt}, meta,
                   name=f"patch_{kind.name}")
 
