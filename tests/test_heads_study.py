@@ -101,3 +101,70 @@ def test_bundled_previous_token_ablation_lowers_induction(name):
     with ablate(model, heads=[(lp, hp)], how="mean", reference=mk.heads.scores.default_tokens(model, 16, 20, seed=9)):
         after = head_scores(model, kinds=("induction",), n=16, T=20)["induction"].values
     assert after[l_ind:].flatten()[top].mean() < ind[l_ind:].flatten()[top].mean()
+
+
+@pytest.mark.parametrize("family,how", [("gpt2", "zero"), ("llama", "mean"), ("gpt2", "resample")])
+def test_fused_head_ablation_equals_the_loop(family, how):
+    """Every head's effect from the fused engine equals one forward per head under ``ablate``
+    (grouped-query llama included), in several chunks; shards cover it; no hooks stay behind."""
+    from factories import random_hf_model
+
+    from mechkit.heads import head_ablation_effects
+    from mechkit.heads.scores import default_tokens
+    from mechkit.heads.study import per_token_loss
+    from mechkit.hookpoints import has_mechkit_hooks
+
+    m = mk.load(random_hf_model(family))
+    n, T = 3, 6
+    rep, ref = default_tokens(m, n, T, 0), default_tokens(m, 5, T, 1)
+    r = head_ablation_effects(m, how=how, tokens=rep, reference=ref, seed=3, progress=False,
+                              max_batch_tokens=2 * n * (2 * T + 1))
+    assert r.meta["n_chunks"] > 2
+    with torch.no_grad():
+        base = float(per_token_loss(m, rep)[:, T + 1:2 * T].mean())
+        loop = torch.zeros(m.cfg.n_layers, m.cfg.n_heads)
+        for l in range(m.cfg.n_layers):
+            for h in range(m.cfg.n_heads):
+                with ablate(m, heads=[(l, h)], how=how, reference=ref, seed=3):
+                    loop[l, h] = float(per_token_loss(m, rep)[:, T + 1:2 * T].mean()) - base
+    assert r.baselines["clean"] == pytest.approx(base, abs=1e-6)
+    assert loop.abs().max() > 1e-4  # the heads do something on this random model
+    torch.testing.assert_close(r.values, loop, atol=2e-6, rtol=0)
+    halves = [head_ablation_effects(m, how=how, tokens=rep, reference=ref, seed=3, progress=False,
+                                    max_batch_tokens=2 * n * (2 * T + 1), shard=(k, 2)).values for k in range(2)]
+    assert (halves[0].isnan() ^ halves[1].isnan()).all()
+    torch.testing.assert_close(torch.where(halves[0].isnan(), halves[1], halves[0]), r.values)
+    assert not has_mechkit_hooks(m.hf_model)
+
+
+def test_head_ablation_resumes_from_its_checkpoints(tmp_path):
+    """A sweep interrupted after its first chunk resumes from the checkpoint folder: the rerun
+    computes only the missing chunks and gives the uninterrupted result."""
+    from factories import random_hf_model
+
+    import mechkit.patching.activation as act
+    from mechkit.heads import head_ablation_effects
+    from mechkit.heads.scores import default_tokens
+
+    m = mk.load(random_hf_model("gpt2"))
+    rep, ref = default_tokens(m, 3, 6, 0), default_tokens(m, 4, 6, 1)
+    kw = dict(how="mean", tokens=rep, reference=ref, progress=False, max_batch_tokens=2 * 3 * 13)
+    whole = head_ablation_effects(m, **kw)
+    calls = []
+    real = act.FusedRunner.run
+
+    def dies_after_one(self, items):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, items)
+
+    act.FusedRunner.run = dies_after_one
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            head_ablation_effects(m, checkpoint_dir=tmp_path, **kw)
+    finally:
+        act.FusedRunner.run = real
+    resumed = head_ablation_effects(m, checkpoint_dir=tmp_path, **kw)
+    assert torch.equal(resumed.values, whole.values)
+    assert resumed.meta["n_chunks"] > 2 and resumed.meta["chunks_computed"] == resumed.meta["n_chunks"] - 1

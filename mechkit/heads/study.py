@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..interventions.ablate import ablate
+from ..interventions.ablate import HOWS, ablate, ablation_values
+from ..patching.activation import base_run, run_sweep
+from ..patching.metrics import evaluate
+from ..patching.sites import site_kind
 from ..results import Result
 from .scores import default_tokens, head_labels, head_scores
 
@@ -133,13 +136,43 @@ def _metrics(model, rep, T, icl_tokens, early, late, task_metric) -> dict[str, f
     return out
 
 
+class RepeatLoss:
+    """``repeat_loss`` as a per-prompt patching metric on BOS + x + x rows ``ids`` [n, 2T + 1]:
+    the mean next-token loss of predicting tokens T + 2 .. 2T. Rowwise over stacked copies."""
+
+    last_only = False
+    rowwise = True
+    normalise = False
+
+    def __init__(self, ids: torch.Tensor, T: int):
+        self.labels, self.T, self.n = ids[:, T + 2:2 * T + 1], T, ids.shape[0]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [g * n, 2T + 1, d_vocab] -> [g * n]."""
+        lg = logits[:, self.T + 1:2 * self.T].float()
+        labels = self.labels.to(lg.device).repeat(lg.shape[0] // self.n, 1)
+        return F.cross_entropy(lg.transpose(1, 2), labels, reduction="none").mean(1)
+
+    def __repr__(self) -> str:
+        return f"repeat_loss(T={self.T})"
+
+
 @torch.no_grad()
 def head_ablation_effects(model, how: str = "mean", tokens=None, n: int = 16, T: int = 24, seed: int = 0,
-                          reference=None, progress: bool = True) -> Result:
+                          reference=None, progress: bool = True, max_batch_tokens: int = 8192, shard=(0, 1),
+                          checkpoint_dir=None) -> Result:
     """Change in ``repeat_loss`` (see module docstring) when each head alone is ablated:
-    Result over (layer, head), baseline loss in ``baselines["clean"]``. One forward pass per head."""
-    from tqdm.auto import tqdm
+    Result over (layer, head), baseline loss in ``baselines["clean"]``.
 
+    Every head is one patch of the fused patching engine (:func:`mechkit.patching.activation.run_sweep`):
+    its ``attn.hook_z`` is replaced by the ablation value :func:`mechkit.ablate` would write (zero,
+    per-position mean or resample of ``reference``), many heads per forward pass, layers below a
+    chunk's lowest head not run. ``max_batch_tokens``: rows x positions per forward. ``shard``:
+    (rank, world), this process computes its chunks only (others NaN; see :mod:`mechkit.distributed`).
+    ``checkpoint_dir``: finished chunks are saved there and reused when the same sweep is rerun.
+    """
+    if how not in HOWS:
+        raise ValueError(f"how must be one of {HOWS}; got {how!r}")
     c = model.cfg
     if tokens is not None:
         tokens = torch.as_tensor(tokens)
@@ -147,18 +180,27 @@ def head_ablation_effects(model, how: str = "mean", tokens=None, n: int = 16, T:
     rep = tokens if tokens is not None else default_tokens(model, n, T, seed)
     if reference is None and how != "zero":
         reference = default_tokens(model, n, T, seed + 1)
-
-    def loss() -> float:
-        return float(per_token_loss(model, rep)[:, T + 1:2 * T].mean())
-
-    base = loss()
-    out = torch.zeros(c.n_layers, c.n_heads)
-    for i in tqdm(range(c.n_layers * c.n_heads), desc="head ablations", disable=not progress):
-        l, h = divmod(i, c.n_heads)
-        with ablate(model, heads=[(l, h)], how=how, reference=reference, seed=seed):
-            out[l, h] = loss() - base
-    return Result(out, ("layer", "head"), head_labels(c.n_layers, c.n_heads), baselines={"clean": base},
+    base = model.batch(rep)
+    kind = site_kind("z")
+    names = [kind.hook_name(l) for l in range(c.n_layers)]
+    if how == "zero":
+        source = {l: torch.zeros(*base.input_ids.shape, c.n_heads, c.d_head, device=model.device) for l in range(c.n_layers)}
+    else:
+        vals = ablation_values(model, names, how, reference, base.position_ids, seed=seed)
+        source = {l: vals[name] for l, name in enumerate(names)}
+    metric = RepeatLoss(base.input_ids, T)
+    base_out = base_run(model, base, keep_kv=False)
+    base_loss = float(evaluate(metric, base_out[0], base.input_ids.shape[0])[0])
+    grid = torch.cartesian_prod(torch.arange(c.n_layers), torch.arange(c.n_heads))
+    key = dict(method="head_ablation", how=how, tokens=base.input_ids, seed=seed, cfg=c.to_dict(),
+               reference=torch.as_tensor(reference) if isinstance(reference, torch.Tensor) else repr(reference))
+    raw, info = run_sweep(model, kind, ("layer", "head"), grid, base, source, metric, base_out, max_batch_tokens,
+                          shard=shard, progress=progress, checkpoint_dir=checkpoint_dir, key_fields=key,
+                          desc="head ablations")
+    out = (raw - base_loss).reshape(c.n_layers, c.n_heads)
+    return Result(out, ("layer", "head"), head_labels(c.n_layers, c.n_heads), baselines={"clean": base_loss},
                   meta={"method": "head_ablation", "how": how, "metric": "repeat_loss", "n": n, "T": T,
+                        "n_chunks": info["n_chunks"], "chunks_computed": info["chunks_computed"], "shard": list(shard),
                         "title": f"repeat-loss change when one head is {how}-ablated"},
                   name="head_ablation_effects")
 

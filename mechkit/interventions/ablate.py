@@ -128,6 +128,23 @@ def _record_reference(model, reference, names: list[str], attention_mask=None) -
     return refs, b.input_ids.shape[0]
 
 
+def _resample_perm(n_ref: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n_ref, generator=torch.Generator().manual_seed(seed))
+
+
+def ablation_values(model, names, how: str, reference, position_ids: torch.Tensor, per_position: bool = True,
+                    seed: int = 0, reference_mask=None) -> dict[str, torch.Tensor]:
+    """The values :func:`ablate` writes at hook points ``names`` into a batch whose position ids are
+    ``position_ids`` [b, p]: {name: [b, p, ...]} (float32), for ``how`` "mean" or "resample"
+    (batch row i takes reference row ``perm[i % n_ref]``, the same seeded permutation)."""
+    if how not in ("mean", "resample"):
+        raise ValueError(f"ablation_values computes mean or resample values; got how={how!r}")
+    refs, n_ref = _record_reference(model, reference, list(names), reference_mask)
+    b = position_ids.shape[0]
+    rows = _resample_perm(n_ref, seed)[torch.arange(b) % n_ref]
+    return {n: refs[n].values(how, position_ids, per_position, rows.to(position_ids.device)) for n in names}
+
+
 def ablation_hooks(model, heads=(), neurons=(), how: str = "zero", reference=None, per_position: bool = True,
                    preserve_pattern: bool = False, seed: int = 0, reference_mask=None, _positions=None):
     """The ``[(name, fn), ...]`` hooks that :func:`ablate` installs (for use with ``model.hooks``
@@ -153,7 +170,7 @@ def ablation_hooks(model, heads=(), neurons=(), how: str = "zero", reference=Non
     n_ref = 1
     if how != "zero":
         refs, n_ref = _record_reference(model, reference, list(site), reference_mask)
-    perm = torch.randperm(n_ref, generator=torch.Generator().manual_seed(seed))
+    perm = _resample_perm(n_ref, seed)
 
     def current_pos(x):
         p = positions.pos
