@@ -166,3 +166,36 @@ def test_gains_gate_closed_leaves_only_the_down_projection_bias(gpt2):
     with st.apply(gpt2):  # all gates open at tau = -inf: the model is unchanged
         st.tensors["blocks.1.mlp.hook_post"]["tau"].fill_(-1e9)
         torch.testing.assert_close(gpt2(DATA.neutral[:2]), gpt2.hf_model(**gpt2.batch(DATA.neutral[:2]).kwargs()).logits)
+
+
+def test_points_mix_full_names_and_per_layer_suffixes(gpt2):
+    """``point`` lists: suffixes are taken at every chosen layer (layer-major), full names as given;
+    a bad entry is refused with the closest names, before any fitting."""
+    from mechkit.hookpoints import HookNameError
+    from mechkit.steering.base import resolve_points
+
+    L = gpt2.cfg.n_layers
+    both = resolve_points(gpt2, "all", ["hook_attn_out", "hook_mlp_out"])
+    assert both == [f"blocks.{l}.{p}" for l in range(L) for p in ("hook_attn_out", "hook_mlp_out")]
+    assert resolve_points(gpt2, [1], ["blocks.0.hook_resid_post", "hook_mlp_out"]) == [
+        "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    assert resolve_points(gpt2, "middle", "hook_resid_post") == [f"blocks.{L // 2}.hook_resid_post"]
+    with pytest.raises(HookNameError, match="hook_mlp_out"):
+        resolve_points(gpt2, "all", ["hook_mlp_outt"])
+    st = LinEAS(point=["hook_attn_out", "hook_mlp_out"]).fit(gpt2, DATA.negative, DATA.positive, steps=3,
+                                                            progress=False)
+    assert st.num_parameters() == 2 * L * 2 * gpt2.cfg.d_model
+
+
+def test_lineas_warns_when_its_loss_rises(gpt2):
+    """A fit whose loss ends above where it started (here SGD with a huge step) is flagged, since its
+    maps would 'steer' by breaking the model; a converging fit is silent."""
+    import warnings
+
+    src, tgt = DATA.negative[:8], DATA.positive[:8]
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        bad = LinEAS().fit(gpt2, src, tgt, steps=8, lr=1e4, optimizer="sgd", progress=False)
+    assert not bad.history[-1] <= bad.history[0]  # rose (or became NaN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        LinEAS().fit(gpt2, src, tgt, steps=8, lr=0.05, optimizer="adam", progress=False)

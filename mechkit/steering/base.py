@@ -38,25 +38,34 @@ def model_info(model) -> dict[str, Any]:
             "d_mlp": c.d_mlp}
 
 
-def resolve_points(model, layers, point: str) -> list[str]:
-    """layers: "all" | int | list[int] | "middle"; point: a per-layer suffix ("hook_resid_post")
-    or a list of full hook names -> checked full names."""
-    if isinstance(point, (list, tuple)):
-        names = list(point)
+def _layer_list(model, layers) -> list[int]:
+    n = model.cfg.n_layers
+    if layers == "all" or layers is None:
+        ls = list(range(n))
+    elif layers == "middle":
+        ls = [n // 2]
+    elif isinstance(layers, int):
+        ls = [layers]
     else:
-        n = model.cfg.n_layers
-        if layers == "all":
-            ls = list(range(n))
-        elif layers == "middle":
-            ls = [n // 2]
-        elif isinstance(layers, int):
-            ls = [layers]
-        else:
-            ls = [int(x) for x in layers]
-        bad = [x for x in ls if not 0 <= x < n]
-        if bad:
-            raise ValueError(f"layers {bad} out of range: the model has {n} layers (0..{n - 1})")
-        names = [f"blocks.{x}.{point}" for x in ls]
+        ls = [int(x) for x in layers]
+    bad = [x for x in ls if not 0 <= x < n]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {n} layers (0..{n - 1})")
+    return ls
+
+
+def resolve_points(model, layers, point) -> list[str]:
+    """Checked full hook names from ``layers`` ("all" | int | list[int] | "middle") and ``point``:
+    a per-layer suffix ("hook_resid_post"), or a list mixing full names ("blocks.3.hook_mlp_out")
+    and suffixes, each suffix taken at every layer of ``layers`` (layer-major order:
+    ``["hook_attn_out", "hook_mlp_out"]`` -> blocks.0.hook_attn_out, blocks.0.hook_mlp_out, ...).
+    With a list of full names only, ``layers`` is not used."""
+    entries = list(point) if isinstance(point, (list, tuple)) else [point]
+    full = [e for e in entries if e.startswith("blocks.") or e in model.points.points]
+    suffixes = [e for e in entries if e not in full]
+    names = list(full)
+    if suffixes:
+        names += [f"blocks.{x}.{p}" for x in _layer_list(model, layers) for p in suffixes]
     for nm in names:
         model.points.resolve(nm)
     return names
