@@ -104,8 +104,7 @@ def main(argv=None):
         "gains": (Gains(layers="all"), dict(steps=a.gains_steps)),
         # where the concept lives is the model's: LinEAS on the attention outputs, and on both sublayers
         "lineas_attn": (LinEAS(layers="all", point="hook_attn_out"), dict(steps=a.lineas_steps, optimizer="adam", lr=0.01)),
-        "lineas_attn_mlp": (LinEAS(point=[f"blocks.{l}.{p}" for l in range(model.cfg.n_layers)
-                                          for p in ("hook_attn_out", "hook_mlp_out")]),
+        "lineas_attn_mlp": (LinEAS(point=["hook_attn_out", "hook_mlp_out"]),
                             dict(steps=a.lineas_steps, optimizer="adam", lr=0.01)),
     }
     base_ppl = ev.perplexity(model, neutral_text)

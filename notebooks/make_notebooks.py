@@ -147,13 +147,19 @@ source, target, neutral = data.negative, data.positive, data.neutral[:16]
 methods = {
     "DiffMean": DiffMean().fit(model, source, target),
     "Linear-AcT": LinearAcT().fit(model, source, target, progress=False),
-    "LinEAS": LinEAS(sparsity=(1e-4, 1e-3)).fit(model, source, target, steps=60, progress=False),
+    "LinEAS": LinEAS(sparsity=(1e-4, 1e-3)).fit(model, source, target, steps=100, progress=False),
+    # where the concept lives is the model's: tiny-gpt2 carries sentiment in its attention outputs
+    "LinEAS attn+mlp": LinEAS(point=["hook_attn_out", "hook_mlp_out"]).fit(model, source, target, steps=100,
+                                                                          progress=False),
     "Gains": Gains().fit(model, None, target, steps=30, progress=False),
 }
 for name, st in methods.items():
     print(name, "params:", st.num_parameters(), "support:", st.support() if not callable(getattr(st.support(), "numel", None)) else st.support().numel())
 """,
-    "md:Strength sweep: positive-word rate in continuations of neutral prompts, and perplexity on neutral text.",
+    "md:Strength sweep: positive-word rate in continuations of neutral prompts. On tiny-gpt2 the "
+    "MLP-output methods move it little: this model carries sentiment in its attention outputs, and "
+    "LinEAS on both sublayers (`point=[\"hook_attn_out\", \"hook_mlp_out\"]`) steers it "
+    "(README, steering benchmark: 0.29 -> 0.90 at strength 1 on 100 prompts). On tiny-llama it is the other way round.",
     """
 import plotly.graph_objects as go
 fig = go.Figure()
@@ -167,7 +173,7 @@ fig
     """
 import tempfile
 path = tempfile.mkdtemp() + "/lineas.safetensors"
-methods["LinEAS"].save(path)
+methods["LinEAS attn+mlp"].save(path)
 st = mk.steering.load(path)
 with st.apply(model, strength=1.0):
     ids = model.generate(neutral[:2], max_new_tokens=8, do_sample=False)
