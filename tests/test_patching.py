@@ -317,3 +317,20 @@ def test_prefix_cache_is_the_repeated_base_prefix_then_the_new_keys():
     assert torch.equal(values, torch.cat([past[1][1][:, :, :p0].repeat(k, 1, 1, 1), new_v], 2))
     assert cache.layers[0].keys is None  # a layer the chunk does not run allocates nothing
     assert cache.get_seq_length(1) == T
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_bf16_sweep_tracks_fp32(name):
+    """The engine in bf16 (source/base casts, the shared-prefix KV cache, layer injection) on CPU:
+    every site's effect follows the fp32 sweep within bf16 rounding, with no dtype errors."""
+    m32 = bundled(name)
+    m16 = mk.load(name, dtype="bfloat16")
+    task = mk.tasks.ioi(m32.tokenizer, n=8, seed=0)
+    for site, by in (("resid_pre", ("layer", "pos")), ("z", ("layer", "head"))):
+        kw = dict(sites=site, by=by, max_batch_tokens=4 * 8 * task.clean_tokens.shape[1], progress=False)
+        ref, got = activation_patch(m32, task, **kw), activation_patch(m16, task, **kw)
+        assert got.meta["n_chunks"] > 1 and torch.isfinite(got.values).all()
+        assert (got.values - ref.values).abs().max() < 0.02 * ref.values.abs().max()  # measured <= 0.007
+        r = torch.corrcoef(torch.stack([got.values.flatten(), ref.values.flatten()]))[0, 1]
+        assert r > 0.999, (site, float(r))  # measured >= 0.99995
+    assert not has_mechkit_hooks(m16.hf_model)
