@@ -168,3 +168,36 @@ def test_head_ablation_resumes_from_its_checkpoints(tmp_path):
     resumed = head_ablation_effects(m, checkpoint_dir=tmp_path, **kw)
     assert torch.equal(resumed.values, whole.values)
     assert resumed.meta["n_chunks"] > 2 and resumed.meta["chunks_computed"] == resumed.meta["n_chunks"] - 1
+
+
+@pytest.mark.parametrize("how", ["mean", "resample"])
+def test_head_ablation_on_a_task_equals_the_loop(how):
+    """With a task (left-padded prompts of different lengths): each head mean/resample-ablated in the
+    clean prompts, reference = the corrupted prompts by default, logit difference measured; equals
+    one forward per head under ``ablate`` with the same reference."""
+    from factories import random_hf_model
+    from test_patching import make_task
+
+    from mechkit.heads import head_ablation_effects
+    from mechkit.patching.metrics import logit_diff
+
+    m = mk.load(random_hf_model("llama"))
+    task = make_task(m.cfg.d_vocab)
+    r = head_ablation_effects(m, how=how, task=task, seed=2, progress=False,
+                              max_batch_tokens=2 * task.clean_tokens.numel())
+    assert r.meta["n_chunks"] > 2 and r.meta["metric"] == "logit_diff(normalise=False)"
+    metric = logit_diff(task, normalise=False)
+    b = m.batch(task.clean_tokens, attention_mask=task.clean_mask)
+    with torch.no_grad():
+        base = float(metric(m(b)).mean())
+        loop = torch.zeros(m.cfg.n_layers, m.cfg.n_heads)
+        for l in range(m.cfg.n_layers):
+            for h in range(m.cfg.n_heads):
+                with ablate(m, heads=[(l, h)], how=how, reference=task.corrupt_tokens,
+                            reference_mask=task.corrupt_mask, seed=2):
+                    loop[l, h] = float(metric(m(b)).mean()) - base
+    assert r.baselines["clean"] == pytest.approx(base, abs=1e-5)
+    assert loop.abs().max() > 1e-3
+    torch.testing.assert_close(r.values, loop, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not both"):
+        head_ablation_effects(m, task=task, tokens=task.clean_tokens)

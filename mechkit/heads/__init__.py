@@ -1,7 +1,8 @@
 """Attention-head analyses: per-head scores, targeted-vs-random ablation study, training telemetry.
 
 - ``head_scores(model, kinds=...)`` -> ``{kind: Result over (layer, head)}``
-- ``head_ablation_effects(model, how="mean")`` -> Result over (layer, head)
+- ``head_ablation_effects(model, how="mean", task=None)`` -> Result over (layer, head): repeat-loss
+  change (or a task metric's change) when each head alone is ablated, on the fused patching engine
 - ``ablation_study(model, score="induction", top_frac=0.02, seeds=10)`` -> ``StudyResult``
 - ``TelemetryCallback``, ``log_head_scores``, ``timeline_figure``
 """

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..interventions.ablate import HOWS, ablate, ablation_values
 from ..patching.activation import base_run, run_sweep
-from ..patching.metrics import evaluate
+from ..patching.metrics import evaluate, logit_diff
 from ..patching.sites import site_kind
 from ..results import Result
 from .scores import default_tokens, head_labels, head_scores
@@ -160,9 +160,15 @@ class RepeatLoss:
 @torch.no_grad()
 def head_ablation_effects(model, how: str = "mean", tokens=None, n: int = 16, T: int = 24, seed: int = 0,
                           reference=None, progress: bool = True, max_batch_tokens: int = 8192, shard=(0, 1),
-                          checkpoint_dir=None) -> Result:
-    """Change in ``repeat_loss`` (see module docstring) when each head alone is ablated:
-    Result over (layer, head), baseline loss in ``baselines["clean"]``.
+                          checkpoint_dir=None, task=None, metric=None) -> Result:
+    """Change of a metric when each head alone is ablated: Result over (layer, head), the metric
+    without ablation in ``baselines["clean"]``.
+
+    Default: ``repeat_loss`` (see module docstring) on ``tokens`` (BOS + x + x rows, or ``n`` random
+    ones of length ``T``), ``reference`` another such set. With ``task`` (a PatchingTask, e.g.
+    ``mk.tasks.ioi``): heads are ablated in its clean prompts and ``metric`` (default
+    ``logit_diff(task, normalise=False)``; any patching metric) is measured, the change in its
+    prompt mean reported; ``reference`` defaults to the task's corrupted prompts.
 
     Every head is one patch of the fused patching engine (:func:`mechkit.patching.activation.run_sweep`):
     its ``attn.hook_z`` is replaced by the ablation value :func:`mechkit.ablate` would write (zero,
@@ -174,34 +180,49 @@ def head_ablation_effects(model, how: str = "mean", tokens=None, n: int = 16, T:
     if how not in HOWS:
         raise ValueError(f"how must be one of {HOWS}; got {how!r}")
     c = model.cfg
-    if tokens is not None:
-        tokens = torch.as_tensor(tokens)
-        n, T = tokens.shape[0], (tokens.shape[1] - 1) // 2
-    rep = tokens if tokens is not None else default_tokens(model, n, T, seed)
-    if reference is None and how != "zero":
-        reference = default_tokens(model, n, T, seed + 1)
-    base = model.batch(rep)
+    reference_mask = None
+    if task is not None:
+        if tokens is not None:
+            raise ValueError("give either task= (ablate in its clean prompts) or tokens= (repeated sequences), not both")
+        base = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
+        metric = metric if metric is not None else logit_diff(task, normalise=False)
+        if reference is None and how != "zero":
+            reference, reference_mask = task.corrupt_tokens, task.corrupt_mask
+        name, n, T = repr(metric), base.input_ids.shape[0], None
+    else:
+        if metric is not None:
+            raise ValueError("metric= needs task=: without a task the metric is the repeat loss of the repeated tokens")
+        if tokens is not None:
+            tokens = torch.as_tensor(tokens)
+            n, T = tokens.shape[0], (tokens.shape[1] - 1) // 2
+        rep = tokens if tokens is not None else default_tokens(model, n, T, seed)
+        if reference is None and how != "zero":
+            reference = default_tokens(model, n, T, seed + 1)
+        base = model.batch(rep)
+        metric, name = RepeatLoss(base.input_ids, T), "repeat_loss"
     kind = site_kind("z")
     names = [kind.hook_name(l) for l in range(c.n_layers)]
     if how == "zero":
         source = {l: torch.zeros(*base.input_ids.shape, c.n_heads, c.d_head, device=model.device) for l in range(c.n_layers)}
     else:
-        vals = ablation_values(model, names, how, reference, base.position_ids, seed=seed)
-        source = {l: vals[name] for l, name in enumerate(names)}
-    metric = RepeatLoss(base.input_ids, T)
+        vals = ablation_values(model, names, how, reference, base.position_ids, seed=seed, reference_mask=reference_mask)
+        source = {l: vals[nm] for l, nm in enumerate(names)}
     base_out = base_run(model, base, keep_kv=False)
-    base_loss = float(evaluate(metric, base_out[0], base.input_ids.shape[0])[0])
+    if hasattr(metric, "bind_clean"):
+        metric.bind_clean(base_out[0])
+    base_value = float(evaluate(metric, base_out[0], base.input_ids.shape[0])[0])
     grid = torch.cartesian_prod(torch.arange(c.n_layers), torch.arange(c.n_heads))
-    key = dict(method="head_ablation", how=how, tokens=base.input_ids, seed=seed, cfg=c.to_dict(),
+    key = dict(method="head_ablation", how=how, tokens=base.input_ids, mask=base.attention_mask, seed=seed,
+               cfg=c.to_dict(), metric=name,
                reference=torch.as_tensor(reference) if isinstance(reference, torch.Tensor) else repr(reference))
     raw, info = run_sweep(model, kind, ("layer", "head"), grid, base, source, metric, base_out, max_batch_tokens,
                           shard=shard, progress=progress, checkpoint_dir=checkpoint_dir, key_fields=key,
                           desc="head ablations")
-    out = (raw - base_loss).reshape(c.n_layers, c.n_heads)
-    return Result(out, ("layer", "head"), head_labels(c.n_layers, c.n_heads), baselines={"clean": base_loss},
-                  meta={"method": "head_ablation", "how": how, "metric": "repeat_loss", "n": n, "T": T,
+    out = (raw - base_value).reshape(c.n_layers, c.n_heads)
+    return Result(out, ("layer", "head"), head_labels(c.n_layers, c.n_heads), baselines={"clean": base_value},
+                  meta={"method": "head_ablation", "how": how, "metric": name, "n": n, "T": T,
                         "n_chunks": info["n_chunks"], "chunks_computed": info["chunks_computed"], "shard": list(shard),
-                        "title": f"repeat-loss change when one head is {how}-ablated"},
+                        "title": f"{name.split('(')[0].replace('_', ' ')} change when one head is {how}-ablated"},
                   name="head_ablation_effects")
 
 
