@@ -84,6 +84,14 @@ heads = mk.activation_patch(model, task, sites="z", by=("layer", "head"), progre
 print(heads.top(5))
 heads.figure()
 """,
+    "md:The other direction: mean-ablate each head alone in the clean prompts (mean over the corrupted ones) "
+    "and watch the logit difference fall. Necessity, where patching above shows sufficiency.",
+    """
+knockout = mk.heads.head_ablation_effects(model, how="mean", task=task, progress=False)
+print("logit diff without ablation:", round(knockout.baselines["clean"], 2))
+print(knockout.top(5))   # largest changes: the heads the answer needs
+knockout.figure()
+""",
     """
 from mechkit.viz import scatter_compare
 ap, atp, relp = results["mlp_out"]
