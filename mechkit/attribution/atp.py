@@ -28,6 +28,7 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
+from ..patching.activation import pos_labels
 from ..results import Result
 from . import lrp
 from .metrics import logit_diff, prompt_mean
@@ -99,14 +100,6 @@ def _grad_run(model, batch, names, metric_fn, ig_patch=None):
         grads = torch.autograd.grad(m, [acts[n] for n in names], allow_unused=True)
     grads = [torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads)]
     return m.detach(), {n: a.detach() for n, a in acts.items()}, dict(zip(names, grads))
-
-
-def _pos_labels(model, task) -> list[str]:
-    """``"i:token"`` for each position of the first clean prompt (as activation patching labels them)."""
-    ids = task.clean_tokens[0].tolist()
-    tok = getattr(model, "tokenizer", None)
-    strs = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
-    return [f"{i}:{s}" for i, s in enumerate(strs)]
 
 
 def _batch_scores(model, task, names, metric, method, unit, ig_steps, rules, bar):
@@ -203,7 +196,7 @@ def attribution_patch(
     sizes = {"layer": L, "pos": first.shape[0]}
     if unit:
         sizes[unit] = first.shape[1]
-    labels = {"layer": [str(l) for l in range(L)], "pos": _pos_labels(model, task)}
+    labels = {"layer": [str(l) for l in range(L)], "pos": pos_labels(model, task)}
     if unit:
         labels[unit] = [f"{unit[0].upper()}{j}" for j in range(sizes[unit])]
     meta = {"method": method, "sites": sites, "metric": repr(metric), "normalised": normalise, "by": list(by), "seconds": seconds,
