@@ -20,5 +20,7 @@ timeout 300 $PY benchmarks/patching.py --device cuda --dtype bfloat16 --sample-c
   --prompts 8 --out "$OUT/patching_cuda_bf16.json" 2>&1 | tail -8
 # steering methods, bf16 on the GPU
 timeout 240 $PY benchmarks/steering.py --device cuda --dtype bfloat16 --out "$OUT/steering_cuda_bf16.json" 2>&1 | tail -30
+# single-head ablation effects: fused engine vs the per-head loop, bf16 on the GPU
+timeout 180 $PY benchmarks/head_ablation.py --device cuda --dtype bfloat16 --out "$OUT/head_ablation_cuda_bf16.json" 2>&1 | tail -6
 # the tests that use a GPU when one is present (device_map cuda:0/cpu split)
 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_device_map.py 2>&1 | tail -3

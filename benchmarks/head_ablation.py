@@ -72,17 +72,22 @@ def main():
     ap.add_argument("--skip-random", action="store_true")
     ap.add_argument("--skip-bundled", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/head_ablation.json"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [] if args.skip_bundled else [bench(name, mk.load(name), args) for name in mk.list_models()]
+    rows = [] if args.skip_bundled else [bench(name, mk.load(name, device=args.device, dtype=args.dtype), args)
+                                         for name in mk.list_models()]
     if not args.skip_random:
         torch.manual_seed(0)
         hf = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=2000,
                                                      bos_token_id=0, eos_token_id=0)).eval()
+        hf = hf.to(device=args.device, dtype=getattr(torch, args.dtype))
         rows.append(bench("gpt2-small-shaped random (12L, 768d, 12H; vocab 2000)", mk.load(hf), args))
     from mechkit.io import write_json
 
-    write_json(args.out, dict(machine=dict(threads=args.threads, torch=torch.__version__, device="cpu"),
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    write_json(args.out, dict(machine=dict(threads=args.threads, torch=torch.__version__, device=dev, dtype=args.dtype),
                               settings=vars(args), rows=rows))
     print("\n| model | heads | chunks | fused s | loop s | speed-up | max abs diff |\n|---|---|---|---|---|---|---|")
     for r in rows:
