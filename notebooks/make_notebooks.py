@@ -92,6 +92,35 @@ print("logit diff without ablation:", round(knockout.baselines["clean"], 2))
 print(knockout.top(5))   # largest changes: the heads the answer needs
 knockout.figure()
 """,
+    "md:Where do the top heads look, and which name do they push? Attention from the final position "
+    "and from the token after S2, by IOI role; and each head's mean-ablation effect on the IO and S "
+    "logits separately. (On the bundled tiny-gpt2: the previous-token head L0H1 copies S2 into the "
+    "next token; at the end L3H5 attends to that token and writes against S, so ablating it raises "
+    "logit(S) by 8-10; this is why the resid_pre patching map lights up at the token after S2.)",
+    """
+import torch
+ids, io, s = task.clean_tokens, task.answer_ids, task.wrong_ids
+_, cache = model.run_with_cache(ids, attention_mask=task.clean_mask, names=lambda n: n.endswith("hook_pattern"))
+rows = torch.arange(len(ids))
+s2 = torch.stack([(r == w).nonzero()[-1, 0] for r, w in zip(ids, s)])
+role = {"IO": torch.stack([(r == a).nonzero()[0, 0] for r, a in zip(ids, io)]),
+        "S1": torch.stack([(r == w).nonzero()[0, 0] for r, w in zip(ids, s)]), "S2": s2, "S2+1": s2 + 1}
+b = model.batch(ids, attention_mask=task.clean_mask)
+
+def io_s_logits():
+    with torch.no_grad():
+        last = model(b)[:, -1].float()
+    return last[rows, io].mean().item(), last[rows, s].mean().item()
+
+base = io_s_logits()
+for (l, h), _ in [((int(k[0]), int(k[1][1:])), v) for k, v in knockout.top(4)]:
+    pat = cache[f"blocks.{l}.attn.hook_pattern"][:, h]
+    end = {k: round(pat[rows, -1, p].mean().item(), 2) for k, p in role.items()}
+    verb = {k: round(pat[rows, s2 + 1, p].mean().item(), 2) for k, p in role.items() if k != "S2+1"}
+    with mk.ablate(model, heads=[(l, h)], how="mean", reference=task.corrupt_tokens, reference_mask=task.corrupt_mask):
+        a = io_s_logits()
+    print(f"L{l}H{h}  from END {end}  from S2+1 {verb}  ablated: dlogit IO {a[0] - base[0]:+.1f}, S {a[1] - base[1]:+.1f}")
+""",
     """
 from mechkit.viz import scatter_compare
 ap, atp, relp = results["mlp_out"]
