@@ -70,7 +70,7 @@ def reference_patch(model, task, site, by, metric, mode="denoise", layers=None, 
     layers = range(model.cfg.n_layers) if layers is None else layers
     _, cache = model.run_with_cache(_batch(task, src)["input_ids"], attention_mask=_batch(task, src)["attention_mask"])
     n, T = task.clean_tokens.shape
-    sizes = {"pos": T, "head": model.cfg.n_kv_heads if site in ("k", "v") else model.cfg.n_heads,
+    sizes = {"pos": T, "key_pos": T, "head": model.cfg.n_kv_heads if site in ("k", "v") else model.cfg.n_heads,
              "neuron": model.cfg.d_mlp}
     out = torch.zeros([len(layers)] + [sizes[a] for a in by[1:]])
     for li, l in enumerate(layers):
@@ -334,3 +334,23 @@ def test_bf16_sweep_tracks_fp32(name):
         r = torch.corrcoef(torch.stack([got.values.flatten(), ref.values.flatten()]))[0, 1]
         assert r > 0.999, (site, float(r))  # measured >= 0.99995
     assert not has_mechkit_hooks(m16.hf_model)
+
+
+def test_pattern_dest_src_entries_equal_reference(mode="noise"):
+    """Single attention-pattern entries, by (layer, head, query pos, key pos) as TransformerLens's
+    ``get_act_patch_attn_head_pattern_dest_src_pos``: equal to the reference loop, on left-padded
+    prompts, with prefix reuse (the key axis spans every position in a KV-cache run)."""
+    m = HookedModel(random_hf_model("llama"))
+    task = make_task(m.cfg.d_vocab)
+    n, T = task.clean_tokens.shape
+    by = ("layer", "head", "pos", "key_pos")
+    res = activation_patch(m, task, sites="pattern", by=by, layers=[1], mode=mode, max_batch_tokens=6 * n * T,
+                           progress=False, normalise=False)
+    ref = reference_patch(m, task, "pattern", by, logit_diff(task), mode=mode, layers=[1], normalise=False)
+    assert res.shape == (1, m.cfg.n_heads, T, T) and res.meta["skip_prefix"] and res.meta["n_chunks"] > 1
+    assert res.labels["key_pos"] == res.labels["pos"]
+    torch.testing.assert_close(res.values, ref, atol=1e-5, rtol=0)
+    effect = res.values - res.baselines["corrupt" if mode == "denoise" else "clean"]
+    causal = torch.ones(T, T, dtype=torch.bool).triu(1)  # a future key's entry is 0 in both runs: no effect
+    assert effect[..., causal].abs().max() < 1e-6 and effect[..., ~causal].abs().max() > 1e-4
+    assert res.figure().data[0].type == "heatmap"

@@ -187,7 +187,7 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
 
     labels = {"layer": [str(l) for l in layers]}
     for a, s in zip(by[1:], sizes[1:]):
-        labels[a] = pos_labels(model, task) if a == "pos" else [f"{a[0].upper()}{j}" for j in range(s)]
+        labels[a] = pos_labels(model, task) if a in ("pos", "key_pos") else [f"{a[0].upper()}{j}" for j in range(s)]
     meta = dict(method="activation_patch", site=kind.name, hook=kind.hook, by=list(by), mode=mode,
                 metric=repr(metric), normalised=normalise, n_prompts=n, n_pos=T,
                 chunk_size=info["chunk_size"], n_chunks=info["n_chunks"], chunks_computed=info["chunks_computed"],

@@ -4,7 +4,8 @@ A *site kind* names a hook point template and the axes of its activation (batch 
 
 - ``resid_pre/mid/post``, ``attn_out``, ``mlp_out``: ``[batch, pos, d_model]``
 - ``z``, ``q``, ``k``, ``v`` (per head): ``[batch, pos, head, d_head]`` (k/v have n_kv_heads)
-- ``pattern``: ``[batch, head, pos (query), key_pos]``
+- ``pattern``: ``[batch, head, pos (query), key_pos]``; by ("layer", "head", "pos", "key_pos") patches
+  single (destination, source) entries, like TransformerLens's ``get_act_patch_attn_head_pattern_dest_src_pos``
 - ``neuron`` (MLP post-activation): ``[batch, pos, neuron]``
 
 A patch is an index over ``by`` (always starting with ``"layer"``); the axes of ``by`` other
@@ -29,7 +30,7 @@ class SiteKind:
         return self.hook.format(l=layer)
 
     def indexable(self) -> tuple[str, ...]:
-        return tuple(d for d in self.dims if d in ("pos", "head", "neuron"))
+        return tuple(d for d in self.dims if d in ("pos", "key_pos", "head", "neuron"))
 
 
 _RESID = ("pos", "d_model")
@@ -70,7 +71,7 @@ def check_by(kind: SiteKind, by) -> tuple[str, ...]:
 
 def axis_size(kind: SiteKind, axis: str, cfg, T: int) -> int:
     """Length of ``axis`` (pos, head, neuron) for ``kind`` on a model with config ``cfg``, T positions."""
-    if axis == "pos":
+    if axis in ("pos", "key_pos"):
         return T
     if axis == "head":
         return cfg.n_kv_heads if kind.name in ("k", "v") else cfg.n_heads

@@ -5,6 +5,8 @@ Signed scores get a diverging colour scale centred at zero; hover text shows exa
 
 from __future__ import annotations
 
+import itertools
+
 import plotly.graph_objects as go
 
 DIVERGING = "RdBu"
@@ -22,7 +24,8 @@ def result_figure(result, title: str | None = None):
         if v.dim() > 2:
             v = v.reshape(v.shape[0], -1)
             ylab = result.labels[result.axes[0]]
-            xlab = [f"{a}|{b}" for a in result.labels[result.axes[1]] for b in result.labels[result.axes[2]]] if v.shape[1] == len(result.labels[result.axes[1]]) * len(result.labels[result.axes[2]]) else [str(i) for i in range(v.shape[1])]
+            combos = list(itertools.product(*[result.labels[a] for a in result.axes[1:]]))
+            xlab = ["|".join(c) for c in combos] if len(combos) == v.shape[1] else [str(i) for i in range(v.shape[1])]
             xname = "×".join(result.axes[1:])
         else:
             ylab, xlab, xname = result.labels[result.axes[0]], result.labels[result.axes[1]], result.axes[1]
