@@ -354,3 +354,42 @@ def test_pattern_dest_src_entries_equal_reference(mode="noise"):
     causal = torch.ones(T, T, dtype=torch.bool).triu(1)  # a future key's entry is 0 in both runs: no effect
     assert effect[..., causal].abs().max() < 1e-6 and effect[..., ~causal].abs().max() > 1e-4
     assert res.figure().data[0].type == "heatmap"
+
+
+def test_memory_budget_in_bytes():
+    """``max_batch_bytes`` (number or "2MB"-style string) becomes max_batch_tokens by the per-token
+    estimate: a smaller budget gives more, smaller chunks, the same values; bad budgets are refused."""
+    from mechkit.patching.memory import bytes_per_token, parse_bytes
+
+    assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes(1e6) == 10**6
+    for bad in ("lots", "-1MB", 0, "3 parsecs"):
+        with pytest.raises(ValueError, match="memory budget"):
+            parse_bytes(bad)
+    m = HookedModel(random_hf_model("llama"))
+    task = make_task(m.cfg.d_vocab)
+    n, T = task.clean_tokens.shape
+    per_token = bytes_per_token(m.cfg, T, full_logits=False)
+    kw = dict(sites="resid_pre", by=("layer", "pos"), progress=False, normalise=False)
+    big = activation_patch(m, task, max_batch_bytes=40 * n * T * per_token, **kw)
+    small = activation_patch(m, task, max_batch_bytes=f"{2 * n * T * per_token / 1e3}kB", **kw)
+    assert big.meta["max_batch_tokens"] == 40 * n * T and small.meta["max_batch_tokens"] == 2 * n * T
+    assert small.meta["n_chunks"] > big.meta["n_chunks"]
+    torch.testing.assert_close(small.values, big.values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is measured with CUDA's allocator")
+def test_memory_budget_bounds_cuda_peak():
+    """On CUDA the sweep's peak allocation above the model and its cached runs stays within the budget."""
+    m = mk.load("tiny-llama", device="cuda") if "tiny-llama" in mk.list_models() else HookedModel(
+        random_hf_model("llama").cuda())
+    task = mk.tasks.ioi(m.tokenizer, n=64, seed=0) if m.tokenizer is not None else make_task(m.cfg.d_vocab)
+    budget = 8 * 2**20
+    activation_patch(m, task, sites="resid_pre", progress=False, max_batch_bytes=budget)  # warm-up
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    activation_patch(m, task, sites="resid_pre", progress=False, max_batch_bytes=budget)
+    c, (n, T) = m.cfg, task.clean_tokens.shape
+    # held once per sweep: both runs' logits, the base residuals, the source activations, the base KV cache
+    cached = 4 * n * T * (2 * c.d_vocab + 2 * c.n_layers * c.d_model + 2 * c.n_layers * c.n_kv_heads * c.d_head)
+    assert torch.cuda.max_memory_allocated() - base <= budget + cached

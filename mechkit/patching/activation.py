@@ -19,6 +19,7 @@ from ..results import Result
 from ..tasks.base import position_ids_from_mask
 from .checkpoint import ChunkStore, sweep_key
 from .engine import FusedRunner
+from .memory import tokens_for_budget
 from .metrics import evaluate, logit_diff
 from .plan import overhead_token_layers, plan_chunks
 from .sites import SiteKind, axis_size, check_by, site_kind
@@ -125,7 +126,7 @@ def run_sweep(model, kind: SiteKind, by, grid: torch.Tensor, base: Batch, source
 def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None, mode: str = "denoise",
                      layers=None, max_batch_tokens: int = 8192, checkpoint_dir=None, shard=(0, 1),
                      progress: bool = True, normalise: bool | None = None, skip_layers: bool = True, skip_prefix: bool = True,
-                     on_chunk=None) -> Result:
+                     on_chunk=None, max_batch_bytes=None) -> Result:
     """Patch every index of ``sites`` over ``by`` and measure ``metric``.
 
     Args:
@@ -135,6 +136,8 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
         metric: callable on logits -> one value per prompt (default ``logit_diff(task)``).
         mode: "denoise" (clean into corrupted) or "noise" (corrupted into clean).
         layers: layers to sweep (default all). max_batch_tokens: rows x positions per forward.
+        max_batch_bytes: a memory budget per forward instead (bytes, or "2GB", "512MiB"): converted to
+            max_batch_tokens by the estimate of :mod:`mechkit.patching.memory`.
         checkpoint_dir: finished chunks are saved there and reused on a rerun.
         shard: (rank, world) — this process computes chunks ``i % world == rank``; others are NaN.
         normalise: override the metric's own ``normalise`` flag (plain callables: False).
@@ -176,6 +179,8 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
     m_clean = float(evaluate(metric, clean_logits, n)[0])
     m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
 
+    if max_batch_bytes is not None:
+        max_batch_tokens = tokens_for_budget(cfg, T, not getattr(metric, "last_only", False), max_batch_bytes)
     sizes = [len(layers)] + [axis_size(kind, a, cfg, T) for a in by[1:]]
     grid = torch.tensor(list(itertools.product(layers, *[range(s) for s in sizes[1:]])), dtype=torch.long)
     key = dict(site=kind.name, by=list(by), mode=mode, layers=layers, clean=task.clean_tokens,
@@ -191,6 +196,7 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
     meta = dict(method="activation_patch", site=kind.name, hook=kind.hook, by=list(by), mode=mode,
                 metric=repr(metric), normalised=normalise, n_prompts=n, n_pos=T,
                 chunk_size=info["chunk_size"], n_chunks=info["n_chunks"], chunks_computed=info["chunks_computed"],
+                max_batch_tokens=max_batch_tokens,
                 shard=[rank, world], model=cfg.to_dict(), skip_layers=skip_layers, skip_prefix=info["skip_prefix"],
                 seconds=time.perf_counter() - t0)
     return Result(values.reshape(sizes), tuple(by), labels, {"clean": m_clean, "corrupt": m_corrupt}, meta,
