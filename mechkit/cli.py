@@ -87,12 +87,13 @@ def cmd_patch(args) -> None:
 
         rank, world = init_from_env()
         res = gather(activation_patch(model, task, sites=args.site, by=by, shard=(rank, world),
-                                      checkpoint_dir=args.checkpoint_dir, progress=not args.quiet and rank == 0))
+                                      checkpoint_dir=args.checkpoint_dir, progress=not args.quiet and rank == 0,
+                                      max_batch_bytes=args.max_batch_bytes))
         if rank != 0:
             return
     else:
         res = activation_patch(model, task, sites=args.site, by=by, checkpoint_dir=args.checkpoint_dir,
-                               progress=not args.quiet)
+                               progress=not args.quiet, max_batch_bytes=args.max_batch_bytes)
     _write({f"activation patching: {args.site}": res}, args, model, f"patch_{args.site}", "patch")
 
 
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         if name == "patch":
             p.add_argument("--checkpoint-dir", default=None, help="finished chunks go here; a rerun resumes")
+            p.add_argument("--max-batch-bytes", default=None, help="memory budget per forward, e.g. 2GB (default: 8192 tokens)")
             p.add_argument("--distributed", action="store_true",
                            help="run under torchrun: shard the sweep over the ranks (see scripts/sweep_distributed.py)")
         if name == "attribute":
