@@ -26,7 +26,7 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
     from mechkit.heads import head_scores
     from mechkit.patching import activation_patch
     from mechkit.results import compare
-    from mechkit.steering import DiffMean
+    from mechkit.steering import DiffMean, LinEAS
     from mechkit.viz import attention_figure, dashboard, scatter_compare
 
     out = Path(out)
@@ -78,20 +78,29 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
     t = time.perf_counter()
     data = mk.tasks.sentiment(model.tokenizer, n=32, seed=0)
     steer = DiffMean().fit(model, data.negative[:32], data.positive[:32])
+    # LinEAS on both sublayers: the bundled models keep sentiment in different ones (README, steering)
+    lineas = LinEAS(point=["hook_attn_out", "hook_mlp_out"]).fit(model, data.negative[:32], data.positive[:32],
+                                                                 steps=100, progress=progress)
     prompts = data.neutral[:16]
     from mechkit.steering.evaluate import concept_rate, perplexity
     from mechkit.tasks.vocab import POSITIVE_ADJECTIVES
     from mechkit.viz import steering_figure
 
     strengths = [0.0, 0.5, 1.0, 2.0]
-    curve = {"strength": strengths,
-             "concept": [concept_rate(model, prompts, POSITIVE_ADJECTIVES, st=steer, strength=s,
-                                      max_new_tokens=8)["rate"] for s in strengths],
-             "ppl": [perplexity(model, data.neutral[16:32], st=steer, strength=s) for s in strengths]}
+    curves = {name: {"strength": strengths,
+                     "concept": [concept_rate(model, prompts, POSITIVE_ADJECTIVES, st=st, strength=s,
+                                              max_new_tokens=8)["rate"] for s in strengths],
+                     "ppl": [perplexity(model, data.neutral[16:32], st=st, strength=s) for s in strengths]}
+              for name, st in (("DiffMean", steer), ("LinEAS", lineas))}
     timings["steering"] = time.perf_counter() - t
-    fig = steering_figure({"DiffMean": curve}, title="difference-in-means steering: positive words in continuations")
-    sections["steering: negative → positive (DiffMean)"] = fig
+    fig = steering_figure(curves, title="steering negative -> positive: positive words in continuations")
+    sections["steering: negative → positive (DiffMean, LinEAS)"] = fig
+    notes["steering: negative → positive (DiffMean, LinEAS)"] = (
+        "Fitted on 32 negative and 32 positive reviews; rate of positive adjectives in 8-token greedy "
+        "continuations of 16 neutral prompts, and perplexity on neutral text, by strength. LinEAS: "
+        "per-neuron affine maps on every attention and MLP output, 100 Adam steps.")
     steer.save(out / "steer_positive.safetensors")
+    lineas.save(out / "steer_positive_lineas.safetensors")
 
     meta = {"model": f"{model.name} ({model.cfg.model_type}, {model.cfg.n_layers} layers, "
                      f"d_model {model.cfg.d_model})",
