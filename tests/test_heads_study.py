@@ -203,27 +203,29 @@ def test_head_ablation_on_a_task_equals_the_loop(how):
         head_ablation_effects(m, task=task, tokens=task.clean_tokens)
 
 
-def test_tiny_gpt2_ioi_route_is_what_its_model_card_says():
-    """The card's IOI route on the shipped tiny-gpt2: L0H1 at the token after S2 reads S2, L3H5 at the
-    end reads that token and writes against S (its knockout raises logit(S)), and the two are the
-    costliest single-head knockouts. Fails if the weights change and the card is not updated."""
-    if "tiny-gpt2" not in BUNDLED:
-        pytest.skip("tiny-gpt2 weights absent")
+@pytest.mark.parametrize("name,prev,supp", [("tiny-gpt2", (0, 1), (3, 5)), ("tiny-llama", (0, 3), (3, 3))])
+def test_bundled_ioi_route_is_what_the_model_card_says(name, prev, supp):
+    """The cards' IOI route on the shipped weights: the previous-token head at the token after S2 reads
+    S2; a last-layer head at the end reads that token and writes against S (its knockout raises
+    logit(S)) and is among the three costliest single-head knockouts. Fails if the weights change and
+    the cards are not updated."""
+    if name not in BUNDLED:
+        pytest.skip(f"{name} weights absent")
     from mechkit.heads import head_ablation_effects
 
-    m = mk.load("tiny-gpt2")
+    m = mk.load(name)
     task = mk.tasks.ioi(m.tokenizer, n=32, seed=3)
     ko = head_ablation_effects(m, how="mean", task=task, progress=False)
-    assert {lab for lab, _ in ko.top(2)} == {("0", "H1"), ("3", "H5")} and ko.values[3, 5] < -5
+    assert ("3", f"H{supp[1]}") in {lab for lab, _ in ko.top(3)} and ko.values[supp] < -3
     ids, s = task.clean_tokens, task.wrong_ids
     rows = torch.arange(len(ids))
     s2 = torch.stack([(r == w).nonzero()[-1, 0] for r, w in zip(ids, s)])
     _, cache = m.run_with_cache(ids, attention_mask=task.clean_mask, names=lambda n: n.endswith("hook_pattern"))
-    assert cache["blocks.0.attn.hook_pattern"][rows, 1, s2 + 1, s2].mean() > 0.9
-    assert cache["blocks.3.attn.hook_pattern"][rows, 5, -1, s2 + 1].mean() > 0.9
+    assert cache[f"blocks.{prev[0]}.attn.hook_pattern"][rows, prev[1], s2 + 1, s2].mean() > 0.9
+    assert cache[f"blocks.{supp[0]}.attn.hook_pattern"][rows, supp[1], -1, s2 + 1].mean() > 0.9
     b = m.batch(ids, attention_mask=task.clean_mask)
     with torch.no_grad():
         before = m(b)[rows, -1, s].mean()
-        with ablate(m, heads=[(3, 5)], how="mean", reference=task.corrupt_tokens, reference_mask=task.corrupt_mask):
+        with ablate(m, heads=[supp], how="mean", reference=task.corrupt_tokens, reference_mask=task.corrupt_mask):
             after = m(b)[rows, -1, s].mean()
     assert after - before > 3
