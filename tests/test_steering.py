@@ -179,6 +179,10 @@ def test_points_mix_full_names_and_per_layer_suffixes(gpt2):
     assert both == [f"blocks.{l}.{p}" for l in range(L) for p in ("hook_attn_out", "hook_mlp_out")]
     assert resolve_points(gpt2, [1], ["blocks.0.hook_resid_post", "hook_mlp_out"]) == [
         "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    # forward order whatever the order given (Linear-AcT fits point by point with earlier maps applied)
+    assert resolve_points(gpt2, "all", ["blocks.2.hook_resid_post", "blocks.2.hook_attn_out", "blocks.0.mlp.hook_post",
+                                        "blocks.2.hook_attn_out"]) == [
+        "blocks.0.mlp.hook_post", "blocks.2.hook_attn_out", "blocks.2.hook_resid_post"]
     assert resolve_points(gpt2, "middle", "hook_resid_post") == [f"blocks.{L // 2}.hook_resid_post"]
     with pytest.raises(HookNameError, match="hook_mlp_out"):
         resolve_points(gpt2, "all", ["hook_mlp_outt"])

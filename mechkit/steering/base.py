@@ -54,12 +54,28 @@ def _layer_list(model, layers) -> list[int]:
     return ls
 
 
+# where each per-layer point sits in a block's forward pass (incremental fits go in this order)
+_FORWARD_RANK = {"hook_resid_pre": 0, "attn.hook_q": 1, "attn.hook_k": 1, "attn.hook_v": 1, "attn.hook_pattern": 2,
+                 "attn.hook_z": 3, "hook_attn_out": 4, "hook_resid_mid": 5, "mlp.hook_pre": 6, "mlp.hook_post": 7,
+                 "hook_mlp_out": 8, "hook_resid_post": 9}
+
+
+def forward_order(name: str) -> tuple[int, int]:
+    """Sort key of a hook name by where it runs: embeddings, then blocks by layer and position in the
+    block, then the final norm and logits."""
+    if name.startswith("blocks."):
+        layer, _, rest = name[len("blocks."):].partition(".")
+        return int(layer), _FORWARD_RANK.get(rest, 5)
+    return (-1, 0) if "embed" in name else (10**9, 0)
+
+
 def resolve_points(model, layers, point) -> list[str]:
-    """Checked full hook names from ``layers`` ("all" | int | list[int] | "middle") and ``point``:
-    a per-layer suffix ("hook_resid_post"), or a list mixing full names ("blocks.3.hook_mlp_out")
-    and suffixes, each suffix taken at every layer of ``layers`` (layer-major order:
-    ``["hook_attn_out", "hook_mlp_out"]`` -> blocks.0.hook_attn_out, blocks.0.hook_mlp_out, ...).
-    With a list of full names only, ``layers`` is not used."""
+    """Checked full hook names, in forward order, from ``layers`` ("all" | int | list[int] |
+    "middle") and ``point``: a per-layer suffix ("hook_resid_post"), or a list mixing full names
+    ("blocks.3.hook_mlp_out") and suffixes, each suffix taken at every layer of ``layers``
+    (``["hook_attn_out", "hook_mlp_out"]`` -> blocks.0.hook_attn_out, blocks.0.hook_mlp_out, ...).
+    With a list of full names only, ``layers`` is not used. Forward order matters to methods fitted
+    point by point with the earlier maps applied (Linear-AcT)."""
     entries = list(point) if isinstance(point, (list, tuple)) else [point]
     full = [e for e in entries if e.startswith("blocks.") or e in model.points.points]
     suffixes = [e for e in entries if e not in full]
@@ -68,7 +84,7 @@ def resolve_points(model, layers, point) -> list[str]:
         names += [f"blocks.{x}.{p}" for x in _layer_list(model, layers) for p in suffixes]
     for nm in names:
         model.points.resolve(nm)
-    return names
+    return sorted(dict.fromkeys(names), key=forward_order)
 
 
 def blend(x: torch.Tensor, new: torch.Tensor, strength: float, where: Where) -> torch.Tensor:
