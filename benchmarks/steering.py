@@ -106,6 +106,7 @@ def main(argv=None):
         "lineas_attn": (LinEAS(layers="all", point="hook_attn_out"), dict(steps=a.lineas_steps, optimizer="adam", lr=0.01)),
         "lineas_attn_mlp": (LinEAS(point=["hook_attn_out", "hook_mlp_out"]),
                             dict(steps=a.lineas_steps, optimizer="adam", lr=0.01)),
+        "linear_act_attn_mlp": (LinearAcT(layers="all", point=["hook_attn_out", "hook_mlp_out"]), {}),
     }
     base_ppl = ev.perplexity(model, neutral_text)
     results = {"model": name, "n_source": len(source), "n_target": len(target), "n_prompts": len(prompts),
