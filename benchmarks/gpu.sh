@@ -7,6 +7,7 @@
 # them as wheels (see the device tool's README: pip download ... -d .whl), then
 #   run(command="pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
 #        PYTHONPATH=/tmp/site bash benchmarks/gpu.sh", carry=[".whl"])
+# Worst case 240 + 150 + 90 + 60 s = 9 min of commands, inside the 15-minute device budget with start-up.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -16,11 +17,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu_device.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 # fused patching vs TransformerLens, bf16 on the GPU (bundled models + the 12-layer GPT-2-small shape)
-timeout 300 $PY benchmarks/patching.py --device cuda --dtype bfloat16 --sample-chunks 0 --tl-patches 64 \
+timeout 240 $PY benchmarks/patching.py --device cuda --dtype bfloat16 --sample-chunks 0 --tl-patches 64 \
   --prompts 8 --out "$OUT/patching_cuda_bf16.json" 2>&1 | tail -8
 # steering methods, bf16 on the GPU
-timeout 240 $PY benchmarks/steering.py --device cuda --dtype bfloat16 --out "$OUT/steering_cuda_bf16.json" 2>&1 | tail -30
+timeout 150 $PY benchmarks/steering.py --device cuda --dtype bfloat16 --out "$OUT/steering_cuda_bf16.json" 2>&1 | tail -30
 # single-head ablation effects: fused engine vs the per-head loop, bf16 on the GPU
-timeout 180 $PY benchmarks/head_ablation.py --device cuda --dtype bfloat16 --out "$OUT/head_ablation_cuda_bf16.json" 2>&1 | tail -6
+timeout 90 $PY benchmarks/head_ablation.py --device cuda --dtype bfloat16 --out "$OUT/head_ablation_cuda_bf16.json" 2>&1 | tail -6
 # the tests that use a GPU when one is present (device_map cuda:0/cpu split)
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_device_map.py "tests/test_patching.py::test_memory_budget_bounds_cuda_peak" 2>&1 | tail -3
+timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_device_map.py "tests/test_patching.py::test_memory_budget_bounds_cuda_peak" 2>&1 | tail -3
