@@ -12,12 +12,13 @@ layer). Steps:
 
 1. RelP (or ``--method atp``) scores every component in 2 forwards + 1 backward;
 2. the ``--top-k`` components by |score| are verified by activation patching (one patch each,
-   fused), and the two rankings are compared;
+   fused), and the two rankings are compared; every head is also knocked out alone (mean-ablated,
+   means over the clean prompts) to show which ones the behaviour needs;
 3. faithfulness curve: for k = 0..K, keep the top-k components and mean-ablate every other one
    (means over the clean prompts, per position); the normalised metric
    ``(M_k - M_none) / (M_all - M_none)`` says how much of the behaviour the k components carry;
-4. ``dashboard.html`` with the three figures and ``circuit.json`` with the components, scores
-   and curve.
+4. ``dashboard.html`` with the figures and ``circuit.json`` with the components, scores,
+   knockout effects and curve.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ def main(argv=None) -> int:
     order = est.abs().argsort(descending=True).tolist()
     top = order[: args.top_k]
 
+    # necessity: each head alone mean-ablated (the same reference as the faithfulness curve), fused
+    knockout = mk.heads.head_ablation_effects(model, how="mean", task=task, reference=task.clean_tokens,
+                                              reference_mask=task.clean_mask, progress=progress)
+
     # 3. faithfulness: keep the top-k, mean-ablate the rest
     metric = mk.metrics.logit_diff(task, normalise=False)
     batch = model.batch(task.clean_tokens, task.clean_mask)
@@ -118,7 +123,9 @@ def main(argv=None) -> int:
                             template="plotly_white")
     circuit = {
         "model": c.to_dict(), "task": args.task or f"IOI n={len(task)} seed={args.seed}", "method": args.method,
-        "components": [{"component": labels[i], "score": float(est[i]), "activation_patching": float(truth[i])}
+        "components": [{"component": labels[i], "score": float(est[i]), "activation_patching": float(truth[i]),
+                        **({"knockout_logit_diff_change": float(knockout.values[comps[i][1], comps[i][2]])}
+                           if comps[i][0] == "head" else {})}
                        for i in top],
         "ranking_vs_activation_patching": stats,
         "faithfulness": {"k": ks, "normalised_metric": curve, "metric_all": m_all, "metric_none": m_none},
@@ -127,6 +134,7 @@ def main(argv=None) -> int:
     write_json(out / "circuit.json", circuit)
     path = dashboard(
         {f"{args.method.upper()} scores: heads": est_heads, "activation patching: heads": ap_heads,
+         "knockout: heads (each mean-ablated alone)": knockout,
          f"{args.method.upper()} vs activation patching (all components)": scatter_compare(truth_r, est_r, stats),
          "faithfulness curve": fig_curve},
         out / "dashboard.html", title="mechkit circuit discovery",

@@ -160,7 +160,7 @@ class RepeatLoss:
 @torch.no_grad()
 def head_ablation_effects(model, how: str = "mean", tokens=None, n: int = 16, T: int = 24, seed: int = 0,
                           reference=None, progress: bool = True, max_batch_tokens: int = 8192, shard=(0, 1),
-                          checkpoint_dir=None, task=None, metric=None) -> Result:
+                          checkpoint_dir=None, task=None, metric=None, reference_mask=None) -> Result:
     """Change of a metric when each head alone is ablated: Result over (layer, head), the metric
     without ablation in ``baselines["clean"]``.
 
@@ -168,7 +168,8 @@ def head_ablation_effects(model, how: str = "mean", tokens=None, n: int = 16, T:
     ones of length ``T``), ``reference`` another such set. With ``task`` (a PatchingTask, e.g.
     ``mk.tasks.ioi``): heads are ablated in its clean prompts and ``metric`` (default
     ``logit_diff(task, normalise=False)``; any patching metric) is measured, the change in its
-    prompt mean reported; ``reference`` defaults to the task's corrupted prompts.
+    prompt mean reported; ``reference`` defaults to the task's corrupted prompts (``reference_mask``:
+    the attention mask of token-id references that are padded).
 
     Every head is one patch of the fused patching engine (:func:`mechkit.patching.activation.run_sweep`):
     its ``attn.hook_z`` is replaced by the ablation value :func:`mechkit.ablate` would write (zero,
@@ -180,7 +181,6 @@ def head_ablation_effects(model, how: str = "mean", tokens=None, n: int = 16, T:
     if how not in HOWS:
         raise ValueError(f"how must be one of {HOWS}; got {how!r}")
     c = model.cfg
-    reference_mask = None
     if task is not None:
         if tokens is not None:
             raise ValueError("give either task= (ablate in its clean prompts) or tokens= (repeated sequences), not both")
