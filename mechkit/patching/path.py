@@ -1,0 +1,194 @@
+"""Path patching (Wang et al. 2022, "Interpretability in the Wild", IOI): how much of a sender
+head's effect travels through chosen receivers.
+
+For every sender head (l_s, h_s), two runs on the clean prompts:
+
+1. *sender run*: the sender's ``attn.hook_z`` takes its corrupted-run value; every other head's
+   ``hook_z`` is frozen at its clean value (MLPs recompute, as in the paper). The receivers' inputs
+   are recorded: receiver ``(l_r, h_r, "q"|"k"|"v")`` records that head's ``attn.hook_q/k/v``.
+   With ``receivers="logits"`` the MLP outputs are frozen too and the metric is read here: the
+   sender's direct effect on the logits.
+2. *receiver run*: a clean run whose receivers' q/k/v are replaced by the recorded values; the
+   metric is read.
+
+Reported like :func:`mechkit.patching.activation_patch` in ``mode="noise"``:
+``(M - M_corrupt) / (M_clean - M_corrupt)`` (1 = the path carries nothing, 0 = it carries the whole
+clean-to-corrupted change). Senders in or after the last receiver layer cannot reach a receiver and
+score 1.
+
+Both runs are fused like the patching engine's chunks: a chunk of k senders is one batch of ``k * n``
+rows (row ``g * n + i`` is prompt i under sender g); the sender run starts at the chunk's lowest
+sender layer and the receiver run at the lowest receiver layer (the clean residual stream is injected
+there, layers below are not run).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..results import Result
+from .activation import _batch, check_aligned
+from .engine import start_at_layer
+from .metrics import evaluate, logit_diff
+from .plan import overhead_token_layers, plan_chunks
+
+WHICH = ("q", "k", "v")
+
+
+def _check_receivers(model, receivers) -> list[tuple[int, int, str]] | str:
+    if receivers == "logits":
+        return "logits"
+    out = []
+    for r in receivers if isinstance(receivers, (list, tuple)) else [receivers]:
+        if not (isinstance(r, (list, tuple)) and len(r) == 3 and r[2] in WHICH):
+            raise ValueError(f"receivers must be 'logits' or [(layer, head, 'q'|'k'|'v'), ...]; got {r!r}")
+        l, h, which = int(r[0]), int(r[1]), r[2]
+        heads = model.cfg.n_kv_heads if which in ("k", "v") else model.cfg.n_heads
+        if not (0 <= l < model.cfg.n_layers and 0 <= h < heads):
+            raise ValueError(f"receiver {r!r} out of range: layers 0..{model.cfg.n_layers - 1}, "
+                             f"{which} heads 0..{heads - 1}")
+        out.append((l, h, which))
+    if not out:
+        raise ValueError("receivers is empty")
+    return out
+
+
+class _PathRunner:
+    """Runs chunks of senders; see the module docstring."""
+
+    def __init__(self, model, clean, clean_z, corrupt_z, clean_mlp, clean_resid, receivers, metric):
+        self.model, self.clean, self.metric = model, clean, metric
+        self.clean_z, self.corrupt_z, self.clean_mlp, self.clean_resid = clean_z, corrupt_z, clean_mlp, clean_resid
+        self.receivers = receivers
+        self.n = clean.input_ids.shape[0]
+        self.L, self.H = model.cfg.n_layers, model.cfg.n_heads
+
+    def _inject(self, k: int, layer: int):
+        resid = self.clean_resid[layer]
+
+        def hook(x, h):
+            return resid.to(x.device, x.dtype).repeat((k,) + (1,) * (resid.dim() - 1))
+        return hook
+
+    def _freeze_z(self, k: int, layer: int, sender_heads: torch.Tensor):
+        """hook_z of ``layer``: clean z everywhere, the senders' heads of this layer corrupted.
+        sender_heads: bool [k, H] (group g's sender sits in this layer at that head)."""
+        clean, corrupt = self.clean_z[layer], self.corrupt_z[layer]
+
+        def hook(x, h):
+            xv = x.reshape((k, self.n) + tuple(x.shape[1:]))  # [k, n, T, H, dh]
+            m = sender_heads.to(x.device)[:, None, None, :, None]
+            out = torch.where(m, corrupt.to(x.device, x.dtype).unsqueeze(0), clean.to(x.device, x.dtype).unsqueeze(0))
+            return out.expand_as(xv).reshape(x.shape)  # [k, n, T, H, dh] -> rows
+        return hook
+
+    def _freeze_mlp(self, k: int, layer: int):
+        clean = self.clean_mlp[layer]
+
+        def hook(x, h):
+            return clean.to(x.device, x.dtype).repeat((k,) + (1,) * (clean.dim() - 1))
+        return hook
+
+    @torch.no_grad()
+    def run(self, senders: torch.Tensor) -> torch.Tensor:
+        """senders: LongTensor [k, 2] (layer, head) -> [k] prompt-mean metric of the receiver run."""
+        k, m, b = senders.shape[0], self.model, self.clean
+        k0 = int(senders[:, 0].min())
+        kw = dict(input_ids=b.input_ids.repeat(k, 1), attention_mask=b.attention_mask.repeat(k, 1),
+                  position_ids=b.position_ids.repeat(k, 1), use_cache=False)
+        hooks = [(f"blocks.{k0}.hook_resid_pre", self._inject(k, k0))] if k0 > 0 else []
+        for layer in range(k0, self.L):
+            sel = torch.zeros(k, self.H, dtype=torch.bool)
+            here = senders[:, 0] == layer
+            sel[here.nonzero()[:, 0], senders[here, 1]] = True
+            hooks.append((f"blocks.{layer}.attn.hook_z", self._freeze_z(k, layer, sel)))
+            if self.receivers == "logits":
+                hooks.append((f"blocks.{layer}.hook_mlp_out", self._freeze_mlp(k, layer)))
+        recorded: dict[tuple[int, str], torch.Tensor] = {}
+        if self.receivers != "logits":
+            for l, which in {(l, w) for l, _, w in self.receivers}:
+                def rec(x, h, key=(l, which)):
+                    recorded[key] = x
+                hooks.append((f"blocks.{l}.attn.hook_{which}", rec))
+        with m.hooks(hooks), start_at_layer(m, k0):
+            logits = m.hf_model(**kw).logits
+        if self.receivers == "logits":
+            return evaluate(self.metric, logits, self.n)
+        # receiver run: clean prompts, receivers' q/k/v from the sender run
+        r0 = min(l for l, _, _ in self.receivers)
+        hooks = [(f"blocks.{r0}.hook_resid_pre", self._inject(k, r0))] if r0 > 0 else []
+        for (l, which), val in recorded.items():
+            heads = torch.tensor(sorted({h for rl, h, w in self.receivers if (rl, w) == (l, which)}))
+
+            def put(x, h, val=val, heads=heads):
+                out = x.clone()
+                out[:, :, heads] = val[:, :, heads].to(x.dtype)
+                return out
+            hooks.append((f"blocks.{l}.attn.hook_{which}", put))
+        with m.hooks(hooks), start_at_layer(m, r0):
+            logits = m.hf_model(**kw).logits
+        return evaluate(self.metric, logits, self.n)
+
+
+def path_patch(model, task, receivers, metric=None, senders=None, max_batch_tokens: int = 8192,
+               progress: bool = True, normalise: bool | None = None) -> Result:
+    """Path patching from every sender head to ``receivers`` (see the module docstring).
+
+    Args:
+        model: HookedModel. task: PatchingTask (left padded, clean/corrupt aligned).
+        receivers: ``[(layer, head, "q"|"k"|"v"), ...]`` (e.g. the IOI name movers' queries), or
+            ``"logits"`` (each sender's direct effect, MLPs frozen too).
+        metric: one value per prompt from logits (default ``logit_diff(task)``).
+        senders: layers to take sender heads from (default every layer).
+        max_batch_tokens: rows x positions per forward (chunks of senders).
+
+    Returns:
+        Result over (layer, head) of the senders: normalised metric (1 = no effect through the path).
+    """
+    t0 = time.perf_counter()
+    check_aligned(task)
+    recv = _check_receivers(model, receivers)
+    cfg = model.cfg
+    L, H = cfg.n_layers, cfg.n_heads
+    layers = list(range(L)) if senders is None else sorted({int(x) for x in senders})
+    if not layers or any(not 0 <= x < L for x in layers):
+        raise ValueError(f"senders must be layers within 0..{L - 1}, got {senders!r}")
+    metric = metric if metric is not None else logit_diff(task)
+    normalise = bool(getattr(metric, "normalise", False)) if normalise is None else normalise
+    n, T = task.clean_tokens.shape
+    clean = _batch(task.clean_tokens, task.clean_mask, model.device)
+    corrupt = _batch(task.corrupt_tokens, task.corrupt_mask, model.device)
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    mlp_names = [f"blocks.{l}.hook_mlp_out" for l in range(L)] if recv == "logits" else []
+    resid_names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    clean_logits, cc = model.run_with_cache(clean, names=z_names + mlp_names + resid_names)
+    corrupt_logits, rc = model.run_with_cache(corrupt, names=z_names)
+    if hasattr(metric, "bind_clean"):
+        metric.bind_clean(clean_logits)
+    m_clean = float(evaluate(metric, clean_logits, n)[0])
+    m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
+    runner = _PathRunner(model, clean, {l: cc[z_names[l]] for l in range(L)}, {l: rc[z_names[l]] for l in range(L)},
+                         {l: cc[mlp_names[l]] for l in range(L)} if mlp_names else {},
+                         {l: cc[resid_names[l]] for l in range(L)}, recv, metric)
+
+    last = L if recv == "logits" else max(l for l, _, _ in recv)
+    grid = torch.tensor([(l, h) for l in layers for h in range(H)], dtype=torch.long)
+    live = grid[:, 0] < last  # a sender at or after the last receiver layer reaches no receiver
+    raw = torch.full((len(grid),), math.nan)
+    raw[~live] = m_clean
+    todo = grid[live]
+    order, spans = plan_chunks(todo, None, n, T, L, max_batch_tokens, overhead_token_layers(cfg.d_model))
+    for s, e in tqdm(spans, desc="path patching", disable=not progress, unit="chunk"):
+        idx = order[s:e]
+        raw[live.nonzero()[:, 0][idx]] = runner.run(todo[idx]).cpu()
+    values = (raw - m_corrupt) / (m_clean - m_corrupt) if normalise else raw
+    labels = {"layer": [str(x) for x in layers], "head": [f"H{h}" for h in range(H)]}
+    meta = dict(method="path_patch", receivers=recv if recv == "logits" else [list(r) for r in recv],
+                metric=repr(metric), normalised=normalise, n_prompts=n, n_chunks=len(spans), model=cfg.to_dict(),
+                seconds=time.perf_counter() - t0)
+    return Result(values.reshape(len(layers), H), ("layer", "head"), labels, {"clean": m_clean, "corrupt": m_corrupt},
+                  meta, name="path_patch")
