@@ -61,6 +61,7 @@ def reference_path_patch(m, task, receivers, metric):
     ("gpt2", [(2, 1, "q"), (2, 3, "v")]),
     ("llama", [(1, 0, "k"), (2, 2, "q")]),     # k on a grouped-query KV head
     ("gpt2", "logits"),
+    ("qwen3", [(1, 2, "q"), (1, 1, "v")]),   # receivers below the last layer: the sender run stops there
 ])
 def test_path_patching_equals_the_two_run_loop(family, receivers):
     m = HookedModel(random_hf_model(family))

@@ -33,14 +33,16 @@ from .sites import SiteKind, patch_mask
 
 
 @contextmanager
-def start_at_layer(model, k0: int) -> Iterator[None]:
-    """Run only decoder layers ``[k0:]`` inside the block (no-op for k0 = 0).
+def start_at_layer(model, k0: int, end: int | None = None) -> Iterator[None]:
+    """Run only decoder layers ``[k0:end]`` inside the block (no-op for k0 = 0 and no end).
 
     Replaces the map's ``family.layers`` ModuleList by its slice and, where the config lists
     per-layer attention types by position (``config.layer_types``), slices that list too.
     Hooks must be installed before entering (paths resolve against the full list).
     """
-    if k0 == 0:
+    L = model.cfg.n_layers
+    end = L if end is None else end
+    if k0 == 0 and end == L:
         yield
         return
     path = model.hook_map.family["layers"]
@@ -51,9 +53,9 @@ def start_at_layer(model, k0: int) -> Iterator[None]:
     types = getattr(cfg, "layer_types", None)
     sliced_types = isinstance(types, list) and len(types) == len(full)
     try:
-        setattr(parent, attr, nn.ModuleList(list(full)[k0:]))
+        setattr(parent, attr, nn.ModuleList(list(full)[k0:end]))
         if sliced_types:
-            cfg.layer_types = types[k0:]
+            cfg.layer_types = types[k0:end]
         yield
     finally:
         setattr(parent, attr, full)

@@ -18,8 +18,8 @@ score 1.
 
 Both runs are fused like the patching engine's chunks: a chunk of k senders is one batch of ``k * n``
 rows (row ``g * n + i`` is prompt i under sender g); the sender run starts at the chunk's lowest
-sender layer and the receiver run at the lowest receiver layer (the clean residual stream is injected
-there, layers below are not run).
+sender layer and stops after the last receiver layer, the receiver run starts at the lowest receiver
+layer (the clean residual stream is injected there, layers below are not run).
 """
 
 from __future__ import annotations
@@ -114,7 +114,9 @@ class _PathRunner:
                 def rec(x, h, key=(l, which)):
                     recorded[key] = x
                 hooks.append((f"blocks.{l}.attn.hook_{which}", rec))
-        with m.hooks(hooks), start_at_layer(m, k0):
+        # the sender run only has to reach the last receiver layer (its logits are not read)
+        end = None if self.receivers == "logits" else max(l for l, _, _ in self.receivers) + 1
+        with m.hooks(hooks), start_at_layer(m, k0, end):
             logits = m.hf_model(**kw).logits
         if self.receivers == "logits":
             return evaluate(self.metric, logits, self.n)
