@@ -121,6 +121,18 @@ for (l, h), _ in [((int(k[0]), int(k[1][1:])), v) for k, v in knockout.top(4)]:
         a = io_s_logits()
     print(f"L{l}H{h}  from END {end}  from S2+1 {verb}  ablated: dlogit IO {a[0] - base[0]:+.1f}, S {a[1] - base[1]:+.1f}")
 """,
+    "md:Path patching: which earlier heads reach the most needed last-layer head, through its keys and "
+    "values versus its query? (1 = nothing travels that path, 0 = the whole clean-to-corrupted change.)",
+    """
+last = model.cfg.n_layers - 1
+h_r = int(knockout.values[last].argmin())       # the last-layer head whose knockout costs most
+via_kv = mk.patching.path_patch(model, task, receivers=[(last, h_r, "k"), (last, h_r, "v")], progress=False)
+via_q = mk.patching.path_patch(model, task, receivers=[(last, h_r, "q")], progress=False)
+flat = [(via_kv.values[l, h].item(), l, h) for l in range(last) for h in range(model.cfg.n_heads)]
+for v, l, h in sorted(flat)[:3]:
+    print(f"L{l}H{h} -> L{last}H{h_r}: through k/v {v:.2f}, through q {via_q.values[l, h].item():.2f}")
+via_kv.figure()
+""",
     """
 from mechkit.viz import scatter_compare
 ap, atp, relp = results["mlp_out"]
