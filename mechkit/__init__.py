@@ -11,7 +11,7 @@ from .heads import head_scores
 from .hookpoints import Hook, HookMap, HookNameError
 from .interventions import ablate
 from .model import HookedModel, ModelConfig, load
-from .patching import activation_patch, patch_every
+from .patching import activation_patch, patch_every, path_patch
 from .results import Result, compare
 
 
@@ -48,6 +48,7 @@ __all__ = [
     "compare",
     "activation_patch",
     "patch_every",
+    "path_patch",
     "attribution_patch",
     "lrp",
     "head_scores",

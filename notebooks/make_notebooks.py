@@ -126,8 +126,8 @@ for (l, h), _ in [((int(k[0]), int(k[1][1:])), v) for k, v in knockout.top(4)]:
     """
 last = model.cfg.n_layers - 1
 h_r = int(knockout.values[last].argmin())       # the last-layer head whose knockout costs most
-via_kv = mk.patching.path_patch(model, task, receivers=[(last, h_r, "k"), (last, h_r, "v")], progress=False)
-via_q = mk.patching.path_patch(model, task, receivers=[(last, h_r, "q")], progress=False)
+via_kv = mk.path_patch(model, task, receivers=[(last, h_r, "k"), (last, h_r, "v")], progress=False)
+via_q = mk.path_patch(model, task, receivers=[(last, h_r, "q")], progress=False)
 flat = [(via_kv.values[l, h].item(), l, h) for l in range(last) for h in range(model.cfg.n_heads)]
 for v, l, h in sorted(flat)[:3]:
     print(f"L{l}H{h} -> L{last}H{h_r}: through k/v {v:.2f}, through q {via_q.values[l, h].item():.2f}")

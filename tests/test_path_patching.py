@@ -26,7 +26,7 @@ def reference_path_patch(m, task, receivers, metric):
     out = torch.zeros(L, H)
     for ls in range(L):
         for hs in range(H):
-            def freeze_z(x, hook, l=None):
+            def freeze_z(x, hook, ls=ls, hs=hs):
                 layer = int(hook.name.split(".")[1])
                 new = cc[hook.name].clone()
                 if layer == ls:
@@ -38,13 +38,13 @@ def reference_path_patch(m, task, receivers, metric):
             rec = {}
             if receivers != "logits":
                 for l, _, w in receivers:
-                    def keep(x, hook):
+                    def keep(x, hook, rec=rec):
                         rec[hook.name] = x.clone()
                     hooks.append((f"blocks.{l}.attn.hook_{w}", keep))
             with torch.no_grad(), m.hooks(hooks):
                 logits = m(clean)
             if receivers != "logits":
-                def put(x, hook):
+                def put(x, hook, rec=rec):
                     x = x.clone()
                     for l, h, w in receivers:
                         if hook.name == f"blocks.{l}.attn.hook_{w}":
