@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..results import Result
 from .activation import _batch, check_aligned
-from .engine import start_at_layer
+from .engine import _accepts, start_at_layer
 from .metrics import evaluate, logit_diff
 from .plan import overhead_token_layers, plan_chunks
 
@@ -66,6 +66,10 @@ class _PathRunner:
         self.receivers = receivers
         self.n = clean.input_ids.shape[0]
         self.L, self.H = model.cfg.n_layers, model.cfg.n_heads
+        # logits of one position where that is all that is read ([rows, T, d_vocab] is large for real vocabularies)
+        keep = _accepts(model.hf_model.forward, "logits_to_keep")
+        self.keep_metric = {"logits_to_keep": 1} if keep and getattr(metric, "last_only", False) else {}
+        self.keep_none = {"logits_to_keep": 1} if keep else {}
 
     def _inject(self, k: int, layer: int):
         resid = self.clean_resid[layer]
@@ -117,7 +121,7 @@ class _PathRunner:
         # the sender run only has to reach the last receiver layer (its logits are not read)
         end = None if self.receivers == "logits" else max(l for l, _, _ in self.receivers) + 1
         with m.hooks(hooks), start_at_layer(m, k0, end):
-            logits = m.hf_model(**kw).logits
+            logits = m.hf_model(**kw, **(self.keep_metric if end is None else self.keep_none)).logits
         if self.receivers == "logits":
             return evaluate(self.metric, logits, self.n)
         # receiver run: clean prompts, receivers' q/k/v from the sender run
@@ -132,7 +136,7 @@ class _PathRunner:
                 return out
             hooks.append((f"blocks.{l}.attn.hook_{which}", put))
         with m.hooks(hooks), start_at_layer(m, r0):
-            logits = m.hf_model(**kw).logits
+            logits = m.hf_model(**kw, **self.keep_metric).logits
         return evaluate(self.metric, logits, self.n)
 
 
