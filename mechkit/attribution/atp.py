@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..patching.activation import pos_labels
+from ..patching.engine import _accepts
 from ..results import Result
 from . import lrp
 from .metrics import logit_diff, prompt_mean
@@ -82,8 +83,9 @@ def _score(a_clean: torch.Tensor, a_corr: torch.Tensor, grad: torch.Tensor, unit
     return s.sum(-1) if unit == "head" else (s if unit == "neuron" else s.sum(-1))
 
 
-def _grad_run(model, batch, names, metric_fn, ig_patch=None):
-    """Corrupted forward with every site kept in the graph; returns (metric, acts, grads)."""
+def _grad_run(model, batch, names, metric_fn, ig_patch=None, logits_kw=None):
+    """Corrupted forward with every site kept in the graph; returns (metric, acts, grads).
+    ``logits_kw``: extra forward arguments (``logits_to_keep=1`` when the metric reads the last position only)."""
     acts: dict[str, torch.Tensor] = {}
 
     def keep(x, hook):
@@ -95,7 +97,7 @@ def _grad_run(model, batch, names, metric_fn, ig_patch=None):
         return x
 
     with torch.enable_grad(), model.hooks([(n, keep) for n in names]):
-        logits = model.hf_model(**batch.kwargs(), use_cache=False).logits
+        logits = model.hf_model(**batch.kwargs(), use_cache=False, **(logits_kw or {})).logits
         m = metric_fn(logits)
         grads = torch.autograd.grad(m, [acts[n] for n in names], allow_unused=True)
     grads = [torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads)]
@@ -105,6 +107,9 @@ def _grad_run(model, batch, names, metric_fn, ig_patch=None):
 def _batch_scores(model, task, names, metric, method, unit, ig_steps, rules, bar):
     """One batch of prompts: (per-layer scores [pos, (unit)] summed over the batch, M_clean, M_corrupt)."""
     metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
+    # the corrupted pass (forward and backward) needs one position of logits for a last-position metric
+    kw = {"logits_to_keep": 1} if getattr(metric, "last_only", False) and _accepts(
+        model.hf_model.forward, "logits_to_keep") else {}
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
     corr_b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
     logits_c, cache = model.run_with_cache(clean_b, names=names)
@@ -115,21 +120,21 @@ def _batch_scores(model, task, names, metric, method, unit, ig_steps, rules, bar
         clean_metric = float(metric_fn(logits_c))
     if method == "ig":
         with torch.no_grad():
-            corr_metric = float(metric_fn(model.hf_model(**corr_b.kwargs(), use_cache=False).logits))
-        _, corr_acts, _ = _grad_run(model, corr_b, names, metric_fn)
+            corr_metric = float(metric_fn(model.hf_model(**corr_b.kwargs(), use_cache=False, **kw).logits))
+        _, corr_acts, _ = _grad_run(model, corr_b, names, metric_fn, logits_kw=kw)
         per_layer = []
         alphas = [(k + 0.5) / ig_steps for k in range(ig_steps)]
         for n in names:
             total = torch.zeros_like(corr_acts[n], dtype=torch.float64)
             for a in alphas:
                 point = corr_acts[n] + a * (clean_acts[n] - corr_acts[n])
-                _, _, g = _grad_run(model, corr_b, [n], metric_fn, ig_patch={n: point})
+                _, _, g = _grad_run(model, corr_b, [n], metric_fn, ig_patch={n: point}, logits_kw=kw)
                 total += g[n].double() / ig_steps
                 bar.update(1)
             per_layer.append(_score(clean_acts[n], corr_acts[n], total, unit).sum(0))
     else:
         with (lrp.rules(model, rules) if method == "relp" else nullcontext()):
-            corr_metric, corr_acts, grads = _grad_run(model, corr_b, names, metric_fn)
+            corr_metric, corr_acts, grads = _grad_run(model, corr_b, names, metric_fn, logits_kw=kw)
         corr_metric = float(corr_metric)
         per_layer = [_score(clean_acts[n], corr_acts[n], grads[n], unit).sum(0) for n in names]
         bar.update(1)
