@@ -18,7 +18,7 @@ from ..inputs import Batch
 from ..results import Result
 from ..tasks.base import position_ids_from_mask
 from .checkpoint import ChunkStore, sweep_key
-from .engine import FusedRunner
+from .engine import FusedRunner, _accepts
 from .memory import tokens_for_budget
 from .metrics import evaluate, logit_diff
 from .plan import overhead_token_layers, plan_chunks
@@ -178,6 +178,9 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
         metric.bind_clean(clean_logits)
     m_clean = float(evaluate(metric, clean_logits, n)[0])
     m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
+    del src_logits, base_logits, clean_logits, corrupt_logits
+    if getattr(metric, "last_only", False) and _accepts(model.hf_model.forward, "logits_to_keep"):
+        base_out = (None,) + tuple(base_out[1:])  # the chunks never read the base logits: don't hold [n, T, d_vocab]
 
     if max_batch_bytes is not None:
         max_batch_tokens = tokens_for_budget(cfg, T, not getattr(metric, "last_only", False), max_batch_bytes)
