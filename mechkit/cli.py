@@ -1,4 +1,4 @@
-"""The ``mechkit`` command line: ``mechkit patch | attribute | heads | steer | demo``.
+"""The ``mechkit`` command line: ``mechkit patch | attribute | path | heads | steer | demo``.
 
 Every subcommand takes ``--model`` (bundled name, local folder or hub name), ``--device``,
 ``--dtype`` and ``--out``. Errors are printed as one line on stderr with exit code 2.
@@ -108,6 +108,29 @@ def cmd_attribute(args) -> None:
     _write({f"{args.method}: {args.site}": res}, args, model, f"{args.method}_{args.site}", "attribute")
 
 
+def parse_receivers(text: str):
+    """``"logits"`` or ``"3.5.k,3.5.v"`` (layer.head.q|k|v, comma-separated) -> path_patch receivers."""
+    if text.strip() == "logits":
+        return "logits"
+    out = []
+    for item in text.split(","):
+        parts = item.strip().split(".")
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            raise ValueError(f"receiver {item!r} not understood: expected layer.head.q|k|v (e.g. 3.5.k) or 'logits'")
+        out.append((int(parts[0]), int(parts[1]), parts[2]))
+    return out
+
+
+def cmd_path(args) -> None:
+    from .patching import path_patch
+
+    model = _load(args)
+    task = _task(model, args)
+    res = path_patch(model, task, parse_receivers(args.receivers), progress=not args.quiet)
+    args.site, args.by, args.method = "z (senders)", "layer,head", f"path patching to {args.receivers}"
+    _write({f"path patching: senders -> {args.receivers}": res}, args, model, "path_patch", "path")
+
+
 def cmd_heads(args) -> None:
     from .heads import head_scores
 
@@ -166,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--method", default="relp", choices=["atp", "relp", "ig"])
             p.add_argument("--batch-size", type=int, default=None, help="prompts per forward/backward (default: all)")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("path", help="path patching: every sender head through receivers' q/k/v or to the logits")
+    _common(p)
+    p.add_argument("--receivers", required=True, help="'logits' or layer.head.q|k|v, comma-separated (e.g. 3.5.k,3.5.v)")
+    p.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_path)
     p = sub.add_parser("heads", help="head scores (induction, previous-token, ...)")
     _common(p)
     p.set_defaults(fn=cmd_heads)

@@ -72,7 +72,7 @@ def test_cli_unknown_site_and_bad_task_file(tmp_path, model_arg):
 def test_cli_help():
     res = run_cli("--help", timeout=60)
     assert res.returncode == 0
-    for cmd in ("patch", "attribute", "heads", "steer", "demo"):
+    for cmd in ("patch", "attribute", "path", "heads", "steer", "demo"):
         assert cmd in res.stdout
 
 
@@ -130,3 +130,18 @@ def test_cli_attribute_in_prompt_batches_equals_the_library(tmp_path, model_arg)
     ref = attribution_patch(model, mk.tasks.ioi(model.tokenizer, n=6, seed=0), method="atp", progress=False)
     assert saved.meta["batch_size"] == 4
     torch.testing.assert_close(saved.values, ref.values, atol=1e-5, rtol=1e-4)
+
+
+def test_cli_path_patching_equals_the_library(tmp_path, model_arg):
+    """``mechkit path --receivers L.H.k,...``: the saved result is the in-process one; bad receivers
+    are one clear line."""
+    res = run_cli("path", "--model", model_arg, "--receivers", "3.1.k,3.1.v", "--n", "6", "--out", str(tmp_path),
+                  "--quiet", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = mk.results.Result.load(tmp_path / "path_patch.safetensors")
+    model = mk.load(model_arg)
+    ref = mk.path_patch(model, mk.tasks.ioi(model.tokenizer, n=6, seed=0), [(3, 1, "k"), (3, 1, "v")], progress=False)
+    torch.testing.assert_close(saved.values, ref.values, atol=1e-5, rtol=1e-4)
+    assert saved.meta["receivers"] == [[3, 1, "k"], [3, 1, "v"]]
+    bad = run_cli("path", "--model", model_arg, "--receivers", "3.1", "--quiet", timeout=120)
+    assert bad.returncode != 0 and "layer.head.q|k|v" in bad.stderr and "Traceback" not in bad.stderr
