@@ -36,10 +36,12 @@ def demo_dir(tmp_path_factory, model_arg):
 def test_demo_writes_dashboard_and_results(demo_dir):
     html = (demo_dir / "dashboard.html").read_text()
     for section in ("activation patching", "ATP vs activation patching", "RELP vs activation patching",
-                    "head scores: induction", "attention patterns", "steering"):
+                    "single-head knockouts", "path patching into", "head scores: induction", "attention patterns",
+                    "steering"):
         assert section in html, section
     assert (demo_dir / "patch_resid_pre.safetensors").exists()
     assert (demo_dir / "steer_positive.safetensors").exists()
+    assert (demo_dir / "path_patch.safetensors").exists() and (demo_dir / "knockout_heads.safetensors").exists()
     res = mk.results.Result.load(demo_dir / "patch_resid_pre.safetensors") if hasattr(mk, "results") else None
     if res is not None:
         assert res.axes == ("layer", "pos")
