@@ -102,3 +102,36 @@ def test_path_patching_on_tiny_gpt2_finds_its_ioi_route():
     to_kv = path_patch(m, task, [(3, 5, "k"), (3, 5, "v")], progress=False)
     to_q = path_patch(m, task, [(3, 5, "q")], progress=False)
     assert to_kv.values[0, 1] < 0.5 < to_q.values[0, 1]
+
+
+def test_path_patching_resumes_and_shards(tmp_path):
+    """A sweep killed after its first chunk resumes from ``checkpoint_dir`` to the uninterrupted result,
+    computing only the missing chunks; two shards fill disjoint cells that together give the whole."""
+    import mechkit.patching.path as path
+
+    m = HookedModel(random_hf_model("llama"))
+    task = make_task(m.cfg.d_vocab)
+    n, T = task.clean_tokens.shape
+    kw = dict(receivers=[(2, 1, "q")], max_batch_tokens=2 * n * T, progress=False)
+    whole = path_patch(m, task, **kw)
+    real, calls = path._PathRunner.run, []
+
+    def dies_after_one(self, senders):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, senders)
+
+    path._PathRunner.run = dies_after_one
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            path_patch(m, task, checkpoint_dir=tmp_path, **kw)
+    finally:
+        path._PathRunner.run = real
+    resumed = path_patch(m, task, checkpoint_dir=tmp_path, **kw)
+    assert torch.equal(resumed.values, whole.values)
+    assert resumed.meta["chunks_computed"] == resumed.meta["n_chunks"] - 1 > 0
+    a, b = (path_patch(m, task, shard=(r, 2), **kw).values for r in range(2))
+    assert (a.isnan() ^ b.isnan()).all()
+    torch.testing.assert_close(torch.where(a.isnan(), b, a), whole.values)
+    assert not has_mechkit_hooks(m.hf_model)

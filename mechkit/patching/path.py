@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..results import Result
 from .activation import _batch, check_aligned
+from .checkpoint import ChunkStore, sweep_key
 from .engine import _accepts, start_at_layer
 from .metrics import evaluate, logit_diff
 from .plan import overhead_token_layers, plan_chunks
@@ -141,7 +142,7 @@ class _PathRunner:
 
 
 def path_patch(model, task, receivers, metric=None, senders=None, max_batch_tokens: int = 8192,
-               progress: bool = True, normalise: bool | None = None) -> Result:
+               progress: bool = True, normalise: bool | None = None, checkpoint_dir=None, shard=(0, 1)) -> Result:
     """Path patching from every sender head to ``receivers`` (see the module docstring).
 
     Args:
@@ -151,6 +152,9 @@ def path_patch(model, task, receivers, metric=None, senders=None, max_batch_toke
         metric: one value per prompt from logits (default ``logit_diff(task)``).
         senders: layers to take sender heads from (default every layer).
         max_batch_tokens: rows x positions per forward (chunks of senders).
+        checkpoint_dir: finished chunks are saved there (atomically) and reused on a rerun.
+        shard: (rank, world): this process computes chunks ``i % world == rank`` (others NaN; see
+            :mod:`mechkit.distributed` to gather them).
 
     Returns:
         Result over (layer, head) of the senders: normalised metric (1 = no effect through the path).
@@ -158,6 +162,9 @@ def path_patch(model, task, receivers, metric=None, senders=None, max_batch_toke
     t0 = time.perf_counter()
     check_aligned(task)
     recv = _check_receivers(model, receivers)
+    rank, world = shard
+    if not (0 <= rank < world):
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
     cfg = model.cfg
     L, H = cfg.n_layers, cfg.n_heads
     layers = list(range(L)) if senders is None else sorted({int(x) for x in senders})
@@ -185,16 +192,29 @@ def path_patch(model, task, receivers, metric=None, senders=None, max_batch_toke
     grid = torch.tensor([(l, h) for l in layers for h in range(H)], dtype=torch.long)
     live = grid[:, 0] < last  # a sender at or after the last receiver layer reaches no receiver
     raw = torch.full((len(grid),), math.nan)
-    raw[~live] = m_clean
+    if rank == 0:  # no path from there: filled once, so that shards gather without overlap
+        raw[~live] = m_clean
     todo = grid[live]
     order, spans = plan_chunks(todo, None, n, T, L, max_batch_tokens, overhead_token_layers(cfg.d_model))
-    for s, e in tqdm(spans, desc="path patching", disable=not progress, unit="chunk"):
-        idx = order[s:e]
-        raw[live.nonzero()[:, 0][idx]] = runner.run(todo[idx]).cpu()
+    key = sweep_key(method="path_patch", receivers=repr(recv), senders=layers, plan=spans, clean=task.clean_tokens,
+                    corrupt=task.corrupt_tokens, mask=task.clean_mask, cfg=cfg.to_dict(), metric=repr(metric))
+    store = ChunkStore(checkpoint_dir, key, len(spans))
+    rows_live = live.nonzero()[:, 0]
+    computed = 0
+    for i in tqdm([i for i in range(len(spans)) if i % world == rank], desc="path patching", disable=not progress,
+                  unit="chunk"):
+        s, e = spans[i]
+        vals = store.load(i)
+        if vals is None:
+            vals = runner.run(todo[order[s:e]]).cpu()
+            store.save(i, vals)
+            computed += 1
+        raw[rows_live[order[s:e]]] = vals
     values = (raw - m_corrupt) / (m_clean - m_corrupt) if normalise else raw
     labels = {"layer": [str(x) for x in layers], "head": [f"H{h}" for h in range(H)]}
     meta = dict(method="path_patch", receivers=recv if recv == "logits" else [list(r) for r in recv],
-                metric=repr(metric), normalised=normalise, n_prompts=n, n_chunks=len(spans), model=cfg.to_dict(),
+                metric=repr(metric), normalised=normalise, n_prompts=n, n_chunks=len(spans), chunks_computed=computed,
+                shard=[rank, world], model=cfg.to_dict(),
                 seconds=time.perf_counter() - t0)
     return Result(values.reshape(len(layers), H), ("layer", "head"), labels, {"clean": m_clean, "corrupt": m_corrupt},
                   meta, name="path_patch")
