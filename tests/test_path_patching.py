@@ -15,26 +15,31 @@ from mechkit.patching import path_patch
 from mechkit.patching.metrics import logit_diff
 
 
-def reference_path_patch(m, task, receivers, metric):
-    """Per sender: (1) clean run, sender z corrupted, every other head's z (and for 'logits' every
-    MLP output) frozen at clean, receivers' q/k/v recorded; (2) clean run with them written in."""
+def reference_path_patch(m, task, receivers, metric, include_mlps=False):
+    """Per sender: (1) clean run, sender z (or MLP output, column n_heads) corrupted, every other head's
+    z (and for 'logits' every other MLP output) frozen at clean, receivers' q/k/v recorded; (2) clean
+    run with them written in."""
     L, H = m.cfg.n_layers, m.cfg.n_heads
     clean = m.batch(task.clean_tokens, attention_mask=task.clean_mask)
     corrupt = m.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
     _, cc = m.run_with_cache(clean)
     _, rc = m.run_with_cache(corrupt)
-    out = torch.zeros(L, H)
+    out = torch.zeros(L, H + int(include_mlps))
     for ls in range(L):
-        for hs in range(H):
+        for hs in range(H + int(include_mlps)):
             def freeze_z(x, hook, ls=ls, hs=hs):
                 layer = int(hook.name.split(".")[1])
                 new = cc[hook.name].clone()
-                if layer == ls:
+                if layer == ls and hs < H:
                     new[:, :, hs] = rc[hook.name][:, :, hs]
                 return new
+
+            def mlp(x, hook, ls=ls, hs=hs):
+                if int(hook.name.split(".")[1]) == ls and hs == H:
+                    return rc[hook.name]
+                return cc[hook.name] if receivers == "logits" else x
             hooks = [(f"blocks.{l}.attn.hook_z", freeze_z) for l in range(L)]
-            if receivers == "logits":
-                hooks += [(f"blocks.{l}.hook_mlp_out", lambda x, hook: cc[hook.name]) for l in range(L)]
+            hooks += [(f"blocks.{l}.hook_mlp_out", mlp) for l in range(L)]
             rec = {}
             if receivers != "logits":
                 for l, _, w in receivers:
@@ -76,6 +81,21 @@ def test_path_patching_equals_the_two_run_loop(family, receivers):
     assert (res.values[:last] - res.baselines["clean"]).abs().max() > 2e-5  # effects 8e-5 .. 1e-3 here
     assert not has_mechkit_hooks(m.hf_model)
     assert m.hf_model.config._attn_implementation != "mechkit"
+
+
+@pytest.mark.parametrize("receivers", [[(2, 0, "v"), (2, 3, "q")], "logits"])
+def test_mlp_senders_equal_the_loop(receivers):
+    """``include_mlps``: each layer's MLP is a sender too (an extra MLP column)."""
+    m = HookedModel(random_hf_model("gpt2"))
+    task = make_task(m.cfg.d_vocab)
+    n, T = task.clean_tokens.shape
+    res = path_patch(m, task, receivers, include_mlps=True, max_batch_tokens=3 * n * T, progress=False, normalise=False)
+    ref = reference_path_patch(m, task, receivers, logit_diff(task), include_mlps=True)
+    assert res.shape == (m.cfg.n_layers, m.cfg.n_heads + 1) and res.labels["head"][-1] == "MLP"
+    torch.testing.assert_close(res.values, ref, atol=1e-6, rtol=0)
+    last = m.cfg.n_layers if receivers == "logits" else 2
+    assert (res.values[:last, -1] - res.baselines["clean"]).abs().max() > 5e-6  # >> the 1e-7 rounding
+    assert not has_mechkit_hooks(m.hf_model)
 
 
 def test_path_patching_normalised_and_errors():

@@ -7,7 +7,8 @@ For every sender head (l_s, h_s), two runs on the clean prompts:
    ``hook_z`` is frozen at its clean value (MLPs recompute, as in the paper). The receivers' inputs
    are recorded: receiver ``(l_r, h_r, "q"|"k"|"v")`` records that head's ``attn.hook_q/k/v``.
    With ``receivers="logits"`` the MLP outputs are frozen too and the metric is read here: the
-   sender's direct effect on the logits.
+   sender's direct effect on the logits. With ``include_mlps`` each layer's MLP is also a sender
+   (its ``hook_mlp_out`` corrupted).
 2. *receiver run*: a clean run whose receivers' q/k/v are replaced by the recorded values; the
    metric is read.
 
@@ -61,9 +62,10 @@ def _check_receivers(model, receivers) -> list[tuple[int, int, str]] | str:
 class _PathRunner:
     """Runs chunks of senders; see the module docstring."""
 
-    def __init__(self, model, clean, clean_z, corrupt_z, clean_mlp, clean_resid, receivers, metric):
+    def __init__(self, model, clean, clean_z, corrupt_z, clean_mlp, corrupt_mlp, clean_resid, receivers, metric):
         self.model, self.clean, self.metric = model, clean, metric
-        self.clean_z, self.corrupt_z, self.clean_mlp, self.clean_resid = clean_z, corrupt_z, clean_mlp, clean_resid
+        self.clean_z, self.corrupt_z, self.clean_resid = clean_z, corrupt_z, clean_resid
+        self.clean_mlp, self.corrupt_mlp = clean_mlp, corrupt_mlp
         self.receivers = receivers
         self.n = clean.input_ids.shape[0]
         self.L, self.H = model.cfg.n_layers, model.cfg.n_heads
@@ -91,28 +93,38 @@ class _PathRunner:
             return out.expand_as(xv).reshape(x.shape)  # [k, n, T, H, dh] -> rows
         return hook
 
-    def _freeze_mlp(self, k: int, layer: int):
-        clean = self.clean_mlp[layer]
+    def _mlp(self, k: int, layer: int, senders_here: torch.Tensor, frozen: bool):
+        """hook_mlp_out of ``layer``: the corrupted output for the groups whose sender is this MLP
+        (senders_here: bool [k]); the others keep the computed output, or the clean one when ``frozen``."""
+        clean, corrupt = self.clean_mlp.get(layer), self.corrupt_mlp.get(layer)
 
         def hook(x, h):
-            return clean.to(x.device, x.dtype).repeat((k,) + (1,) * (clean.dim() - 1))
+            xv = x.reshape((k, self.n) + tuple(x.shape[1:]))  # [k, n, T, d]
+            base = clean.to(x.device, x.dtype).unsqueeze(0).expand_as(xv) if frozen else xv
+            if not senders_here.any():
+                return base.reshape(x.shape)
+            m = senders_here.to(x.device)[:, None, None, None]
+            return torch.where(m, corrupt.to(x.device, x.dtype).unsqueeze(0), base).reshape(x.shape)
         return hook
 
     @torch.no_grad()
     def run(self, senders: torch.Tensor) -> torch.Tensor:
-        """senders: LongTensor [k, 2] (layer, head) -> [k] prompt-mean metric of the receiver run."""
+        """senders: LongTensor [k, 2] (layer, head; head == n_heads is the layer's MLP) -> [k]
+        prompt-mean metric of the receiver run."""
         k, m, b = senders.shape[0], self.model, self.clean
         k0 = int(senders[:, 0].min())
         kw = dict(input_ids=b.input_ids.repeat(k, 1), attention_mask=b.attention_mask.repeat(k, 1),
                   position_ids=b.position_ids.repeat(k, 1), use_cache=False)
         hooks = [(f"blocks.{k0}.hook_resid_pre", self._inject(k, k0))] if k0 > 0 else []
         for layer in range(k0, self.L):
-            sel = torch.zeros(k, self.H, dtype=torch.bool)
             here = senders[:, 0] == layer
-            sel[here.nonzero()[:, 0], senders[here, 1]] = True
+            mlp_here = here & (senders[:, 1] == self.H)
+            head_here = here & ~mlp_here
+            sel = torch.zeros(k, self.H, dtype=torch.bool)
+            sel[head_here.nonzero()[:, 0], senders[head_here, 1]] = True
             hooks.append((f"blocks.{layer}.attn.hook_z", self._freeze_z(k, layer, sel)))
-            if self.receivers == "logits":
-                hooks.append((f"blocks.{layer}.hook_mlp_out", self._freeze_mlp(k, layer)))
+            if self.receivers == "logits" or mlp_here.any():
+                hooks.append((f"blocks.{layer}.hook_mlp_out", self._mlp(k, layer, mlp_here, self.receivers == "logits")))
         recorded: dict[tuple[int, str], torch.Tensor] = {}
         if self.receivers != "logits":
             for l, which in {(l, w) for l, _, w in self.receivers}:
@@ -142,7 +154,8 @@ class _PathRunner:
 
 
 def path_patch(model, task, receivers, metric=None, senders=None, max_batch_tokens: int = 8192,
-               progress: bool = True, normalise: bool | None = None, checkpoint_dir=None, shard=(0, 1)) -> Result:
+               progress: bool = True, normalise: bool | None = None, checkpoint_dir=None, shard=(0, 1),
+               include_mlps: bool = False) -> Result:
     """Path patching from every sender head to ``receivers`` (see the module docstring).
 
     Args:
@@ -151,6 +164,8 @@ def path_patch(model, task, receivers, metric=None, senders=None, max_batch_toke
             ``"logits"`` (each sender's direct effect, MLPs frozen too).
         metric: one value per prompt from logits (default ``logit_diff(task)``).
         senders: layers to take sender heads from (default every layer).
+        include_mlps: each layer's MLP is a sender too (its ``hook_mlp_out`` corrupted, the heads frozen,
+            the other MLPs recomputed; frozen with ``"logits"``): an extra ``MLP`` column.
         max_batch_tokens: rows x positions per forward (chunks of senders).
         checkpoint_dir: finished chunks are saved there (atomically) and reused on a rerun.
         shard: (rank, world): this process computes chunks ``i % world == rank`` (others NaN; see
@@ -176,27 +191,29 @@ def path_patch(model, task, receivers, metric=None, senders=None, max_batch_toke
     clean = _batch(task.clean_tokens, task.clean_mask, model.device)
     corrupt = _batch(task.corrupt_tokens, task.corrupt_mask, model.device)
     z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    mlp_names = [f"blocks.{l}.hook_mlp_out" for l in range(L)] if recv == "logits" else []
+    mlp_names = [f"blocks.{l}.hook_mlp_out" for l in range(L)] if recv == "logits" or include_mlps else []
     resid_names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
     clean_logits, cc = model.run_with_cache(clean, names=z_names + mlp_names + resid_names)
-    corrupt_logits, rc = model.run_with_cache(corrupt, names=z_names)
+    corrupt_logits, rc = model.run_with_cache(corrupt, names=z_names + (mlp_names if include_mlps else []))
     if hasattr(metric, "bind_clean"):
         metric.bind_clean(clean_logits)
     m_clean = float(evaluate(metric, clean_logits, n)[0])
     m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
     runner = _PathRunner(model, clean, {l: cc[z_names[l]] for l in range(L)}, {l: rc[z_names[l]] for l in range(L)},
                          {l: cc[mlp_names[l]] for l in range(L)} if mlp_names else {},
+                         {l: rc[mlp_names[l]] for l in range(L)} if include_mlps else {},
                          {l: cc[resid_names[l]] for l in range(L)}, recv, metric)
 
     last = L if recv == "logits" else max(l for l, _, _ in recv)
-    grid = torch.tensor([(l, h) for l in layers for h in range(H)], dtype=torch.long)
+    width = H + 1 if include_mlps else H  # column H: the layer's MLP
+    grid = torch.tensor([(l, h) for l in layers for h in range(width)], dtype=torch.long)
     live = grid[:, 0] < last  # a sender at or after the last receiver layer reaches no receiver
     raw = torch.full((len(grid),), math.nan)
     if rank == 0:  # no path from there: filled once, so that shards gather without overlap
         raw[~live] = m_clean
     todo = grid[live]
     order, spans = plan_chunks(todo, None, n, T, L, max_batch_tokens, overhead_token_layers(cfg.d_model))
-    key = sweep_key(method="path_patch", receivers=repr(recv), senders=layers, plan=spans, clean=task.clean_tokens,
+    key = sweep_key(method="path_patch", receivers=repr(recv), senders=layers, mlps=include_mlps, plan=spans, clean=task.clean_tokens,
                     corrupt=task.corrupt_tokens, mask=task.clean_mask, cfg=cfg.to_dict(), metric=repr(metric))
     store = ChunkStore(checkpoint_dir, key, len(spans))
     rows_live = live.nonzero()[:, 0]
@@ -211,10 +228,10 @@ def path_patch(model, task, receivers, metric=None, senders=None, max_batch_toke
             computed += 1
         raw[rows_live[order[s:e]]] = vals
     values = (raw - m_corrupt) / (m_clean - m_corrupt) if normalise else raw
-    labels = {"layer": [str(x) for x in layers], "head": [f"H{h}" for h in range(H)]}
+    labels = {"layer": [str(x) for x in layers], "head": [f"H{h}" for h in range(H)] + (["MLP"] if include_mlps else [])}
     meta = dict(method="path_patch", receivers=recv if recv == "logits" else [list(r) for r in recv],
                 metric=repr(metric), normalised=normalise, n_prompts=n, n_chunks=len(spans), chunks_computed=computed,
                 shard=[rank, world], model=cfg.to_dict(),
                 seconds=time.perf_counter() - t0)
-    return Result(values.reshape(len(layers), H), ("layer", "head"), labels, {"clean": m_clean, "corrupt": m_corrupt},
+    return Result(values.reshape(len(layers), width), ("layer", "head"), labels, {"clean": m_clean, "corrupt": m_corrupt},
                   meta, name="path_patch")
