@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import transformers as tf
 
@@ -81,3 +83,21 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@contextmanager
+def dies_after(cls, method: str, calls: int = 1):
+    """``cls.method`` raises KeyboardInterrupt after ``calls`` calls (a job killed mid-sweep); restored on exit."""
+    real, done = getattr(cls, method), []
+
+    def wrapper(self, *args, **kwargs):
+        if len(done) >= calls:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real(self, *args, **kwargs)
+
+    setattr(cls, method, wrapper)
+    try:
+        yield
+    finally:
+        setattr(cls, method, real)

@@ -140,7 +140,7 @@ def test_fused_head_ablation_equals_the_loop(family, how):
 def test_head_ablation_resumes_from_its_checkpoints(tmp_path):
     """A sweep interrupted after its first chunk resumes from the checkpoint folder: the rerun
     computes only the missing chunks and gives the uninterrupted result."""
-    from factories import random_hf_model
+    from factories import dies_after, random_hf_model
 
     import mechkit.patching.activation as act
     from mechkit.heads import head_ablation_effects
@@ -150,21 +150,8 @@ def test_head_ablation_resumes_from_its_checkpoints(tmp_path):
     rep, ref = default_tokens(m, 3, 6, 0), default_tokens(m, 4, 6, 1)
     kw = dict(how="mean", tokens=rep, reference=ref, progress=False, max_batch_tokens=2 * 3 * 13)
     whole = head_ablation_effects(m, **kw)
-    calls = []
-    real = act.FusedRunner.run
-
-    def dies_after_one(self, items):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(self, items)
-
-    act.FusedRunner.run = dies_after_one
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            head_ablation_effects(m, checkpoint_dir=tmp_path, **kw)
-    finally:
-        act.FusedRunner.run = real
+    with dies_after(act.FusedRunner, "run"), pytest.raises(KeyboardInterrupt):
+        head_ablation_effects(m, checkpoint_dir=tmp_path, **kw)
     resumed = head_ablation_effects(m, checkpoint_dir=tmp_path, **kw)
     assert torch.equal(resumed.values, whole.values)
     assert resumed.meta["n_chunks"] > 2 and resumed.meta["chunks_computed"] == resumed.meta["n_chunks"] - 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import random_hf_model
+from factories import dies_after, random_hf_model
 from test_patching import make_task
 
 import mechkit as mk
@@ -134,20 +134,8 @@ def test_path_patching_resumes_and_shards(tmp_path):
     n, T = task.clean_tokens.shape
     kw = dict(receivers=[(2, 1, "q")], max_batch_tokens=2 * n * T, progress=False)
     whole = path_patch(m, task, **kw)
-    real, calls = path._PathRunner.run, []
-
-    def dies_after_one(self, senders):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(self, senders)
-
-    path._PathRunner.run = dies_after_one
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            path_patch(m, task, checkpoint_dir=tmp_path, **kw)
-    finally:
-        path._PathRunner.run = real
+    with dies_after(path._PathRunner, "run"), pytest.raises(KeyboardInterrupt):
+        path_patch(m, task, checkpoint_dir=tmp_path, **kw)
     resumed = path_patch(m, task, checkpoint_dir=tmp_path, **kw)
     assert torch.equal(resumed.values, whole.values)
     assert resumed.meta["chunks_computed"] == resumed.meta["n_chunks"] - 1 > 0
