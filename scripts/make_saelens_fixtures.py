@@ -162,7 +162,8 @@ def check_exact(sae: SAE, x: torch.Tensor, pre_ref: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# fixture builders: each returns (sae-lens object to save, how to save it, description, extras)
+# fixture builders: each writes its folder with sae-lens and returns {"sae": the reloaded object,
+# "x": inputs, "what": description} plus optional "extras", "ties", "tolerance"
 # ---------------------------------------------------------------------------------------------
 
 FIXTURES: dict[str, Callable[[Path], dict]] = {}
