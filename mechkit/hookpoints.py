@@ -30,7 +30,7 @@ import re
 import tomllib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -56,9 +56,10 @@ class Hook:
 class PointSpec:
     """One canonical point, concrete for one layer.
 
-    side: "input" | "output" | "attention" | "virtual"; module: dotted path (None for virtual);
-    tensor: q/k/v/pattern for attention points; reshape: None | "heads";
-    of/write: for virtual sums, the component points and the one written through.
+    side: "input" | "output" | "attention" | "virtual" | "split"; module: dotted path (None for
+    virtual and split); tensor: q/k/v/pattern for attention points, q/k/v for split inputs;
+    reshape: None | "heads"; of/write: for virtual sums, the component points and the one
+    written through; optin: left out of the default list of names (asked for by name only).
     """
 
     name: str
@@ -69,6 +70,7 @@ class PointSpec:
     reshape: str | None = None
     of: tuple[str, ...] = ()
     write: str | None = None
+    optin: bool = False
 
 
 class HookNameError(KeyError):
@@ -168,6 +170,8 @@ class PointTable:
                 raise ValueError(f"{self.map.source}: virtual point kind '{spec['virtual']}' is not supported")
             return PointSpec(name, layer, "virtual", of=tuple(sub(o) for o in spec["of"]), write=sub(spec["write"]))
         side = spec.get("side", "output")
+        if side == "split":
+            return PointSpec(name, layer, "split", tensor=spec["tensor"], optin=bool(spec.get("optin", False)))
         if side not in ("input", "output", "attention"):
             raise ValueError(f"{self.map.source}: point {name} has side '{side}'")
         return PointSpec(
@@ -175,8 +179,9 @@ class PointTable:
             tensor=spec.get("tensor"), reshape=spec.get("reshape"),
         )
 
-    def names(self) -> list[str]:
-        return list(self.points)
+    def names(self, include_optin: bool = False) -> list[str]:
+        """Every point's name; opt-in points (split q/k/v inputs) only with ``include_optin``."""
+        return [n for n, p in self.points.items() if include_optin or not p.optin]
 
     def resolve(self, name: str) -> PointSpec:
         if name in self.points:
@@ -197,7 +202,7 @@ class PointTable:
         if isinstance(names, str):
             names = [names]
         if callable(names):
-            return [n for n in self.points if names(n)]
+            return [n for n in self.names() if names(n)]
         out = list(names)
         for n in out:
             self.resolve(n)
@@ -245,6 +250,8 @@ class Installation:
     inputs: dict[str, list[_Handler]] = field(default_factory=lambda: defaultdict(list))
     outputs: dict[str, list[_Handler]] = field(default_factory=lambda: defaultdict(list))
     attention: dict[str, dict[str, list[_Handler]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    split: dict[int, dict[str, list[_Handler]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    hook_map: HookMap | None = None
 
     @property
     def needs_attention_fn(self) -> bool:
@@ -254,7 +261,7 @@ class Installation:
 def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
     """Turn (name, fn) pairs into handlers per place. Virtual points get a stash on their
     read-only component and a write handler on the component written through."""
-    inst = Installation()
+    inst = Installation(hook_map=table.map)
 
     def add(spec: PointSpec, handler: _Handler) -> None:
         if spec.side == "input":
@@ -263,6 +270,8 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
             inst.outputs[spec.module].append(handler)
         elif spec.side == "attention":
             inst.attention[spec.module][spec.tensor].append(handler)
+        elif spec.side == "split":
+            inst.split[spec.layer][spec.tensor].append(handler)
         else:
             raise AssertionError(spec)
 
@@ -303,11 +312,20 @@ def _virtual_handlers(fn: HookFn, hook: Hook, part_names: list[str]):
 
 
 @contextmanager
-def installed(model: nn.Module, inst: Installation, n_heads: int):
-    """Register the planned handlers as torch hooks on ``model``; remove them on exit."""
+def installed(model: nn.Module, inst: Installation, n_heads: int, sizes=None):
+    """Register the planned handlers as torch hooks on ``model``; remove them on exit.
+    ``sizes``: a :class:`mechkit.split_qkv.Sizes`, needed only for split q/k/v input points."""
+    from .split_qkv import install_split
+
     handles = []
     attn_modules = []
+    split_stack = ExitStack()
     try:
+        for layer, by_part in inst.split.items():
+            if sizes is None:
+                raise ValueError("split q/k/v input points need the model's head sizes (installed(sizes=...))")
+            install_split(split_stack, model, inst.hook_map, layer, dict(by_part),
+                          sizes, lambda hs, x: _apply(hs, x, 0))
         for path, handlers in inst.inputs.items():
             handles.append(get_module(model, path).register_forward_pre_hook(
                 _make_pre_hook(handlers, n_heads), with_kwargs=True))
@@ -320,6 +338,7 @@ def installed(model: nn.Module, inst: Installation, n_heads: int):
             attn_modules.append(mod)
         yield
     finally:
+        split_stack.close()
         for h in handles:
             h.remove()
         for mod in attn_modules:
@@ -369,6 +388,6 @@ def has_mechkit_hooks(model: nn.Module) -> bool:
             return True
         for d in (m._forward_hooks, m._forward_pre_hooks):
             for fn in d.values():
-                if getattr(fn, "__qualname__", "").startswith(("_make_pre_hook", "_make_post_hook")):
+                if getattr(fn, "__qualname__", "").startswith(("_make_pre_hook", "_make_post_hook", "install_split", "_proj_hook")):
                     return True
     return False

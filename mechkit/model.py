@@ -27,6 +27,7 @@ from .hookpoints import (
     plan,
 )
 from .inputs import Batch, make_batch
+from .split_qkv import Sizes
 from .weights import in_features, out_features
 
 HookSpec = Mapping[str, HookFn] | Iterable[tuple[str, HookFn]]
@@ -106,9 +107,11 @@ class HookedModel(nn.Module):
         return get_module(self.hf_model, self.hook_map.path(self.hook_map.family[key], layer))
 
     # ------------------------------------------------------------------ names
-    def hook_names(self) -> list[str]:
-        """Every hook point of this model, expanded over layers."""
-        return self.points.names()
+    def hook_names(self, include_optin: bool = False) -> list[str]:
+        """Every hook point of this model, expanded over layers. Opt-in points (the split
+        ``blocks.{l}.hook_q_input/k_input/v_input``) are listed only with ``include_optin``;
+        they work whenever asked for by name."""
+        return self.points.names(include_optin)
 
     # ------------------------------------------------------------------ inputs
     def to_tokens(self, text: str | list[str], prepend_bos: bool | None = None, padding_side: str = "left") -> torch.Tensor:
@@ -155,7 +158,8 @@ class HookedModel(nn.Module):
             if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
                 raise TypeError(f"hooks must be {{name: fn}} or [(name, fn)]; got item {item!r}")
         inst = plan(self.points, pairs)
-        with self._attention_fn(inst.needs_attention_fn), installed(self.hf_model, inst, self.cfg.n_heads):
+        sizes = Sizes(self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head)
+        with self._attention_fn(inst.needs_attention_fn), installed(self.hf_model, inst, self.cfg.n_heads, sizes):
             yield self
 
     @contextmanager

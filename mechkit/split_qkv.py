@@ -1,0 +1,117 @@
+"""Split query/key/value inputs: ``blocks.{l}.hook_q_input`` / ``hook_k_input`` / ``hook_v_input``.
+
+TransformerLens's ``use_split_qkv_input`` on an unmodified HF model. Each head reads its own
+copy of the residual stream the attention norm receives, ``[batch, pos, head, d_model]``
+(``hook_k_input``/``hook_v_input`` have the model's KV heads: with grouped-query attention one
+KV head's input is one tensor shared by its query heads). Each copy goes through the
+attention norm separately and then through its own head's columns of the projection, so a
+hook can change what one head's query, key or value reads, and a gradient taken at one copy
+is the gradient through that head's q, k or v alone (what edge attribution needs).
+
+How, without re-implementing attention: the projection ``P`` is affine, so head ``h``'s part of
+``P(norm(x_h))`` is ``P(n)_h + (norm(x_h) - n) @ W_h`` with ``n`` what the projection actually
+received. A pre-hook on the attention norm builds the copies and runs the user's hooks on
+them; a forward hook on the projection adds the correction to that head's output columns.
+Rotary, per-head q/k norms, GQA and the attention kernel all run as the model's own code.
+
+Values: with no hook changing a copy and no gradient needed (e.g. caching under no_grad) the
+projection output is untouched, so logits stay bit-identical. When gradients flow, the
+correction is written as ``(c - c.detach())`` so values stay exact and the gradient reaches the
+copies; the projection's own path to ``n`` is cancelled for the split part (up to rounding),
+so the residual's gradient is the sum over copies, as in TransformerLens.
+
+The map's ``[family]`` says where things are: ``attn_in_norm`` (its input is the residual the
+attention reads), ``q_proj``/``k_proj``/``v_proj`` and ``qkv_layout``: ``separate`` (own
+modules), ``blocks`` (q | k | v consecutive in one output, GPT-2, Phi-3) or ``per_head``
+([q, k, v] per head, GPT-NeoX).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+
+from .weights import weight_in_out
+
+PARTS = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+
+    def heads(self, part: str) -> int:
+        return self.n_heads if part == "q" else self.n_kv_heads
+
+
+def columns(layout: str, part: str, s: Sizes) -> torch.Tensor:
+    """Output columns of ``part`` in its projection, as [heads, d_head] indices."""
+    h = torch.arange(s.heads(part)).view(-1, 1)
+    e = torch.arange(s.d_head).view(1, -1)
+    i = PARTS.index(part)
+    if layout == "separate":
+        return h * s.d_head + e
+    if layout == "blocks":
+        offset = [0, s.n_heads * s.d_head, (s.n_heads + s.n_kv_heads) * s.d_head][i]
+        return offset + h * s.d_head + e
+    if layout == "per_head":
+        if s.n_kv_heads != s.n_heads:
+            raise ValueError("qkv_layout 'per_head' assumes as many KV heads as query heads")
+        return h * 3 * s.d_head + i * s.d_head + e
+    raise ValueError(f"qkv_layout must be 'separate', 'blocks' or 'per_head'; got {layout!r}")
+
+
+def install_split(stack: ExitStack, model, hook_map, layer: int, handlers: dict, sizes: Sizes, apply) -> None:
+    """Install the split for one layer: ``handlers`` maps "q"/"k"/"v" to handler lists run by
+    ``apply(handlers, x [batch, pos, head, d_model])`` (mechkit's hook runner)."""
+    from .hookpoints import get_module
+
+    fam = hook_map.family
+    missing = [k for k in ("attn_in_norm", "qkv_layout", *(f"{p}_proj" for p in handlers)) if k not in fam]
+    if missing:
+        raise ValueError(f"split q/k/v inputs need {missing} in the [family] table of hook map {hook_map.source}")
+    norm = get_module(model, hook_map.path(fam["attn_in_norm"], layer))
+    state: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    def pre_hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        state.clear()
+        for part, hs in handlers.items():
+            copies = x.unsqueeze(-2).expand(*x.shape[:-1], sizes.heads(part), x.shape[-1]).clone()
+            new = apply(hs, copies)
+            changed = new is not copies
+            if changed or (torch.is_grad_enabled() and new.requires_grad):
+                state[part] = (module.forward(new), changed)  # .forward: this norm's own hooks must not rerun
+        return None
+
+    stack.callback(norm.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
+    by_module: dict[str, list[str]] = {}
+    for part in handlers:
+        by_module.setdefault(hook_map.path(fam[f"{part}_proj"], layer), []).append(part)
+    for path, parts in by_module.items():
+        proj = get_module(model, path)
+        cols = {p: columns(fam["qkv_layout"], p, sizes) for p in parts}
+        stack.callback(proj.register_forward_hook(_proj_hook(parts, cols, state)).remove)
+
+
+def _proj_hook(parts, cols, state):
+    def hook(module, args, out):
+        todo = [p for p in parts if p in state]
+        if not todo:
+            return None
+        n = args[0]
+        W = weight_in_out(module)
+        for p in todo:
+            split_n, changed = state.pop(p)
+            idx = cols[p].to(out.device)
+            Wp = W[:, idx.flatten()].unflatten(-1, idx.shape).to(split_n.dtype)  # [d_model, heads, d_head]
+            c = torch.einsum("...hd,dhe->...he", split_n, Wp)
+            c_n = torch.einsum("...d,dhe->...he", n.to(split_n.dtype), Wp)
+            delta = c - c_n if changed else (c - c.detach()) - (c_n - c_n.detach())
+            out = out.index_add(out.dim() - 1, idx.flatten(), delta.flatten(-2).to(out.dtype))
+        return out
+    return hook
