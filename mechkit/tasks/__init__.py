@@ -8,8 +8,8 @@
 
 from .base import PatchingTask
 from .ioi import ioi
-from .repeated import repeated_tokens
+from .repeated import induction_task, repeated_tokens
 from .sentiment import sentiment
 from .tokenizer import build_tokenizer, save_tokenizer
 
-__all__ = ["PatchingTask", "ioi", "repeated_tokens", "sentiment", "build_tokenizer", "save_tokenizer"]
+__all__ = ["PatchingTask", "induction_task", "ioi", "repeated_tokens", "sentiment", "build_tokenizer", "save_tokenizer"]

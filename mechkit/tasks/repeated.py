@@ -64,3 +64,38 @@ def repeated_rows_varied(tokenizer, n: int, t_range: tuple[int, int], seed: int 
     pool = ordinary_token_ids(tokenizer)
     start = _start_id(tokenizer)
     return [repeated_row(rng, pool, rng.randint(*t_range), start) for _ in range(n)]
+
+
+def induction_task(tokenizer, n: int, T: int = 8, k: int | None = None, seed: int = 0, pool: list[int] | None = None):
+    """A :class:`~mechkit.tasks.PatchingTask` for induction: clean ``[BOS] x x[:k]`` (answer
+    ``x[k]``), corrupted ``[BOS] y y[:k]`` (answer ``y[k]``, the clean prompt's wrong token), with
+    x and y T distinct tokens each (no token repeats inside a span, so the answer is unique).
+
+    ``tokenizer``: a tokenizer (or an object with ``.tokenizer``); ``pool``: ids to draw from
+    (default: the tokenizer's ordinary ids). ``k`` defaults to T - 1.
+    """
+    from .base import PatchingTask, _tokenizer_of
+
+    tok = _tokenizer_of(tokenizer)
+    k = T - 1 if k is None else int(k)
+    if not 1 <= k < T:
+        raise ValueError(f"k must lie in 1..T-1 = 1..{T - 1}; got {k}")
+    pool = list(pool) if pool is not None else ordinary_token_ids(tok)
+    if len(pool) < 2 * T:
+        raise ValueError(f"the pool has {len(pool)} ids; induction_task needs at least 2T = {2 * T}")
+    rng = random.Random(seed)
+    start = _start_id(tok)
+    head = [start] if start is not None else []
+    clean, corrupt, ans, wrong = [], [], [], []
+    for _ in range(n):
+        both = rng.sample(pool, 2 * T)
+        x, y = both[:T], both[T:]
+        clean.append(head + x + x[:k])
+        corrupt.append(head + y + y[:k])
+        ans.append(x[k])
+        wrong.append(y[k])
+    ct, xt = torch.tensor(clean), torch.tensor(corrupt)
+    mask = torch.ones_like(ct)
+    text = [" ".join(map(str, r)) for r in clean], [" ".join(map(str, r)) for r in corrupt]
+    return PatchingTask(ct, xt, mask, mask.clone(), torch.tensor(ans), torch.tensor(wrong), *text,
+                        {"task": "induction", "T": T, "k": k})

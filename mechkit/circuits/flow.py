@@ -1,0 +1,107 @@
+"""Where the edge graph lives in a hooked model: the hook points of senders and receivers, and
+the hooks that read senders' outputs and read or shift receivers' inputs during one forward.
+
+Senders: ``input`` = layer 0's residual input; a head's output = ``attn.hook_z[..., h, :] @ W_O[h]``
+(the output projection's rows of that head, no bias); an MLP's output = ``hook_mlp_out``.
+Receivers: the split inputs ``hook_q_input/k_input/v_input`` (one residual copy per head, or per
+KV head), ``hook_mlp_in`` (the MLP's own copy of the residual) and the last layer's
+``hook_resid_post`` (what the final norm reads). Every receiver hook returns a tensor that
+only that receiver reads, so a gradient taken there flows through that receiver alone.
+
+Shapes: sender outputs ``[batch, pos, senders, d_model]``; per-layer receiver inputs
+``[batch, pos, receivers_of_layer, d_model]`` (queries, keys, values, the MLP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..weights import weight_in_out
+from .graph import Graph
+
+
+def point(kind: str, layer: int | None = None) -> str:
+    """The hook point name of a graph site (one place that spells names)."""
+    names = {
+        "input": "blocks.0.hook_resid_pre", "z": "blocks.{l}.attn.hook_z", "mlp_out": "blocks.{l}.hook_mlp_out",
+        "attn_out": "blocks.{l}.hook_attn_out", "q": "blocks.{l}.hook_q_input", "k": "blocks.{l}.hook_k_input",
+        "v": "blocks.{l}.hook_v_input", "mlp_in": "blocks.{l}.hook_mlp_in", "final": "blocks.{l}.hook_resid_post",
+    }
+    return names[kind].replace("{l}", str(layer))
+
+
+def check_model(model) -> Graph:
+    """The model's graph, or a clear error where heads do not add linearly into the residual."""
+    fam = model.hook_map.family
+    if "attn_post_norm" in fam:
+        raise ValueError(f"edge-level circuits need each head's output to add linearly into the residual stream; "
+                         f"family '{model.hook_map.name}' normalises the attention output before adding it "
+                         f"(attn_post_norm), which is not supported yet")
+    missing = [p for p in (point("q", 0), point("mlp_in", 0)) if p not in model.points.points]
+    if missing:
+        raise ValueError(f"edge-level circuits need the hook points {missing}, which hook map "
+                         f"{model.hook_map.source} does not define (see hooks/gpt2.toml: attn_in_norm, q_proj, ...)")
+    return Graph.from_model(model)
+
+
+def w_out(model, layer: int, dtype) -> torch.Tensor:
+    """W_O of ``layer`` as [heads, d_head, d_model]."""
+    w = weight_in_out(model.family_module("attn_out_proj", layer))
+    return w.unflatten(0, (model.cfg.n_heads, model.cfg.d_head)).to(dtype)
+
+
+class SenderHooks:
+    """Hooks that write every sender's output of one forward into ``self.out`` [b, p, S, d].
+
+    ``transform``: optional ``fn(group, value) -> value`` applied to a sender group's output
+    before the model uses it (group: ``("input", None)``, ``("attn", l)``, ``("mlp", l)``; value:
+    resid_pre [b, p, d], attn_out [b, p, d] or mlp_out [b, p, d]) — used to interpolate one node.
+    ``keep_graph``: keep autograd history (for evaluation-time gradients); default detached.
+    """
+
+    def __init__(self, model, graph: Graph, on_value: Callable | None = None):
+        self.model, self.g = model, graph
+        self.on_value = on_value  # fn(slice of senders, value [b, p, n, d]) called as they appear
+        self.out: torch.Tensor | None = None
+
+    def _store(self, s0: int, value: torch.Tensor) -> None:
+        if self.on_value is not None:
+            self.on_value(s0, value)
+            return
+        if self.out is None:
+            b, p, _, d = value.shape
+            self.out = value.new_zeros(b, p, self.g.n_senders, d)
+        self.out[:, :, s0:s0 + value.shape[2]] = value.detach()
+
+    def hooks(self) -> list[tuple[str, Callable]]:
+        g, m = self.g, self.model
+        hs = [(point("input"), lambda x, hook: self._store(0, x.unsqueeze(2)))]
+        for l in range(g.n_layers):
+            def z_hook(z, hook, l=l):
+                self._store(g.head_sender(l, 0), torch.einsum("bphe,hed->bphd", z, w_out(m, l, z.dtype)))
+            hs.append((point("z", l), z_hook))
+            hs.append((point("mlp_out", l), lambda x, hook, l=l: self._store(g.mlp_sender(l), x.unsqueeze(2))))
+        return hs
+
+
+def receiver_hooks(model, graph: Graph, fn: Callable) -> list[tuple[str, Callable]]:
+    """Hooks on every receiver input; ``fn(layer, part, x)`` returns the tensor that receiver reads.
+
+    part "q"/"k"/"v": x [b, p, heads, d]; "mlp": x [b, p, d]; "logits" (layer = n_layers): x [b, p, d].
+    Each hook hands ``fn`` a view only that receiver reads.
+    """
+    hs = []
+    for l in range(graph.n_layers):
+        for part in ("q", "k", "v"):
+            hs.append((point(part, l), lambda x, hook, l=l, part=part: fn(l, part, x)))
+        hs.append((point("mlp_in", l), lambda x, hook, l=l: fn(l, "mlp", x.view_as(x))))
+    last = graph.n_layers - 1
+    hs.append((point("final", last), lambda x, hook: fn(graph.n_layers, "logits", x.view_as(x))))
+    return hs
+
+
+def stack_layer(graph: Graph, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One layer's receiver tensors (q [b,p,H,d], k, v [b,p,Hkv,d], mlp [b,p,d]) -> [b, p, R_l, d]."""
+    return torch.cat([parts["q"], parts["k"], parts["v"], parts["mlp"].unsqueeze(2)], dim=2)
