@@ -23,7 +23,7 @@ def list_models() -> list[str]:
 
 
 _SUBPACKAGES = ("tasks", "models", "patching", "attribution", "heads", "interventions", "steering", "viz",
-                "results", "metrics")
+                "results", "metrics", "circuits")
 
 
 def __getattr__(name):  # lazy subpackages keep `import mechkit` light
@@ -64,4 +64,6 @@ __all__ = [
     "viz",
     "results",
     "metrics",
+    # issue 15: edge-level circuits (mk.circuits.attribute / evaluate / faithfulness_curve / Circuit)
+    "circuits",
 ]

@@ -1,4 +1,4 @@
-"""The ``mechkit`` command line: ``mechkit patch | attribute | path | heads | steer | demo``.
+"""The ``mechkit`` command line: ``mechkit patch | attribute | path | circuit | heads | steer | demo``.
 
 Every subcommand takes ``--model`` (bundled name, local folder or hub name), ``--device``,
 ``--dtype`` and ``--out``. Errors are printed as one line on stderr with exit code 2.
@@ -164,6 +164,19 @@ def cmd_demo(args) -> None:
     print(path)
 
 
+def cmd_circuit(args) -> None:
+    from .circuits.discover import DiscoverOptions, discover
+
+    model = _load(args)
+    task = _task(model, args)
+    opts = DiscoverOptions(methods=tuple(m.strip() for m in args.methods.split(",")), ig_steps=args.ig_steps,
+                           mode=args.mode, ablation=args.ablation, progress=not args.quiet)
+    s = discover(model, task, out=args.out, options=opts)
+    c = s["curves"][s["best_method"]]
+    print(f"best: {s['best_method']} (area {c['area']:.3f}); circuit of {s['circuit']['edges']} edges -> "
+          f"{Path(args.out) / 'circuit.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mechkit", description="Mechanistic interpretability on HF causal LMs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -196,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_path)
+    p = sub.add_parser("circuit", help="edge-level circuit discovery (EAP, EAP-IG, RelP) with faithfulness curves")
+    _common(p)
+    p.add_argument("--methods", default="eap,eap-ig,relp", help="comma-separated: eap, eap-ig, eap-ig-activations, relp")
+    p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--mode", default="topn", choices=["topn", "greedy"])
+    p.add_argument("--ablation", default="corrupted", choices=["corrupted", "mean"])
+    p.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_circuit)
     p = sub.add_parser("heads", help="head scores (induction, previous-token, ...)")
     _common(p)
     p.set_defaults(fn=cmd_heads)

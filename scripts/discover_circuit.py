@@ -2,8 +2,13 @@
 """Circuit discovery: rank components by RelP, verify the top ones by activation patching, and
 measure faithfulness as the circuit grows.
 
-    python scripts/discover_circuit.py --model tiny-llama --out runs/circuit            # built-in IOI
-    python scripts/discover_circuit.py --task my_task.jsonl --top-k 20 --out runs/circuit
+    python scripts/discover_circuit.py --model tiny-llama --out runs/circuit            # edges, built-in IOI
+    python scripts/discover_circuit.py --level nodes --task my_task.jsonl --top-k 20 --out runs/circuit
+
+``--level edges`` (default): edge-level discovery (:mod:`mechkit.circuits`): EAP, EAP-IG and RelP
+scores on every edge, MIB-style faithfulness curves of each, the circuit of the best method
+(EAP-IG's JSON format) and exact single-edge patching of its top edges; same as ``mechkit circuit``.
+``--level nodes``: the component-level run described below.
 
 ``--task``: JSONL rows ``{"clean": ..., "corrupt": ..., "answer": ..., "wrong": ...}``.
 
@@ -35,7 +40,10 @@ def parse(argv=None):
     ap.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")
     ap.add_argument("--n", type=int, default=32, help="IOI prompt pairs when no --task is given")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--method", default="relp", choices=["relp", "atp"])
+    ap.add_argument("--level", default="edges", choices=["edges", "nodes"])
+    ap.add_argument("--methods", default="eap,eap-ig,relp", help="edge level: comma-separated methods")
+    ap.add_argument("--mode", default="topn", choices=["topn", "greedy"], help="edge level: circuit extraction")
+    ap.add_argument("--method", default="relp", choices=["relp", "atp"], help="node level: the attribution method")
     ap.add_argument("--top-k", type=int, default=12)
     ap.add_argument("--out", default="runs/circuit")
     ap.add_argument("--device", default=None)
@@ -70,6 +78,15 @@ def main(argv=None) -> int:
     model = mk.load(args.model, device=args.device)
     task = _task_from_jsonl(model, args.task) if args.task else mk.tasks.ioi(model.tokenizer, n=args.n, seed=args.seed)
     progress = not args.quiet
+    if args.level == "edges":
+        from mechkit.circuits.discover import DiscoverOptions, discover
+
+        opts = DiscoverOptions(methods=tuple(args.methods.split(",")), mode=args.mode, progress=progress)
+        s = discover(model, task, out=args.out, options=opts)
+        best = s["best_method"]
+        print(f"best method: {best} (area {s['curves'][best]['area']:.3f}); circuit: {s['circuit']['edges']} edges")
+        print(Path(args.out) / "dashboard.html")
+        return 0
     c = model.cfg
     comps = components(model)
 

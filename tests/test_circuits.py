@@ -44,3 +44,216 @@ def test_handbuilt_induction_circuit_comes_first():
         s = C.attribute(m, task, method=method, progress=False)
         assert {n for n, _ in s.top(5)} == set(HAND), (method, s.top(6))
     assert not has_mechkit_hooks(m.hf_model)
+
+
+# --------------------------------------------------------------------------- exactness
+class FrozenLayerNorm(torch.nn.Module):
+    """LayerNorm with its scale frozen at a constant: centring and an affine map, linear in x."""
+
+    def __init__(self, ln, scale: float):
+        super().__init__()
+        self.weight, self.bias, self.scale = ln.weight, ln.bias, scale
+
+    def forward(self, x):
+        return (x - x.mean(-1, keepdim=True)) / self.scale * self.weight + self.bias
+
+
+def linearised_gpt2():
+    """A random GPT-2 made affine in its input: LayerNorm scales frozen, identity MLP activation,
+    attention patterns frozen (query and key weights zero: uniform causal attention)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=3, n_embd=32, n_head=4, n_inner=48, vocab_size=50, n_positions=32,
+                        activation_function="linear", bos_token_id=0, eos_token_id=0)
+    hf = tf.GPT2LMHeadModel(cfg).double().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+        for b in hf.transformer.h:
+            b.attn.c_attn.weight[:, :2 * 32] = 0
+            b.attn.c_attn.bias[:2 * 32] = 0
+            b.ln_1, b.ln_2 = FrozenLayerNorm(b.ln_1, 0.7), FrozenLayerNorm(b.ln_2, 1.3)
+        hf.transformer.ln_f = FrozenLayerNorm(hf.transformer.ln_f, 0.9)
+    return hf
+
+
+def random_task(n, T, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ct, xt = torch.randint(1, vocab, (n, T), generator=g), torch.randint(1, vocab, (n, T), generator=g)
+    mask = torch.ones_like(ct)
+    mask[0, :2] = 0  # a left-padded row
+    ans, wrong = torch.randint(1, vocab, (n,), generator=g), torch.randint(1, vocab, (n,), generator=g)
+    return mk.tasks.PatchingTask(ct, xt, mask, mask.clone(), ans, wrong, [""] * n, [""] * n)
+
+
+@pytest.mark.parametrize("grad_on", ["corrupted", "clean"])
+def test_eap_equals_exact_edge_patching_on_a_linearised_model(grad_on):
+    m = mk.load(linearised_gpt2())
+    task = random_task(4, 7, 50)
+    exact = C.edge_patching_scores(m, task)
+    eap = C.attribute(m, task, method="eap", grad_on=grad_on, progress=False)
+    _, e = exact.edge_values()
+    _, a = eap.edge_values()
+    names = exact.edge_values()[0]
+    qk = torch.tensor([n.endswith(("<q>", "<k>")) for n in names])
+    assert e[qk].abs().max() < 1e-9  # frozen patterns: queries and keys carry nothing
+    assert e.abs().max() > 0.1 and bool((e[~qk].abs() > 1e-4).all())  # every other edge matters
+    torch.testing.assert_close(a.double(), e.double(), atol=1e-5, rtol=0)
+    ig = C.attribute(m, task, method="eap-ig", ig_steps=3, progress=False)  # constant gradients: IG = EAP
+    torch.testing.assert_close(ig.edge_values()[1].double(), e.double(), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- evaluation vs a hand loop
+def hand_evaluate(m, task, circuit, ablation="corrupted"):
+    """The circuit patched by hand: plain hooks, Python loops over heads and senders, edges looked
+    up by name. Every receiver reads, from each sender outside the circuit, the ablated value
+    instead of the current one."""
+    L, H, Hkv, dh = m.cfg.n_layers, m.cfg.n_heads, m.cfg.n_kv_heads, m.cfg.d_head
+    kv = "kv" if Hkv != H else "h"
+    names = set(circuit.edge_names)
+
+    def sender_hooks(store):
+        def head_out(l):
+            def fn(z, hook):
+                W = mk.weights.weight_in_out(m.family_module("attn_out_proj", l))
+                for h in range(H):
+                    store[f"a{l}.h{h}"] = z[:, :, h] @ W[h * dh:(h + 1) * dh]
+            return fn
+        hs = [("blocks.0.hook_resid_pre", lambda x, hook: store.__setitem__("input", x.clone()))]
+        for l in range(L):
+            hs.append((f"blocks.{l}.attn.hook_z", head_out(l)))
+            hs.append((f"blocks.{l}.hook_mlp_out", lambda x, hook, l=l: store.__setitem__(f"m{l}", x.clone())))
+        return hs
+
+    def upstream(l, mlp=False):
+        out = ["input"] + [f"a{i}.h{h}" if h < H else f"m{i}" for i in range(l) for h in range(H + 1)]
+        return out + ([f"a{l}.h{h}" for h in range(H)] if mlp else [])
+
+    def clean_b():
+        return m.batch(task.clean_tokens, attention_mask=task.clean_mask)
+
+    abl = {}
+    if ablation == "corrupted":
+        with m.hooks(sender_hooks(abl)):
+            m.hf_model(**m.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask).kwargs(), use_cache=False)
+    else:
+        with m.hooks(sender_hooks(abl)):
+            m.hf_model(**clean_b().kwargs(), use_cache=False)
+        w = task.clean_mask.double()[:, :, None]
+        abl = {k: ((v.double() * w).sum((0, 1)) / w.sum()).to(v.dtype) for k, v in abl.items()}
+    cur = {}
+
+    def patch(recv_of, l, mlp=False):
+        def fn(x, hook):
+            x = x.clone()
+            for i in range(x.shape[2] if x.dim() == 4 else 1):
+                for u in upstream(l, mlp):
+                    if f"{u}->{recv_of(i)}" not in names:
+                        if x.dim() == 4:
+                            x[:, :, i] += abl[u] - cur[u]
+                        else:
+                            x += abl[u] - cur[u]
+            return x
+        return fn
+
+    hooks = sender_hooks(cur)
+    for l in range(L):
+        hooks.append((f"blocks.{l}.hook_q_input", patch(lambda i, l=l: f"a{l}.h{i}<q>", l)))
+        hooks.append((f"blocks.{l}.hook_k_input", patch(lambda i, l=l: f"a{l}.{kv}{i}<k>", l)))
+        hooks.append((f"blocks.{l}.hook_v_input", patch(lambda i, l=l: f"a{l}.{kv}{i}<v>", l)))
+        hooks.append((f"blocks.{l}.hook_mlp_in", patch(lambda i, l=l: f"m{l}", l, mlp=not circuit.graph.parallel)))
+    hooks.append((f"blocks.{L - 1}.hook_resid_post", patch(lambda i: "logits", L)))
+    with torch.no_grad(), m.hooks(hooks):
+        logits = m.hf_model(**clean_b().kwargs(), use_cache=False).logits
+    return float(mk.patching.metrics.logit_diff(task)(logits).mean())
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_fused_evaluation_equals_the_hand_loop(name):
+    m = mk.load(name)
+    task = mk.tasks.ioi(m.tokenizer, n=4, seed=1)
+    assert (task.clean_mask == 0).any()  # padded prompts
+    g = C.Graph.from_model(m)
+    gen = torch.Generator().manual_seed(0)
+    circuits = [C.Circuit(g, torch.rand(g.real.shape, generator=gen) < p) for p in (0.3, 0.9)]
+    one_off = g.real.clone()
+    one_off[g.edge_index("a0.h1->a3.h5<v>" if name == "tiny-gpt2" else "input->a0.kv1<v>")] = False
+    circuits.append(C.Circuit(g, one_off))
+    fused = C.evaluate(m, task, circuits, max_bytes=2**20)  # several chunks
+    loop = torch.tensor([hand_evaluate(m, task, c) for c in circuits])
+    torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
+    assert len(set(fused.tolist())) == len(circuits)  # the circuits differ in effect
+    mean = C.evaluate(m, task, circuits[1], ablation="mean")
+    assert abs(mean - hand_evaluate(m, task, circuits[1], ablation="mean")) < 1e-5
+    assert not has_mechkit_hooks(m.hf_model)
+
+
+# --------------------------------------------------------------------------- circuits and files
+def test_circuit_extraction_pruning_json_and_scores_files(tmp_path):
+    g = C.Graph(2, 4, 2)  # grouped-query: written ungrouped for EAP-IG
+    gen = torch.Generator().manual_seed(0)
+    scores = C.EdgeScores(torch.randn(g.n_senders, g.n_receivers, generator=gen) * g.real, g, {}, {"method": "x"})
+    top = scores.circuit(10, prune=False)
+    assert top.n_edges == 10 and set(top.edge_names) == {n for n, _ in scores.top(10)}
+    pruned = scores.circuit(10)
+    # MIB's rule: every kept sender reaches a kept receiver and (but the input) is reached
+    own = g.receiver_owner.float()
+    has_in = (pruned.edges.any(0).float() @ own) > 0
+    for s in pruned.edges.any(1).nonzero()[:, 0].tolist():
+        assert s == 0 or has_in[s]
+    assert set(pruned.edge_names) <= set(top.edge_names)
+    greedy = scores.circuit(10, mode="greedy", prune=False)
+    assert greedy.n_edges == 10 and greedy.edges[:, g.logits].any()  # grown from the logits
+    # a dangling chain is removed: a0.h0 -> m0 alone (m0 reaches nothing) prunes to nothing
+    assert C.Circuit.from_edges(g, ["input->a0.h0<q>", "a0.h0->m0"]).pruned().n_edges == 0
+    assert C.Circuit.from_edges(g, ["input->a0.h0<q>", "a0.h0->logits"]).pruned().n_edges == 2
+    d = pruned.to_json(tmp_path / "c.json")
+    assert "input->a1.h1<k>" in d["edges"] and "input->a1.h2<k>" in d["edges"]  # ungrouped names
+    back = C.Circuit.from_json(g, tmp_path / "c.json")
+    assert torch.equal(back.edges, pruned.edges)
+    with pytest.raises(ValueError, match="does not exist"):
+        C.Circuit.from_json(g, {"cfg": {"n_layers": 2, "n_heads": 4}, "nodes": {}, "edges": {"a1.h0->a0.h0<q>": {}}})
+    scores.save(tmp_path / "s.safetensors")
+    again = C.EdgeScores.load(tmp_path / "s.safetensors")
+    assert torch.equal(again.values, scores.values) and again.graph == g
+    (tmp_path / "bad.safetensors.json").write_text('{"kind": "result"}')
+    with pytest.raises(ValueError, match="not an edge-scores header|kind"):
+        C.EdgeScores.load(tmp_path / "bad.safetensors")
+
+
+def test_attribute_batches_bad_input_and_no_hooks_left():
+    m = mk.load("tiny-llama")
+    task = mk.tasks.ioi(m.tokenizer, n=6, seed=2)
+    full = C.attribute(m, task, method="relp", progress=False)
+    split = C.attribute(m, task, method="relp", batch_size=4, progress=False)
+    torch.testing.assert_close(split.values, full.values, atol=1e-4, rtol=1e-4)
+    pos = C.attribute(m, task, method="eap", per_position=True, progress=False)
+    torch.testing.assert_close(pos.matrix, C.attribute(m, task, method="eap", progress=False).matrix,
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown method"):
+        C.attribute(m, task, method="acdc")
+    with pytest.raises(ValueError, match="ablation must be"):
+        C.evaluate(m, task, C.Circuit.full(C.Graph.from_model(m)), ablation="zero")
+    assert not has_mechkit_hooks(m.hf_model)
+
+
+def test_faithfulness_curve_and_cli(tmp_path):
+    m = mk.load("tiny-gpt2")
+    task = mk.tasks.ioi(m.tokenizer, n=8, seed=3)
+    s = C.attribute(m, task, method="eap-ig", progress=False)
+    curve = C.faithfulness_curve(m, task, s, fractions=(0.01, 0.1, 0.5))
+    sep = [C.evaluate(m, task, s.circuit(max(1, round(f * s.graph.n_edges)))) for f in curve.fractions]
+    torch.testing.assert_close(torch.tensor(curve.metric), torch.tensor(sep), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        clean = float(mk.patching.metrics.logit_diff(task)(m(m.batch(task.clean_tokens, task.clean_mask))).mean())
+    assert curve.full == pytest.approx(clean, abs=1e-4)
+    assert curve.smallest(0.8) is not None and curve.smallest(0.8)[0] <= 0.1  # recovered with <= 10% of edges
+    from mechkit.cli import main
+
+    assert main(["circuit", "--model", "tiny-gpt2", "--n", "4", "--methods", "eap", "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    d = __import__("json").loads((tmp_path / "circuit.json").read_text())
+    assert set(d) == {"cfg", "nodes", "edges"} and len(d["edges"]) == 1519
+    html = (tmp_path / "dashboard.html").read_text()
+    assert "faithfulness curves" in html and "circuit (eap" in html

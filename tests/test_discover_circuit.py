@@ -18,7 +18,7 @@ def test_faithfulness_curve_runs_from_nothing_to_everything(tmp_path, model_arg)
     n_comp = len(load_script().components(mk.load(model_arg)))
     if n_comp > 40:
         pytest.skip("the full curve is only cheap on a small model")
-    assert load_script().main(["--model", model_arg, "--n", "4", "--top-k", str(n_comp), "--out", str(tmp_path),
+    assert load_script().main(["--level", "nodes", "--model", model_arg, "--n", "4", "--top-k", str(n_comp), "--out", str(tmp_path),
                                "--quiet"]) == 0
     circuit = json.loads((tmp_path / "circuit.json").read_text())
     curve = circuit["faithfulness"]["normalised_metric"]

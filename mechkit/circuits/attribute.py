@@ -68,9 +68,10 @@ def sender_outputs(model, graph: Graph, batch, run) -> tuple[torch.Tensor, torch
     return logits, sh.out, groups
 
 
-def receiver_grads(model, graph: Graph, batch, run, metric_fn, extra_hooks=()) -> tuple[float, list[torch.Tensor]]:
+def receiver_grads(model, graph: Graph, batch, run, metric_fn, extra_hooks=(), senders=None):
     """One forward + backward: (metric, per-layer receiver gradients [b, p, R_l, d], the last
-    entry [b, p, 1, d] for the logits)."""
+    entry [b, p, 1, d] for the logits). ``senders``: a :class:`SenderHooks` that also records
+    this run's sender outputs."""
     kept: dict = {}
 
     def take(layer, part, x):
@@ -83,7 +84,9 @@ def receiver_grads(model, graph: Graph, batch, run, metric_fn, extra_hooks=()) -
         return x if x.requires_grad else x.detach().requires_grad_(True)
 
     with torch.enable_grad():
-        logits = run(batch, [*extra_hooks, (point("input"), grad_input), *receiver_hooks(model, graph, take)])
+        hooks = [*extra_hooks, (point("input"), grad_input), *(senders.hooks() if senders else ()),
+                 *receiver_hooks(model, graph, take)]
+        logits = run(batch, hooks)
         m = metric_fn(logits)
         keys = list(kept)
         grads = torch.autograd.grad(m, [kept[k] for k in keys], allow_unused=True)
@@ -184,19 +187,28 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
     metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
     corr_b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
+    if method in ("eap", "relp"):  # the gradient run also records its own senders: one forward fewer
+        other_b = clean_b if grad_on == "corrupted" else corr_b
+        lo, s_other, _ = sender_outputs(model, graph, other_b, run)
+        sh = SenderHooks(model, graph)
+        with (lrp.rules(model, rules) if method == "relp" else nullcontext()):
+            m_grad, grads = receiver_grads(model, graph, corr_b if grad_on == "corrupted" else clean_b, run,
+                                           metric_fn, senders=sh)
+        with torch.no_grad():
+            m_other = float(metric_fn(lo))
+        mc, mr = (m_other, m_grad) if grad_on == "corrupted" else (m_grad, m_other)
+        delta = (s_other - sh.out) if grad_on == "corrupted" else (sh.out - s_other)
+        del s_other, sh
+        _accumulate(scores, graph, delta, grads, w)
+        bar.update(1)
+        return mc, mr
     lc, s_clean, g_clean = sender_outputs(model, graph, clean_b, run)
     lr, s_corr, g_corr = sender_outputs(model, graph, corr_b, run)
     with torch.no_grad():
         mc, mr = float(metric_fn(lc)), float(metric_fn(lr))
     delta = s_clean - s_corr
     del s_clean, s_corr
-    if method in ("eap", "relp"):
-        base = corr_b if grad_on == "corrupted" else clean_b
-        with (lrp.rules(model, rules) if method == "relp" else nullcontext()):
-            _, grads = receiver_grads(model, graph, base, run, metric_fn)
-        _accumulate(scores, graph, delta, grads, w)
-        bar.update(1)
-    elif method == "eap-ig":
+    if method == "eap-ig":
         x_c, x_r = g_clean[("input", None)], g_corr[("input", None)]
         for k in range(steps):
             a = k / steps

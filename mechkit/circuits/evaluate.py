@@ -78,17 +78,24 @@ def _chunk(model, graph, clean_b, A, absent, metric, run) -> torch.Tensor:
     sparse = bool((absent.flatten(1).sum(1) <= 1).all())
     absent = absent.to(dev)
     cur: dict = {}
-
-    def on_value(s0, value):  # value [rows, p, c, d]
-        if "buf" not in cur:
-            rows, p, _, d = value.shape
-            cur["buf"] = value.new_zeros(rows, p, graph.n_senders, d)
-        cur["buf"][:, :, s0:s0 + value.shape[2]] = value
-
-    if sparse:
+    if sparse:  # each row group keeps only the current value of its one removed edge's sender
         idx = absent.flatten(1).float().argmax(1)
         has = absent.flatten(1).any(1)
         rem_s, rem_r = idx // graph.n_receivers, idx % graph.n_receivers
+
+    def on_value(s0, value):  # value [rows, p, c, d]
+        rows, p, c, d = value.shape
+        if not sparse:
+            if "buf" not in cur:
+                cur["buf"] = value.new_zeros(rows, p, graph.n_senders, d)
+            cur["buf"][:, :, s0:s0 + c] = value
+            return
+        if "sel" not in cur:
+            cur["sel"] = value.new_zeros(K, n, p, d)
+        ks = (has & (rem_s >= s0) & (rem_s < s0 + c)).nonzero()[:, 0]
+        if len(ks):
+            cur["sel"][ks] = value.view(K, n, p, c, d)[ks, :, :, rem_s[ks] - s0]
+
     shifts: dict = {}
 
     def shift(cols: slice, up: int) -> torch.Tensor | None:
@@ -96,16 +103,16 @@ def _chunk(model, graph, clean_b, A, absent, metric, run) -> torch.Tensor:
         mask = absent[:, :up, cols]
         if not bool(mask.any()):
             return None
+        if sparse:
+            sel = cur["sel"]
+            _, _, p, d = sel.shape
+            out = sel.new_zeros(K, n, p, cols.stop - cols.start, d)
+            ks = (has & (rem_r >= cols.start) & (rem_r < cols.stop)).nonzero()[:, 0]
+            a = A[:, :, rem_s[ks]].permute(2, 0, 1, 3) if A.shape[0] > 1 else A[0, 0, rem_s[ks]][:, None, None]
+            out[ks, :, :, rem_r[ks] - cols.start] = a - sel[ks]  # one receiver per row group
+            return out.view(K * n, p, -1, d)
         buf = cur["buf"]
         rows, p, _, d = buf.shape
-        if sparse:
-            out = buf.new_zeros(K, n, p, cols.stop - cols.start, d)
-            ks = (has & (rem_r >= cols.start) & (rem_r < cols.stop) & (rem_s < up)).nonzero()[:, 0]
-            for k in ks.tolist():  # one receiver per row group
-                s, r = int(rem_s[k]), int(rem_r[k]) - cols.start
-                a = A[..., s, :] if A.shape[0] > 1 else A[0, 0, s].expand(n, p, d)
-                out[k, :, :, r] = a - buf.view(K, n, p, -1, d)[k, :, :, s]
-            return out.view(rows, p, -1, d)
         D = (A[:, :, :up].unsqueeze(0) - buf[:, :, :up].view(K, n, p, up, d))  # [K, n, p, up, d]
         return torch.einsum("kbpsd,ksr->kbprd", D, mask.to(D.dtype)).reshape(rows, p, -1, d)
 

@@ -1,0 +1,163 @@
+"""Benchmark: edge-level circuits on a GPT-2-small-shaped random model (12 layers, d_model 768,
+12 heads, 32,491 edges), 16 prompts x 20 tokens, all ratios measured in one run.
+
+- EAP, EAP-IG (5 steps, inputs) and RelP over every edge vs one forward + backward of the batch
+  (the same metric differentiated w.r.t. the input embeddings);
+- peak memory of EAP vs that forward + backward (each in its own subprocess: max RSS above a
+  process that only loads the model; on CUDA, max_memory_allocated);
+- a 20-point faithfulness curve (one fused evaluation) vs one plain forward of the fused batch
+  (20 x 16 rows) and vs 20 separate evaluations;
+- exact single-edge patching of the top 200 edges (fused) vs 200 plain forwards of the batch
+  (a lower bound for one patched forward per edge).
+
+Timings are medians of ``--repeats`` interleaved repeats. Usage:
+``flock /work/bench.lock python benchmarks/circuits.py [--threads 2] [--repeats 3] [--device cpu]``
+Writes benchmarks/results/circuits.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import mechkit as mk  # noqa: E402
+from mechkit import circuits as C  # noqa: E402
+from mechkit.model import HookedModel  # noqa: E402
+from mechkit.tasks.base import PatchingTask  # noqa: E402
+
+
+def model_and_task(device: str, n: int = 16, T: int = 20):
+    torch.manual_seed(0)
+    hf = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)).eval().to(device)
+    m = HookedModel(hf, None)
+    g = torch.Generator().manual_seed(0)
+    clean, corrupt = torch.randint(1, m.cfg.d_vocab, (2, n, T), generator=g)
+    mask = torch.ones(n, T, dtype=torch.long)
+    ans, wrong = torch.randint(1, m.cfg.d_vocab, (2, n), generator=g)
+    return m, PatchingTask(clean, corrupt, mask, mask.clone(), ans, wrong, [], []).to(device)
+
+
+def fwd_bwd(m, task):
+    """One forward + backward of the batch: the metric's gradient w.r.t. the input embeddings."""
+    metric = mk.patching.metrics.logit_diff(task)
+    b = m.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
+    emb = m.hf_model.get_input_embeddings()(b.input_ids).detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = m.hf_model(inputs_embeds=emb, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                            use_cache=False, logits_to_keep=1).logits
+        torch.autograd.grad(metric(logits).mean(), [emb])
+
+
+def plain_forward(m, task, repeat: int = 1):
+    b = m.batch(task.clean_tokens.repeat(repeat, 1), attention_mask=task.clean_mask.repeat(repeat, 1))
+    with torch.no_grad():
+        m.hf_model(**b.kwargs(), use_cache=False, logits_to_keep=1)
+
+
+def timed(fn, sync) -> float:
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def peak_child(what: str, args) -> float:
+    """Peak memory (MiB) of ``what`` in a fresh subprocess."""
+    cmd = [sys.executable, __file__, "--child", what, "--threads", str(args.threads), "--device", args.device]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return float(out)
+
+
+def child(what: str, args) -> None:
+    m, task = model_and_task(args.device)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if what == "fwdbwd":
+        fwd_bwd(m, task)
+    elif what == "eap":
+        C.attribute(m, task, method="eap", progress=False)
+    if cuda:
+        print((torch.cuda.max_memory_allocated() - base) / 2**20)
+    else:
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "circuits.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        child(args.child, args)
+        return 0
+    m, task = model_and_task(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    g = C.Graph.from_model(m)
+    eap = C.attribute(m, task, method="eap", progress=False)  # warm-up, and the scores the circuits come from
+    sizes = [max(1, round(f * g.n_edges)) for f in torch.logspace(-3, torch.log10(torch.tensor(0.5)), 20).tolist()]
+    circuits = [eap.circuit(k) for k in sizes]
+    top200 = [name for name, _ in eap.top(200)]
+    jobs = {
+        "fwd_bwd": lambda: fwd_bwd(m, task),
+        "eap": lambda: C.attribute(m, task, method="eap", progress=False),
+        "eap_ig5": lambda: C.attribute(m, task, method="eap-ig", ig_steps=5, progress=False),
+        "relp": lambda: C.attribute(m, task, method="relp", progress=False),
+        "forward_fused_20": lambda: plain_forward(m, task, repeat=20),
+        "curve_20_fused": lambda: C.evaluate(m, task, circuits),
+        "forward_1": lambda: plain_forward(m, task),
+        "edges_200_fused": lambda: C.edge_patching(m, task, top200),
+    }
+    samples = {k: [] for k in jobs}
+    for _ in range(args.repeats):  # interleaved
+        for k, fn in jobs.items():
+            samples[k].append(timed(fn, sync))
+    t_sep = timed(lambda: [C.evaluate(m, task, c) for c in circuits], sync)  # 20 separate evaluations, once
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    mem = {"fwd_bwd_MiB": peak_child("fwdbwd", args), "eap_MiB": peak_child("eap", args)}
+    res = {
+        "model": "GPT-2-shaped random, 12 layers, d_model 768, 12 heads", "edges": g.n_edges,
+        "prompts": 16, "tokens": 20, "threads": args.threads, "device": args.device, "repeats": args.repeats,
+        "torch": torch.__version__, "seconds_median": med, "samples": samples, "curve_20_separate_once": t_sep,
+        "ratios": {
+            "eap / fwd_bwd": med["eap"] / med["fwd_bwd"], "eap_ig5 / fwd_bwd": med["eap_ig5"] / med["fwd_bwd"],
+            "relp / eap": med["relp"] / med["eap"],
+            "curve_20_fused / forward of the fused batch": med["curve_20_fused"] / med["forward_fused_20"],
+            "curve_20_separate / curve_20_fused": t_sep / med["curve_20_fused"],
+            "200 plain forwards / edges_200_fused": 200 * med["forward_1"] / med["edges_200_fused"],
+            "peak memory eap / fwd_bwd": mem["eap_MiB"] / max(mem["fwd_bwd_MiB"], 1e-9),
+        },
+        "memory": mem, "note": "measured on a machine shared with other jobs; ratios are from interleaved repeats",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print("| measure | value |\n|---|---|")
+    for k, v in res["ratios"].items():
+        print(f"| {k} | {v:.2f} |")
+    for k, v in med.items():
+        print(f"| {k} (s) | {v:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
