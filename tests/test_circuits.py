@@ -184,6 +184,14 @@ def test_fused_evaluation_equals_the_hand_loop(name):
     loop = torch.tensor([hand_evaluate(m, task, c) for c in circuits])
     torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
     assert len(set(fused.tolist())) == len(circuits)  # the circuits differ in effect
+    # single-edge patching (gather path, started at the receiver's layer) equals the loop too
+    edges = ["input->a0.h0<q>", "m2->logits", "a1.h2->m1", circuits[-1].graph.edge_name(*(~one_off & g.real).nonzero()[0])]
+    names, eff = C.edge_patching(m, task, edges)
+    full = hand_evaluate(m, task, C.Circuit.full(g))
+    for e, v in zip(edges, eff.tolist()):
+        keep = g.real.clone()
+        keep[g.edge_index(e)] = False
+        assert abs(v - (full - hand_evaluate(m, task, C.Circuit(g, keep)))) < 1e-5, e
     mean = C.evaluate(m, task, circuits[1], ablation="mean")
     assert abs(mean - hand_evaluate(m, task, circuits[1], ablation="mean")) < 1e-5
     assert not has_mechkit_hooks(m.hf_model)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..attribution import lrp
 from ..attribution.metrics import prompt_mean
-from ..patching.engine import _accepts
+from ..patching.engine import _accepts, start_at_layer
 from ..patching.metrics import logit_diff
 from .flow import SenderHooks, check_model, point, receiver_hooks, stack_layer
 from .graph import Graph
@@ -44,8 +44,10 @@ def _runner(model, metric) -> Callable:
     kw = {"logits_to_keep": 1} if getattr(metric, "last_only", False) and _accepts(
         model.hf_model.forward, "logits_to_keep") else {}
 
-    def run(batch, hooks=()):
-        with model.hooks(list(hooks)):
+    def run(batch, hooks=(), start: int = 0):
+        """Logits of ``batch`` under ``hooks``; ``start`` > 0 runs only layers ``start..`` (the caller
+        injects that layer's input)."""
+        with model.hooks(list(hooks)), start_at_layer(model, start):
             return model.hf_model(**batch.kwargs(), use_cache=False, **kw).logits
     return run
 

@@ -21,7 +21,7 @@ from ..patching.metrics import evaluate as metric_means
 from ..patching.metrics import logit_diff
 from .attribute import _runner, sender_outputs
 from .circuit import Circuit
-from .flow import SenderHooks, check_model, receiver_hooks
+from .flow import SenderHooks, check_model, point, receiver_hooks
 
 ABLATIONS = ("corrupted", "mean")
 
@@ -61,21 +61,51 @@ def evaluate(model, task, circuits, ablation: str = "corrupted", metric=None, re
     A = ablated_values(model, graph, task, ablation, metric, reference)
     absent = torch.stack([graph.real & ~c.edges for c in circuits])  # [K, S, R]
     n, T = clean_b.input_ids.shape
-    per_circuit = n * T * graph.n_senders * model.cfg.d_model * 4
+    sparse = bool((absent.flatten(1).sum(1) <= 1).all())
+    prefix, order = None, torch.arange(len(circuits))
+    if sparse:  # single-edge patching: rows equal the clean run below their receiver's layer
+        prefix = _clean_prefix(model, graph, clean_b, run)
+        order = _receiver_layer(graph, absent).argsort(stable=True)
+        absent = absent[order]
+    per_circuit = n * T * (model.cfg.d_model if sparse else graph.n_senders * model.cfg.d_model) * 4
     kc = max(1, min(len(circuits), int(max_bytes // max(1, per_circuit))))
     out = []
     for k0 in tqdm(range(0, len(circuits), kc), desc="circuits", disable=not progress):
-        out.append(_chunk(model, graph, clean_b, A, absent[k0:k0 + kc], metric, run))
-    vals = torch.cat(out)
+        out.append(_chunk(model, graph, clean_b, A, absent[k0:k0 + kc], metric, run, prefix))
+    vals = torch.empty(len(circuits))
+    vals[order] = torch.cat(out).float().cpu()
     return float(vals[0]) if single else vals
 
 
-def _chunk(model, graph, clean_b, A, absent, metric, run) -> torch.Tensor:
+def _receiver_layer(graph, absent) -> torch.Tensor:
+    """[K] the layer of each circuit's one missing edge's receiver (logits: the last layer; none: the
+    last layer too, since a full circuit reproduces the clean run from any layer on)."""
+    flat = absent.flatten(1)
+    r = flat.float().argmax(1) % graph.n_receivers
+    layer = torch.div(r, graph.per_layer, rounding_mode="floor").clamp(max=graph.n_layers - 1)
+    return torch.where(flat.any(1), layer, torch.full_like(layer, graph.n_layers - 1))
+
+
+def _clean_prefix(model, graph, clean_b, run) -> dict:
+    """The clean run's sender outputs [n, p, S, d] and each layer's input [n, p, d]."""
+    sh = SenderHooks(model, graph)
+    resid = {}
+
+    def keep(l):
+        def fn(x, hook):
+            resid[l] = x.detach()
+        return fn
+    with torch.no_grad():
+        run(clean_b, sh.hooks() + [(point("resid_pre", l), keep(l)) for l in range(graph.n_layers)])
+    return {"senders": sh.out, "resid": resid}
+
+
+def _chunk(model, graph, clean_b, A, absent, metric, run, prefix=None) -> torch.Tensor:
     K = absent.shape[0]
     n = clean_b.input_ids.shape[0]
     dev = clean_b.input_ids.device
     batch = type(clean_b)(*(t.repeat(K, 1) for t in (clean_b.input_ids, clean_b.attention_mask, clean_b.position_ids)))
-    sparse = bool((absent.flatten(1).sum(1) <= 1).all())
+    sparse = prefix is not None
     absent = absent.to(dev)
     cur: dict = {}
     if sparse:  # each row group keeps only the current value of its one removed edge's sender
@@ -90,13 +120,18 @@ def _chunk(model, graph, clean_b, A, absent, metric, run) -> torch.Tensor:
                 cur["buf"] = value.new_zeros(rows, p, graph.n_senders, d)
             cur["buf"][:, :, s0:s0 + c] = value
             return
-        if "sel" not in cur:
-            cur["sel"] = value.new_zeros(K, n, p, d)
         ks = (has & (rem_s >= s0) & (rem_s < s0 + c)).nonzero()[:, 0]
         if len(ks):
             cur["sel"][ks] = value.view(K, n, p, c, d)[ks, :, :, rem_s[ks] - s0]
 
     shifts: dict = {}
+    start, extra = 0, []
+    if sparse:  # begin at the lowest receiver layer; senders below it keep their clean values
+        start = int(_receiver_layer(graph, absent).min())
+        cur["sel"] = prefix["senders"][:, :, rem_s].permute(2, 0, 1, 3).contiguous()
+        if start > 0:
+            x0 = prefix["resid"][start].repeat(K, 1, 1)
+            extra = [(point("resid_pre", start), lambda x, hook: x0.to(x.dtype))]
 
     def shift(cols: slice, up: int) -> torch.Tensor | None:
         """[rows, p, len(cols), d] shift for receivers ``cols`` (all with ``up`` upstream senders)."""
@@ -137,5 +172,5 @@ def _chunk(model, graph, clean_b, A, absent, metric, run) -> torch.Tensor:
 
     senders = SenderHooks(model, graph, on_value=on_value)
     with torch.no_grad():
-        logits = run(batch, senders.hooks() + receiver_hooks(model, graph, fn))
+        logits = run(batch, extra + senders.hooks() + receiver_hooks(model, graph, fn), start=start)
     return metric_means(metric, logits, n)

@@ -28,6 +28,7 @@ def point(kind: str, layer: int | None = None) -> str:
         "input": "blocks.0.hook_resid_pre", "z": "blocks.{l}.attn.hook_z", "mlp_out": "blocks.{l}.hook_mlp_out",
         "attn_out": "blocks.{l}.hook_attn_out", "q": "blocks.{l}.hook_q_input", "k": "blocks.{l}.hook_k_input",
         "v": "blocks.{l}.hook_v_input", "mlp_in": "blocks.{l}.hook_mlp_in", "final": "blocks.{l}.hook_resid_post",
+        "resid_pre": "blocks.{l}.hook_resid_pre",
     }
     return names[kind].replace("{l}", str(layer))
 
