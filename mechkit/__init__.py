@@ -23,7 +23,7 @@ def list_models() -> list[str]:
 
 
 _SUBPACKAGES = ("tasks", "models", "patching", "attribution", "heads", "interventions", "steering", "viz",
-                "results", "metrics", "circuits")
+                "results", "metrics", "circuits", "sae")
 
 
 def __getattr__(name):  # lazy subpackages keep `import mechkit` light
@@ -66,4 +66,6 @@ __all__ = [
     "metrics",
     # issue 15: edge-level circuits (mk.circuits.attribute / evaluate / faithfulness_curve / Circuit)
     "circuits",
+    # issue 18: dictionaries (SAEs, transcoders): mk.sae.load / splice / features / train
+    "sae",
 ]

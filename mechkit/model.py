@@ -28,6 +28,7 @@ from .hookpoints import (
 )
 from .inputs import Batch, make_batch
 from .split_qkv import Sizes
+from .subpoints import SubPoints
 from .weights import in_features, out_features
 
 HookSpec = Mapping[str, HookFn] | Iterable[tuple[str, HookFn]]
@@ -75,6 +76,7 @@ class HookedModel(nn.Module):
         self.points = PointTable(hook_map, n_layers, config)
         self.cfg = self._make_cfg(n_layers)
         self._attn_users = 0
+        self.sub_points = SubPoints()  # points inside spliced dictionaries (mechkit.sae.splice)
         self._attn_saved: str | None = None
         self.name = type(hf_model).__name__  # mk.load sets the bundled name, path or hub name
 
@@ -108,10 +110,25 @@ class HookedModel(nn.Module):
 
     # ------------------------------------------------------------------ names
     def hook_names(self, include_optin: bool = False) -> list[str]:
-        """Every hook point of this model, expanded over layers. Opt-in points (the split
-        ``blocks.{l}.hook_q_input/k_input/v_input``) are listed only with ``include_optin``;
-        they work whenever asked for by name."""
-        return self.points.names(include_optin)
+        """Every hook point of this model, expanded over layers (and those of spliced dictionaries).
+        Opt-in points (the split ``blocks.{l}.hook_q_input/k_input/v_input``) are listed only with
+        ``include_optin``; they work whenever asked for by name."""
+        return self.points.names(include_optin) + self.sub_points.names()
+
+    def select_points(self, names) -> list[str]:
+        """Checked names from None (all), one name, a list, or a predicate (spliced points included)."""
+        sub = self.sub_points
+        if names is None:
+            return self.hook_names()
+        if isinstance(names, str):
+            names = [names]
+        if callable(names):
+            return [n for n in self.hook_names() if names(n)]
+        out = list(names)
+        for n in out:
+            if n not in sub:
+                self.points.resolve(n)
+        return out
 
     # ------------------------------------------------------------------ inputs
     def to_tokens(self, text: str | list[str], prepend_bos: bool | None = None, padding_side: str = "left") -> torch.Tensor:
@@ -157,9 +174,11 @@ class HookedModel(nn.Module):
         for item in pairs:
             if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
                 raise TypeError(f"hooks must be {{name: fn}} or [(name, fn)]; got item {item!r}")
-        inst = plan(self.points, pairs)
+        sub = [p for p in pairs if p[0] in self.sub_points]
+        inst = plan(self.points, [p for p in pairs if p[0] not in self.sub_points])
         sizes = Sizes(self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head)
-        with self._attention_fn(inst.needs_attention_fn), installed(self.hf_model, inst, self.cfg.n_heads, sizes):
+        with self._attention_fn(inst.needs_attention_fn), installed(self.hf_model, inst, self.cfg.n_heads, sizes), \
+                self.sub_points.installed(sub):
             yield self
 
     @contextmanager
@@ -195,7 +214,7 @@ class HookedModel(nn.Module):
         ``keep_kv``: also keep HF's key/value cache of the run as ``cache.kv``: [(keys, values)] per
         layer, each [batch, kv_heads, pos, d_head] (None for a layer that kept none).
         """
-        selected = self.points.select(names)
+        selected = self.select_points(names)
         store: dict[str, torch.Tensor] = {}
 
         def saver(name: str):

@@ -1,0 +1,290 @@
+"""Reading and writing dictionaries: SAELens's folder format, Gemma Scope's ``params.npz``, the hub.
+
+SAELens 6 format (a folder): ``cfg.json`` (``architecture``, ``d_in``, ``d_sae``, ``dtype``,
+``apply_b_dec_to_input``, ``normalize_activations``, ``reshape_activations``, ``k`` for topk,
+``d_out`` for transcoders, and ``metadata`` with ``hook_name``, ``hook_name_out``,
+``model_name``, ``sae_lens_version``, ...) and ``sae_weights.safetensors`` (``W_enc``, ``b_enc``,
+``W_dec``, ``b_dec`` and the architecture's extras). Configs older than SAELens 6 (``hook_point``,
+``activation_fn_str``, top-level ``hook_name``) are read too.
+
+Gemma Scope (``params.npz``): ``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``, ``threshold``: a
+JumpReLU SAE without ``b_dec`` applied to its input.
+
+Everything read is validated: every weight the architecture needs is present with the shape
+``cfg.json`` implies, nothing else is there, values are finite; the config fields are checked.
+Nothing is unpickled (``np.load(allow_pickle=False)``, safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..io import atomic_path
+from .dictionary import ARCHITECTURES, DTYPES, SAE, SAEConfig, architecture_name, finite_or_raise
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+GEMMA_SCOPE_FILE = "params.npz"
+# pre-6.0 SAELens config keys
+_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
+_CFG_FIELDS = ("d_in", "d_sae", "d_out", "dtype", "apply_b_dec_to_input", "normalize_activations",
+               "reshape_activations", "k", "rescale_acts_by_decoder_norm")
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<cfg>") -> SAEConfig:
+    """An :class:`SAEConfig` from a SAELens ``cfg.json`` dict (6.x, or older with its renames)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    d = {_RENAMES.get(k, k): v for k, v in raw.items()}
+    meta = dict(d.get("metadata") or {})
+    arch = d.get("architecture")
+    if arch is None:  # SAELens < 6 left it implicit
+        kwargs = d.get("activation_fn_kwargs") or {}
+        arch = "topk" if d.get("activation_fn") == "topk" and kwargs.get("k") is not None else "standard"
+        if arch == "topk":
+            d.setdefault("k", kwargs["k"])
+    if "d_in" not in d or "d_sae" not in d:
+        raise ValueError(f"{source}: a dictionary config needs 'd_in' and 'd_sae'; got keys {sorted(raw)}")
+    if isinstance(d.get("normalize_activations"), bool):  # SAELens < 6
+        d["normalize_activations"] = "expected_average_only_in" if d["normalize_activations"] else "none"
+    for key in ("hook_name", "hook_name_out"):
+        if d.get(key) is not None and meta.get(key) is None:
+            meta[key] = d[key]
+    if d.get("finetuning_scaling_factor"):
+        raise ValueError(f"{source}: finetuning_scaling_factor=True (a pre-6.0 SAELens fine-tuned scale) is not "
+                         "supported; fold the scale into W_dec first")
+    if d.get("hook_head_index") is not None or meta.get("hook_head_index") is not None:
+        raise ValueError(f"{source}: hook_head_index (an SAE on one head's slice) is not supported")
+    kw = {k: d[k] for k in _CFG_FIELDS if k in d and d[k] is not None}
+    arch_name = architecture_name(arch)
+    if ARCHITECTURES[arch_name][1]:  # transcoders never subtract b_dec from the input
+        kw.setdefault("apply_b_dec_to_input", False)
+    try:
+        return SAEConfig(architecture=arch, hook_name=meta.pop("hook_name", None),
+                         hook_name_out=meta.pop("hook_name_out", None), metadata=meta, **kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def check_weights(cfg: SAEConfig, weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Validate ``weights`` against ``cfg`` and return them with SAELens's training-only names
+    converted (``log_threshold`` -> ``threshold``, ``topk_threshold`` -> per-feature ``threshold``)."""
+    w = dict(weights)
+    if "threshold" not in w and "log_threshold" in w:
+        w["threshold"] = torch.exp(w.pop("log_threshold"))
+    if "threshold" not in w and "topk_threshold" in w:  # a batchtopk training checkpoint
+        w["threshold"] = w.pop("topk_threshold").reshape(()).expand(cfg.d_sae).clone()
+    if "scaling_factor" in w:
+        sf = w.pop("scaling_factor")
+        if not torch.allclose(sf, torch.ones_like(sf)):
+            raise ValueError(f"{source}: a 'scaling_factor' other than 1 (pre-6.0 SAELens fine-tuning) is not supported")
+    want = cfg.weight_shapes()
+    missing = [k for k in want if k not in w]
+    extra = [k for k in w if k not in want]
+    if missing or extra:
+        raise ValueError(f"{source}: a {cfg.architecture} dictionary needs weights {sorted(want)}; "
+                         + (f"missing {missing}" if missing else "") + ("; " if missing and extra else "")
+                         + (f"unexpected {extra}" if extra else ""))
+    for k, shape in want.items():
+        t = w[k]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{source}: weight {k!r} must be a floating-point tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{source}: weight {k!r} has shape {tuple(t.shape)}; the config (d_in={cfg.d_in}, "
+                             f"d_sae={cfg.d_sae}, d_out={cfg.d_out}) implies {shape}")
+        finite_or_raise(k, t, source)
+    return w
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a malformed file
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def read_saelens(folder: Path, dtype=None, hook_name: str | None = None) -> SAE:
+    cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
+    for p in (cfg_path, w_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{folder} is not a SAELens dictionary folder: {p.name} is missing")
+    raw = _read_json(cfg_path)
+    if dtype is not None:
+        raw = dict(raw, dtype=_dtype_name(dtype))
+    cfg = config_from_dict(raw, str(cfg_path))
+    if hook_name is not None:
+        cfg.hook_name = hook_name
+    weights = check_weights(cfg, _read_safetensors(w_path), str(w_path))
+    return SAE(cfg, weights)
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(k for k in DTYPES if '.' not in k)}, got {dtype!r}")
+    return name
+
+
+def read_gemma_scope(path: Path, hook_name: str | None = None, dtype=None) -> SAE:
+    """A Gemma Scope ``params.npz`` (JumpReLU; ``b_dec`` not applied to the input)."""
+    try:
+        with np.load(str(path), allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k]) for k in data.files}
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a readable .npz file of plain arrays: {e}") from e
+    weights = {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(v.astype(np.float32, copy=False))
+               for k, v in arrays.items()}
+    if "W_enc" not in weights or weights["W_enc"].dim() != 2:
+        raise ValueError(f"{path}: a Gemma Scope file needs a 2-D 'W_enc'; got keys {sorted(arrays)}")
+    d_in, d_sae = weights["W_enc"].shape
+    cfg = SAEConfig("jumprelu", d_in=int(d_in), d_sae=int(d_sae), dtype=_dtype_name(dtype or "float32"),
+                    apply_b_dec_to_input=False, hook_name=hook_name or gemma_scope_hook(str(path)),
+                    metadata={"source": "gemma-scope"})
+    return SAE(cfg, check_weights(cfg, weights, str(path)))
+
+
+def gemma_scope_hook(path: str) -> str | None:
+    """The hook point a Gemma Scope path names (``...-res/layer_12/...`` -> ``blocks.12.hook_resid_post``)."""
+    m = re.search(r"layer_(\d+)", path)
+    if not m:
+        return None
+    layer = m.group(1)
+    if "-res" in path:
+        return f"blocks.{layer}.hook_resid_post"
+    if "-mlp" in path:
+        return f"blocks.{layer}.hook_mlp_out"
+    if "-att" in path:
+        return f"blocks.{layer}.attn.hook_z"
+    return None
+
+
+def load(source, model=None, hook_name: str | None = None, dtype=None, device=None) -> SAE:
+    """Load a dictionary.
+
+    ``source``: a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``), a Gemma Scope
+    ``params.npz`` (or a folder holding one), or a hub location ``"owner/repo/sub/folder"``
+    (downloaded with ``huggingface_hub``: SAELens-format or Gemma Scope files in that folder).
+    ``model``: a HookedModel to check the dictionary against (its hook point exists there and
+    its width matches). ``hook_name``: override (Gemma Scope files don't say where they sit;
+    mechkit infers it from a ``...-res/layer_N`` path). ``dtype``/``device``: as loaded.
+    """
+    p = Path(str(source))
+    if not p.exists():
+        if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+)?", source) and not source.startswith("."):
+            p = _download(source)
+        else:
+            raise FileNotFoundError(f"no dictionary at {source!r}: not a file or folder")
+    if p.is_dir():
+        if (p / CFG_FILE).exists() or (p / WEIGHTS_FILE).exists():
+            sae = read_saelens(p, dtype, hook_name)
+        elif (p / GEMMA_SCOPE_FILE).exists():
+            sae = read_gemma_scope(p / GEMMA_SCOPE_FILE, hook_name or gemma_scope_hook(str(source)), dtype)
+        else:
+            raise FileNotFoundError(f"{p} holds no dictionary: expected {CFG_FILE} + {WEIGHTS_FILE} (SAELens) or "
+                                    f"{GEMMA_SCOPE_FILE} (Gemma Scope)")
+    elif p.suffix == ".npz":
+        sae = read_gemma_scope(p, hook_name or gemma_scope_hook(str(source)), dtype)
+    else:
+        raise ValueError(f"{p}: expected a SAELens folder or a Gemma Scope params.npz, got a {p.suffix or 'plain'} file")
+    if device is not None:
+        sae = sae.to(device)
+    if model is not None:
+        check_fits(sae, model)
+    return sae
+
+
+def _download(location: str) -> Path:
+    """Fetch ``owner/repo[/sub/folder]`` from the hub; the local folder holding its files."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub comes with transformers
+        raise ImportError("loading a dictionary from the hub needs huggingface_hub") from e
+    parts = location.split("/")
+    repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+    patterns = [f"{sub}/{f}" for f in (CFG_FILE, WEIGHTS_FILE, GEMMA_SCOPE_FILE)] if sub else [
+        CFG_FILE, WEIGHTS_FILE, GEMMA_SCOPE_FILE]
+    try:
+        root = Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as e:
+        raise FileNotFoundError(f"could not load dictionary {location!r}: no such local path, and the hub could not "
+                                f"provide {repo!r} ({e.__class__.__name__}: {e})") from e
+    return root / sub if sub else root
+
+
+def check_fits(sae: SAE, model) -> None:
+    """Refuse a dictionary whose hook points the model lacks or whose width differs from them."""
+    cfg = sae.cfg
+    if cfg.hook_name is None:
+        raise ValueError(f"{sae!r} does not say which hook point it reads (hook_name is None): pass hook_name=")
+    for role, name, width in (("reads", cfg.hook_name, cfg.d_in), ("writes", cfg.out_hook, cfg.d_out)):
+        if name is None:
+            raise ValueError(f"the transcoder {sae!r} does not say which hook point it writes (hook_name_out is None)")
+        model.points.resolve(name)  # HookNameError naming the point and the closest names
+        have = point_width(model, name, cfg.reshape_activations == "hook_z")
+        if have is not None and have != width:
+            raise ValueError(f"dictionary {role} {name} with width {width}, but the model's {name} has width {have}")
+
+
+def point_width(model, name: str, flat_heads: bool = False) -> int | None:
+    """Width of the last axis of hook point ``name`` (heads x d_head for hook_z when ``flat_heads``)."""
+    c = model.cfg
+    tail = name.split(".")[-1]
+    if tail in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+                "hook_embed", "hook_pos_embed", "hook_normalized"):
+        return c.d_model
+    if tail in ("hook_pre", "hook_post", "hook_pre_linear"):
+        return c.d_mlp
+    if tail == "hook_z":
+        return c.n_heads * c.d_head if flat_heads else c.d_head
+    return None
+
+
+def to_saelens_dict(cfg: SAEConfig) -> dict[str, Any]:
+    """``cfg.json`` content as SAELens 6 writes it."""
+    from .. import __version__
+
+    meta = dict(cfg.metadata)
+    meta["hook_name"] = cfg.hook_name
+    if cfg.is_transcoder:
+        meta["hook_name_out"] = cfg.hook_name_out
+    meta.setdefault("sae_lens_version", "6.0.0")
+    meta.setdefault("sae_lens_training_version", "6.0.0")
+    meta["mechkit_version"] = __version__
+    out: dict[str, Any] = {"architecture": cfg.architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+                           "dtype": cfg.dtype, "device": "cpu", "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+                           "normalize_activations": cfg.normalize_activations,
+                           "reshape_activations": cfg.reshape_activations, "metadata": meta}
+    if cfg.activation == "topk":
+        out["k"] = cfg.k
+        out["rescale_acts_by_decoder_norm"] = cfg.rescale_acts_by_decoder_norm
+    if cfg.is_transcoder:
+        out["d_out"] = cfg.d_out
+    return out
+
+
+def save(sae: SAE, folder) -> None:
+    """Write ``folder/cfg.json`` and ``folder/sae_weights.safetensors`` (SAELens 6 layout), atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sae.named_parameters()}
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_path(folder / CFG_FILE) as tmp:
+        tmp.write_text(json.dumps(to_saelens_dict(sae.cfg), indent=2))
