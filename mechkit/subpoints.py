@@ -24,6 +24,7 @@ class SubPoints:
     def __init__(self):
         self._points: dict[str, list[tuple[HookFn, Hook]]] = {}
         self._layers: dict[str, int | None] = {}
+        self._owners: dict[str, object] = {}
 
     def names(self) -> list[str]:
         return list(self._points)
@@ -34,8 +35,12 @@ class SubPoints:
     def any_hooks(self, names) -> bool:
         return any(self._points.get(n) for n in names)
 
+    def owner(self, name: str):
+        """The object that registered ``name`` (the spliced dictionary), or None."""
+        return self._owners.get(name)
+
     @contextmanager
-    def registered(self, names: list[str], layer: int | None) -> Iterator[None]:
+    def registered(self, names: list[str], layer: int | None, owner=None) -> Iterator[None]:
         """Make ``names`` exist inside the block (``ValueError`` if one is already spliced)."""
         taken = [n for n in names if n in self._points]
         if taken:
@@ -43,12 +48,14 @@ class SubPoints:
         for n in names:
             self._points[n] = []
             self._layers[n] = layer
+            self._owners[n] = owner
         try:
             yield
         finally:
             for n in names:
                 self._points.pop(n, None)
                 self._layers.pop(n, None)
+                self._owners.pop(n, None)
 
     @contextmanager
     def installed(self, pairs: list[tuple[str, HookFn]]) -> Iterator[None]:

@@ -4,13 +4,22 @@
   included), Gemma Scope's ``params.npz``, hub locations; validated on read, never unpickled.
 - :func:`splice`: a dictionary at its hook point (error term optional), its features cached and
   hooked under SAELens's names.
-- :mod:`.features`: features as sites (patching, AtP / RelP, ablation, steering).
+- :func:`feature_patch`, :func:`feature_attribution` (AtP / RelP), :func:`ablate_features`,
+  :class:`FeatureSteering`: features as sites.
 - :func:`train`: topk / batchtopk / jumprelu / standard dictionaries and transcoders trained on
   activations streamed from the model; :func:`evaluate`: SAEBench's core metrics.
+- :func:`bundled`: the dictionaries shipped with the bundled models.
 """
 
+from . import features
+from .bundled import bundled, list_bundled
 from .dictionary import ARCHITECTURES, SAE, SAEConfig
+from .features import ablate_features, feature_attribution, feature_means, feature_patch
 from .io import check_fits, load, save
+from .metrics import evaluate
 from .splice import splice
+from .train import TrainOptions, train
 
-__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "load", "save", "splice", "check_fits"]
+__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "load", "save", "splice", "check_fits", "features",
+           "feature_patch", "feature_attribution", "ablate_features", "feature_means", "train", "TrainOptions",
+           "evaluate", "bundled", "list_bundled"]

@@ -138,7 +138,7 @@ def splice(model, saes, error_term: bool = True) -> Iterator:
     with ExitStack() as stack:
         for sp in spliced:
             layer = model.points.resolve(sp.sae.cfg.hook_name).layer
-            stack.enter_context(model.sub_points.registered(list(sp.names.values()), layer))
+            stack.enter_context(model.sub_points.registered(list(sp.names.values()), layer, sp.sae))
         stack.enter_context(model.hooks(pairs))
         try:
             yield model

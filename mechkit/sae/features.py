@@ -1,0 +1,281 @@
+"""Dictionary features as sites: activation patching, AtP / RelP, ablation.
+
+Semantics: the dictionary is spliced *with its error term*, so the model computes what it
+computed before and a change of feature ``f`` by ``delta`` at a token changes the point the
+dictionary writes by exactly ``delta * d_f`` (``d_f``: row f of ``W_dec``, times the per-token
+scale a normalising dictionary undoes; divided by ``|W_dec[f]|`` for a topk dictionary with
+``rescale_acts_by_decoder_norm``). Patching feature f (denoising) writes its clean activation
+into the corrupted run; that is the same as adding ``(a_clean - a_corrupt)[f] * d_f`` at the
+point, which is what the fused runner does for many features in one forward pass (row group g
+of a ``k * n`` batch carries feature g's patch; layers below the point are not run). The tests
+compare it with one spliced forward per feature that hooks ``hook_sae_acts_post``.
+
+AtP over features: ``score[pos, f] = sum_prompts (a_c - a_r)[pos, f] * dM/da[pos, f]`` with
+``dM/da[pos, f] = g[pos] . d_f``, ``g`` the gradient of the metric at the point on the corrupted
+run (RelP: under the LRP rules): one forward and one backward for all features at once.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+from tqdm.auto import tqdm
+
+from ..results import Result
+from .dictionary import SAE
+from .io import check_fits
+from .splice import point_names, splice
+
+
+def find_spliced(model, site: str) -> SAE:
+    """The dictionary spliced at ``site`` (its ``hook_name``), for ``sites="sae:<hook_name>"``."""
+    owner = model.sub_points.owner(f"{site}.hook_sae_acts_post")
+    if owner is None:
+        raise ValueError(f"no dictionary is spliced at {site!r}: use `with mk.sae.splice(model, sae):` around the call, "
+                         "or pass sae= explicitly")
+    return owner
+
+
+def _directions(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token scale [..., 1], decoder directions [d_sae, d_out]) with out = x + delta_f * scale * D[f]."""
+    D = sae.W_dec
+    if sae.cfg.activation == "topk" and sae.cfg.rescale_acts_by_decoder_norm:
+        D = D / D.norm(dim=-1, keepdim=True)
+    xf = sae._flat(x.to(sae.dtype))
+    mode = sae.cfg.normalize_activations
+    if mode == "constant_norm_rescale" and not sae.cfg.is_transcoder:
+        scale = xf.norm(dim=-1, keepdim=True) / (sae.cfg.d_in ** 0.5)
+    elif mode == "layer_norm" and not sae.cfg.is_transcoder:
+        xc = xf - xf.mean(-1, keepdim=True)
+        scale = xc.std(dim=-1, keepdim=True)
+    else:
+        scale = torch.ones_like(xf[..., :1])
+    return scale, D
+
+
+def _features(sae: SAE, features) -> torch.Tensor:
+    f = torch.arange(sae.d_sae) if features is None else torch.as_tensor(features, dtype=torch.long).reshape(-1)
+    sae._check_feature(f)
+    return f
+
+
+def _task_batches(model, task):
+    from ..patching.activation import _batch, check_aligned
+
+    check_aligned(task)
+    dev = model.device
+    return _batch(task.clean_tokens, task.clean_mask, dev), _batch(task.corrupt_tokens, task.corrupt_mask, dev)
+
+
+def _sae_or_spliced(model, sae, site):
+    if sae is None:
+        if site is None:
+            raise ValueError("pass sae= (a mechkit SAE) or site= (the hook name of a spliced one)")
+        sae = find_spliced(model, site)
+    check_fits(sae, model)
+    return sae
+
+
+def _labels(model, task, by, feats):
+    from ..patching.activation import pos_labels
+
+    labels = {"feature": [f"F{int(f)}" for f in feats]}
+    if "pos" in by:
+        labels["pos"] = pos_labels(model, task)
+    return labels
+
+
+def _check_by(by):
+    by = (by,) if isinstance(by, str) else tuple(by)
+    if by not in (("feature",), ("pos", "feature")):
+        raise ValueError(f"by={by!r} is not valid for feature sites: expected ('feature',) or ('pos', 'feature')")
+    return by
+
+
+@torch.no_grad()
+def feature_patch(model, task, sae: SAE | None = None, site: str | None = None, by=("feature",), features=None,
+                  metric=None, mode: str = "denoise", max_batch_tokens: int = 8192, progress: bool = True,
+                  normalise: bool | None = None, skip_layers: bool = True) -> Result:
+    """Activation patching of dictionary features (each feature alone; all positions, or one (pos, feature)).
+
+    Args:
+        sae / site: the dictionary, or the hook name of one spliced around the call.
+        by: ("feature",) or ("pos", "feature"). features: indices to patch (default all).
+        metric, mode, normalise, max_batch_tokens: as :func:`mechkit.patching.activation_patch`.
+    Returns:
+        Result over ``by`` (raw or normalised metric of each patched run, like activation_patch).
+    """
+    from ..patching.engine import start_at_layer
+    from ..patching.metrics import evaluate, logit_diff
+
+    t0 = time.perf_counter()
+    sae = _sae_or_spliced(model, sae, site)
+    by = _check_by(by)
+    if mode not in ("denoise", "noise"):
+        raise ValueError(f"mode must be 'denoise' or 'noise', got {mode!r}")
+    feats = _features(sae, features)
+    metric = metric if metric is not None else logit_diff(task)
+    normalise = bool(getattr(metric, "normalise", False)) if normalise is None else normalise
+    clean, corrupt = _task_batches(model, task)
+    base, src = (corrupt, clean) if mode == "denoise" else (clean, corrupt)
+    cfg = sae.cfg
+    out_name = cfg.out_hook
+    layer = model.points.resolve(out_name).layer
+    k0 = layer if (skip_layers and layer is not None) else 0
+    inj = f"blocks.{k0}.hook_resid_pre"
+    names = list(dict.fromkeys([cfg.hook_name, out_name] + ([inj] if k0 else [])))
+    src_logits, src_cache = model.run_with_cache(src, names=names)
+    base_logits, base_cache = model.run_with_cache(base, names=names)
+    clean_logits, corrupt_logits = (src_logits, base_logits) if mode == "denoise" else (base_logits, src_logits)
+    if hasattr(metric, "bind_clean"):
+        metric.bind_clean(clean_logits)
+    n, T = base.input_ids.shape
+    m_clean = float(evaluate(metric, clean_logits, n)[0])
+    m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
+    del src_logits, base_logits, clean_logits, corrupt_logits
+    xb = base_cache[cfg.hook_name]
+    diff = (sae.encode(src_cache[cfg.hook_name]) - sae.encode(xb)).float()  # [n, T, d_sae]
+    scale, D = _directions(sae, xb)
+    scale = scale.float()
+    D = D.float()
+    # the grid: one patch per feature, or per (pos, feature)
+    if by == ("feature",):
+        grid = feats[:, None]
+    else:
+        grid = torch.cartesian_prod(torch.arange(T), feats)
+    kmax = max(1, max_batch_tokens // max(1, n * T))
+    raw = torch.empty(len(grid))
+    resid = base_cache[inj] if k0 else None
+    for s in tqdm(range(0, len(grid), kmax), desc=f"patch features at {cfg.hook_name}", disable=not progress,
+                  unit="chunk"):
+        items = grid[s:s + kmax]
+        k = items.shape[0]
+        f = items[:, -1]
+        coef = diff[:, :, f].permute(2, 0, 1)  # [k, n, T]
+        if by == ("pos", "feature"):
+            keep = torch.zeros(k, 1, T, dtype=coef.dtype)
+            keep[torch.arange(k), 0, items[:, 0]] = 1
+            coef = coef * keep
+        delta = (coef[..., None] * scale[None]) * D[f][:, None, None, :]  # [k, n, T, d_out]
+
+        def add(x, hook, _delta=delta, _k=k):
+            if hook.name == inj and resid is not None:
+                x = resid.to(x.device, x.dtype).repeat((_k,) + (1,) * (resid.dim() - 1))
+            if hook.name != out_name:
+                return x
+            v = x.reshape((_k, n, T, -1))
+            return (v + _delta.to(x.device, x.dtype)).reshape(x.shape)
+        hooks = [(out_name, add)] if (not k0 or inj == out_name) else [(inj, add), (out_name, add)]
+        kw = dict(input_ids=base.input_ids.repeat(k, 1), attention_mask=base.attention_mask.repeat(k, 1),
+                  position_ids=base.position_ids.repeat(k, 1), use_cache=False)
+        with model.hooks(hooks), start_at_layer(model, k0):
+            logits = model.hf_model(**kw).logits
+        raw[s:s + k] = evaluate(metric, logits, n).float().cpu()
+    values = (raw - m_corrupt) / (m_clean - m_corrupt) if normalise else raw
+    shape = [len(feats)] if by == ("feature",) else [T, len(feats)]
+    meta = dict(method="feature_patch", site=f"sae:{cfg.hook_name}", by=list(by), mode=mode, metric=repr(metric),
+                normalised=normalise, n_prompts=n, n_pos=T, features=feats.tolist() if features is not None else "all",
+                dictionary=repr(sae), seconds=time.perf_counter() - t0)
+    return Result(values.reshape(shape), by, _labels(model, task, by, feats), {"clean": m_clean, "corrupt": m_corrupt},
+                  meta, name="patch_features")
+
+
+def feature_attribution(model, task, sae: SAE | None = None, site: str | None = None, by=("feature",),
+                        method: str = "atp", metric=None, rules=None, normalise: bool | None = None,
+                        progress: bool = True) -> Result:
+    """AtP (or RelP with LRP ``rules``) over every feature of a dictionary in one forward/backward.
+
+    Units and axes as :func:`feature_patch` (so :func:`mechkit.results.compare` applies).
+    """
+    from ..attribution import lrp
+    from ..attribution.atp import _grad_run
+    from ..attribution.metrics import logit_diff, prompt_mean
+
+    t0 = time.perf_counter()
+    if method not in ("atp", "relp"):
+        raise ValueError(f"method must be 'atp' or 'relp', got {method!r}")
+    sae = _sae_or_spliced(model, sae, site)
+    by = _check_by(by)
+    cfg = sae.cfg
+    metric = metric if metric is not None else logit_diff(task)
+    normalise = bool(getattr(metric, "normalise", False)) if normalise is None else normalise
+    clean, corrupt = _task_batches(model, task)
+    names = list(dict.fromkeys([cfg.hook_name, cfg.out_hook]))
+    logits_c, cache_c = model.run_with_cache(clean, names=names)
+    if hasattr(metric, "bind_clean"):
+        metric.bind_clean(logits_c)
+    metric_fn = lambda lg: prompt_mean(metric, lg)  # noqa: E731
+    with torch.no_grad():
+        m_clean = float(metric_fn(logits_c))
+    rules = lrp.DEFAULT_RULES if rules is None else rules
+    with tqdm(total=1, desc=f"{method} features at {cfg.hook_name}", disable=not progress) as bar:
+        ctx = lrp.rules(model, rules) if method == "relp" else _null()
+        with ctx:
+            m_corr, acts_r, grads = _grad_run(model, corrupt, names, metric_fn)
+        bar.update(1)
+    with torch.no_grad():
+        x_r = acts_r[cfg.hook_name]
+        a_c, a_r = sae.encode(cache_c[cfg.hook_name]).double(), sae.encode(x_r).double()
+        scale, D = _directions(sae, x_r)
+        g = grads[cfg.out_hook]
+        g = g.flatten(-2) if g.dim() == 4 else g
+        grad_a = ((g.double() * scale.double()) @ D.double().T)  # [n, T, d_sae]
+        s = ((a_c - a_r) * grad_a).sum(0)  # [T, d_sae]
+        if by == ("feature",):
+            s = s.sum(0)
+        if normalise:
+            s = s / (m_clean - float(m_corr))
+    n, T = task.clean_tokens.shape
+    feats = torch.arange(sae.d_sae)
+    meta = dict(method=method, site=f"sae:{cfg.hook_name}", by=list(by), metric=repr(metric), normalised=normalise,
+                n_prompts=n, dictionary=repr(sae), seconds=time.perf_counter() - t0)
+    return Result(s.float().cpu(), by, _labels(model, task, by, feats), {"clean": m_clean, "corrupt": float(m_corr)},
+                  meta, name=f"{method}_features")
+
+
+@contextmanager
+def _null():
+    yield
+
+
+@contextmanager
+def ablate_features(model, sae: SAE, features, mode: str = "zero", value=None, means=None, error_term: bool = True):
+    """Splice ``sae`` and ablate ``features`` inside the block.
+
+    ``mode``: "zero" (set to 0), "mean" (set to ``means`` [d_sae], e.g. from
+    :func:`feature_means`), "clamp" (set to ``value``: a number or one per feature).
+    With the error term (default) only the ablated features change the model.
+    """
+    feats = _features(sae, features)
+    if mode == "zero":
+        vals = torch.zeros(len(feats))
+    elif mode == "mean":
+        if means is None or torch.as_tensor(means).shape != (sae.d_sae,):
+            raise ValueError(f"mode='mean' needs means= of shape [d_sae={sae.d_sae}] (see feature_means)")
+        vals = torch.as_tensor(means, dtype=torch.float32)[feats]
+    elif mode == "clamp":
+        if value is None:
+            raise ValueError("mode='clamp' needs value= (a number or one per feature)")
+        vals = torch.as_tensor(value, dtype=torch.float32).expand(len(feats)).clone()
+    else:
+        raise ValueError(f"mode must be 'zero', 'mean' or 'clamp', got {mode!r}")
+
+    def setter(a, hook):
+        a = a.clone()
+        a[..., feats.to(a.device)] = vals.to(a.device, a.dtype)
+        return a
+    with splice(model, sae, error_term=error_term):
+        with model.hooks({point_names(sae)["hook_sae_acts_post"]: setter}):
+            yield model
+
+
+@torch.no_grad()
+def feature_means(model, sae: SAE, inputs) -> torch.Tensor:
+    """Mean activation [d_sae] of every feature over the real (unpadded) tokens of ``inputs``."""
+    b = model.batch(inputs)
+    _, cache = model.run_with_cache(b, names=[sae.cfg.hook_name])
+    acts = sae.encode(cache[sae.cfg.hook_name])
+    m = b.attention_mask.bool()
+    return acts[m].float().mean(0).cpu()

@@ -1,0 +1,102 @@
+"""Features as sites: fused feature patching equals one spliced forward per feature; feature AtP equals
+patching where the model is affine downstream; ablation and steering through the usual contexts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import random_hf_model
+from test_attribution import linear_gpt2, make_task
+from test_sae import random_sae
+
+import mechkit as mk
+from mechkit import sae as S
+from mechkit.hookpoints import has_mechkit_hooks
+from mechkit.sae.features import ablate_features, feature_attribution, feature_patch
+
+
+def loop_patch(model, task, sae, by, feats, metric):
+    """Reference: one forward per patch, the dictionary spliced (error term on) and the clean
+    activation of the feature written at hook_sae_acts_post."""
+    name = f"{sae.hook_name}.hook_sae_acts_post"
+    with S.splice(model, sae):
+        _, cache = model.run_with_cache(task.clean_tokens, names=[name], attention_mask=task.clean_mask)
+    clean = cache[name]
+    out = []
+    cells = [(None, f) for f in feats] if by == ("feature",) else [(p, f) for p in range(task.clean_tokens.shape[1])
+                                                                    for f in feats]
+    for pos, f in cells:
+        def write(a, hook, _p=pos, _f=f):
+            a = a.clone()
+            if _p is None:
+                a[..., _f] = clean[..., _f]
+            else:
+                a[:, _p, _f] = clean[:, _p, _f]
+            return a
+        with torch.no_grad(), S.splice(model, sae), model.hooks({name: write}):
+            out.append(metric(model(task.corrupt_tokens, attention_mask=task.corrupt_mask)).mean())
+    return torch.stack(out).reshape(-1 if by == ("feature",) else (task.clean_tokens.shape[1], len(feats)))
+
+
+@pytest.mark.parametrize("family,arch", [("gpt2", "topk"), ("llama", "jumprelu"), ("gemma2", "standard")])
+def test_fused_feature_patching_equals_loop(family, arch):
+    m = mk.load(random_hf_model(family))
+    kw = {"k": 6} if arch == "topk" else {}
+    sae = random_sae(arch, hook="blocks.1.hook_resid_post", scale=0.3, **kw)
+    task = make_task(n=2, T=5, changed=(1, 3))
+    metric = mk.attribution.logit_diff(task, normalise=False)
+    feats = list(range(0, 96, 7))
+    for by in (("feature",), ("pos", "feature")):
+        r = feature_patch(m, task, sae, by=by, features=feats, metric=metric, progress=False, max_batch_tokens=40)
+        ref = loop_patch(m, task, sae, by, feats, metric)
+        assert (r.values - ref).abs().max() <= 1e-5, by
+        assert (ref - r.baselines["corrupt"]).abs().max() > 1e-4  # the patches matter
+    assert not has_mechkit_hooks(m.hf_model)
+
+
+def test_feature_patching_transcoder_and_spliced_site():
+    m = mk.load(random_hf_model("qwen3"))
+    tc = random_sae("transcoder", d_out=64, hook="blocks.1.mlp.hook_in", apply_b_dec_to_input=False,
+                    hook_name_out="blocks.1.hook_mlp_out", scale=0.3)
+    task = make_task(n=2, T=5)
+    metric = mk.attribution.logit_diff(task, normalise=False)
+    feats = [0, 5, 9, 40]
+    ref = loop_patch(m, task, tc, ("feature",), feats, metric)
+    with S.splice(m, tc):
+        r = feature_patch(m, task, site="blocks.1.mlp.hook_in", features=feats, metric=metric, progress=False)
+    assert (r.values - ref).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="no dictionary is spliced"):
+        feature_patch(m, task, site="blocks.1.mlp.hook_in", metric=metric, progress=False)
+
+
+def test_feature_atp_equals_patching_on_a_linearised_model():
+    m = linear_gpt2()
+    sae = random_sae("standard", hook="blocks.1.hook_resid_pre", scale=0.3).double()
+    task = make_task()
+    metric = mk.attribution.logit_diff(task, normalise=False)
+    for by in (("feature",), ("pos", "feature")):
+        ap = feature_patch(m, task, sae, by=by, metric=metric, progress=False)
+        ref = ap.values.double() - ap.baselines["corrupt"]
+        assert ref.abs().max() > 1e-3
+        for method in ("atp", "relp"):
+            at = feature_attribution(m, task, sae, by=by, method=method, metric=metric, progress=False)
+            assert at.axes == ap.axes and at.labels == ap.labels
+            assert (at.values.double() - ref).abs().max() <= 1e-5, (by, method)
+
+
+def test_ablation_modes():
+    m = mk.load(random_hf_model("gpt2"))
+    sae = random_sae("standard", scale=0.3)
+    ids = make_task().clean_tokens
+    _, c = m.run_with_cache(ids, names=[sae.hook_name])
+    x = c[sae.hook_name]
+    a = sae.encode(x)
+    f = [int(a.sum((0, 1)).argmax())]
+    means = S.features.feature_means(m, sae, ids)
+    for mode, kw, target in (("zero", {}, 0.0), ("clamp", {"value": 4.0}, 4.0), ("mean", {"means": means},
+                                                                                   float(means[f[0]]))):
+        with ablate_features(m, sae, f, mode=mode, **kw):
+            _, cache = m.run_with_cache(ids, names=[f"{sae.hook_name}.hook_sae_output"])
+        expect = x + (target - a[..., f[0]:f[0] + 1]) * sae.W_dec[f[0]]
+        assert torch.allclose(cache[f"{sae.hook_name}.hook_sae_output"], expect, atol=1e-5), mode
+    assert not has_mechkit_hooks(m.hf_model)
