@@ -16,18 +16,21 @@ Encode, exactly as SAELens 6 (``sae_lens/saes/*.py``):
   (``x * sqrt(d_in) / |x|``, undone after decoding) or ``layer_norm`` (``(x - mu) / (std + 1e-5)``,
   undone as ``out * std + mu``); ``expected_average_only_in`` is a training-time factor that
   SAELens folds into the weights on load from its registry, so at inference it is the identity
-  (as in SAELens); then ``x - b_dec`` if ``apply_b_dec_to_input`` (never for transcoders).
+  (as in SAELens; so is ``covariance_whitening``, folded before saving); transcoders normalise
+  their input but never de-normalise their output (as SAELens); then ``x - b_dec`` if ``apply_b_dec_to_input`` (never for transcoders).
 - ``relu``: ``relu(x @ W_enc + b_enc)``.
-- ``topk``: the ``k`` largest of ``x @ W_enc + b_enc`` (ReLU'd), others 0; with
-  ``rescale_acts_by_decoder_norm`` the pre-activations are first multiplied by ``|W_dec[i]|``
-  and the activations divided by it again before decoding.
+- ``topk``: the ``k`` largest of ``x @ W_enc + b_enc``, then ReLU'd (fewer than k may be
+  active), others 0; with ``rescale_acts_by_decoder_norm`` the pre-activations are multiplied by
+  ``|W_dec[i]|`` before the selection (``hook_sae_acts_pre`` sees them before) and the
+  activations multiplied by ``1 / |W_dec[i]|`` before decoding.
 - ``jumprelu``: ``relu(h) * (h > threshold)``; SAELens saves ``batchtopk`` and
   ``matryoshka_batchtopk`` dictionaries for inference as JumpReLU with one global threshold
   (a training checkpoint's ``topk_threshold`` buffer is read the same way).
 - ``gated``: ``(x @ W_enc + b_gate > 0) * relu(x @ (W_enc * exp(r_mag)) + b_mag)``.
 
-Decode: ``acts @ W_dec + b_dec`` (+ ``x @ W_skip.T`` for a skip transcoder), normalisation
-undone (SAEs only, as SAELens).
+Decode: ``acts @ W_dec + b_dec``, normalisation undone (SAEs only, as SAELens). A skip
+transcoder's ``x @ W_skip.T`` (raw x) is added by ``forward`` (and by the splice), not by
+``decode`` (as SAELens's ``encode``/``decode``/``forward``).
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ ARCHITECTURES: dict[str, tuple[str, bool, bool, tuple[str, ...]]] = {
     "transcoder": ("relu", True, False, ("b_enc",)),
     "skip_transcoder": ("relu", True, True, ("b_enc", "W_skip")),
     "jumprelu_transcoder": ("jumprelu", True, False, ("b_enc", "threshold")),
+    "jumprelu_skip_transcoder": ("jumprelu", True, True, ("b_enc", "threshold", "W_skip")),
 }
 ALIASES = {"matryoshka": "matryoshka_batchtopk", "batch_topk": "batchtopk", "relu": "standard"}
-NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm", "covariance_whitening")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "torch.float32": torch.float32, "torch.float64": torch.float64, "torch.float16": torch.float16,
           "torch.bfloat16": torch.bfloat16}
@@ -236,10 +240,7 @@ class SAE(nn.Module):
         """Encoder pre-activations [..., d_sae] from the processed input (the gate's for ``gated``)."""
         if self.cfg.activation == "gated":
             return sae_in @ (self.W_enc * self.r_mag.exp()) + self.b_mag
-        h = sae_in @ self.W_enc + self.b_enc
-        if self.cfg.activation == "topk" and self.cfg.rescale_acts_by_decoder_norm:
-            h = h * self.W_dec.norm(dim=-1)
-        return h
+        return sae_in @ self.W_enc + self.b_enc
 
     def activate(self, h: torch.Tensor, sae_in: torch.Tensor | None = None) -> torch.Tensor:
         """Feature activations [..., d_sae] from pre-activations ``h`` (``gated`` also needs ``sae_in``)."""
@@ -249,6 +250,8 @@ class SAE(nn.Module):
         if act == "jumprelu":
             return torch.relu(h) * (h > self.threshold).to(h.dtype)
         if act == "topk":
+            if self.cfg.rescale_acts_by_decoder_norm:
+                h = h * self.W_dec.norm(dim=-1)
             vals, idx = torch.topk(h, k=self.cfg.k, dim=-1, sorted=False)
             return torch.zeros_like(h).scatter_(-1, idx, vals.relu())
         gate = (sae_in @ self.W_enc + self.b_gate > 0).to(h.dtype)
@@ -260,13 +263,13 @@ class SAE(nn.Module):
         return self.activate(self.pre_acts(s), s)
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None, _state=None) -> torch.Tensor:
-        """Reconstruction [..., d_out] of ``acts`` [..., d_sae].
+        """Reconstruction [..., d_out] of ``acts`` [..., d_sae] (without a skip transcoder's skip term).
 
-        ``x``: the input, needed for a skip transcoder's ``x @ W_skip.T`` and to undo a per-input
-        normalisation (``constant_norm_rescale`` / ``layer_norm``).
+        ``x``: the input, needed to undo a per-input normalisation (``constant_norm_rescale`` /
+        ``layer_norm``) and to give a hook_z output its head shape back.
         """
         if self.cfg.activation == "topk" and self.cfg.rescale_acts_by_decoder_norm:
-            acts = acts / self.W_dec.norm(dim=-1)
+            acts = acts * (1 / self.W_dec.norm(dim=-1))
         out = acts.to(self.dtype) @ self.W_dec + self.b_dec
         if not self.cfg.is_transcoder:
             if _state is None and self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
@@ -277,22 +280,25 @@ class SAE(nn.Module):
             out = self._norm_out(out, _state)
             if self.cfg.reshape_activations == "hook_z" and x is not None:
                 out = out.unflatten(-1, x.shape[-2:])
-        if self.cfg.has_skip:
-            if x is None:
-                raise ValueError("decode of a skip transcoder needs the input x (for x @ W_skip.T)")
-            out = out + x.to(self.dtype) @ self.W_skip.T
         return out
 
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        """A skip transcoder's skip term ``x @ W_skip.T`` [..., d_out] (zero for other dictionaries)."""
+        if not self.cfg.has_skip:
+            return torch.zeros((), dtype=self.dtype, device=self.device)
+        return x.to(self.dtype) @ self.W_skip.T
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction of ``x`` (``decode(encode(x))``)."""
+        """Reconstruction of ``x``: ``decode(encode(x))`` (+ the skip term of a skip transcoder)."""
         return self.run(x)[2]
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pre-activations, feature activations, reconstruction) of ``x`` in one pass."""
+        """(pre-activations, feature activations, reconstruction incl. skip) of ``x`` in one pass."""
         s, state = self.sae_in(x)
         h = self.pre_acts(s)
         acts = self.activate(h, s)
-        return h, acts, self.decode(acts, x, state)
+        out = self.decode(acts, x, state)
+        return h, acts, (out + self.skip(x) if self.cfg.has_skip else out)
 
     # ------------------------------------------------------------------ conveniences
     def decoder_direction(self, feature: int) -> torch.Tensor:

@@ -45,12 +45,13 @@ def config_from_dict(raw: dict[str, Any], source: str = "<cfg>") -> SAEConfig:
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     d = {_RENAMES.get(k, k): v for k, v in raw.items()}
     meta = dict(d.get("metadata") or {})
-    arch = d.get("architecture")
-    if arch is None:  # SAELens < 6 left it implicit
+    arch = d.get("architecture") or "standard"
+    version = str(meta.get("sae_lens_version") or d.get("sae_lens_version") or "0")
+    if not version[:1].isdigit() or int(version.split(".")[0]) < 6:  # SAELens < 6: topk was an activation_fn
         kwargs = d.get("activation_fn_kwargs") or {}
-        arch = "topk" if d.get("activation_fn") == "topk" and kwargs.get("k") is not None else "standard"
-        if arch == "topk":
-            d.setdefault("k", kwargs["k"])
+        if d.get("activation_fn") == "topk" and kwargs.get("k") is not None:
+            arch = "topk"
+            d["k"] = kwargs["k"]
     if "d_in" not in d or "d_sae" not in d:
         raise ValueError(f"{source}: a dictionary config needs 'd_in' and 'd_sae'; got keys {sorted(raw)}")
     if isinstance(d.get("normalize_activations"), bool):  # SAELens < 6
@@ -65,6 +66,11 @@ def config_from_dict(raw: dict[str, Any], source: str = "<cfg>") -> SAEConfig:
         raise ValueError(f"{source}: hook_head_index (an SAE on one head's slice) is not supported")
     kw = {k: d[k] for k in _CFG_FIELDS if k in d and d[k] is not None}
     arch_name = architecture_name(arch)
+    if arch_name in ("batchtopk", "matryoshka_batchtopk"):  # a training checkpoint: inference is JumpReLU
+        kw.pop("k", None)
+        kw.pop("rescale_acts_by_decoder_norm", None)
+        meta.setdefault("training_architecture", arch_name)
+        arch = "jumprelu"
     if ARCHITECTURES[arch_name][1]:  # transcoders never subtract b_dec from the input
         kw.setdefault("apply_b_dec_to_input", False)
     try:
@@ -131,8 +137,27 @@ def read_saelens(folder: Path, dtype=None, hook_name: str | None = None) -> SAE:
     cfg = config_from_dict(raw, str(cfg_path))
     if hook_name is not None:
         cfg.hook_name = hook_name
-    weights = check_weights(cfg, _read_safetensors(w_path), str(w_path))
+    weights = _read_safetensors(w_path)
+    if architecture_name(str(raw.get("architecture", "standard"))) in ("batchtopk", "matryoshka_batchtopk"):
+        weights = batchtopk_to_jumprelu(weights, bool(raw.get("rescale_acts_by_decoder_norm", True)), cfg)
+    weights = check_weights(cfg, weights, str(w_path))
     return SAE(cfg, weights)
+
+
+def batchtopk_to_jumprelu(w: dict[str, torch.Tensor], rescale: bool, cfg: SAEConfig) -> dict[str, torch.Tensor]:
+    """SAELens's conversion of a BatchTopK training checkpoint for inference: the running
+    ``topk_threshold`` becomes every feature's JumpReLU threshold and, when it was trained with
+    ``rescale_acts_by_decoder_norm``, the decoder row norms n are folded in (``W_enc * n``,
+    ``b_enc * n``, ``W_dec / n``)."""
+    w = dict(w)
+    dt = DTYPES[cfg.dtype]
+    w = {k: v.to(dt) for k, v in w.items()}
+    if "topk_threshold" in w:
+        w["threshold"] = w.pop("topk_threshold").reshape(()).expand(cfg.d_sae).clone()
+    if rescale and {"W_dec", "W_enc", "b_enc"} <= set(w):
+        n = w["W_dec"].norm(dim=-1)
+        w["W_enc"], w["b_enc"], w["W_dec"] = w["W_enc"] * n, w["b_enc"] * n, w["W_dec"] / n[:, None]
+    return w
 
 
 def _dtype_name(dtype) -> str:
@@ -149,11 +174,17 @@ def read_gemma_scope(path: Path, hook_name: str | None = None, dtype=None) -> SA
             arrays = {k: np.asarray(data[k]) for k in data.files}
     except (ValueError, OSError) as e:
         raise ValueError(f"{path} is not a readable .npz file of plain arrays: {e}") from e
-    weights = {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(v.astype(np.float32, copy=False))
-               for k, v in arrays.items()}
+    try:
+        weights = {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(v.astype(np.float32, copy=False))
+                   for k, v in arrays.items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: Gemma Scope arrays must be numeric: {e}") from e
     if "W_enc" not in weights or weights["W_enc"].dim() != 2:
         raise ValueError(f"{path}: a Gemma Scope file needs a 2-D 'W_enc'; got keys {sorted(arrays)}")
     d_in, d_sae = weights["W_enc"].shape
+    if "embedding" in str(path):  # as SAELens: Gemma Scope's embedding SAEs were trained on sqrt(d_model)-scaled inputs
+        weights["W_enc"] = weights["W_enc"] / np.sqrt(d_in)
+        weights["W_dec"] = weights["W_dec"] * np.sqrt(d_in)
     cfg = SAEConfig("jumprelu", d_in=int(d_in), d_sae=int(d_sae), dtype=_dtype_name(dtype or "float32"),
                     apply_b_dec_to_input=False, hook_name=hook_name or gemma_scope_hook(str(path)),
                     metadata={"source": "gemma-scope"})

@@ -55,7 +55,7 @@ def evaluate(model, sae: SAE, data=None, tokens: int = 20_000, context: int = 64
         logits, cache = model.run_with_cache(ids, names=names, attention_mask=mask)
         x, y = cache[cfg.hook_name], cache[cfg.out_hook]
         acts = sae.encode(x)[:, 1:]
-        recon = sae.decode(sae.encode(x), x).to(y.dtype)
+        recon = sae(x).to(y.dtype)
         yy, rr = y[:, 1:].flatten(0, -2).double(), recon[:, 1:].flatten(0, -2).double()
         tot["sse"] += float((yy - rr).pow(2).sum())
         ys.append(yy.cpu())

@@ -64,12 +64,14 @@ class _Spliced:
         h = self._sub("hook_sae_acts_pre", sae.pre_acts(s))
         acts = self._sub("hook_sae_acts_post", sae.activate(h, s))
         recon = self._sub("hook_sae_recons", sae.decode(acts, xin, state))
+        if sae.cfg.has_skip:  # SAELens's splice drops it; a skip transcoder's output includes it
+            recon = recon + sae.skip(xin)
         if self.error_term:
             with torch.no_grad():
                 if edited:  # the error of the untouched dictionary, as SAELens computes it
                     xc = x.to(sae.device)
                     sc, stc = sae.sae_in(xc)
-                    clean = sae.decode(sae.activate(sae.pre_acts(sc), sc), xc, stc)
+                    clean = sae.decode(sae.activate(sae.pre_acts(sc), sc), xc, stc) + sae.skip(xc)
                 else:
                     clean = recon.detach()
                 tgt = target.to(sae.device, sae.dtype)
