@@ -19,7 +19,7 @@ import torch
 import mechkit as mk
 from mechkit.sae import bundled as bundled_mod
 from mechkit.sae.metrics import evaluate
-from mechkit.sae.train import TrainOptions, train
+from mechkit.sae.trainer import TrainOptions, train
 
 
 def specs(model) -> dict:

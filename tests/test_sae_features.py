@@ -100,3 +100,33 @@ def test_ablation_modes():
         expect = x + (target - a[..., f[0]:f[0] + 1]) * sae.W_dec[f[0]]
         assert torch.allclose(cache[f"{sae.hook_name}.hook_sae_output"], expect, atol=1e-5), mode
     assert not has_mechkit_hooks(m.hf_model)
+
+
+def test_feature_steering_add_and_clamp_through_steering_apply_and_files(tmp_path, word_tokenizer):
+    m = mk.load(random_hf_model("gpt2"), tokenizer=word_tokenizer)
+    sae = random_sae("jumprelu", scale=0.3)
+    ids = make_task().clean_tokens
+    f = [3, 11]
+    add = mk.steering.FeatureSteering.from_dictionary(m, sae, f, coefficients=[2.0, -1.0])
+    _, c = m.run_with_cache(ids, names=[sae.hook_name])
+    x = c[sae.hook_name]
+
+    def written(st, strength=1.0):
+        with st.apply(m, strength=strength):
+            _, cache = m.run_with_cache(ids, names=[sae.hook_name])
+        return cache[sae.hook_name]
+    assert torch.allclose(written(add, 0.5), x + 0.5 * (2.0 * sae.W_dec[3] - sae.W_dec[11]), atol=1e-5)
+    clamp = mk.steering.FeatureSteering.from_dictionary(m, sae, f, mode="clamp", values=[5.0, 0.0])
+    with ablate_features(m, sae, f, mode="clamp", value=[5.0, 0.0]):  # the spliced dictionary, clamped
+        _, cache = m.run_with_cache(ids, names=[f"{sae.hook_name}.hook_sae_output"])
+    assert torch.allclose(written(clamp), cache[f"{sae.hook_name}.hook_sae_output"], atol=1e-5)
+    # files: saved, reloaded, same effect; generate under it
+    for st in (add, clamp):
+        st.save(tmp_path / "s.safetensors")
+        back = mk.steering.load(tmp_path / "s.safetensors", model=m)
+        assert type(back).__name__ == "FeatureSteering" and torch.allclose(written(back), written(st))
+    with clamp.apply(m):
+        m.generate(["w5 w6"], max_new_tokens=2, do_sample=False)
+    assert not has_mechkit_hooks(m.hf_model)
+    with pytest.raises(ValueError, match="clamping needs"):
+        mk.steering.FeatureSteering.from_dictionary(m, random_sae("topk", k=3), f, mode="clamp", values=1.0)

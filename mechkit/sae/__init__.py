@@ -18,7 +18,7 @@ from .features import ablate_features, feature_attribution, feature_means, featu
 from .io import check_fits, load, save
 from .metrics import evaluate
 from .splice import splice
-from .train import TrainOptions, train
+from .trainer import TrainOptions, train
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "load", "save", "splice", "check_fits", "features",
            "feature_patch", "feature_attribution", "ablate_features", "feature_means", "train", "TrainOptions",

@@ -8,9 +8,10 @@ attn_out); ``st.support()``, ``st.num_parameters()``, ``st.report()``; ``st.save
 
 from .base import Steering
 from .diffmean import DiffMean
+from .features import FeatureSteering
 from .gains import Gains
 from .io import load
 from .linear_act import LinearAcT
 from .lineas import LinEAS
 
-__all__ = ["Steering", "DiffMean", "LinearAcT", "LinEAS", "Gains", "load"]
+__all__ = ["Steering", "DiffMean", "LinearAcT", "LinEAS", "Gains", "FeatureSteering", "load"]

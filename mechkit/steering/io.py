@@ -22,11 +22,12 @@ KEY = "mechkit_steering"
 
 def _classes():
     from .diffmean import DiffMean
+    from .features import FeatureSteering
     from .gains import Gains
     from .linear_act import LinearAcT
     from .lineas import LinEAS
 
-    return {c.method: c for c in (DiffMean, LinearAcT, LinEAS, Gains)}
+    return {c.method: c for c in (DiffMean, LinearAcT, LinEAS, Gains, FeatureSteering)}
 
 
 def save(st, path) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -334,6 +335,9 @@ def train(model, hook_name: str, architecture: str = "topk", d_sae: int | None =
         if ckpt is not None and (tr.step % opt.checkpoint_every == 0 or tr.step == total):
             _save_state(tr, ckpt, fp)
     bar.close()
+    if tr.step < total:
+        warnings.warn(f"data= ran out after {tr.step * opt.batch_tokens:,} training tokens of the {tokens:,} asked "
+                      f"({tr.step} of {total} steps); the dictionary is what those steps gave", stacklevel=2)
     meta = {"model_name": getattr(model, "name", None), "training": {
         "architecture": architecture, "tokens": tr.step * opt.batch_tokens, "steps": tr.step,
         "final": stats, "seconds": time.perf_counter() - t0, "options": asdict(opt)}}
