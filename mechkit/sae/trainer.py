@@ -366,7 +366,13 @@ def _resume(tr: _Trainer, folder: Path, fp: str) -> None:
     if md.get("fingerprint") != fp:
         raise ValueError(f"{path} was written by a training run with other options, model or data; use another "
                          "checkpoint_dir or resume=False")
-    want = set(tr.state())
-    if set(t) != want:
-        raise ValueError(f"{path}: checkpoint tensors {sorted(set(t) ^ want)} do not match this trainer")
+    want = {k for k in tr.state() if not k.startswith("adam.")}
+    want_adam = {f"adam.{p}.{s}" for p in tr.p for s in ("exp_avg", "exp_avg_sq", "step")}
+    have, have_adam = {k for k in t if not k.startswith("adam.")}, {k for k in t if k.startswith("adam.")}
+    if have != want or have_adam != want_adam:
+        bad = sorted((have ^ want) | (have_adam ^ want_adam))
+        raise ValueError(f"{path}: checkpoint tensors {bad} do not match this trainer")
+    for k, v in tr.state().items():
+        if k in t and t[k].shape != v.shape:
+            raise ValueError(f"{path}: checkpoint tensor {k} has shape {tuple(t[k].shape)}, expected {tuple(v.shape)}")
     tr.load_state(t, int(md["step"]))
