@@ -39,7 +39,8 @@ def card(model_name, spec, args, argv, metrics, sae, seconds) -> str:
     lines = [
         f"# {model_name} / {spec['name']}: a {spec['architecture']} {kind}",
         "",
-        f"- Reads / writes: `{where}`; {sae.d_sae} features, k = {args.k} (saved as SAELens `{sae.cfg.architecture}`).",
+        f"- Reads / writes: `{where}`; {sae.d_sae} features, k = {args.k} (saved as SAELens `{sae.cfg.architecture}`);"
+        f" dead-feature auxiliary loss after {args.dead_tokens:,} silent tokens.",
         f"- Data: {args.tokens:,} tokens of mechkit's bundled synthetic corpus (`mechkit.tasks.corpus`, seed 10000),"
         " rows of 64 tokens, BOS position excluded.",
         f"- Command: `python {' '.join(argv)}` ({seconds / 60:.1f} min on a shared 2-core CPU machine).",
@@ -62,6 +63,7 @@ def main(argv=None):
     ap.add_argument("--d-sae", type=int, default=1024)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--dead-tokens", type=int, default=100_000, help="tokens without firing before a feature is dead (AuxK)")
     ap.add_argument("--which", default="sae,transcoder")
     ap.add_argument("--checkpoints", default="/tmp/mechkit_dict_ckpt")
     ap.add_argument("--eval-tokens", type=int, default=20_000)
@@ -73,7 +75,7 @@ def main(argv=None):
     for which in args.which.split(","):
         spec = specs(model)[which]
         t0 = time.perf_counter()
-        opts = TrainOptions(lr=args.lr, checkpoint_dir=f"{args.checkpoints}/{args.model}/{spec['name']}",
+        opts = TrainOptions(lr=args.lr, dead_tokens=args.dead_tokens, checkpoint_dir=f"{args.checkpoints}/{args.model}/{spec['name']}",
                             progress=not args.quiet)
         sae = train(model, spec["hook_name"], spec["architecture"], d_sae=args.d_sae, k=args.k, tokens=args.tokens,
                     hook_name_out=spec.get("hook_name_out"), options=opts)
