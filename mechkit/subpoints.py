@@ -73,7 +73,11 @@ class SubPoints:
                     stack.remove(entry)
 
     def run(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Apply the hooks installed at ``name`` to ``x`` (shape checked, device/dtype followed)."""
+        """Apply the hooks installed at ``name`` to ``x`` (shape checked, device/dtype followed).
+
+        Returns ``x`` itself (the same object) exactly when every hook returned None, so the owner
+        can tell an edited tensor from a read one (a hook that edits in place must return it)."""
+        orig = x
         for fn, hook in list(self._points.get(name, ())):
             new = fn(x, hook)
             if new is not None:
@@ -81,4 +85,6 @@ class SubPoints:
                     raise ValueError(f"hook at {name} returned a tensor of shape {tuple(new.shape)}; "
                                      f"expected {tuple(x.shape)}")
                 x = new.to(device=x.device, dtype=x.dtype)
+                if x is orig:  # returned in place: still an edit
+                    x = x.view_as(x)
         return x

@@ -35,7 +35,6 @@ from .io import check_fits
 
 SUFFIXES = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
             "hook_sae_output")
-_EDITABLE = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons")
 
 
 def point_names(sae: SAE) -> dict[str, str]:
@@ -54,26 +53,37 @@ class _Spliced:
     def _sub(self, suffix: str, x: torch.Tensor) -> torch.Tensor:
         return self.model.sub_points.run(self.names[suffix], x)
 
-    def compute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The dictionary's output for input ``x`` replacing ``target`` (x itself for an SAE)."""
-        sae, sub = self.sae, self.model.sub_points
-        dev, dt = target.device, target.dtype
-        edited = sub.any_hooks([self.names[s] for s in _EDITABLE])
-        xin = self._sub("hook_sae_input", x.to(sae.device))
+    def compute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+        """The dictionary's output for input ``x`` replacing ``target`` (x itself for an SAE);
+        None (leave the target as it is) when that output would be the target exactly: error term
+        on, no hook changed anything, nothing reads the reconstruction, no gradient asked for."""
+        sae, sub, names = self.sae, self.model.sub_points, self.names
+        x = x.to(sae.device)
+        xin = self._sub("hook_sae_input", x)
         s, state = sae.sae_in(xin)
-        h = self._sub("hook_sae_acts_pre", sae.pre_acts(s))
-        acts = self._sub("hook_sae_acts_post", sae.activate(h, s))
-        recon = self._sub("hook_sae_recons", sae.decode(acts, xin, state))
+        h0 = sae.pre_acts(s)
+        h = self._sub("hook_sae_acts_pre", h0)
+        a0 = sae.activate(h, s)
+        acts = self._sub("hook_sae_acts_post", a0)
+        edited = xin is not x or h is not h0 or acts is not a0
+        grad = torch.is_grad_enabled() and (x.requires_grad or acts.requires_grad)
+        if self.error_term and not edited and not grad and not sub.any_hooks(
+                [names["hook_sae_recons"], names["hook_sae_error"], names["hook_sae_output"]]):
+            return None  # target + (recon - recon): the target itself, without decoding
+        recon0 = sae.decode(acts, xin, state)
+        recon = self._sub("hook_sae_recons", recon0)
+        edited = edited or recon is not recon0
         if sae.cfg.has_skip:  # SAELens's splice drops it; a skip transcoder's output includes it
             recon = recon + sae.skip(xin)
         if self.error_term:
             with torch.no_grad():
-                if edited:  # the error of the untouched dictionary, as SAELens computes it
-                    xc = x.to(sae.device)
-                    sc, stc = sae.sae_in(xc)
-                    clean = sae.decode(sae.activate(sae.pre_acts(sc), sc), xc, stc) + sae.skip(xc)
-                else:
+                if not edited:
                     clean = recon.detach()
+                elif xin is x and h is h0:  # only the activations (or the reconstruction) were changed
+                    clean = sae.decode(a0, x, state) + sae.skip(x)
+                else:  # the error of the untouched dictionary, as SAELens computes it
+                    sc, stc = sae.sae_in(x)
+                    clean = sae.decode(sae.activate(sae.pre_acts(sc), sc), x, stc) + sae.skip(x)
                 tgt = target.to(sae.device, sae.dtype)
             err = tgt - clean
             err2 = self._sub("hook_sae_error", err)
@@ -82,7 +92,7 @@ class _Spliced:
             else:  # target + (recon - clean): exactly the target when no feature is touched
                 recon = tgt + (recon - clean)
         out = self._sub("hook_sae_output", recon)
-        return out.to(dev, dt)
+        return out.to(target.device, target.dtype)
 
     def sae_hook(self, x: torch.Tensor, hook) -> torch.Tensor:
         return self.compute(x, x)
