@@ -7,7 +7,9 @@
 4. per-head scores (induction, previous-token, ...) on repeated random tokens, and the
    attention patterns of the top induction head's layer;
 5. steering from negative to positive reviews (DiffMean, and LinEAS on both sublayers): concept
-   words in continuations of neutral prompts at a few strengths.
+   words in continuations of neutral prompts at a few strengths;
+6. the bundled residual SAE's features: those IOI AtP / RelP pick, their top-activating
+   contexts, and the feature density.
 
 Finishes in well under 5 minutes on 2 CPU cores.
 """
@@ -123,6 +125,15 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
         "per-neuron affine maps on every attention and MLP output, 100 Adam steps.")
     steer.save(out / "steer_positive.safetensors")
     lineas.save(out / "steer_positive_lineas.safetensors")
+
+    from mechkit.sae import bundled, list_bundled
+
+    if "resid_sae" in list_bundled(str(model.name)):
+        t = time.perf_counter()
+        fs, fn = mk.sae.dashboard.feature_sections(model, bundled(str(model.name), "resid_sae"), task)
+        sections.update(fs)
+        notes.update(fn)
+        timings["SAE features"] = time.perf_counter() - t
 
     meta = {"model": f"{model.name} ({model.cfg.model_type}, {model.cfg.n_layers} layers, "
                      f"d_model {model.cfg.d_model})",

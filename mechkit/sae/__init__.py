@@ -11,8 +11,9 @@
 - :func:`bundled`: the dictionaries shipped with the bundled models.
 """
 
-from . import features
+from . import dashboard, features
 from .bundled import bundled, list_bundled
+from .bundled import folder as bundled_folder
 from .dictionary import ARCHITECTURES, SAE, SAEConfig
 from .features import ablate_features, feature_attribution, feature_means, feature_patch
 from .io import check_fits, load, save
@@ -20,6 +21,6 @@ from .metrics import evaluate
 from .splice import splice
 from .trainer import TrainOptions, train
 
-__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "load", "save", "splice", "check_fits", "features",
+__all__ = ["dashboard", "ARCHITECTURES", "SAE", "SAEConfig", "load", "save", "splice", "check_fits", "features",
            "feature_patch", "feature_attribution", "ablate_features", "feature_means", "train", "TrainOptions",
-           "evaluate", "bundled", "list_bundled"]
+           "evaluate", "bundled", "list_bundled", "bundled_folder"]
