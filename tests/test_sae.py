@@ -274,3 +274,22 @@ def test_errors_leave_no_hooks():
         pass
     with pytest.raises(HookNameError, match="hook_sae_acts_post"):
         m.run_with_cache(random_tokens(1, 4), names=["blocks.1.hook_resid_pre.hook_sae_acts_post"])
+
+
+def test_splice_on_a_dispatched_model():
+    accelerate = pytest.importorskip("accelerate")
+    other = "cuda:0" if torch.cuda.is_available() else "cpu"
+    device_map = {n: "cpu" for n in ("transformer.wte", "transformer.wpe", "transformer.ln_f", "lm_head")}
+    device_map.update({f"transformer.h.{l}": ("cpu" if l < 1 else other) for l in range(3)})
+    d = mk.load(accelerate.dispatch_model(random_hf_model("gpt2"), device_map=device_map, main_device="cpu",
+                                          force_hooks=True))
+    plain = mk.load(random_hf_model("gpt2"))
+    sae, tc = _spliceable(plain)
+    ids = random_tokens(2, 6)
+    for error_term in (True, False):
+        with S.splice(plain, [sae, tc], error_term=error_term):
+            want = plain(ids)
+        with S.splice(d, [sae, tc], error_term=error_term):
+            got = d(ids)
+        torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=0)
+    assert not has_mechkit_hooks(d.hf_model)
