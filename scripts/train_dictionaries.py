@@ -17,7 +17,7 @@ import time
 import torch
 
 import mechkit as mk
-from mechkit.sae import bundled as bundled_mod
+from mechkit.sae import bundled_folder
 from mechkit.sae.metrics import evaluate
 from mechkit.sae.trainer import TrainOptions, train
 
@@ -81,7 +81,7 @@ def main(argv=None):
                     hook_name_out=spec.get("hook_name_out"), options=opts)
         seconds = time.perf_counter() - t0
         metrics = evaluate(model, sae, tokens=args.eval_tokens)
-        folder = bundled_mod.folder(args.model, spec["name"])
+        folder = bundled_folder(args.model, spec["name"])
         sae.save(folder)
         (folder / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items()} | {"train_seconds": seconds},
                                                         indent=1))

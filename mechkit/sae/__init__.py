@@ -12,8 +12,8 @@
 """
 
 from . import dashboard, features
-from .bundled import bundled, list_bundled
-from .bundled import folder as bundled_folder
+from .bundle import bundled, list_bundled
+from .bundle import folder as bundled_folder
 from .dictionary import ARCHITECTURES, SAE, SAEConfig
 from .features import ablate_features, feature_attribution, feature_means, feature_patch
 from .io import check_fits, load, save
