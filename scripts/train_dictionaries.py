@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import torch
 
@@ -74,12 +73,11 @@ def main(argv=None):
     out = {}
     for which in args.which.split(","):
         spec = specs(model)[which]
-        t0 = time.perf_counter()
         opts = TrainOptions(lr=args.lr, dead_tokens=args.dead_tokens, checkpoint_dir=f"{args.checkpoints}/{args.model}/{spec['name']}",
                             progress=not args.quiet)
         sae = train(model, spec["hook_name"], spec["architecture"], d_sae=args.d_sae, k=args.k, tokens=args.tokens,
                     hook_name_out=spec.get("hook_name_out"), options=opts)
-        seconds = time.perf_counter() - t0
+        seconds = sae.cfg.metadata["training"]["seconds"]  # summed over resumed runs
         metrics = evaluate(model, sae, tokens=args.eval_tokens)
         folder = bundled_folder(args.model, spec["name"])
         sae.save(folder)

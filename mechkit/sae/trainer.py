@@ -129,6 +129,7 @@ class _Trainer:
         self.since_fired = torch.zeros(d_sae)
         self.threshold = torch.zeros(())  # batchtopk running threshold
         self.step = 0
+        self.seconds = 0.0  # training time, summed over resumed runs
         self.aux_k = opt.aux_k or max(1, d_in // 2)
 
     def encode(self, x, train: bool = True):
@@ -333,6 +334,7 @@ def train(model, hook_name: str, architecture: str = "topk", d_sae: int | None =
             bar.set_postfix(mse=f"{stats['mse']:.3g}", l0=f"{stats['l0']:.1f}", ev=f"{stats['ev']:.3f}",
                             dead=f"{stats['dead']:.2f}")
         if ckpt is not None and (tr.step % opt.checkpoint_every == 0 or tr.step == total):
+            tr.seconds, t0 = tr.seconds + time.perf_counter() - t0, time.perf_counter()
             _save_state(tr, ckpt, fp)
     bar.close()
     if tr.step < total:
@@ -340,7 +342,7 @@ def train(model, hook_name: str, architecture: str = "topk", d_sae: int | None =
                       f"({tr.step} of {total} steps); the dictionary is what those steps gave", stacklevel=2)
     meta = {"model_name": getattr(model, "name", None), "training": {
         "architecture": architecture, "tokens": tr.step * opt.batch_tokens, "steps": tr.step,
-        "final": stats, "seconds": time.perf_counter() - t0, "options": asdict(opt)}}
+        "final": stats, "seconds": tr.seconds + time.perf_counter() - t0, "options": asdict(opt)}}
     sae = tr.to_sae(dict(d_in=d_in, d_sae=d_sae, d_out=d_out, hook_name=hook_name,
                          hook_name_out=hook_name_out if transcoder else None, metadata=meta))
     check_fits(sae, model)
@@ -352,7 +354,8 @@ def train(model, hook_name: str, architecture: str = "topk", d_sae: int | None =
 def _save_state(tr: _Trainer, folder: Path, fp: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "state.safetensors") as tmp:
-        save_file(tr.state(), str(tmp), metadata={"mechkit_sae_train": json.dumps({"step": tr.step, "fingerprint": fp})})
+        save_file(tr.state(), str(tmp), metadata={"mechkit_sae_train": json.dumps({"step": tr.step, "fingerprint": fp,
+                                                                             "seconds": tr.seconds})})
 
 
 def _resume(tr: _Trainer, folder: Path, fp: str) -> None:
@@ -376,3 +379,4 @@ def _resume(tr: _Trainer, folder: Path, fp: str) -> None:
         if k in t and t[k].shape != v.shape:
             raise ValueError(f"{path}: checkpoint tensor {k} has shape {tuple(t[k].shape)}, expected {tuple(v.shape)}")
     tr.load_state(t, int(md["step"]))
+    tr.seconds = float(md.get("seconds", 0.0))
