@@ -10,7 +10,7 @@ from .dictionary import SAE
 
 
 @torch.no_grad()
-def top_contexts(model, sae: SAE, features, data=None, rows: int = 64, context: int = 48, n: int = 4,
+def top_contexts(model, sae: SAE, features, data=None, rows: int = 32, context: int = 48, n: int = 4,
                  window: int = 10) -> dict[int, list[tuple[list[str], list[float]]]]:
     """For each feature, its ``n`` top-activating token windows: {feature: [(tokens, activations)]}.
 
@@ -97,7 +97,7 @@ def feature_sections(model, sae: SAE, task, name: str = "SAE", progress: bool = 
     atp = feature_attribution(model, task, sae, method="atp", progress=progress)
     relp = feature_attribution(model, task, sae, method="relp", progress=progress)
     picks = atp.values.abs().topk(3).indices.tolist()
-    met = evaluate(model, sae, tokens=3000)
+    met = evaluate(model, sae, tokens=1000)
     where = sae.cfg.hook_name
     s, n = {}, {}
     k1 = f"{name} features ({where}): picked by IOI AtP / RelP"
@@ -109,6 +109,6 @@ def feature_sections(model, sae: SAE, task, name: str = "SAE", progress: bool = 
     n[k2] = "Held-out corpus windows ending at each feature's strongest activations (colour = activation)."
     k3 = f"{name} features ({where}): density"
     s[k3] = density_figure(met["density"])
-    n[k3] = (f"On 3,000 held-out tokens: L0 {met['l0']:.1f}, explained variance {met['explained_variance']:.3f}, "
+    n[k3] = (f"On 1,000 held-out tokens: L0 {met['l0']:.1f}, explained variance {met['explained_variance']:.3f}, "
              f"CE loss recovered {met['ce_loss_recovered']:.3f}, dead fraction {met['dead_fraction']:.3f}.")
     return s, n
