@@ -130,3 +130,19 @@ def test_feature_steering_add_and_clamp_through_steering_apply_and_files(tmp_pat
     assert not has_mechkit_hooks(m.hf_model)
     with pytest.raises(ValueError, match="clamping needs"):
         mk.steering.FeatureSteering.from_dictionary(m, random_sae("topk", k=3), f, mode="clamp", values=1.0)
+
+
+def test_sae_sites_in_activation_and_attribution_patch():
+    m = linear_gpt2()
+    sae = random_sae("standard", hook="blocks.1.hook_resid_pre", scale=0.3).double()
+    task = make_task()
+    with S.splice(m, sae):
+        ap = mk.activation_patch(m, task, sites="sae:blocks.1.hook_resid_pre", normalise=False, progress=False)
+        at = mk.attribution_patch(m, task, sites="sae:blocks.1.hook_resid_pre", normalise=False, progress=False)
+    ref = feature_patch(m, task, sae, normalise=False, progress=False)
+    assert ap.axes == ("feature",) and torch.equal(ap.values, ref.values)
+    assert (at.values.double() - (ap.values.double() - ap.baselines["corrupt"])).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="no dictionary is spliced"):
+        mk.activation_patch(m, task, sites="sae:blocks.1.hook_resid_pre", progress=False)
+    with pytest.raises(ValueError, match="no site family 'xyz'"):
+        mk.activation_patch(m, task, sites="xyz:blocks.1", progress=False)

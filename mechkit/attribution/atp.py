@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..patching.activation import pos_labels
 from ..patching.engine import _accepts
+from ..patching.sites import PREFIXED_SITES, prefixed
 from ..results import Result
 from . import lrp
 from .metrics import logit_diff, prompt_mean
@@ -167,6 +168,10 @@ def attribution_patch(
     Returns a :class:`~mechkit.results.Result` over ``by`` (default ("layer", "pos"), or
     ("layer", "head") for ``z``, ("layer", "neuron") for ``neurons``).
     """
+    pre = prefixed(sites)
+    if pre is not None:  # e.g. "sae:blocks.3.hook_resid_pre": every feature of a spliced dictionary
+        return PREFIXED_SITES[pre[0]]["attribute"](model, task, pre[1], by=by, method=method, metric=metric,
+                                                   rules=rules, normalise=normalise, progress=progress)
     sites, by, unit = _check(model, task, sites, by, method)
     metric = metric if metric is not None else logit_diff(task)
     normalise = bool(getattr(metric, "normalise", False)) if normalise is None else normalise

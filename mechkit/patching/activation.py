@@ -22,7 +22,7 @@ from .engine import FusedRunner, _accepts
 from .memory import tokens_for_budget
 from .metrics import evaluate, logit_diff
 from .plan import overhead_token_layers, plan_chunks
-from .sites import SiteKind, axis_size, check_by, site_kind
+from .sites import PREFIXED_SITES, SiteKind, axis_size, check_by, prefixed, site_kind
 
 
 def check_aligned(task) -> None:
@@ -148,6 +148,10 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
     Returns:
         Result with values [len(layers), *sizes of by[1:]] (pos labels are token strings).
     """
+    pre = prefixed(sites)
+    if pre is not None:  # e.g. "sae:blocks.3.hook_resid_pre": features of a spliced dictionary
+        return PREFIXED_SITES[pre[0]]["patch"](model, task, pre[1], by=by, metric=metric, mode=mode,
+                                               max_batch_tokens=max_batch_tokens, progress=progress, normalise=normalise)
     t0 = time.perf_counter()
     check_aligned(task)
     kind = site_kind(sites)

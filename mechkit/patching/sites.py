@@ -94,3 +94,21 @@ def patch_mask(kind: SiteKind, by: tuple[str, ...], idx: torch.Tensor, act_shape
         index.append(idx[:, by.index(d) - 1] if d in by else torch.zeros(k, dtype=torch.long, device=idx.device))
     mask[tuple(index)] = True
     return mask
+
+
+# Site families served by other modules, by prefix: ``sites="sae:blocks.3.hook_resid_pre"`` is
+# handled by the dictionary module (mechkit.sae registers itself on import). Each entry maps a
+# prefix to {"patch": fn, "attribute": fn}, called with (model, task, rest_of_name, by=..., **options).
+PREFIXED_SITES: dict = {}
+
+
+def prefixed(sites) -> tuple[str, str] | None:
+    """(prefix, rest) when ``sites`` names a registered site family (``"sae:<hook>"``), else None."""
+    if isinstance(sites, str) and ":" in sites:
+        prefix, rest = sites.split(":", 1)
+        if prefix not in PREFIXED_SITES:
+            raise ValueError(f"sites={sites!r}: no site family {prefix!r} is registered "
+                             f"(known: {sorted(PREFIXED_SITES) or 'none'}; 'sae:' needs `import mechkit.sae`)")
+        return prefix, rest
+    return None
+

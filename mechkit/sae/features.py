@@ -279,3 +279,22 @@ def feature_means(model, sae: SAE, inputs) -> torch.Tensor:
     acts = sae.encode(cache[sae.cfg.hook_name])
     m = b.attention_mask.bool()
     return acts[m].float().mean(0).cpu()
+
+
+def _patch_site(model, task, site, by=None, **kw):
+    return feature_patch(model, task, site=site, by=by or ("feature",), **kw)
+
+
+def _attribute_site(model, task, site, by=None, **kw):
+    return feature_attribution(model, task, site=site, by=by or ("feature",), **kw)
+
+
+def register_sites() -> None:
+    """Serve ``sites="sae:<hook_name>"`` in activation_patch / attribution_patch (a spliced dictionary)."""
+    from ..patching.sites import PREFIXED_SITES
+
+    PREFIXED_SITES["sae"] = {"patch": _patch_site, "attribute": _attribute_site}
+
+
+register_sites()
+
