@@ -38,11 +38,16 @@ def loop_patch(model, task, sae, by, feats, metric):
     return torch.stack(out).reshape(-1 if by == ("feature",) else (task.clean_tokens.shape[1], len(feats)))
 
 
-@pytest.mark.parametrize("family,arch", [("gpt2", "topk"), ("llama", "jumprelu"), ("gemma2", "standard")])
-def test_fused_feature_patching_equals_loop(family, arch):
+@pytest.mark.parametrize("family,arch,hook", [("gpt2", "topk", "blocks.1.hook_resid_post"),
+                                              ("llama", "jumprelu", "blocks.1.hook_resid_post"),
+                                              ("gemma2", "standard", "blocks.1.hook_resid_post"),
+                                              ("llama", "standard", "blocks.1.attn.hook_z")])
+def test_fused_feature_patching_equals_loop(family, arch, hook):
     m = mk.load(random_hf_model(family))
     kw = {"k": 6} if arch == "topk" else {}
-    sae = random_sae(arch, hook="blocks.1.hook_resid_post", scale=0.3, **kw)
+    if hook.endswith("hook_z"):  # [batch, pos, heads, d_head] flattened to heads * d_head = 64
+        kw["reshape_activations"] = "hook_z"
+    sae = random_sae(arch, hook=hook, scale=0.3, **kw)
     task = make_task(n=2, T=5, changed=(1, 3))
     metric = mk.attribution.logit_diff(task, normalise=False)
     feats = list(range(0, 96, 16))
