@@ -1,28 +1,53 @@
-"""Build a hook map for a decoder architecture mechkit has no TOML for, and verify it.
+"""Build a hook map for a decoder architecture mechkit has no TOML for, by measuring it, and verify it.
 
-The map is accepted only if the decomposition check passes on a random input:
-``resid_post = resid_pre + attn_out + mlp_out`` for every layer and the final norm's output
-feeds the unembedding. Otherwise :class:`HookMapDetectionError` says what was not found and
-how to pass a map of one's own (``mk.load(..., hook_map=path_or_dict)``).
+Detection runs the model once on random tokens with every submodule of every decoder layer
+watched, and reads the map off what it saw, layer by layer:
 
-The detected map has no ``resid_mid`` (whether the block is sequential cannot be verified
-from the outside); write a TOML map to get it.
+- the decoder-layer list: the shallowest ``nn.ModuleList`` with one entry per hidden layer
+  (layers may be of different classes: hybrids);
+- the two terms each layer adds to its residual stream: the module outputs ``a`` and ``m``
+  (firing once, residual-shaped) with ``resid_post = resid_pre + s_a * a + s_m * m``. A post-norm
+  or sandwich block gives its post-norm's output, a scaled residual (Granite, MiniCPM) a
+  constant ``s`` (kept in the point, read from the config where a config value matches), a
+  residual added inside a module (Bloom, MPT) the projection before the add. Among modules
+  with the same output the last to fire (the outermost) is used;
+- attention: the modules that call transformers' attention interface (q, k, v, pattern,
+  per-layer head counts), ``attn.hook_z`` as the input of the linear that reads the heads'
+  concatenated output. A layer whose first term holds no attention is a *mixer* layer
+  (Mamba, DeltaNet, linear attention, short convolution): ``hook_mixer_in/out`` instead;
+- the MLP's down projection (``mlp.hook_post``) and up/gate projections (``mlp.hook_pre``),
+  only where a single linear makes the term; a mixture of experts gets ``hook_mlp_out`` and
+  its router's logits ``mlp.hook_router_logits`` where a router module is found;
+- the final norm (the module whose output is the unembedding's input; none when the
+  unembedding reads the last residual directly), its kind (layer/RMS norm, weight offset), and
+  a transform between ``lm_head`` and the returned logits (a scale or a soft-cap), named in the
+  map so decompositions can apply it.
+
+The map is accepted only if the decomposition holds on every layer, else
+:class:`HookMapDetectionError` says what was not found and how to pass a map of one's own
+(``mk.load(..., hook_map=path_or_dict)``). Architectures the residual-sum picture cannot
+express (hyper-connections: a residual of several streams) are refused with the reason.
+
+The detected map has no ``resid_mid`` (whether the block is sequential is not verified);
+write a TOML map to get it.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .hookpoints import HookMap, PointTable, get_module, installed, plan
-from .weights import out_features
 
-ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention", "mixer")
-OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "proj")
-MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
-DOWN_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo", "fc_out")
 HOW_TO = ("pass hook_map= (a TOML path or a dict with [family] and [points], see mechkit/hooks/llama.toml) "
           "to mk.load")
+PROBE = "mechkit_probe"
+MIXER_WORDS = ("mamba", "mixer", "linear_attn", "linear_attention", "conv", "ssm", "deltanet", "recurrent",
+               "rg_lru", "temporal", "lightning", "short_conv", "mlstm", "slstm")
+EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 class HookMapDetectionError(ValueError):
@@ -33,98 +58,431 @@ def _fail(what: str) -> HookMapDetectionError:
     return HookMapDetectionError(f"could not detect a hook map: {what}. To hook this model, {HOW_TO}.")
 
 
-def _is_proj(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (hasattr(m, "nf") and getattr(m, "weight", None) is not None)
+def _text_config(cfg):
+    return getattr(cfg, "text_config", None) or cfg
 
 
-def _child(parent: nn.Module, names: tuple[str, ...]) -> str | None:
-    for n in names:
-        if n in parent._modules:
-            return n
-    return None
-
-
-def detect_map(hf: nn.Module) -> HookMap:
-    """Find the decoder-layer list, attention and its output projection, MLP and its down
-    projection, final norm and unembedding of ``hf``; return a verified HookMap."""
-    names = {m: n for n, m in hf.named_modules()}
-    lists = [(n, m) for n, m in hf.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
-             and len({type(c) for c in m}) == 1]
+def find_layers(hf: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder-layer list: the shallowest ModuleList with one entry per hidden layer."""
+    n = getattr(_text_config(hf.config), "num_hidden_layers", None)
+    lists = [(p, m) for p, m in hf.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+             and not any(isinstance(c, nn.Linear) for c in m)]
+    if n is not None:
+        lists = [t for t in lists if len(t[1]) == n] or lists
     if not lists:
-        raise _fail("no decoder-layer list (an nn.ModuleList of identical blocks)")
-    layers_path, layers = max(lists, key=lambda t: len(t[1]))
-    block0 = layers[0]
-    attn = _child(block0, ATTN_NAMES)
-    if attn is None:
-        raise _fail(f"no attention module in the block (looked for {ATTN_NAMES} in {list(block0._modules)})")
-    out_proj = _child(block0._modules[attn], OUT_PROJ_NAMES)
-    if out_proj is None or not _is_proj(block0._modules[attn]._modules[out_proj]):
-        raise _fail(f"no attention output projection (looked for {OUT_PROJ_NAMES})")
-    mlp = _child(block0, MLP_NAMES)
-    if mlp is None:
-        raise _fail(f"no MLP module in the block (looked for {MLP_NAMES} in {list(block0._modules)})")
-    down = _child(block0._modules[mlp], DOWN_NAMES)
-    if down is None:
-        raise _fail(f"no MLP down projection (looked for {DOWN_NAMES})")
-    unembed = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+        raise _fail("no decoder-layer list (an nn.ModuleList of blocks)")
+    return min(lists, key=lambda t: (t[0].count("."), -len(t[1])))
+
+
+# ----------------------------------------------------------------------------- probing
+
+
+@dataclass
+class _Seen:
+    """What one forward showed: per module path, its (first) input, output, call count, order."""
+
+    out: dict[str, torch.Tensor] = field(default_factory=dict)
+    inp: dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    order: dict[str, int] = field(default_factory=dict)
+    attn: dict[str, list] = field(default_factory=dict)  # path -> [(q shape, k shape, z)]
+    args: dict[str, list] = field(default_factory=dict)  # path -> positional inputs (tensors or None)
+
+
+def _is_proj(m: nn.Module) -> bool:
+    """nn.Linear or transformers' Conv1D (GPT-2)."""
+    return isinstance(m, nn.Linear) or (hasattr(m, "nf") and isinstance(getattr(m, "weight", None), torch.Tensor))
+
+
+def _first(x):
+    if isinstance(x, (tuple, list)) and x:
+        x = x[0]
+    return x if isinstance(x, torch.Tensor) else None
+
+
+def _probe_attention():
+    """Register an attention function that records who calls it (then runs mechkit's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    from .attention import mechkit_attention
+
+    def probe(module, query, key, value, attention_mask, **kw):
+        z, pattern = mechkit_attention(module, query, key, value, attention_mask, **kw)
+        rec = module.__dict__.get("_mechkit_probe")
+        if rec is not None:
+            rec.append((tuple(query.shape), tuple(key.shape), tuple(value.shape), z.detach().clone()))
+        return z, pattern
+
+    AttentionInterface.register(PROBE, probe)
+    AttentionMaskInterface.register(PROBE, eager_mask)
+
+
+@torch.no_grad()
+def _observe(hf: nn.Module, layers_path: str, ids: torch.Tensor, attn_probe: bool) -> tuple[_Seen, torch.Tensor]:
+    seen = _Seen()
+    counter = [0]
+    handles, probed = [], []
+
+    def post(path):
+        def hook(mod, args, kwargs, output):
+            seen.calls[path] = seen.calls.get(path, 0) + 1
+            counter[0] += 1
+            seen.order[path] = counter[0]
+            x = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(x, torch.Tensor):
+                seen.inp[path] = x.detach().clone()
+            seen.args[path] = [a.detach().clone() if isinstance(a, torch.Tensor) else None for a in args[:4]]
+            o = _first(output)
+            if o is not None:
+                seen.out[path] = o.detach().clone()
+        return hook
+
+    for path, mod in hf.named_modules():
+        if path:
+            handles.append(mod.register_forward_hook(post(path), with_kwargs=True))
+        if attn_probe:
+            mod.__dict__["_mechkit_probe"] = []
+            probed.append((path, mod))
+    try:
+        logits = hf(input_ids=ids, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+        for path, mod in probed:
+            rec = mod.__dict__.pop("_mechkit_probe")
+            if rec:
+                seen.attn[path] = rec
+    return seen, logits
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return a.shape == b.shape and bool((a - b).abs().max() <= tol)
+
+
+def _snap(value: float, cfg) -> float:
+    """A fitted residual scale replaced by the config value it equals (exact arithmetic), if any."""
+    n = getattr(cfg, "num_hidden_layers", None) or 1
+    for k, v in sorted(vars(cfg).items()):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in (0, 1):
+            for cand in (float(v), v / math.sqrt(n)):
+                if abs(cand - value) <= 1e-4 * abs(value):
+                    return float(cand)
+    return value
+
+
+def _terms(pre, post, cands, tol, cfg):
+    """(term paths, scales) such that post = pre + sum(scale * out); pairs by firing order."""
+    delta = (post - pre).double()
+    outs = [(p, t.double()) for p, t in cands]
+    for p1, t1 in outs:  # one term
+        if _close(t1, delta, tol):
+            return [p1], [1.0]
+    for i, (p1, t1) in enumerate(outs):
+        for p2, t2 in outs[i + 1:]:
+            if _close(t1 + t2, delta, tol):
+                return [p1, p2], [1.0, 1.0]
+    # scaled residuals: least squares for the two scales, then snapped to config values
+    d = delta.flatten()
+    for i, (p1, t1) in enumerate(outs):
+        for p2, t2 in [(None, None)] + outs[i + 1:]:
+            A = t1.flatten()[:, None] if t2 is None else torch.stack([t1.flatten(), t2.flatten()], 1)
+            sol = torch.linalg.lstsq(A, d[:, None]).solution.flatten()
+            if not torch.isfinite(sol).all() or (sol.abs() < 1e-6).any():
+                continue
+            scales = [_snap(float(s), cfg) for s in sol]
+            fit = sum(s * t for s, t in zip(scales, [t1] if t2 is None else [t1, t2]))
+            if _close(fit, delta, tol):
+                return ([p1] if t2 is None else [p1, p2]), scales
+    return None, None
+
+
+def _distinct(paths: list[str], seen: _Seen) -> list[str]:
+    """Among modules with identical outputs keep the last to fire (the outermost / nearest the add)."""
+    keep: list[str] = []
+    for p in sorted(paths, key=lambda p: seen.order[p]):
+        same = [q for q in keep if torch.equal(seen.out[q], seen.out[p])]
+        for q in same:
+            keep.remove(q)
+        keep.append(p)
+    return keep
+
+
+@torch.no_grad()
+def _norm_kind(x: torch.Tensor, y: torch.Tensor, mod: nn.Module) -> tuple[str, float]:
+    """Which norm maps x to y: layernorm or rmsnorm, weight offset 0 or 1 (Gemma's 1 + w)."""
+    w = getattr(mod, "weight", None)
+    b = getattr(mod, "bias", None)
+    eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", None) or 1e-6
+    if not isinstance(eps, float):
+        eps = 1e-6
+    x = x.double()
+    best = ("rmsnorm" if "rms" in type(mod).__name__.lower() else "layernorm", 0.0, float("inf"))
+    for kind in ("layernorm", "rmsnorm"):
+        xc = x - x.mean(-1, keepdim=True) if kind == "layernorm" else x
+        n = xc * (xc.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+        for off in (0.0, 1.0):
+            ww = 1.0 if not isinstance(w, torch.Tensor) else (w.double() + off)
+            out = n * ww + (b.double() if isinstance(b, torch.Tensor) else 0)
+            err = float((out - y.double()).abs().max()) if out.shape == y.shape else float("inf")
+            if err < best[2]:
+                best = (kind, off, err)
+    return best[0], best[1]
+
+
+def _logit_transform(raw: torch.Tensor, logits: torch.Tensor, cfg) -> dict | None:
+    """None, or {"kind": "scale"|"softcap", "value": c} such that logits = transform(lm_head output)."""
+    tol = 1e-5 * (1 + float(logits.abs().max()))
+    if raw.shape == logits.shape and _close(raw, logits, tol):
+        return None
+    r, lg = raw.double(), logits.double()
+    s = float((r * lg).sum() / (r * r).sum())
+    s = _snap(s, cfg)
+    if _close(r * s, lg, tol):
+        return {"kind": "scale", "value": s}
+    for k, v in sorted(vars(cfg).items()):
+        if "cap" in k and isinstance(v, (int, float)) and v:
+            if _close(torch.tanh(r / v) * v, lg, tol):
+                return {"kind": "softcap", "value": float(v)}
+    raise _fail("the model's logits are a transform of lm_head's output that is neither a constant scale nor "
+                "a soft-cap found in the config")
+
+
+def apply_logit_transform(family: dict, raw: torch.Tensor) -> torch.Tensor:
+    """lm_head's output -> the model's logits, with the map's ``logit_transform`` (if any)."""
+    t = family.get("logit_transform")
+    if not t:
+        return raw
+    if t["kind"] == "scale":
+        return raw * t["value"]
+    if t["kind"] == "softcap":
+        return torch.tanh(raw / t["value"]) * t["value"]
+    raise ValueError(f"unknown logit_transform kind {t['kind']!r}; expected 'scale' or 'softcap'")
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+@torch.no_grad()
+def detect_map(hf: nn.Module) -> HookMap:
+    """Measure ``hf`` (see the module docstring) and return a verified HookMap."""
+    cfg = _text_config(hf.config)
+    layers_path, layers = find_layers(hf)
     embed = hf.get_input_embeddings() if hasattr(hf, "get_input_embeddings") else None
-    if unembed is None or embed is None:
+    unembed = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if embed is None or unembed is None:
         raise _fail("no input or output embeddings (get_input_embeddings / get_output_embeddings)")
-    d_model = out_features(block0._modules[attn]._modules[out_proj])
-    norms = [n for n, m in hf.named_modules() if not n.startswith(layers_path) and n
-             and "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None
-             and m.weight.shape[-1] == d_model]
-    if not norms:
-        raise _fail("no final norm outside the decoder layers")
-    final_norm = norms[-1]
-    norm_mod = get_module(hf, final_norm)
-    kind = "layernorm" if getattr(norm_mod, "bias", None) is not None or "layernorm" in type(norm_mod).__name__.lower() else "rmsnorm"
-    block = f"{layers_path}.{{l}}"
-    fam = {
-        "name": f"auto:{hf.config.model_type}", "model_types": [], "layers": layers_path, "block": block,
-        "embed": names[embed], "final_norm": final_norm, "unembed": names[unembed],
-        "attn_out_proj": f"{{block}}.{attn}.{out_proj}", "mlp_down_proj": f"{{block}}.{mlp}.{down}",
-        "norm_kind": kind,
-    }
-    a, mm = f"{{block}}.{attn}", f"{{block}}.{mlp}"
-    points = {
-        "hook_embed": {"module": names[embed], "side": "output"},
-        "blocks.{l}.hook_resid_pre": {"module": "{block}", "side": "input"},
-        "blocks.{l}.hook_resid_post": {"module": "{block}", "side": "output"},
-        "blocks.{l}.hook_attn_out": {"module": a, "side": "output"},
-        "blocks.{l}.hook_mlp_out": {"module": mm, "side": "output"},
-        **{f"blocks.{{l}}.attn.hook_{t}": {"module": a, "side": "attention", "tensor": t}
-           for t in ("q", "k", "v", "pattern")},
-        "blocks.{l}.attn.hook_z": {"module": f"{a}.{out_proj}", "side": "input", "reshape": "heads"},
-        "blocks.{l}.mlp.hook_post": {"module": f"{mm}.{down}", "side": "input"},
-        "ln_final.hook_normalized": {"module": final_norm, "side": "output"},
-        "hook_logits": {"module": names[unembed], "side": "output"},
-    }
+    names = {m: n for n, m in hf.named_modules()}
+    vocab = min(int(getattr(embed, "num_embeddings", 0) or cfg.vocab_size), int(cfg.vocab_size))
+    dev = next(hf.parameters()).device
+    ids = torch.randint(1, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(dev)
+
+    saved = getattr(hf.config, "_attn_implementation", None)
+    per_head_ok = True
+    try:
+        _probe_attention()
+        hf.set_attn_implementation(PROBE)
+    except Exception:  # the model cannot switch attention functions: no per-head points
+        per_head_ok = False
+    try:
+        seen, logits = _observe(hf, layers_path, ids, per_head_ok)
+    except Exception as e:
+        raise _fail(f"the model failed while being observed ({type(e).__name__}: {str(e)[:200]})") from None
+    finally:
+        if per_head_ok:
+            hf.set_attn_implementation(saved)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, use_cache=False).logits
+    if per_head_ok and not torch.allclose(ref, logits, atol=1e-4 * (1 + float(ref.abs().max())), rtol=1e-4):
+        per_head_ok = False  # mechkit's attention does not reproduce this model's: no per-head points
+        seen, logits = _observe(hf, layers_path, ids, False)
+    if not per_head_ok:
+        seen.attn.clear()
+
+    emb_path = names[embed]
+    emb_out = seen.out[emb_path]
+    fam: dict = {"name": f"auto:{cfg.model_type}", "model_types": [], "layers": layers_path,
+                 "block": f"{layers_path}.{{l}}", "embed": emb_path, "unembed": names[unembed]}
+    points: dict[str, dict] = {"hook_embed": {"module": emb_path, "side": "output"}}
+    kinds: list[str] = []
+    for l in range(len(layers)):
+        block = f"{layers_path}.{l}"
+        if seen.calls.get(block) != 1:
+            raise _fail(f"decoder layer {l} ({block}) ran {seen.calls.get(block, 0)} times in one forward")
+        pre, post = seen.inp.get(block), seen.out.get(block)
+        if pre is None or post is None or pre.shape != post.shape or pre.dim() != 3 or pre.shape[-1] != emb_out.shape[-1]:
+            shape = None if pre is None else tuple(pre.shape)
+            raise _fail(f"decoder layer {l} reads a residual of shape {shape}, not [batch, pos, d_model] = "
+                        f"{tuple(emb_out.shape)}: hyper-connections or several residual streams, which the "
+                        f"resid_pre + attn_out + mlp_out picture cannot express (refused)")
+        tol = 1e-5 * (1 + float(post.abs().max()))
+        inside = [p for p in seen.out if p.startswith(block + ".") and seen.calls[p] == 1
+                  and seen.out[p].shape == post.shape]
+        terms, scales = _terms(pre, post, [(p, seen.out[p]) for p in _distinct(inside, seen)], tol, cfg)
+        if terms is None:
+            raise _fail(f"layer {l}: no one or two module outputs inside {block} add up to resid_post - resid_pre "
+                        f"(the residual is added in a way mechkit cannot see, e.g. several residual streams)")
+        attn_mods = [p for p in seen.attn if p.startswith(block + ".") and len(seen.attn[p]) == 1]
+        first = terms[0]
+        rel = first[len(block) + 1:].lower()
+        is_mixer = any(k in rel for k in MIXER_WORDS)
+        first_is_attn = bool(attn_mods) or (not is_mixer and any(k in rel for k in ("att", "self_att")))
+        if len(terms) == 1:
+            attn_term, mlp_term = (first, None) if (first_is_attn or is_mixer) else (None, first)
+        else:
+            attn_term, mlp_term = terms
+        scale = dict(zip(terms, scales))
+        kind = "attn" if first_is_attn else "mixer" if (is_mixer or len(terms) == 2) else "mlp_only"
+        kinds.append(kind)
+        pl = f"blocks.{l}."
+
+        def term_point(path, s):
+            spec = {"module": path, "side": "output"}
+            if s != 1.0:
+                spec["scale"] = s
+            return spec
+
+        points[pl + "hook_resid_pre"] = {"module": block, "side": "input"}
+        points[pl + "hook_resid_post"] = {"module": block, "side": "output"}
+        if attn_term is not None:
+            if kind == "attn":
+                points[pl + "hook_attn_out"] = term_point(attn_term, scale[attn_term])
+            else:
+                points[pl + "hook_mixer_out"] = term_point(attn_term, scale[attn_term])
+                mixer = attn_term
+                if attn_term in seen.inp and seen.inp[attn_term].shape == post.shape:
+                    points[pl + "hook_mixer_in"] = {"module": mixer, "side": "input"}
+        if mlp_term is not None:
+            points[pl + "hook_mlp_out"] = term_point(mlp_term, scale[mlp_term])
+        if len(attn_mods) == 1:
+            a = attn_mods[0]
+            qs, ks, vs, z = seen.attn[a][0]
+            for t in ("q", "k", "v", "pattern"):
+                points[pl + f"attn.hook_{t}"] = {"module": a, "side": "attention", "tensor": t}
+            zf = z.flatten(-2)
+            o_proj = [p for p in seen.inp if p.startswith(a + ".") and _is_proj(get_module(hf, p))
+                      and seen.calls[p] == 1 and seen.inp[p].shape == zf.shape and torch.equal(seen.inp[p], zf)]
+            if o_proj:
+                points[pl + "attn.hook_z"] = {"module": o_proj[0], "side": "input", "reshape": "heads", "heads": qs[1]}
+                fam.setdefault("attn_out_proj", o_proj[0].replace(block, "{block}", 1))
+            fam.setdefault("n_heads", qs[1])
+            fam.setdefault("n_kv_heads", ks[1])
+            fam.setdefault("d_head", vs[-1])
+        if mlp_term is not None:
+            _mlp_points(hf, seen, pl, block, mlp_term, post, fam, points, cfg)
+    if "attn" not in kinds:
+        raise _fail("no layer holds attention (a pure state-space or recurrent model)")
+    fam["layer_kinds"] = kinds
+
+    # final norm, unembedding, logit transform
+    un_path = names[unembed]
+    un_in = seen.inp.get(un_path)
+    last_post = seen.out[f"{layers_path}.{len(layers) - 1}"]
+    if un_in is None:
+        raise _fail("the unembedding did not run")
+    norms = [p for p in seen.out if not p.startswith(layers_path + ".") and p != un_path and seen.calls[p] == 1
+             and seen.out[p].shape == un_in.shape and torch.equal(seen.out[p], un_in) and p in seen.inp
+             and seen.inp[p].shape == un_in.shape]
+    if norms:
+        final = max(norms, key=lambda p: seen.order[p])
+        fam["final_norm"] = final
+        kind, off = _norm_kind(seen.inp[final], seen.out[final], get_module(hf, final))
+        fam["norm_kind"] = kind
+        if off:
+            fam["norm_weight_offset"] = off
+        points["ln_final.hook_normalized"] = {"module": final, "side": "output"}
+    elif un_in.shape == last_post.shape and torch.equal(un_in, last_post):
+        fam["final_norm"] = ""
+        fam["norm_kind"] = "none"
+    else:
+        raise _fail("no module's output is the unembedding's input (a final norm applied as a function?)")
+    t = _logit_transform(seen.out[un_path], logits, cfg)
+    if t is not None:
+        fam["logit_transform"] = t
+    points["hook_logits"] = {"module": un_path, "side": "output"}
     hook_map = HookMap(fam, points, source=f"auto-detected for {type(hf).__name__}")
     verify(hf, hook_map)
     return hook_map
 
 
+def _mlp_points(hf, seen, pl, block, term, post, fam, points, cfg) -> None:
+    """mlp.hook_post / hook_pre (a single down projection makes the term) and the router's logits."""
+    term_val = seen.out[term]
+    term_in = seen.inp.get(term)
+    after = seen.order[term]
+    linears = [p for p in seen.out if p.startswith(block + ".") and seen.calls[p] == 1
+               and _is_proj(get_module(hf, p)) and p in seen.inp]
+    down = [p for p in linears if seen.out[p].shape == post.shape and seen.inp[p].shape[-1] != post.shape[-1]
+            and (torch.equal(seen.out[p], term_val) or (term_in is not None and term_in.shape == post.shape
+                                                         and torch.equal(seen.out[p], term_in)))]
+    if len(down) == 1 and seen.order[down[0]] <= after:
+        d = down[0]
+        points[pl + "mlp.hook_post"] = {"module": d, "side": "input"}
+        fam.setdefault("mlp_down_proj", d.replace(block, "{block}", 1))
+        fam.setdefault("d_mlp", int(seen.inp[d].shape[-1]))
+        parent = d.rsplit(".", 1)[0]
+        ups = [p for p in linears if p.rsplit(".", 1)[0] == parent and p != d
+               and seen.out[p].shape[-1] == seen.inp[d].shape[-1] and seen.order[p] < seen.order[d]]
+        gate = [p for p in ups if "gate" in p.rsplit(".", 1)[-1]]
+        up = [p for p in ups if p not in gate]
+        if gate:
+            points[pl + "mlp.hook_pre"] = {"module": gate[0], "side": "output"}
+            if up:
+                points[pl + "mlp.hook_pre_linear"] = {"module": up[0], "side": "output"}
+        elif len(up) == 1:
+            points[pl + "mlp.hook_pre"] = {"module": up[0], "side": "output"}
+    n_exp = next((getattr(cfg, k) for k in EXPERT_KEYS if isinstance(getattr(cfg, k, None), int)), None)
+    if n_exp:
+        mlp_root = term if term_in is None or term_in.shape != post.shape else term
+        routers = [p for p in seen.out if p.startswith(mlp_root.rsplit(".", 1)[0] + ".") and seen.calls[p] == 1
+                   and seen.out[p].shape[-1] == n_exp and seen.out[p].dim() >= 2
+                   and seen.out[p].shape[:-1].numel() == post.shape[:-1].numel()]
+        if routers:
+            r = min(routers, key=lambda p: seen.order[p])
+            points[pl + "mlp.hook_router_logits"] = {"module": r, "side": "output", "reshape": "tokens"}
+            fam.setdefault("n_experts", int(n_exp))
+        # the experts module: called as (hidden [tokens, d], top_k_index [tokens, k], top_k_weights [tokens, k])
+        n_tok = post.shape[:-1].numel()
+        experts = [p for p in seen.args if p.startswith(mlp_root.rsplit(".", 1)[0] + ".") and seen.calls[p] == 1
+                   and len(seen.args[p]) >= 3 and all(isinstance(a, torch.Tensor) for a in seen.args[p][:3])
+                   and not seen.args[p][1].is_floating_point() and seen.args[p][2].is_floating_point()
+                   and seen.args[p][1].shape == seen.args[p][2].shape and seen.args[p][1].dim() == 2
+                   and seen.args[p][1].shape[0] == n_tok]
+        if len(experts) == 1:
+            e = experts[0]
+            points[pl + "mlp.hook_expert_indices"] = {"module": e, "side": "input", "arg": 1, "reshape": "tokens"}
+            points[pl + "mlp.hook_expert_weights"] = {"module": e, "side": "input", "arg": 2, "reshape": "tokens"}
+            fam.setdefault("n_experts", int(n_exp))
+
+
 @torch.no_grad()
-def verify(hf: nn.Module, hook_map: HookMap, tol: float = 1e-4) -> None:
-    """Run random tokens and check the residual decomposition; raise HookMapDetectionError if not."""
+def verify(hf: nn.Module, hook_map: HookMap, tol: float = 1e-5) -> None:
+    """Run random tokens through the map's points and check the residual decomposition on every
+    layer and that lm_head's output (with the map's logit transform) is the logits; raise
+    HookMapDetectionError if not."""
     n_layers = len(get_module(hf, hook_map.family["layers"]))
     table = PointTable(hook_map, n_layers, hf.config)
-    wanted = [f"blocks.{l}.{p}" for l in range(n_layers)
-              for p in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")]
-    wanted += ["ln_final.hook_normalized", "hook_logits"]
+    parts_of = {l: [n for n in (f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mixer_out", f"blocks.{l}.hook_mlp_out")
+                    if n in table.points] for l in range(n_layers)}
+    wanted = [f"blocks.{l}.{p}" for l in range(n_layers) for p in ("hook_resid_pre", "hook_resid_post")]
+    wanted += [n for l in range(n_layers) for n in parts_of[l]] + ["hook_logits"]
     store: dict[str, torch.Tensor] = {}
-    pairs = [(n, lambda x, h: store.__setitem__(h.name, x)) for n in wanted]
-    vocab = hf.get_input_embeddings().num_embeddings
-    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(next(hf.parameters()).device)
-    with installed(hf, plan(table, pairs), int(hf.config.num_attention_heads)):
+    pairs = [(n, lambda x, h: store.__setitem__(h.name, x.clone())) for n in wanted]
+    cfg = _text_config(hf.config)
+    vocab = min(hf.get_input_embeddings().num_embeddings, int(cfg.vocab_size))
+    ids = torch.randint(1, vocab, (1, 8), generator=torch.Generator().manual_seed(1)).to(next(hf.parameters()).device)
+    n_heads = int(hook_map.family.get("n_heads") or getattr(cfg, "num_attention_heads", 1) or 1)
+    with installed(hf, plan(table, pairs), n_heads):
         logits = hf(input_ids=ids, use_cache=False).logits
     for l in range(n_layers):
-        parts = store[f"blocks.{l}.hook_resid_pre"] + store[f"blocks.{l}.hook_attn_out"] + store[f"blocks.{l}.hook_mlp_out"]
         post = store[f"blocks.{l}.hook_resid_post"]
+        parts = store[f"blocks.{l}.hook_resid_pre"] + sum(store[n] for n in parts_of[l])
         err = (parts - post).abs().max().item()
         if err > tol * (1 + post.abs().max().item()):
-            raise _fail(f"layer {l}: resid_pre + attn_out + mlp_out differs from the block output by {err:.3g} "
-                        f"(norms after attention/MLP, or a different residual layout)")
-    if not torch.allclose(store["hook_logits"], logits, atol=tol, rtol=tol):
+            raise _fail(f"layer {l}: resid_pre + {' + '.join(p.split('.')[-1] for p in parts_of[l])} differs from "
+                        f"the block output by {err:.3g} (norms after attention/MLP, or a different residual layout)")
+    if not torch.allclose(apply_logit_transform(hook_map.family, store["hook_logits"]), logits, atol=tol, rtol=tol):
         raise _fail("the unembedding's output is not the model's logits")

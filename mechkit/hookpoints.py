@@ -71,6 +71,9 @@ class PointSpec:
     of: tuple[str, ...] = ()
     write: str | None = None
     optin: bool = False
+    heads: int | None = None
+    scale: float | None = None
+    arg: int = 0
 
 
 class HookNameError(KeyError):
@@ -152,9 +155,12 @@ class PointTable:
         self.points: dict[str, PointSpec] = {}
         self.unavailable: dict[str, str] = {}
         for template, spec in hook_map.templates.items():
+            fixed = _LAYER_RE.match(template)  # a per-layer map names each layer's points explicitly
             layers: Iterable[int | None] = range(n_layers) if "{l}" in template else [None]
             for layer in layers:
                 name = template.replace("{l}", str(layer)) if layer is not None else template
+                if layer is None and fixed:
+                    layer = int(fixed.group(1))
                 cond = spec.get("unavailable_if")
                 if cond and bool(getattr(hf_config, cond, False)):
                     self.unavailable[name] = spec.get("reason", f"unavailable because config.{cond} is set")
@@ -176,7 +182,8 @@ class PointTable:
             raise ValueError(f"{self.map.source}: point {name} has side '{side}'")
         return PointSpec(
             name, layer, side, module=self.map.path(spec["module"], layer),
-            tensor=spec.get("tensor"), reshape=spec.get("reshape"),
+            tensor=spec.get("tensor"), reshape=spec.get("reshape"), heads=spec.get("heads"),
+            scale=spec.get("scale"), arg=int(spec.get("arg", 0)),
         )
 
     def names(self, include_optin: bool = False) -> list[str]:
@@ -226,11 +233,33 @@ class _Handler:
 
     run: Callable[[torch.Tensor], torch.Tensor | None]
     reshape: str | None = None
+    heads: int | None = None  # this point's head count where layers differ
+    scale: float | None = None  # the point is scale * the module's tensor (a scaled residual branch)
+    arg: int = 0  # which positional input an input point reads (0: the first, or hidden_states=)
+
+
+_TOKENS: dict[str, tuple[int, int]] = {}  # [batch, pos] of the forward being hooked ("tokens" reshape)
+
+
+def _view(h: _Handler, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    if h.reshape == "heads":
+        x = x.unflatten(-1, (h.heads or n_heads, -1))
+    elif h.reshape == "tokens" and x.dim() == 2 and "bp" in _TOKENS:  # [batch * pos, n] -> [batch, pos, n]
+        x = x.view(*_TOKENS["bp"], x.shape[-1])
+    return x if h.scale is None else x * h.scale
+
+
+def _unview(h: _Handler, new: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if h.scale is not None:
+        new = new / h.scale
+    if h.reshape == "heads":
+        return new.flatten(-2)
+    return new.reshape(like.shape) if h.reshape == "tokens" else new
 
 
 def _apply(handlers: list[_Handler], x: torch.Tensor, n_heads: int) -> torch.Tensor:
     for h in handlers:
-        view = x.unflatten(-1, (n_heads, -1)) if h.reshape == "heads" else x
+        view = _view(h, x, n_heads)
         new = h.run(view)
         if new is not None:
             if new.shape != view.shape:
@@ -239,7 +268,7 @@ def _apply(handlers: list[_Handler], x: torch.Tensor, n_heads: int) -> torch.Ten
                 )
             if new.device != view.device or new.dtype != view.dtype:  # follow the module's device (device_map)
                 new = new.to(device=view.device, dtype=view.dtype)
-            x = new.flatten(-2) if h.reshape == "heads" else new
+            x = _unview(h, new, x)
     return x
 
 
@@ -282,15 +311,15 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
         spec = table.resolve(name)
         hook = Hook(name, spec.layer)
         if spec.side != "virtual":
-            add(spec, _Handler(wrap(fn, hook), spec.reshape))
+            add(spec, _Handler(wrap(fn, hook), spec.reshape, spec.heads, spec.scale, spec.arg))
             continue
         # virtual sum: v = sum(read parts) + written part; write: written' = v_new - sum(read parts)
         parts = [table.resolve(p) for p in spec.of if p != spec.write]
         target = table.resolve(spec.write)
         keepers, through = _virtual_handlers(fn, hook, [p.name for p in parts])
         for p, keep in zip(parts, keepers):
-            add(p, _Handler(keep, p.reshape))
-        add(target, _Handler(through, target.reshape))
+            add(p, _Handler(keep, p.reshape, p.heads, p.scale))
+        add(target, _Handler(through, target.reshape, target.heads, target.scale))
     return inst
 
 
@@ -326,6 +355,7 @@ def installed(model: nn.Module, inst: Installation, n_heads: int, sizes=None):
                 raise ValueError("split q/k/v input points need the model's head sizes (installed(sizes=...))")
             install_split(split_stack, model, inst.hook_map, layer, dict(by_part),
                           sizes, lambda hs, x: _apply(hs, x, 0))
+        handles.append(model.register_forward_pre_hook(_record_tokens, with_kwargs=True))
         for path, handlers in inst.inputs.items():
             handles.append(get_module(model, path).register_forward_pre_hook(
                 _make_pre_hook(handlers, n_heads), with_kwargs=True))
@@ -349,14 +379,32 @@ def installed(model: nn.Module, inst: Installation, n_heads: int, sizes=None):
                 mod.__dict__.pop("_mechkit_attn", None)
 
 
+def _record_tokens(module, args, kwargs):
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args:
+        x = args[0]
+    if isinstance(x, torch.Tensor) and x.dim() >= 2:
+        _TOKENS["bp"] = (x.shape[0], x.shape[1])
+
+
 def _make_pre_hook(handlers: list[_Handler], n_heads: int):
+    by_arg: dict[int, list[_Handler]] = defaultdict(list)
+    for h in handlers:
+        by_arg[h.arg].append(h)
+
     def pre_hook(module, args, kwargs):
-        if args:
-            new = _apply(handlers, args[0], n_heads)
-            return (new, *args[1:]), kwargs
-        x = kwargs["hidden_states"]
-        kwargs = dict(kwargs, hidden_states=_apply(handlers, x, n_heads))
-        return args, kwargs
+        args = list(args)
+        for i, hs in by_arg.items():
+            if i < len(args):
+                args[i] = _apply(hs, args[i], n_heads)
+            elif i == 0 and "hidden_states" in kwargs:
+                kwargs = dict(kwargs, hidden_states=_apply(hs, kwargs["hidden_states"], n_heads))
+            else:
+                raise RuntimeError(f"{type(module).__name__} was called without positional input {i}, "
+                                   f"which a hook point reads")
+        return tuple(args), kwargs
     return pre_hook
 
 
@@ -388,6 +436,7 @@ def has_mechkit_hooks(model: nn.Module) -> bool:
             return True
         for d in (m._forward_hooks, m._forward_pre_hooks):
             for fn in d.values():
-                if getattr(fn, "__qualname__", "").startswith(("_make_pre_hook", "_make_post_hook", "install_split", "_proj_hook")):
+                if getattr(fn, "__qualname__", "").startswith(("_make_pre_hook", "_make_post_hook", "install_split", "_proj_hook",
+                                                               "_record_tokens")):
                     return True
     return False

@@ -71,7 +71,7 @@ class HookedModel(nn.Module):
             from .autodetect import detect_map
 
             hook_map = detect_map(hf_model)
-        self.hook_map = hook_map
+        self.hook_map = _resolve_config_values(hook_map, config)
         n_layers = len(get_module(hf_model, hook_map.family["layers"]))
         self.points = PointTable(hook_map, n_layers, config)
         self.cfg = self._make_cfg(n_layers)
@@ -82,19 +82,38 @@ class HookedModel(nn.Module):
 
     # ------------------------------------------------------------------ sizes
     def _make_cfg(self, n_layers: int) -> ModelConfig:
-        hf, fam, c = self.hf_model, self.hook_map.family, self.hf_model.config
-        n_heads = int(c.num_attention_heads)
-        n_kv = int(getattr(c, "num_key_value_heads", None) or n_heads)
-        o_proj = get_module(hf, self.hook_map.path(fam["attn_out_proj"], 0))
-        down = get_module(hf, self.hook_map.path(fam["mlp_down_proj"], 0))
+        hf, fam = self.hf_model, self.hook_map.family
+        c = getattr(hf.config, "text_config", None) or hf.config
+        n_heads = int(fam.get("n_heads") or c.num_attention_heads)
+        n_kv = int(fam.get("n_kv_heads") or getattr(c, "num_key_value_heads", None) or n_heads)
+        embed = hf.get_input_embeddings()
+        d_model = int(embed.weight.shape[-1])
+        if "attn_out_proj" in fam:
+            o_proj = get_module(hf, self.hook_map.path(fam["attn_out_proj"], self._first_layer("attn_out_proj")))
+            d_model, d_head = out_features(o_proj), in_features(o_proj) // n_heads
+        else:
+            d_head = int(fam.get("d_head") or getattr(c, "head_dim", None) or d_model // n_heads)
+        if "mlp_down_proj" in fam:
+            d_mlp = in_features(get_module(hf, self.hook_map.path(fam["mlp_down_proj"], self._first_layer("mlp_down_proj"))))
+        else:
+            d_mlp = int(fam.get("d_mlp") or getattr(c, "intermediate_size", 0) or 0)
         p = next(hf.parameters())
         return ModelConfig(
-            family=self.hook_map.name, model_type=c.model_type, n_layers=n_layers,
-            d_model=out_features(o_proj), n_heads=n_heads, n_kv_heads=n_kv,
-            d_head=in_features(o_proj) // n_heads, d_mlp=in_features(down),
+            family=self.hook_map.name, model_type=hf.config.model_type, n_layers=n_layers,
+            d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head, d_mlp=d_mlp,
             d_vocab=out_features(get_module(hf, fam["unembed"])),
             dtype=str(p.dtype).removeprefix("torch."), device=str(p.device),
         )
+
+    def _first_layer(self, key: str) -> int:
+        """The first layer whose module the ``[family]`` entry ``key`` names (layers may differ: hybrids)."""
+        for l in range(len(get_module(self.hf_model, self.hook_map.family["layers"]))):
+            try:
+                get_module(self.hf_model, self.hook_map.path(self.hook_map.family[key], l))
+                return l
+            except AttributeError:
+                continue
+        return 0
 
     @property
     def device(self) -> torch.device:
@@ -219,14 +238,21 @@ class HookedModel(nn.Module):
 
         def saver(name: str):
             def save(x: torch.Tensor, hook) -> None:
-                store[name] = x.detach() if device is None else x.detach().to(device)
+                # a copy: the model may add into the tensor in place after the hook (Falcon's parallel block)
+                store[name] = x.detach().clone() if device is None else x.detach().to(device, copy=True)
             return save
 
         extra = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
         b = self.batch(inputs, attention_mask, padding_side=padding_side)
         with torch.no_grad(), self.hooks(extra + [(n, saver(n)) for n in selected]):
             out = self.hf_model(**b.kwargs(), use_cache=keep_kv)
-        ordered = {n: store[n] for n in selected if n in store}
+        missing = [n for n in selected if n not in store]
+        if missing:
+            raise RuntimeError(
+                f"run_with_cache: {len(missing)} requested hook point(s) never ran in the forward pass "
+                f"(e.g. {', '.join(missing[:3])}): this model's code does not pass through the place the map "
+                f"'{self.hook_map.name}' names for them. Ask for other points or fix the map.")
+        ordered = {n: store[n] for n in selected}
         cache = ActivationCache(ordered, self, b)
         if keep_kv:
             past = out.cache if "cache" in out else out.past_key_values  # transformers 5.x renames it per model
@@ -249,6 +275,22 @@ class HookedModel(nn.Module):
         c = self.cfg
         return (f"HookedModel({type(self.hf_model).__name__}, family={c.family}, layers={c.n_layers}, "
                 f"d_model={c.d_model}, heads={c.n_heads}/{c.n_kv_heads}, dtype={c.dtype}, device={c.device})")
+
+
+def _resolve_config_values(hook_map: HookMap, config) -> HookMap:
+    """A map whose ``logit_transform`` reads a config attribute (``config = "name"``) gets the value;
+    a transform whose config value is None or absent is dropped (the model applies none)."""
+    t = hook_map.family.get("logit_transform")
+    if not t or "config" not in t:
+        return hook_map
+    text = getattr(config, "text_config", None) or config
+    value = getattr(text, t["config"], None)
+    fam = dict(hook_map.family)
+    if value:
+        fam["logit_transform"] = {"kind": t["kind"], "value": float(value)}
+    else:
+        fam.pop("logit_transform")
+    return HookMap(fam, hook_map.templates, hook_map.source)
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

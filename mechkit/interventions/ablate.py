@@ -1,4 +1,4 @@
-"""Ablation of attention heads (``attn.hook_z``) and MLP neurons (``mlp.hook_post``).
+"""Ablation of attention heads (``attn.hook_z``), MLP neurons (``mlp.hook_post``) and experts.
 
 ``with ablate(model, heads=[(l, h), ...], neurons=[(l, n), ...], how=..., reference=...):``
 replaces the chosen slices in every forward pass inside the block: plain forwards,
@@ -22,6 +22,12 @@ decode step has seq len 1 at the next position id, so a decode step gets the per
 reference value of its own position. Position ids the reference does not cover (longer prompts
 or generations, or resample rows shorter than the current one) fall back to the pooled value.
 Pads of the current batch are replaced too (harmless: no real token attends to them).
+
+Experts (mixture-of-experts layers): ``experts=[(layer, expert), ...]`` sets the routing
+weight of that expert to zero wherever the router selected it (``mlp.hook_expert_indices`` /
+``mlp.hook_expert_weights``); the other selected experts keep their weights (no
+renormalisation), so ``mlp_out`` loses exactly that expert's weighted output. Only
+``how="zero"``.
 
 ``preserve_pattern=True`` keeps each ablated head's own attention pattern and replaces only
 what it moves: z_h = sum_k A_h[q, k] v_ref[k], with v_ref the reference value vectors (mean /
@@ -146,7 +152,7 @@ def ablation_values(model, names, how: str, reference, position_ids: torch.Tenso
 
 
 def ablation_hooks(model, heads=(), neurons=(), how: str = "zero", reference=None, per_position: bool = True,
-                   preserve_pattern: bool = False, seed: int = 0, reference_mask=None, _positions=None):
+                   preserve_pattern: bool = False, seed: int = 0, reference_mask=None, _positions=None, experts=()):
     """The ``[(name, fn), ...]`` hooks that :func:`ablate` installs (for use with ``model.hooks``
     or in sweeps). ``_positions``: a position recorder (``ablate`` supplies one); without it the
     position ids are assumed to be 0..p-1 (no padding, no KV cache)."""
@@ -155,8 +161,12 @@ def ablation_hooks(model, heads=(), neurons=(), how: str = "zero", reference=Non
     c = model.cfg
     head_masks = _group(heads, c.n_layers, c.n_heads, "heads")
     neuron_masks = _group(neurons, c.n_layers, c.d_mlp, "neurons")
+    expert_hooks = _expert_hooks(model, experts, how)
     if not head_masks and not neuron_masks:
-        raise ValueError("nothing to ablate: give heads=[(layer, head), ...] and/or neurons=[(layer, neuron), ...]")
+        if expert_hooks:
+            return expert_hooks
+        raise ValueError("nothing to ablate: give heads=[(layer, head), ...] and/or neurons=[(layer, neuron), ...]"
+                         " and/or experts=[(layer, expert), ...]")
     if how != "zero" and reference is None:
         raise ValueError(f"how='{how}' needs reference= prompts or token ids to take values from")
     positions = _positions or _Positions()
@@ -220,12 +230,46 @@ def ablation_hooks(model, heads=(), neurons=(), how: str = "zero", reference=Non
                 return masked(z, _m, new)
             hooks += [(f"blocks.{l}.attn.hook_pattern", keep_pattern), (name, value_ref),
                       (f"blocks.{l}.attn.hook_z", fn)]
+    return hooks + expert_hooks
+
+
+def _expert_hooks(model, experts, how: str) -> list:
+    """Hooks that zero the routing weight of each (layer, expert) where it was selected."""
+    experts = list(experts)
+    if not experts:
+        return []
+    if how != "zero":
+        raise ValueError(f"experts= supports how='zero' only (a routing weight set to 0); got how={how!r}")
+    n_exp = model.hook_map.family.get("n_experts")
+    by_layer: dict[int, list[int]] = {}
+    for item in experts:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise ValueError(f"experts must be [(layer, expert), ...]; got item {item!r}")
+        l, e = int(item[0]), int(item[1])
+        name = f"blocks.{l}.mlp.hook_expert_weights"
+        if name not in model.hook_names():
+            raise ValueError(f"experts=({l}, {e}): layer {l} has no expert routing point ({name}); "
+                             f"layers with one: {sorted({int(n.split('.')[1]) for n in model.hook_names() if n.endswith('hook_expert_weights')})}")
+        if n_exp is not None and not 0 <= e < n_exp:
+            raise ValueError(f"experts=({l}, {e}): expert must be in 0..{n_exp - 1}")
+        by_layer.setdefault(l, []).append(e)
+    hooks = []
+    for l, es in by_layer.items():
+        stash: dict[str, torch.Tensor] = {}
+
+        def keep(idx, hook, _s=stash):
+            _s["idx"] = idx
+
+        def zero(w, hook, _s=stash, _e=torch.tensor(es)):
+            hit = torch.isin(_s.pop("idx"), _e.to(w.device))
+            return torch.where(hit, torch.zeros_like(w), w)
+        hooks += [(f"blocks.{l}.mlp.hook_expert_indices", keep), (f"blocks.{l}.mlp.hook_expert_weights", zero)]
     return hooks
 
 
 @contextmanager
 def ablate(model, heads=(), neurons=(), how: str = "zero", reference=None, per_position: bool = True,
-           preserve_pattern: bool = False, seed: int = 0, reference_mask=None) -> Iterator:
+           preserve_pattern: bool = False, seed: int = 0, reference_mask=None, experts=()) -> Iterator:
     """Context manager: ablate ``heads`` [(layer, head)] and ``neurons`` [(layer, neuron)] in every
     forward pass of ``model`` inside the block (see the module docstring for each option).
 
@@ -234,7 +278,7 @@ def ablate(model, heads=(), neurons=(), how: str = "zero", reference=None, per_p
     """
     positions = _Positions()
     hooks = ablation_hooks(model, heads, neurons, how, reference, per_position, preserve_pattern, seed,
-                           reference_mask, _positions=positions)
+                           reference_mask, _positions=positions, experts=experts)
     handle = model.hf_model.register_forward_pre_hook(positions.pre_hook, with_kwargs=True)
     try:
         with model.hooks(hooks):

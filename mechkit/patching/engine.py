@@ -85,13 +85,23 @@ def last_position_tail(model, layer: int, attn_out: bool = True) -> Iterator[Non
     residual stream; for the last layer nothing reads those positions when only the last logits
     are kept, so the result there is exact while most of the layer's work on them is skipped (the
     keys and values of every position are still computed: the last query reads them). The modules
-    are the parents of the map's ``mlp_down_proj`` and its ``attn_out_proj`` itself.
+    are the parents of the map's ``mlp_down_proj`` and its ``attn_out_proj`` itself; where the map
+    names none for this layer (mixture of experts, hybrids' mixer layers) the layer runs whole.
     """
     hm = model.hook_map
-    paths = [hm.path(hm.family["mlp_down_proj"], layer).rpartition(".")[0]]
+    paths = []
+    if "mlp_down_proj" in hm.family:
+        paths.append(hm.path(hm.family["mlp_down_proj"], layer).rpartition(".")[0])
     if attn_out and "attn_out_proj" in hm.family:
         paths.append(hm.path(hm.family["attn_out_proj"], layer))
-    handles = [get_module(model.hf_model, p).register_forward_pre_hook(_last_only, with_kwargs=True) for p in paths]
+    mods = []
+    for p in paths:
+        try:
+            mods.append(get_module(model.hf_model, p))
+        except AttributeError:
+            mods = []  # this layer differs from the map's template: run it whole
+            break
+    handles = [mod.register_forward_pre_hook(_last_only, with_kwargs=True) for mod in mods]
     try:
         yield
     finally:

@@ -7,6 +7,9 @@ A *site kind* names a hook point template and the axes of its activation (batch 
 - ``pattern``: ``[batch, head, pos (query), key_pos]``; by ("layer", "head", "pos", "key_pos") patches
   single (destination, source) entries, like TransformerLens's ``get_act_patch_attn_head_pattern_dest_src_pos``
 - ``neuron`` (MLP post-activation): ``[batch, pos, neuron]``
+- ``mixer_out`` (a hybrid's Mamba/DeltaNet/conv layer output): ``[batch, pos, d_model]``
+- ``router_logits`` (a mixture-of-experts router): ``[batch, pos, expert]``; patching it re-routes
+  the tokens (the experts chosen downstream follow the patched logits)
 
 A patch is an index over ``by`` (always starting with ``"layer"``); the axes of ``by`` other
 than ``layer`` are written at that index, every other axis is written whole.
@@ -47,6 +50,9 @@ SITE_KINDS: dict[str, SiteKind] = {
     "v": SiteKind("v", "blocks.{l}.attn.hook_v", _HEAD, ("layer", "head")),
     "pattern": SiteKind("pattern", "blocks.{l}.attn.hook_pattern", ("head", "pos", "key_pos"), ("layer", "head")),
     "neuron": SiteKind("neuron", "blocks.{l}.mlp.hook_post", ("pos", "neuron"), ("layer", "neuron")),
+    # hybrids' non-attention token mixers (Mamba, DeltaNet, ...) and mixture-of-experts routers
+    "mixer_out": SiteKind("mixer_out", "blocks.{l}.hook_mixer_out", _RESID, ("layer", "pos")),
+    "router_logits": SiteKind("router_logits", "blocks.{l}.mlp.hook_router_logits", ("pos", "expert"), ("layer", "pos")),
 }
 ALIASES = {"head_out": "z", "attn_head_out": "z", "mlp_post": "neuron", "neurons": "neuron"}
 

@@ -1,0 +1,161 @@
+"""Mixture-of-experts points (router logits, selected experts and weights, expert ablation, router
+patching), hybrids' mixer points, and the robustness rules found by the architecture sweep."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from arch_zoo import build
+from factories import random_hf_model
+
+import mechkit as mk
+from mechkit.autodetect import HookMapDetectionError
+from mechkit.hookpoints import builtin_maps, has_mechkit_hooks
+from mechkit.interventions import ablate
+from mechkit.patching import activation_patch
+from mechkit.tasks.base import PatchingTask
+
+IDS = torch.randint(1, 200, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return mk.load(build("mixtral"))
+
+
+def test_router_points_are_the_routing(mixtral):
+    m = mixtral
+    E = m.hook_map.family["n_experts"]
+    _, c = m.run_with_cache(IDS)
+    for l in range(m.cfg.n_layers):
+        logits = c[f"blocks.{l}.mlp.hook_router_logits"]
+        idx, w = c[f"blocks.{l}.mlp.hook_expert_indices"], c[f"blocks.{l}.mlp.hook_expert_weights"]
+        assert logits.shape == (*IDS.shape, E) and idx.shape == w.shape == (*IDS.shape, 2)
+        # Mixtral routes to the top-k of the router's logits, with softmax weights renormalised over them
+        top = logits.topk(2, dim=-1)
+        assert torch.equal(idx.sort(-1).values, top.indices.sort(-1).values)
+        torch.testing.assert_close(w, torch.softmax(logits.gather(-1, idx), -1))
+
+
+def test_expert_ablations_sum_to_mlp_out(mixtral):
+    """mlp_out = sum over experts of (mlp_out - mlp_out with that expert ablated): each expert's
+    weighted output, separated through the ablation API (Mixtral has no shared expert)."""
+    m, l = mixtral, 1
+    name = f"blocks.{l}.hook_mlp_out"
+    _, c = m.run_with_cache(IDS, names=[name])
+    full = c[name]
+    parts = []
+    for e in range(m.hook_map.family["n_experts"]):
+        with ablate(m, experts=[(l, e)]):
+            _, ce = m.run_with_cache(IDS, names=[name])
+        parts.append(full - ce[name])
+    torch.testing.assert_close(torch.stack(parts).sum(0), full, atol=1e-5, rtol=1e-5)
+    assert sum(bool(p.abs().max() > 0) for p in parts) >= 2
+    with ablate(m, experts=[(l, e) for e in range(m.hook_map.family["n_experts"])]):
+        _, ce = m.run_with_cache(IDS, names=[name])
+    assert float(ce[name].abs().max()) == 0.0
+    assert not has_mechkit_hooks(m.hf_model)
+
+
+def test_expert_ablation_bad_arguments(mixtral):
+    with pytest.raises(ValueError, match="expert must be in 0..3"):
+        with ablate(mixtral, experts=[(0, 9)]):
+            pass
+    with pytest.raises(ValueError, match="how='zero' only"):
+        with ablate(mixtral, experts=[(0, 1)], how="mean", reference=IDS):
+            pass
+
+
+def test_router_patching_equals_a_hooked_forward(mixtral):
+    m = mixtral
+    clean, corrupt = IDS, torch.randint(1, 200, IDS.shape, generator=torch.Generator().manual_seed(4))
+    ones = torch.ones_like(clean)
+    task = PatchingTask(clean, corrupt, ones, ones, clean[:, 0], corrupt[:, 0], ["c"] * 2, ["x"] * 2)
+    res = activation_patch(m, task, sites="router_logits", layers=[2], progress=False, normalise=False)
+    assert res.values.shape == (1, IDS.shape[1])
+    name = "blocks.2.mlp.hook_router_logits"
+    _, src = m.run_with_cache(clean, names=[name])
+    for pos in (0, 4):
+        def put(x, hook, pos=pos):
+            x = x.clone()
+            x[:, pos] = src[name][:, pos]
+            return x
+        with torch.no_grad(), m.hooks({name: put}):
+            last = m(corrupt)[:, -1]
+        want = (last.gather(1, clean[:, :1]) - last.gather(1, corrupt[:, :1])).mean()
+        torch.testing.assert_close(res.values[0, pos], want, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_after_dense_first_layer_is_detected_on_every_layer():
+    m = mk.load(build("deepseek_v3"))  # first_k_dense_replace=1: layer 0 dense, layers 1.. MoE
+    names = m.hook_names()
+    assert "blocks.0.mlp.hook_router_logits" not in names and "blocks.1.mlp.hook_router_logits" in names
+    m.run_with_cache(IDS)
+
+
+def test_hybrid_layers_get_mixer_points():
+    m = mk.load(build("jamba"))
+    kinds = m.hook_map.family["layer_kinds"]
+    assert "mixer" in kinds and "attn" in kinds
+    _, c = m.run_with_cache(IDS)
+    for l, k in enumerate(kinds):
+        out = f"blocks.{l}.hook_mixer_out" if k == "mixer" else f"blocks.{l}.hook_attn_out"
+        assert out in c
+        total = c[f"blocks.{l}.hook_resid_pre"] + c[out] + c[f"blocks.{l}.hook_mlp_out"]
+        torch.testing.assert_close(total, c[f"blocks.{l}.hook_resid_post"], atol=1e-5, rtol=1e-5)
+        if k == "mixer":
+            assert f"blocks.{l}.attn.hook_pattern" not in c and f"blocks.{l}.hook_mixer_in" in c
+
+
+def test_a_requested_point_that_never_fires_raises():
+    hf = random_hf_model("llama")
+    hf.model.layers[0].unused = torch.nn.Linear(4, 4)  # exists, never called
+    llama = next(m for m in builtin_maps() if m.name == "llama")
+    points = dict(llama.templates)
+    points["blocks.0.hook_never"] = {"module": "model.layers.0.unused", "side": "output"}
+    m = mk.load(hf, hook_map={"family": llama.family, "points": points})
+    with pytest.raises(RuntimeError, match="never ran.*blocks.0.hook_never"):
+        m.run_with_cache(IDS)
+    assert not has_mechkit_hooks(hf)
+
+
+def test_cached_tensors_are_copies():
+    """Falcon's parallel block adds attention into the MLP output in place after the hook ran."""
+    m = mk.load(build("falcon"))
+    _, c = m.run_with_cache(IDS)
+    l = 1
+    total = c[f"blocks.{l}.hook_resid_pre"] + c[f"blocks.{l}.hook_attn_out"] + c[f"blocks.{l}.hook_mlp_out"]
+    torch.testing.assert_close(total, c[f"blocks.{l}.hook_resid_post"], atol=1e-5, rtol=1e-5)
+
+
+def test_residual_of_several_streams_is_refused():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.self_attn(x)
+
+    class HyperLM(torch.nn.Module):  # residual [b, pos, 2, d]: two streams (hyper-connections)
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"model_type": "hyper", "num_hidden_layers": 2, "vocab_size": 11})()
+            self.embed = torch.nn.Embedding(11, 8)
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+            self.lm_head = torch.nn.Linear(8, 11)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids, use_cache=False):
+            h = self.embed(input_ids)[:, :, None].expand(-1, -1, 2, -1)
+            for b in self.layers:
+                h = b(h)
+            return type("O", (), {"logits": self.lm_head(h.mean(2))})()
+
+    with pytest.raises(HookMapDetectionError, match="several residual streams"):
+        mk.load(HyperLM())
