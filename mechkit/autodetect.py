@@ -185,6 +185,11 @@ def _terms(pre, post, cands, tol, cfg):
         for p2, t2 in outs[i + 1:]:
             if _close(t1 + t2, delta, tol):
                 return [p1, p2], [1.0, 1.0]
+    for i, (p1, t1) in enumerate(outs):
+        for j, (p2, t2) in enumerate(outs[i + 1:], i + 1):
+            for p3, t3 in outs[j + 1:]:
+                if _close(t1 + t2 + t3, delta, tol):
+                    return [p1, p2, p3], [1.0, 1.0, 1.0]
     # scaled residuals: least squares for the two scales, then snapped to config values
     d = delta.flatten()
     for i, (p1, t1) in enumerate(outs):
@@ -197,6 +202,16 @@ def _terms(pre, post, cands, tol, cfg):
             fit = sum(s * t for s, t in zip(scales, [t1] if t2 is None else [t1, t2]))
             if _close(fit, delta, tol):
                 return ([p1] if t2 is None else [p1, p2]), scales
+    for i, (p1, t1) in enumerate(outs):  # three terms, scaled (Granite hybrids: s * (attn) and s * (moe + shared))
+        for j, (p2, t2) in enumerate(outs[i + 1:], i + 1):
+            for p3, t3 in outs[j + 1:]:
+                A = torch.stack([t1.flatten(), (t2 + t3).flatten()], 1)
+                sol = torch.linalg.lstsq(A, d[:, None]).solution.flatten()
+                if not torch.isfinite(sol).all() or (sol.abs() < 1e-6).any():
+                    continue
+                sa, sm = (_snap(float(v), cfg) for v in sol)
+                if _close(sa * t1 + sm * (t2 + t3), delta, tol):
+                    return [p1, p2, p3], [sa, sm, sm]
     return None, None
 
 
@@ -305,7 +320,7 @@ def detect_map(hf: nn.Module) -> HookMap:
     emb_path = names[embed]
     emb_out = seen.out[emb_path]
     fam: dict = {"name": f"auto:{cfg.model_type}", "model_types": [], "layers": layers_path,
-                 "block": f"{layers_path}.{{l}}", "embed": emb_path, "unembed": names[unembed]}
+                 "block": f"{layers_path}.{{l}}", "embed": emb_path, "unembed": names[unembed], "fast_paths": False}
     points: dict[str, dict] = {"hook_embed": {"module": emb_path, "side": "output"}}
     kinds: list[str] = []
     for l in range(len(layers)):
@@ -319,10 +334,21 @@ def detect_map(hf: nn.Module) -> HookMap:
                         f"{tuple(emb_out.shape)}: hyper-connections or several residual streams, which the "
                         f"resid_pre + attn_out + mlp_out picture cannot express (refused)")
         tol = 1e-5 * (1 + float(post.abs().max()))
+        flat = (post.shape[:-1].numel(), post.shape[-1])
+        tokens = {p for p in seen.out if p.startswith(block + ".") and seen.calls[p] == 1
+                  and tuple(seen.out[p].shape) == flat}  # [batch * pos, d] (Llama 4's MoE, OPT's fc2)
+        for p in tokens:
+            seen.out[p] = seen.out[p].view(post.shape)
         inside = [p for p in seen.out if p.startswith(block + ".") and seen.calls[p] == 1
                   and seen.out[p].shape == post.shape]
         terms, scales = _terms(pre, post, [(p, seen.out[p]) for p in _distinct(inside, seen)], tol, cfg)
         if terms is None:
+            normed = [p for p in inside if "norm" in type(get_module(hf, p)).__name__.lower()
+                      and torch.equal(seen.out[p], post)]
+            if normed:
+                raise _fail(f"layer {l}: the block's output is the output of {normed[-1]}, a norm of the residual "
+                            f"stream itself (post-LN, as in GPT-1 or OPT-350m): the residual is not a sum of the "
+                            f"layers' outputs, so attn_out/mlp_out cannot be defined (refused)")
             raise _fail(f"layer {l}: no one or two module outputs inside {block} add up to resid_post - resid_pre "
                         f"(the residual is added in a way mechkit cannot see, e.g. several residual streams)")
         attn_mods = [p for p in seen.attn if p.startswith(block + ".") and len(seen.attn[p]) == 1]
@@ -330,10 +356,31 @@ def detect_map(hf: nn.Module) -> HookMap:
         rel = first[len(block) + 1:].lower()
         is_mixer = any(k in rel for k in MIXER_WORDS)
         first_is_attn = bool(attn_mods) or (not is_mixer and any(k in rel for k in ("att", "self_att")))
+        mlp_parts: list[str] = []
+        scale_of = dict(zip(terms, scales)).get
         if len(terms) == 1:
             attn_term, mlp_term = (first, None) if (first_is_attn or is_mixer) else (None, first)
-        else:
+        elif len(terms) == 2:
             attn_term, mlp_term = terms
+        else:
+            def role(p):
+                r = p[len(block) + 1:].lower()
+                if any(k in r for k in MIXER_WORDS):
+                    return "mixer"
+                if any(a.startswith(p + ".") or a == p for a in attn_mods) or "att" in r:
+                    return "attn"
+                return "mlp"
+            roles = [role(p) for p in terms]
+            if sorted(roles) == ["attn", "mixer", "mlp"]:  # attention and a mixer side by side (Falcon-H1)
+                attn_term, mixer_side, mlp_term = (terms[roles.index(k)] for k in ("attn", "mixer", "mlp"))
+                points[f"blocks.{l}.hook_mixer_out"] = {"module": mixer_side, "side": "output",
+                                                        **({"scale": scale_of(mixer_side)} if scale_of(mixer_side) != 1.0 else {})}
+            elif roles[1:] == ["mlp", "mlp"]:  # the MLP's output is the sum of two modules' (routed + shared experts)
+                attn_term, mlp_parts = terms[0], terms[1:]
+                mlp_term = mlp_parts[-1]
+            else:
+                raise _fail(f"layer {l}: the residual update is the sum of {', '.join(terms)}, which mechkit cannot "
+                            f"assign to attention, mixer and MLP")
         scale = dict(zip(terms, scales))
         kind = "attn" if first_is_attn else "mixer" if (is_mixer or len(terms) == 2) else "mlp_only"
         kinds.append(kind)
@@ -343,6 +390,8 @@ def detect_map(hf: nn.Module) -> HookMap:
             spec = {"module": path, "side": "output"}
             if s != 1.0:
                 spec["scale"] = s
+            if path in tokens:
+                spec["reshape"] = "tokens"
             return spec
 
         points[pl + "hook_resid_pre"] = {"module": block, "side": "input"}
@@ -355,7 +404,13 @@ def detect_map(hf: nn.Module) -> HookMap:
                 mixer = attn_term
                 if attn_term in seen.inp and seen.inp[attn_term].shape == post.shape:
                     points[pl + "hook_mixer_in"] = {"module": mixer, "side": "input"}
-        if mlp_term is not None:
+        if mlp_parts:
+            names_ = [pl + "mlp.hook_routed_out", pl + "mlp.hook_shared_out"]
+            for n_, p_ in zip(names_, mlp_parts):
+                points[n_] = term_point(p_, scale[p_])
+            points[pl + "hook_mlp_out"] = {"virtual": "sum", "of": names_, "write": names_[-1]}
+            mlp_term = mlp_parts[0]
+        elif mlp_term is not None:
             points[pl + "hook_mlp_out"] = term_point(mlp_term, scale[mlp_term])
         if len(attn_mods) == 1:
             a = attn_mods[0]
@@ -397,8 +452,16 @@ def detect_map(hf: nn.Module) -> HookMap:
     elif un_in.shape == last_post.shape and torch.equal(un_in, last_post):
         fam["final_norm"] = ""
         fam["norm_kind"] = "none"
+    elif un_in.shape == last_post.shape:
+        # a norm applied as a function (no module) or a scale between norm and unembedding: the
+        # normalised stream is read at the unembedding's input
+        fam["final_norm"] = ""
+        kind, off = _norm_kind(last_post, un_in, nn.Identity())
+        fam["norm_kind"] = kind
+        points["ln_final.hook_normalized"] = {"module": un_path, "side": "input"}
     else:
-        raise _fail("no module's output is the unembedding's input (a final norm applied as a function?)")
+        raise _fail(f"the unembedding reads a tensor of shape {tuple(un_in.shape)}, not the residual stream's "
+                    f"{tuple(last_post.shape)}")
     t = _logit_transform(seen.out[un_path], logits, cfg)
     if t is not None:
         fam["logit_transform"] = t

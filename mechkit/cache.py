@@ -132,6 +132,8 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         """Apply ``norm`` to each component of ``stack`` [c, ..., d] linearly: scale (and mean) taken
         from ``total`` [..., d], the full input. Bias is not added (it belongs to no component)."""
         fam = self.model.hook_map.family
+        if fam.get("norm_kind") == "none":  # no final norm: the unembedding reads the residual stream
+            return stack
         if center is None:
             center = fam.get("norm_kind", "layernorm") == "layernorm"
         eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-5

@@ -31,12 +31,20 @@ SIZES = dict(
     index_head_dim=16, index_n_heads=2, index_topk=4,
     first_k_dense_replace=1, n_group=1, topk_group=1,
     sliding_window=4, attention_chunk_size=4,
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=8, ssm_state_size=16, mamba_n_groups=1,
+    n_groups=1, chunk_size=8, mamba_expand=2, time_step_rank=8, mamba_dt_rank=8,
+    word_embed_proj_dim=64, embedding_size=64, linear_head_dim=16, linear_num_heads=4,
     pad_token_id=0, bos_token_id=0, eos_token_id=0,
     use_cache=False,
 )
 
 # per-type fixes (config attribute -> value), applied after the generic shrink
 FIXES: dict[str, dict] = {
+    "bamba": {"attn_layer_indices": [1, 3]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"] * 2},
+    "falcon_h1": {"mamba_d_ssm": 128},
+    "opt": {"do_layer_norm_before": True},  # the default (OPT-350m) is post-LN, refused; other OPTs are pre-LN
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
@@ -49,16 +57,15 @@ def causal_lm_types() -> list[str]:
 
 
 def _shrink_types(values: list, n: int) -> list:
-    """Cut a per-layer list to n entries keeping one of each kind (first occurrences first)."""
-    firsts = []
-    for i, v in enumerate(values):
-        if v not in [values[j] for j in firsts]:
-            firsts.append(i)
-    keep = sorted(set(firsts[:n]) | set(range(n - min(n, len(firsts)) )))[:n]
-    keep = sorted(set(firsts[:n]) | set(i for i in range(len(values)) if len(set(firsts[:n])) + i < n))
-    while len(keep) < n and len(keep) < len(values):
-        keep.append(max(keep) + 1)
-    return [values[i] for i in sorted(keep)[:n]] + [values[-1]] * (n - len(keep))
+    """Cut a per-layer list to n entries keeping one layer of each kind (in their order)."""
+    firsts = [i for i, v in enumerate(values) if v not in values[:i]][:n]
+    keep = list(firsts)
+    for i in range(len(values)):
+        if len(keep) >= n:
+            break
+        if i not in keep:
+            keep.append(i)
+    return [values[i] for i in sorted(keep)]
 
 
 def _overrides(d: dict, fixes: dict) -> dict:

@@ -16,7 +16,7 @@ from mechkit.model import HookedModel
 TOKS = random_tokens(2, 9)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi3", "gemma2"])
 def test_detected_map_gives_the_builtin_cache(family):
     hf = random_hf_model(family)
     builtin = HookedModel(hf)
@@ -28,10 +28,37 @@ def test_detected_map_gives_the_builtin_cache(family):
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
 
 
-def test_detection_refuses_post_norm_blocks():
-    hf = random_hf_model("gemma2")  # attention output is normed again before the residual add
-    with pytest.raises(HookMapDetectionError, match="hook_map="):
-        detect_map(hf)
+def test_detection_refuses_what_it_cannot_decompose():
+    class Block(torch.nn.Module):  # adds 2 * attn(x) + a term no submodule outputs
+        def __init__(self):
+            super().__init__()
+            self.self_attn = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.self_attn(x) + torch.tanh(x)
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"model_type": "odd", "num_hidden_layers": 2, "vocab_size": 11})()
+            self.embed = torch.nn.Embedding(11, 8)
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+            self.lm_head = torch.nn.Linear(8, 11)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids, use_cache=False):
+            h = self.embed(input_ids)
+            for b in self.layers:
+                h = b(h)
+            return type("O", (), {"logits": self.lm_head(h)})()
+
+    with pytest.raises(HookMapDetectionError, match="layer 0: no one or two module outputs.*hook_map="):
+        detect_map(LM())
 
 
 def test_unknown_layout_error_names_what_is_missing():
@@ -41,7 +68,7 @@ def test_unknown_layout_error_names_what_is_missing():
             self.config = type("C", (), {"model_type": "odd"})()
             self.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(4, 4))])
 
-    with pytest.raises(HookMapDetectionError, match="no attention module"):
+    with pytest.raises(HookMapDetectionError, match="no input or output embeddings"):
         detect_map(Odd())
 
 

@@ -18,7 +18,7 @@ from ..inputs import Batch
 from ..results import Result
 from ..tasks.base import position_ids_from_mask
 from .checkpoint import ChunkStore, sweep_key
-from .engine import FusedRunner, _accepts
+from .engine import FusedRunner, _accepts, fast_paths
 from .memory import tokens_for_budget
 from .metrics import evaluate, logit_diff
 from .plan import overhead_token_layers, plan_chunks
@@ -73,7 +73,7 @@ def prefix_reusable(model, by) -> bool:
     needs a position axis, and a sliding-window cache keeps only the last keys (its masks assume
     that layout), so windowed models run every position."""
     windowed = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None) is not None
-    return "pos" in by and not windowed
+    return "pos" in by and not windowed and fast_paths(model)
 
 
 def run_sweep(model, kind: SiteKind, by, grid: torch.Tensor, base: Batch, source: dict, metric, base_out,
@@ -154,6 +154,7 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
                                                max_batch_tokens=max_batch_tokens, progress=progress, normalise=normalise)
     t0 = time.perf_counter()
     check_aligned(task)
+    skip_layers = skip_layers and fast_paths(model)
     kind = site_kind(sites)
     by = check_by(kind, by if by is not None else kind.default_by)
     if mode not in ("denoise", "noise"):

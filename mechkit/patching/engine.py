@@ -76,6 +76,14 @@ def _last_only(module, args, kwargs):
     return args, dict(kwargs, **{key: kwargs[key][:, -1:]})
 
 
+def fast_paths(model) -> bool:
+    """Whether the engine may skip layers, reuse the base run's KV cache and run the last layer's
+    MLP on the last position only. Hand-written maps allow it; detected maps set
+    ``fast_paths = false`` (their layers may keep per-layer state, add in place, or need every
+    position), so a sweep on them runs every layer and position: slower, never wrong."""
+    return bool(model.hook_map.family.get("fast_paths", True))
+
+
 @contextmanager
 def last_position_tail(model, layer: int, attn_out: bool = True) -> Iterator[None]:
     """The MLP of ``layer`` (and with ``attn_out`` its attention output projection) run on the
@@ -90,7 +98,9 @@ def last_position_tail(model, layer: int, attn_out: bool = True) -> Iterator[Non
     """
     hm = model.hook_map
     paths = []
-    if "mlp_down_proj" in hm.family:
+    if not fast_paths(model):
+        pass
+    elif "mlp_down_proj" in hm.family:
         paths.append(hm.path(hm.family["mlp_down_proj"], layer).rpartition(".")[0])
     if attn_out and "attn_out_proj" in hm.family:
         paths.append(hm.path(hm.family["attn_out_proj"], layer))
