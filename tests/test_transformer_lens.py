@@ -27,3 +27,25 @@ def test_cache_agrees_with_transformer_lens(family, word_tokenizer):
         for p in POINTS:
             name = f"blocks.{l}.{p}"
             torch.testing.assert_close(cache[name], tl_cache[name].detach(), atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "olmo2"])
+def test_moe_and_post_norm_agree_with_transformer_lens(model_type, word_tokenizer):
+    """A mixture-of-experts family (Mixtral) and a post-norm family (OLMo 2), both on a detected map:
+    attn_out / mlp_out are what each block adds to the residual stream, as in TransformerLens."""
+    from arch_zoo import build
+
+    hf, twin = build(model_type), build(model_type)
+    twin.config.architectures = [type(twin).__name__]  # the bridge picks its adapter from the config
+    bridge = bridge_mod.TransformerBridge.boot_transformers(model_type, hf_model=twin, tokenizer=word_tokenizer,
+                                                            device="cpu")
+    toks = random_tokens(2, 9, seed=2)
+    tl_logits, tl_cache = bridge.run_with_cache(toks)
+    m = HookedModel(hf, word_tokenizer)
+    assert m.cfg.family == f"auto:{model_type}"
+    logits, cache = m.run_with_cache(toks)
+    torch.testing.assert_close(logits, tl_logits.detach(), atol=1e-5, rtol=0)
+    for l in range(m.cfg.n_layers):
+        for p in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_pattern", "attn.hook_z", "hook_resid_post"):
+            name = f"blocks.{l}.{p}"
+            torch.testing.assert_close(cache[name], tl_cache[name].detach(), atol=1e-5, rtol=0, msg=name)
