@@ -518,6 +518,8 @@ def _mlp_points(hf, seen, pl, block, term, post, fam, points, cfg) -> None:
             e = experts[0]
             points[pl + "mlp.hook_expert_indices"] = {"module": e, "side": "input", "arg": 1, "reshape": "tokens"}
             points[pl + "mlp.hook_expert_weights"] = {"module": e, "side": "input", "arg": 2, "reshape": "tokens"}
+            if seen.out.get(e) is not None and seen.out[e].shape[-1] == post.shape[-1]:  # the routed experts' weighted sum
+                points[pl + "mlp.hook_experts_out"] = {"module": e, "side": "output", "reshape": "tokens"}
             fam.setdefault("n_experts", int(n_exp))
 
 
