@@ -355,7 +355,8 @@ def detect_map(hf: nn.Module) -> HookMap:
         first = terms[0]
         rel = first[len(block) + 1:].lower()
         is_mixer = any(k in rel for k in MIXER_WORDS)
-        first_is_attn = bool(attn_mods) or (not is_mixer and any(k in rel for k in ("att", "self_att")))
+        # where some layers call the attention interface, a layer that calls none mixes tokens another way
+        first_is_attn = bool(attn_mods) or (not seen.attn and not is_mixer and "att" in rel)
         mlp_parts: list[str] = []
         scale_of = dict(zip(terms, scales)).get
         if len(terms) == 1:
@@ -428,6 +429,7 @@ def detect_map(hf: nn.Module) -> HookMap:
             fam.setdefault("d_head", vs[-1])
         if mlp_term is not None:
             _mlp_points(hf, seen, pl, block, mlp_term, post, fam, points, cfg)
+    _reasons(points, kinds)
     if "attn" not in kinds:
         raise _fail("no layer holds attention (a pure state-space or recurrent model)")
     fam["layer_kinds"] = kinds
@@ -521,6 +523,26 @@ def _mlp_points(hf, seen, pl, block, term, post, fam, points, cfg) -> None:
             if seen.out.get(e) is not None and seen.out[e].shape[-1] == post.shape[-1]:  # the routed experts' weighted sum
                 points[pl + "mlp.hook_experts_out"] = {"module": e, "side": "output", "reshape": "tokens"}
             fam.setdefault("n_experts", int(n_exp))
+
+
+def _reasons(points: dict, kinds: list[str]) -> None:
+    """Name why a layer lacks a point other layers (or other families) have."""
+    for l, kind in enumerate(kinds):
+        pl = f"blocks.{l}."
+        points.setdefault(pl + "hook_resid_mid", {"unavailable": "a detected map has no resid_mid (whether the block is "
+                                                  "sequential is not verified): use hook_resid_pre, hook_attn_out or "
+                                                  "hook_mlp_out, or write a TOML map"})
+        if kind != "attn":
+            for t in ("q", "k", "v", "pattern", "z"):
+                points.setdefault(pl + f"attn.hook_{t}", {"unavailable": f"layer {l} is a {kind} layer (no softmax "
+                                                          f"attention); its output is blocks.{l}.hook_mixer_out"})
+        moe = pl + "mlp.hook_expert_weights" in points or pl + "mlp.hook_router_logits" in points
+        for t in ("post", "pre"):
+            if pl + f"mlp.hook_{t}" not in points:
+                why = (f"layer {l}'s MLP is a mixture of experts (no single down projection): use "
+                       f"mlp.hook_router_logits, mlp.hook_expert_indices/weights, mlp.hook_experts_out") if moe else \
+                      f"layer {l}'s MLP has no single linear projection mechkit could find for this point"
+                points[pl + f"mlp.hook_{t}"] = {"unavailable": why}
 
 
 @torch.no_grad()

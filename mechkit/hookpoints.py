@@ -161,6 +161,9 @@ class PointTable:
                 name = template.replace("{l}", str(layer)) if layer is not None else template
                 if layer is None and fixed:
                     layer = int(fixed.group(1))
+                if "unavailable" in spec:  # a point this layer does not have, with the reason
+                    self.unavailable[name] = spec["unavailable"]
+                    continue
                 cond = spec.get("unavailable_if")
                 if cond and bool(getattr(hf_config, cond, False)):
                     self.unavailable[name] = spec.get("reason", f"unavailable because config.{cond} is set")

@@ -34,13 +34,17 @@ SIZES = dict(
     linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
     mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=8, ssm_state_size=16, mamba_n_groups=1,
     n_groups=1, chunk_size=8, mamba_expand=2, time_step_rank=8, mamba_dt_rank=8,
-    word_embed_proj_dim=64, embedding_size=64, linear_head_dim=16, linear_num_heads=4,
+    word_embed_proj_dim=64, embedding_size=64, dim_model=64, dim_head=16, dim_ff=96, num_experts_per_token=2, linear_head_dim=16, linear_num_heads=4,
     pad_token_id=0, bos_token_id=0, eos_token_id=0,
     use_cache=False,
 )
 
 # per-type fixes (config attribute -> value), applied after the generic shrink
 FIXES: dict[str, dict] = {
+    "gpt_neo": {"attention_types": [[["global", "local"], 2]]},
+    "zaya": {"num_experts_per_tok": 1},
+    "dots3_note_text": {"num_key_value_heads": 4},
+    "gemma3n_text": {"num_kv_shared_layers": 0},
     "bamba": {"attn_layer_indices": [1, 3]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"] * 2},
     "falcon_h1": {"mamba_d_ssm": 128},

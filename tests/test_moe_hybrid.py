@@ -159,3 +159,14 @@ def test_residual_of_several_streams_is_refused():
 
     with pytest.raises(HookMapDetectionError, match="several residual streams"):
         mk.load(HyperLM())
+
+
+def test_points_a_layer_lacks_say_why():
+    from mechkit.hookpoints import HookNameError
+
+    m = mk.load(build("jamba"))  # layer 0: Mamba mixer + dense MLP; layer 1: attention + experts
+    with pytest.raises(HookNameError, match="layer 0 is a mixer layer.*hook_mixer_out"):
+        m.run_with_cache(IDS, names=["blocks.0.attn.hook_pattern"])
+    with pytest.raises(HookNameError, match="mixture of experts.*hook_router_logits"):
+        m.run_with_cache(IDS, names=["blocks.1.mlp.hook_post"])
+    assert not has_mechkit_hooks(m.hf_model)
