@@ -351,12 +351,13 @@ def detect_map(hf: nn.Module) -> HookMap:
                             f"layers' outputs, so attn_out/mlp_out cannot be defined (refused)")
             raise _fail(f"layer {l}: no one or two module outputs inside {block} add up to resid_post - resid_pre "
                         f"(the residual is added in a way mechkit cannot see, e.g. several residual streams)")
-        attn_mods = [p for p in seen.attn if p.startswith(block + ".") and len(seen.attn[p]) == 1]
+        called = [p for p in seen.attn if p.startswith(block + ".")]
+        attn_mods = [p for p in called if len(seen.attn[p]) == 1]  # per-head points need one call per forward
         first = terms[0]
         rel = first[len(block) + 1:].lower()
         is_mixer = any(k in rel for k in MIXER_WORDS)
         # where some layers call the attention interface, a layer that calls none mixes tokens another way
-        first_is_attn = bool(attn_mods) or (not seen.attn and not is_mixer and "att" in rel)
+        first_is_attn = bool(called) or (not seen.attn and not is_mixer and "att" in rel)
         mlp_parts: list[str] = []
         scale_of = dict(zip(terms, scales)).get
         if len(terms) == 1:

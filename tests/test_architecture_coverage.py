@@ -39,7 +39,7 @@ from mechkit.tasks.base import PatchingTask
 from mechkit.weights import bias_of, weight_in_out
 
 # What the acceptance asks; FLOOR is what this transformers measures today (raise it, never lower it).
-FLOOR = {"decoder": 99, "hybrid": 15}
+FLOOR = {"decoder": 99, "hybrid": 16}
 
 # Real checkpoints' settings (the defaults of 1.0 hid failures): variant -> (type, config overrides)
 VARIANTS = {
