@@ -34,6 +34,7 @@ SIZES = dict(
     linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
     mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=8, ssm_state_size=16, mamba_n_groups=1,
     n_groups=1, chunk_size=8, mamba_expand=2, time_step_rank=8, mamba_dt_rank=8,
+    zero_expert_num=2, expert_ffn_hidden_size=32, shared_experts_intermediate_size=48, hidden_size_per_layer_input=16,
     word_embed_proj_dim=64, embedding_size=64, dim_model=64, dim_head=16, dim_ff=96, num_experts_per_token=2, linear_head_dim=16, linear_num_heads=4,
     pad_token_id=0, bos_token_id=0, eos_token_id=0,
     use_cache=False,
@@ -41,6 +42,7 @@ SIZES = dict(
 
 # per-type fixes (config attribute -> value), applied after the generic shrink
 FIXES: dict[str, dict] = {
+    "dbrx": {"attn_config": {"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 8.0}},
     "gpt_neo": {"attention_types": [[["global", "local"], 2]]},
     "zaya": {"num_experts_per_tok": 1},
     "dots3_note_text": {"num_key_value_heads": 4},
@@ -84,6 +86,8 @@ def _overrides(d: dict, fixes: dict) -> dict:
             out[k] = VOCAB
         elif k in ("pad_token_id", "bos_token_id", "eos_token_id"):
             out[k] = 0
+        elif k in SIZES and isinstance(v, list) and v and all(isinstance(x, int) for x in v):  # per-layer sizes
+            out[k] = [SIZES[k]] * N_LAYERS
         elif isinstance(v, list) and len(v) > N_LAYERS and (k.endswith("layer_types") or "block_type" in k):
             out[k] = _shrink_types(v, N_LAYERS)
         elif isinstance(v, dict) and k in ("text_config", "decoder", "attn_config", "ffn_config"):

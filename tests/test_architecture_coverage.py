@@ -39,7 +39,7 @@ from mechkit.tasks.base import PatchingTask
 from mechkit.weights import bias_of, weight_in_out
 
 # What the acceptance asks; FLOOR is what this transformers measures today (raise it, never lower it).
-FLOOR = {"decoder": 100, "hybrid": 16}
+FLOOR = {"decoder": 101, "hybrid": 16}
 
 # Real checkpoints' settings (the defaults of 1.0 hid failures): variant -> (type, config overrides)
 VARIANTS = {
@@ -70,6 +70,8 @@ NOT_COVERED: dict[str, str] = {
     "qwen4_exp_text": "hyper-connections: the residual holds 4 streams side by side",
     "cpmant": "prepends prompt positions to the residual stream; the unembedding reads a slice of it",
     "zaya": "the residual update is not one, two or three module outputs",
+    "gemma3n_text": "AltUp: the residual is 4 streams [4, batch, pos, d] mixed by learned predictions",
+    "longcat_flash": "two attention and two MLP sublayers per layer plus a shortcut MoE: more terms than attn + mlp",
     "dory": "looped stack: each decoder layer runs twice per forward",
     "hrm_text": "looped stack: each decoder layer runs several times per forward",
     # the tiny model itself fails: a zoo limitation, not a mechkit refusal (open work)
@@ -78,10 +80,7 @@ NOT_COVERED: dict[str, str] = {
     "glm_moe_dsa": "zoo: the tiny config's sparse-attention indexer fails on 6 tokens",
     "bailing_hybrid": "zoo: the tiny config's linear-attention heads do not divide",
     "cohere_compass_text": "zoo: per-layer rope parameters need the shrunk layer types",
-    "dbrx": "zoo: nested attention config needs rope parameters",
     "dots3_note_text": "zoo: per-layer head counts must match",
-    "gemma3n_text": "zoo: KV-sharing layer types after shrinking",
-    "longcat_flash": "zoo: a size the shrinker misses (275M parameters)",
     "zamba": "zoo: shared transformer blocks' tied weights after shrinking",
 }
 
