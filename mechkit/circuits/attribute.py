@@ -33,7 +33,7 @@ from ..attribution import lrp
 from ..attribution.metrics import prompt_mean
 from ..patching.engine import _accepts, start_at_layer
 from ..patching.metrics import logit_diff
-from .flow import SenderHooks, check_model, point, receiver_hooks, stack_layer
+from .flow import SenderHooks, check_model, point, receiver_hooks
 from .graph import Graph
 from .scores import EdgeScores
 
@@ -70,49 +70,63 @@ def sender_outputs(model, graph: Graph, batch, run) -> tuple[torch.Tensor, torch
     return logits, sh.out, groups
 
 
-def receiver_grads(model, graph: Graph, batch, run, metric_fn, extra_hooks=(), senders=None):
-    """One forward + backward: (metric, per-layer receiver gradients [b, p, R_l, d], the last
-    entry [b, p, 1, d] for the logits). ``senders``: a :class:`SenderHooks` that also records
-    this run's sender outputs."""
-    kept: dict = {}
+def receiver_backward(model, graph: Graph, batch, run, metric_fn, on_grad, extra_hooks=(), senders=None,
+                      after_forward=None) -> float:
+    """One forward + backward; returns the metric. ``on_grad(layer, part, grad)`` is called for
+    every receiver as soon as its gradient exists (part "q"/"k"/"v": [b, p, heads, d]; "mlp" and
+    "logits" (layer = n_layers): [b, p, 1, d]), so no receiver's gradient outlives its use.
+    ``senders``: a :class:`SenderHooks` that also records this run's sender outputs;
+    ``after_forward()``: called between the forward and the backward pass."""
+    leaf: dict = {}
 
     def take(layer, part, x):
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-        kept[(layer, part)] = x
+        if x.requires_grad:
+            x.register_hook(lambda g: on_grad(layer, part, g if g.dim() == 4 else g.unsqueeze(2)))
         return x
 
-    def grad_input(x, hook):  # make the graph differentiable even where weights are frozen
-        return x if x.requires_grad else x.detach().requires_grad_(True)
+    def grad_input(x, hook):  # the differentiation variable: the graph is differentiable even with frozen weights
+        leaf["x"] = x.detach().requires_grad_(True)
+        return leaf["x"]
 
     with torch.enable_grad():
         hooks = [*extra_hooks, (point("input"), grad_input), *(senders.hooks() if senders else ()),
                  *receiver_hooks(model, graph, take)]
         logits = run(batch, hooks)
         m = metric_fn(logits)
-        keys = list(kept)
-        grads = torch.autograd.grad(m, [kept[k] for k in keys], allow_unused=True)
-    got = {k: (torch.zeros_like(kept[k]) if g is None else g) for k, g in zip(keys, grads)}
-    per_layer = [stack_layer(graph, {p: got[(l, p)] for p in ("q", "k", "v", "mlp")}) for l in range(graph.n_layers)]
-    per_layer.append(got[(graph.n_layers, "logits")].unsqueeze(2))
-    return float(m.detach()), per_layer
+        if after_forward is not None:
+            after_forward()
+        torch.autograd.grad(m, [leaf["x"]], allow_unused=True)
+    return float(m.detach())
 
 
-def _accumulate(scores, graph: Graph, delta, grads, weight, senders: slice | None = None):
-    """scores[S, R] (or [P, S, R]) += weight * Σ_{b,p} delta · grad, one einsum per receiver layer.
-    ``senders``: restrict to a block of senders (EAP-IG on activations)."""
-    per_pos = scores.dim() == 3
-    spec = "bpsd,bprd->psr" if per_pos else "bpsd,bprd->sr"
-    for l, G in enumerate(grads):
-        cols = graph.layer_slice(l) if l < graph.n_layers else slice(graph.logits, graph.logits + 1)
-        up = graph.upstream[cols]
-        lo, hi = (0, int(up.max())) if senders is None else (senders.start, senders.stop)
-        hi = min(hi, int(up.max()))
+def _cols(graph: Graph, layer: int, part: str) -> tuple[slice, int]:
+    """Receiver columns of (layer, part) and how many senders reach them."""
+    if part == "logits":
+        return slice(graph.logits, graph.logits + 1), graph.n_senders
+    if part == "mlp":
+        r = graph.receiver(layer, "mlp")
+        return slice(r, r + 1), graph.mlp_upstream(layer)
+    r = graph.receiver(layer, part, 0)
+    n = graph.n_heads if part == "q" else graph.n_kv_heads
+    return slice(r, r + n), graph.attn_upstream(layer)
+
+
+def scorer(scores, graph: Graph, delta, weight: float, senders: slice | None = None):
+    """An ``on_grad`` that adds ``weight * Σ_{b,p} delta · grad`` into ``scores`` [S, R] (or [P, S, R])
+    for one receiver part: one einsum. ``delta``: [b, p, S, d] or a zero-argument callable giving it;
+    ``senders``: only this block of senders (EAP-IG on activations)."""
+    spec = "bpsd,bprd->psr" if scores.dim() == 3 else "bpsd,bprd->sr"
+
+    def on_grad(layer, part, g):
+        cols, up = _cols(graph, layer, part)
+        lo, hi = (0, up) if senders is None else (senders.start, min(senders.stop, up))
         if hi <= lo:
-            continue
-        s = torch.einsum(spec, delta[:, :, lo:hi].double(), G.double()) * weight
-        mask = (torch.arange(lo, hi)[:, None] < up[None, :]).to(s.device)
-        scores[..., lo:hi, cols] += s * mask
+            return
+        d = delta() if callable(delta) else delta
+        dt = torch.float32 if d.dtype in (torch.float16, torch.bfloat16) else d.dtype
+        s = torch.einsum(spec, d[:, :, lo:hi].to(dt), g.to(dt))
+        scores[..., lo:hi, cols] += weight * s.to(scores.dtype)
+    return on_grad
 
 
 def _prepare(model, task, metric, batch_size):
@@ -193,17 +207,19 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
         other_b = clean_b if grad_on == "corrupted" else corr_b
         lo, s_other, _ = sender_outputs(model, graph, other_b, run)
         sh = SenderHooks(model, graph)
+        held: dict = {}
+
+        def make_delta():  # after the forward: this run's senders are known (clean - corrupted)
+            held["d"] = s_other.sub_(sh.out) if grad_on == "corrupted" else sh.out.sub_(s_other)
+
         with (lrp.rules(model, rules) if method == "relp" else nullcontext()):
-            m_grad, grads = receiver_grads(model, graph, corr_b if grad_on == "corrupted" else clean_b, run,
-                                           metric_fn, senders=sh)
+            m_grad = receiver_backward(model, graph, corr_b if grad_on == "corrupted" else clean_b, run, metric_fn,
+                                       scorer(scores, graph, lambda: held["d"], w), senders=sh,
+                                       after_forward=make_delta)
         with torch.no_grad():
             m_other = float(metric_fn(lo))
-        mc, mr = (m_other, m_grad) if grad_on == "corrupted" else (m_grad, m_other)
-        delta = (s_other - sh.out) if grad_on == "corrupted" else (sh.out - s_other)
-        del s_other, sh
-        _accumulate(scores, graph, delta, grads, w)
         bar.update(1)
-        return mc, mr
+        return (m_other, m_grad) if grad_on == "corrupted" else (m_grad, m_other)
     lc, s_clean, g_clean = sender_outputs(model, graph, clean_b, run)
     lr, s_corr, g_corr = sender_outputs(model, graph, corr_b, run)
     with torch.no_grad():
@@ -215,8 +231,8 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
         for k in range(steps):
             a = k / steps
             hook = (point("input"), lambda x, hook, a=a: (x_r + a * (x_c - x_r)).to(x.dtype))
-            _, grads = receiver_grads(model, graph, corr_b, run, metric_fn, extra_hooks=[hook])
-            _accumulate(scores, graph, delta, grads, w / steps)
+            receiver_backward(model, graph, corr_b, run, metric_fn, scorer(scores, graph, delta, w / steps),
+                              extra_hooks=[hook])
             bar.update(1)
     else:  # eap-ig-activations: one sender group interpolated at a time, on the clean input
         for key in [("input", None)] + [(kind, l) for l in range(graph.n_layers) for kind in ("attn", "mlp")]:
@@ -228,7 +244,7 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
             for k in range(1, steps + 1):
                 a = k / steps
                 hook = (name, lambda x, hook, a=a, xc=xc, xr=xr: (xr + a * (xc - xr)).to(x.dtype))
-                _, grads = receiver_grads(model, graph, clean_b, run, metric_fn, extra_hooks=[hook])
-                _accumulate(scores, graph, delta, grads, w / steps, senders=senders)
+                receiver_backward(model, graph, clean_b, run, metric_fn,
+                                  scorer(scores, graph, delta, w / steps, senders=senders), extra_hooks=[hook])
                 bar.update(1)
     return mc, mr

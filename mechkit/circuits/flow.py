@@ -101,8 +101,3 @@ def receiver_hooks(model, graph: Graph, fn: Callable) -> list[tuple[str, Callabl
     last = graph.n_layers - 1
     hs.append((point("final", last), lambda x, hook: fn(graph.n_layers, "logits", x.view_as(x))))
     return hs
-
-
-def stack_layer(graph: Graph, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One layer's receiver tensors (q [b,p,H,d], k, v [b,p,Hkv,d], mlp [b,p,d]) -> [b, p, R_l, d]."""
-    return torch.cat([parts["q"], parts["k"], parts["v"], parts["mlp"].unsqueeze(2)], dim=2)
