@@ -41,10 +41,11 @@ def ablated_values(model, graph, task, ablation: str, metric, reference=None) ->
 
 
 def evaluate(model, task, circuits, ablation: str = "corrupted", metric=None, reference=None,
-             max_bytes: int = 2**29, progress: bool = False) -> torch.Tensor | float:
+             max_bytes: int = 2**29, max_tokens: int = 2**14, progress: bool = False) -> torch.Tensor | float:
     """The metric (prompt mean) of each circuit: a float for one :class:`Circuit`, a [K] tensor
     for a list. ``reference``: the task whose clean prompts give the means (``ablation="mean"``).
-    ``max_bytes``: memory for the per-chunk sender buffer (rows x pos x senders x d_model)."""
+    ``max_bytes``: memory for the per-chunk sender buffer (rows x pos x senders x d_model);
+    ``max_tokens``: rows x positions per forward (the activations' memory)."""
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}; got {ablation!r}")
     single = isinstance(circuits, Circuit)
@@ -68,7 +69,7 @@ def evaluate(model, task, circuits, ablation: str = "corrupted", metric=None, re
         order = _receiver_layer(graph, absent).argsort(stable=True)
         absent = absent[order]
     per_circuit = n * T * (model.cfg.d_model if sparse else graph.n_senders * model.cfg.d_model) * 4
-    kc = max(1, min(len(circuits), int(max_bytes // max(1, per_circuit))))
+    kc = max(1, min(len(circuits), int(max_bytes // max(1, per_circuit)), max_tokens // (n * T)))
     out = []
     for k0 in tqdm(range(0, len(circuits), kc), desc="circuits", disable=not progress):
         out.append(_chunk(model, graph, clean_b, A, absent[k0:k0 + kc], metric, run, prefix))
