@@ -47,12 +47,6 @@ def check_model(model) -> Graph:
     return Graph.from_model(model)
 
 
-def w_out(model, layer: int, dtype) -> torch.Tensor:
-    """W_O of ``layer`` as [heads, d_head, d_model]."""
-    w = weight_in_out(model.family_module("attn_out_proj", layer))
-    return w.unflatten(0, (model.cfg.n_heads, model.cfg.d_head)).to(dtype)
-
-
 class SenderHooks:
     """Hooks that write every sender's output of one forward into ``self.out`` [b, p, S, d].
 
@@ -66,6 +60,8 @@ class SenderHooks:
         self.model, self.g = model, graph
         self.on_value = on_value  # fn(slice of senders, value [b, p, n, d]) called as they appear
         self.out: torch.Tensor | None = None
+        # read now: inside start_at_layer the layer list is a slice and paths would not resolve
+        self.w_o = [weight_in_out(model.family_module("attn_out_proj", l)) for l in range(graph.n_layers)]
 
     def _store(self, s0: int, value: torch.Tensor) -> None:
         if self.on_value is not None:
@@ -81,7 +77,8 @@ class SenderHooks:
         hs = [(point("input"), lambda x, hook: self._store(0, x.unsqueeze(2)))]
         for l in range(g.n_layers):
             def z_hook(z, hook, l=l):
-                self._store(g.head_sender(l, 0), torch.einsum("bphe,hed->bphd", z, w_out(m, l, z.dtype)))
+                w = self.w_o[l].unflatten(0, (m.cfg.n_heads, m.cfg.d_head)).to(z.dtype)  # [H, dh, d]
+                self._store(g.head_sender(l, 0), torch.einsum("bphe,hed->bphd", z, w))
             hs.append((point("z", l), z_hook))
             hs.append((point("mlp_out", l), lambda x, hook, l=l: self._store(g.mlp_sender(l), x.unsqueeze(2))))
         return hs
