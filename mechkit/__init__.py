@@ -7,11 +7,13 @@ __version__ = "0.1.0"
 
 from .attribution import attribution_patch, input_relevance, lrp
 from .cache import ActivationCache
+from .factored import FactoredMatrix  # issue 16
 from .heads import head_scores
 from .hookpoints import Hook, HookMap, HookNameError
 from .interventions import ablate
 from .model import HookedModel, ModelConfig, load
 from .patching import activation_patch, patch_every, path_patch
+from .processing import ProcessingOptions, process_weights  # issue 16
 from .results import Result, compare
 
 
@@ -36,6 +38,10 @@ def __getattr__(name):  # lazy subpackages keep `import mechkit` light
 
 __all__ = [
     "__version__",
+    # issue 16: TransformerLens surface
+    "FactoredMatrix",
+    "process_weights",
+    "ProcessingOptions",
     "ActivationCache",
     "Hook",
     "HookMap",

@@ -11,7 +11,9 @@ of the output projection and needs no special attention function.
 Shapes seen by hooks (TransformerLens convention):
 ``hook_q``: [batch, q_pos, n_heads, d_head]; ``hook_k``/``hook_v``: [batch, k_pos, n_kv_heads,
 d_head] (grouped-query models keep their KV heads); ``hook_pattern``: [batch, n_heads, q_pos,
-k_pos]. For rotary models q and k are after the rotation (what the pattern is computed from).
+k_pos]; ``hook_attn_scores``: [batch, n_heads, q_pos, k_pos], scaled, soft-capped and masked (masked
+entries hold the mask's large negative value), the input of the softmax. For rotary models q and k
+are after the rotation (what the pattern is computed from; also named ``hook_rot_q``/``hook_rot_k``).
 
 Handled: grouped-query attention (KV heads repeated after the hooks), logit soft-capping
 (``softcap``, Gemma 2), sliding windows (in the mask transformers builds), the scaling passed
@@ -61,6 +63,7 @@ def mechkit_attention(
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+    scores = run_attention_handlers(module, "scores", scores)
     if s_aux is not None:
         sinks = s_aux.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[-2], 1)
         probs = torch.softmax(torch.cat([scores, sinks.to(scores.dtype)], dim=-1).float(), dim=-1)[..., :-1]

@@ -44,12 +44,41 @@ HookFn = Callable[[torch.Tensor, "Hook"], "torch.Tensor | None"]
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
-@dataclass(frozen=True)
-class Hook:
-    """What a hook function receives besides the tensor: the point's name and layer (or None)."""
+class LayerIndex(int):
+    """A layer number that can also be called, as TransformerLens's ``hook.layer()``."""
 
-    name: str
-    layer: int | None
+    def __call__(self) -> int:
+        return int(self)
+
+
+class Hook:
+    """What a hook function receives besides the tensor (TransformerLens's ``HookPoint``):
+    ``.name``; ``.layer`` (an int that can also be called: ``hook.layer()``; None outside blocks);
+    ``.ctx``, a dict kept between calls until ``model.reset_hooks()`` / ``clear_contexts``;
+    ``.add_hook(fn, dir=)`` / ``.remove_hooks()`` for persistent hooks on this point."""
+
+    def __init__(self, name: str, layer: int | None, model=None):
+        self.name = name
+        self.layer = None if layer is None else LayerIndex(layer)
+        self.ctx: dict = {}
+        self._model = model
+
+    def _need_model(self):
+        if self._model is None:
+            raise ValueError(f"hook point '{self.name}' is not attached to a model (use model.hook_dict[name])")
+        return self._model
+
+    def add_hook(self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, prepend: bool = False) -> None:
+        self._need_model().add_hook(self.name, fn, dir=dir, is_permanent=is_permanent, prepend=prepend)
+
+    def remove_hooks(self, dir: str = "fwd", including_permanent: bool = False) -> None:
+        self._need_model()._remove_hooks_of(self.name, dir, including_permanent)
+
+    def clear_context(self) -> None:
+        self.ctx.clear()
+
+    def __repr__(self) -> str:
+        return f"Hook({self.name!r}, layer={self.layer})"
 
 
 @dataclass(frozen=True)
@@ -154,6 +183,9 @@ class PointTable:
         self.n_layers = n_layers
         self.points: dict[str, PointSpec] = {}
         self.unavailable: dict[str, str] = {}
+        self.n_heads = int(getattr(hf_config, "num_attention_heads", 0) or 0)
+        self.owner = None  # the HookedModel, set by it: Hook objects reach add_hook through it
+        self._hook_objects: dict[str, Hook] = {}
         for template, spec in hook_map.templates.items():
             fixed = _LAYER_RE.match(template)  # a per-layer map names each layer's points explicitly
             layers: Iterable[int | None] = range(n_layers) if "{l}" in template else [None]
@@ -178,6 +210,9 @@ class PointTable:
             if spec["virtual"] != "sum":
                 raise ValueError(f"{self.map.source}: virtual point kind '{spec['virtual']}' is not supported")
             return PointSpec(name, layer, "virtual", of=tuple(sub(o) for o in spec["of"]), write=sub(spec["write"]))
+        if spec.get("derived"):  # computed from a module's input and output (mechkit/derived_points.py)
+            return PointSpec(name, layer, "derived", module=self.map.path(spec["module"], layer),
+                             tensor=spec["derived"], optin=bool(spec.get("optin", False)))
         side = spec.get("side", "output")
         if side == "split":
             return PointSpec(name, layer, "split", tensor=spec["tensor"], optin=bool(spec.get("optin", False)))
@@ -217,6 +252,13 @@ class PointTable:
         for n in out:
             self.resolve(n)
         return out
+
+    def hook_object(self, name: str) -> Hook:
+        """The one :class:`Hook` object of point ``name`` (what hook functions receive)."""
+        h = self._hook_objects.get(name)
+        if h is None:
+            h = self._hook_objects[name] = Hook(name, self.resolve(name).layer, model=self.owner)
+        return h
 
 
 # --------------------------------------------------------------------------- installing
@@ -260,10 +302,10 @@ def _unview(h: _Handler, new: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return new.reshape(like.shape) if h.reshape == "tokens" else new
 
 
-def _apply(handlers: list[_Handler], x: torch.Tensor, n_heads: int) -> torch.Tensor:
+def _apply(handlers: list[_Handler], x: torch.Tensor, n_heads: int, module: nn.Module | None = None) -> torch.Tensor:
     for h in handlers:
         view = _view(h, x, n_heads)
-        new = h.run(view)
+        new = h.run(view, module) if getattr(h.run, "with_module", False) else h.run(view)  # derived points
         if new is not None:
             if new.shape != view.shape:
                 raise ValueError(
@@ -312,7 +354,15 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
 
     for name, fn in hooks:
         spec = table.resolve(name)
-        hook = Hook(name, spec.layer)
+        hook = table.hook_object(name)  # one per point, so hook.ctx persists between calls
+        if spec.side == "derived":
+            from .derived_points import handlers as derived_handlers
+
+            keep, through = derived_handlers(spec.tensor, fn, hook, table.map.family, table.n_heads)
+            inst.inputs[spec.module].append(_Handler(keep))
+            through.with_module = True  # _apply passes the module (derived points read its weights)
+            inst.outputs[spec.module].append(_Handler(through))
+            continue
         if spec.side != "virtual":
             add(spec, _Handler(wrap(fn, hook), spec.reshape, spec.heads, spec.scale, spec.arg))
             continue
@@ -401,9 +451,9 @@ def _make_pre_hook(handlers: list[_Handler], n_heads: int):
         args = list(args)
         for i, hs in by_arg.items():
             if i < len(args):
-                args[i] = _apply(hs, args[i], n_heads)
+                args[i] = _apply(hs, args[i], n_heads, module)
             elif i == 0 and "hidden_states" in kwargs:
-                kwargs = dict(kwargs, hidden_states=_apply(hs, kwargs["hidden_states"], n_heads))
+                kwargs = dict(kwargs, hidden_states=_apply(hs, kwargs["hidden_states"], n_heads, module))
             else:
                 raise RuntimeError(f"{type(module).__name__} was called without positional input {i}, "
                                    f"which a hook point reads")
@@ -414,7 +464,7 @@ def _make_pre_hook(handlers: list[_Handler], n_heads: int):
 def _make_post_hook(handlers: list[_Handler], n_heads: int):
     def post_hook(module, args, output):
         x = _first_tensor(output)
-        new = _apply(handlers, x, n_heads)
+        new = _apply(handlers, x, n_heads, module)
         return None if new is x else _replace_first(output, new)
     return post_hook
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import attention
 from .cache import ActivationCache
+from .compat_tl import TLSurface, tl_config_fields  # issue 16
 from .hookpoints import (
     HookFn,
     HookMap,
@@ -49,12 +50,27 @@ class ModelConfig:
     d_vocab: int
     dtype: str
     device: str
+    # TransformerLens-named fields (issue 16): see mechkit.tl_tokens.tl_config_fields
+    n_ctx: int | None = None
+    act_fn: str | None = None
+    normalization_type: str | None = None
+    positional_embedding_type: str | None = None
+    parallel_attn_mlp: bool = False
+    gated_mlp: bool = False
+
+    @property
+    def n_key_value_heads(self) -> int:
+        return self.n_kv_heads
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.d_vocab
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-class HookedModel(nn.Module):
+class HookedModel(TLSurface, nn.Module):
     """Wraps ``hf_model`` (a ``PreTrainedModel`` for causal LM) with hook points from ``hook_map``.
 
     Use :func:`mechkit.load` to build one.
@@ -103,6 +119,7 @@ class HookedModel(nn.Module):
             d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head, d_mlp=d_mlp,
             d_vocab=out_features(get_module(hf, fam["unembed"])),
             dtype=str(p.dtype).removeprefix("torch."), device=str(p.device),
+            **tl_config_fields(c, fam),
         )
 
     def _first_layer(self, key: str) -> int:
@@ -182,14 +199,16 @@ class HookedModel(nn.Module):
     run = forward
 
     @contextmanager
-    def hooks(self, hooks: HookSpec) -> Iterator[HookedModel]:
+    def hooks(self, hooks: HookSpec = (), *, fwd_hooks=(), bwd_hooks=()) -> Iterator[HookedModel]:
         """Install ``{name: fn}`` (or ``[(name, fn), ...]``) for the duration of the block.
 
         ``fn(tensor, hook) -> tensor | None``. Names are checked before anything is installed.
+        TransformerLens's ``fwd_hooks=[(name or predicate, fn)]`` and ``bwd_hooks=`` (gradients;
+        see :mod:`mechkit.hook_api`) are accepted too.
         Per-head points (q, k, v, pattern) switch the model to mechkit's attention function
         for the duration; everything is removed on exit, exceptions included.
         """
-        pairs = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
+        pairs = self._hook_pairs(hooks, fwd_hooks, bwd_hooks)  # TL names/predicates expanded, bwd hooks adapted
         for item in pairs:
             if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
                 raise TypeError(f"hooks must be {{name: fn}} or [(name, fn)]; got item {item!r}")
@@ -225,14 +244,21 @@ class HookedModel(nn.Module):
         hooks: HookSpec = (),
         padding_side: str = "left",
         keep_kv: bool = False,
+        names_filter: None | str | Iterable[str] | Callable[[str], bool] = None,
+        remove_batch_dim: bool = False,
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Run and record activations: (logits [batch, pos, d_vocab], ActivationCache).
 
         ``names``: None (every point), a name, a list, or a predicate on names. ``device``: where
         cached tensors go (e.g. "cpu"). ``hooks``: extra hooks that run before caching.
-        ``keep_kv``: also keep HF's key/value cache of the run as ``cache.kv``: [(keys, values)] per
+        ``names_filter``: TransformerLens's name for ``names``. ``remove_batch_dim``: drop the batch
+        axis of a one-prompt cache. ``keep_kv``: also keep HF's key/value cache of the run as ``cache.kv``: [(keys, values)] per
         layer, each [batch, kv_heads, pos, d_head] (None for a layer that kept none).
         """
+        if names_filter is not None:  # TransformerLens's name for ``names``
+            if names is not None:
+                raise ValueError("run_with_cache: pass names= or names_filter= (TransformerLens's name), not both")
+            names = names_filter
         selected = self.select_points(names)
         store: dict[str, torch.Tensor] = {}
 
@@ -257,6 +283,8 @@ class HookedModel(nn.Module):
         if keep_kv:
             past = out.cache if "cache" in out else out.past_key_values  # transformers 5.x renames it per model
             cache.kv = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in past.layers]
+        if remove_batch_dim:
+            cache.remove_batch_dim()
         return out.logits, cache
 
     def generate(self, inputs=None, padding_side: str = "left", **kwargs):

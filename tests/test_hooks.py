@@ -64,7 +64,9 @@ def test_decomposition(family_model):
     parts = cache.apply_ln_to_stack(cache.decompose_resid())
     norm = m.family_module("final_norm")
     normed = parts.sum(0) + (norm.bias if getattr(norm, "bias", None) is not None else 0)
-    torch.testing.assert_close(normed, cache["ln_final.hook_normalized"], atol=1e-5, rtol=1e-5)
+    w = norm.weight + float(m.hook_map.family.get("norm_weight_offset", 0.0))  # hook_normalized is before the weight
+    torch.testing.assert_close(normed, cache["ln_final.hook_normalized"] * w + (normed - parts.sum(0)),
+                               atol=1e-5, rtol=1e-5)
     unembed = m.family_module("unembed")
     logits = cache.logit_lens(normed[None])[0] + (unembed.bias if unembed.bias is not None else 0)
     torch.testing.assert_close(logits, cache["hook_logits"], atol=1e-5, rtol=1e-5)

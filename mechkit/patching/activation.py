@@ -131,7 +131,9 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
 
     Args:
         model: HookedModel. task: PatchingTask (left padded, clean/corrupt aligned).
-        sites: a site kind (resid_pre/mid/post, attn_out, mlp_out, z, q, k, v, pattern, neuron).
+        sites: a site kind (resid_pre/mid/post, attn_out, mlp_out, z, q, k, v, pattern, neuron), or any
+            per-layer hook name ("blocks.{l}.ln1.hook_normalized": every layer; "blocks.3.attn.hook_result":
+            layer 3 only); see :mod:`mechkit.patching.sites`.
         by: patch axes, ("layer", ...) — default per kind, e.g. ("layer", "pos"), ("layer", "head").
         metric: callable on logits -> one value per prompt (default ``logit_diff(task)``).
         mode: "denoise" (clean into corrupted) or "noise" (corrupted into clean).
@@ -156,6 +158,11 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
     check_aligned(task)
     skip_layers = skip_layers and fast_paths(model)
     kind = site_kind(sites)
+    if kind.layer is not None:  # one layer's hook name: that layer only
+        if layers is not None and list(layers) != [kind.layer]:
+            raise ValueError(f"sites={sites!r} names layer {kind.layer}, but layers={layers!r} was given")
+        layers = [kind.layer]
+    model.points.resolve(kind.hook_name(kind.layer or 0))  # an unknown point fails here, with close names
     by = check_by(kind, by if by is not None else kind.default_by)
     if mode not in ("denoise", "noise"):
         raise ValueError(f"mode must be 'denoise' or 'noise', got {mode!r}")

@@ -120,12 +120,18 @@ def kl_to_clean(task, normalise: bool = True) -> Metric:
 
 
 def evaluate(metric, logits: torch.Tensor, n: int) -> torch.Tensor:
-    """Prompt-mean metric for each of the g groups of n rows in ``logits`` -> [g] float32."""
+    """Prompt-mean metric for each of the g groups of n rows in ``logits`` -> [g] float32.
+
+    A metric returning one value per prompt is averaged; one returning a single number for the n
+    prompts (TransformerLens's habit, e.g. a mean logit difference) is used as it is."""
     g = logits.shape[0] // n
     if getattr(metric, "rowwise", False):
         vals = metric(logits)
     else:
-        vals = torch.cat([torch.as_tensor(metric(logits[i * n:(i + 1) * n])).reshape(-1) for i in range(g)])
+        per = [torch.as_tensor(metric(logits[i * n:(i + 1) * n])).float().reshape(-1) for i in range(g)]
+        if n > 1 and all(v.numel() == 1 for v in per):  # a TransformerLens-style metric: one number per batch
+            return torch.cat(per)
+        vals = torch.cat(per)
     vals = torch.as_tensor(vals).float()
     if vals.numel() != g * n:
         raise ValueError(f"metric returned {vals.numel()} values for {g * n} prompts; expected one per prompt")

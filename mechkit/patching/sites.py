@@ -10,6 +10,9 @@ A *site kind* names a hook point template and the axes of its activation (batch 
 - ``mixer_out`` (a hybrid's Mamba/DeltaNet/conv layer output): ``[batch, pos, d_model]``
 - ``router_logits`` (a mixture-of-experts router): ``[batch, pos, expert]``; patching it re-routes
   the tokens (the experts chosen downstream follow the patched logits)
+- any per-layer hook point by name (TransformerLens's ``generic_activation_patch`` habit):
+  ``"blocks.{l}.ln1.hook_normalized"`` (every layer) or ``"blocks.3.attn.hook_attn_scores"`` (that layer);
+  its axes come from the name (see ``_BY_SUFFIX``), e.g. ``[batch, pos, d_model]`` for residual-like points
 
 A patch is an index over ``by`` (always starting with ``"layer"``); the axes of ``by`` other
 than ``layer`` are written at that index, every other axis is written whole.
@@ -17,7 +20,8 @@ than ``layer`` are written at that index, every other axis is written whole.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,6 +32,7 @@ class SiteKind:
     hook: str                  # template with {l}
     dims: tuple[str, ...]      # activation axes after batch
     default_by: tuple[str, ...]
+    layer: int | None = None   # a site given as one layer's hook name patches only that layer
 
     def hook_name(self, layer: int) -> str:
         return self.hook.format(l=layer)
@@ -57,12 +62,50 @@ SITE_KINDS: dict[str, SiteKind] = {
 ALIASES = {"head_out": "z", "attn_head_out": "z", "mlp_post": "neuron", "neurons": "neuron"}
 
 
+_PER_HEAD_IN = ("pos", "head", "d_model")
+_BY_SUFFIX: tuple[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]], ...] = (
+    # hook-name endings -> activation axes after batch, default ``by`` (first match wins; else residual-like)
+    (("attn.hook_attn_scores", "attn.hook_pattern"), ("head", "pos", "key_pos"), ("layer", "head")),
+    (("attn.hook_result",), _PER_HEAD_IN, ("layer", "head")),
+    (("hook_q_input", "hook_k_input", "hook_v_input"), _PER_HEAD_IN, ("layer", "head")),
+    (("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_rot_q", "attn.hook_rot_k"), _HEAD,
+     ("layer", "head")),
+    (("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"), ("pos", "neuron"), ("layer", "neuron")),
+    (("hook_scale",), ("pos", "one"), ("layer", "pos")),
+)
+_KV_ENDINGS = ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k", "hook_k_input", "hook_v_input")
+_HOOK_RE = re.compile(r"^blocks\.(\d+|\{l\})\.(.+)$")
+
+
+def hook_site(name: str) -> SiteKind:
+    """A site for any per-layer hook name: ``blocks.{l}.<point>`` (all layers) or ``blocks.<L>.<point>``."""
+    m = _HOOK_RE.match(name)
+    if not m:
+        raise ValueError(f"sites={name!r}: a hook name to patch must be a per-layer point 'blocks.{{l}}.<point>' or "
+                         f"'blocks.<layer>.<point>' (or a site kind: {sorted(SITE_KINDS)})")
+    layer = None if m.group(1) == "{l}" else int(m.group(1))
+    template = f"blocks.{{l}}.{m.group(2)}"
+    for kind in SITE_KINDS.values():
+        if kind.hook == template:
+            return replace(kind, layer=layer)
+    dims, by = ("pos", "d_model"), ("layer", "pos")
+    for endings, d, b in _BY_SUFFIX:
+        if template.endswith(endings):
+            dims, by = d, b
+            break
+    return SiteKind(m.group(2), template, dims, by, layer)
+
+
 def site_kind(name: str) -> SiteKind:
-    """The :class:`SiteKind` called ``name`` (or an alias); ``ValueError`` listing the kinds otherwise."""
+    """The :class:`SiteKind` called ``name`` (or an alias, or a hook name: :func:`hook_site`);
+    ``ValueError`` listing the kinds otherwise."""
     key = ALIASES.get(name, name)
-    if key not in SITE_KINDS:
-        raise ValueError(f"unknown site kind {name!r}; expected one of {sorted(SITE_KINDS) + sorted(ALIASES)}")
-    return SITE_KINDS[key]
+    if key in SITE_KINDS:
+        return SITE_KINDS[key]
+    if "hook_" in key:
+        return hook_site(key)
+    raise ValueError(f"unknown site kind {name!r}; expected one of {sorted(SITE_KINDS) + sorted(ALIASES)} "
+                     "or a per-layer hook name such as 'blocks.{l}.ln1.hook_normalized'")
 
 
 def check_by(kind: SiteKind, by) -> tuple[str, ...]:
@@ -80,7 +123,7 @@ def axis_size(kind: SiteKind, axis: str, cfg, T: int) -> int:
     if axis in ("pos", "key_pos"):
         return T
     if axis == "head":
-        return cfg.n_kv_heads if kind.name in ("k", "v") else cfg.n_heads
+        return cfg.n_kv_heads if kind.name in ("k", "v") or kind.hook.endswith(_KV_ENDINGS) else cfg.n_heads
     if axis == "neuron":
         return cfg.d_mlp
     raise ValueError(f"no size for axis {axis!r}")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..weights import bias_of, weight_in_out
+from .conventions import SteeringAlgebra, as_hooked, pick_strength
 
 Where = Callable[[torch.Tensor], "torch.Tensor | None"]
 INFO_KEYS = ("family", "n_layers", "d_model", "d_mlp")
@@ -94,9 +95,20 @@ def blend(x: torch.Tensor, new: torch.Tensor, strength: float, where: Where) -> 
     return out if m is None else torch.where(m, out, x)
 
 
-class Steering:
+class Steering(SteeringAlgebra):
     """Base class; see the module docstring. Subclasses set ``method`` and implement ``fit``,
-    ``_hooks`` and (if linear on a linear layer's output) ``_affine``."""
+    ``_hooks`` and (if linear on a linear layer's output) ``_affine``. Arithmetic, ``multiplier=`` and
+    raw HF models: :mod:`mechkit.steering.conventions`."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "fit" in cls.__dict__:  # a raw HF model is wrapped before any method's fit sees it
+            fit = cls.__dict__["fit"]
+
+            def wrapped(self, model, *args, _fit=fit, **kw):
+                return _fit(self, as_hooked(model), *args, **kw)
+            wrapped.__doc__, wrapped.__name__ = fit.__doc__, "fit"
+            cls.fit = wrapped
 
     method = "base"
 
@@ -128,7 +140,7 @@ class Steering:
     def check_model(self, model) -> None:
         """Refuse a model of another architecture or width than the one this was fitted on."""
         self._require_fitted()
-        have = model_info(model)
+        have = model_info(as_hooked(model))
         diff = {k: (self.info[k], have[k]) for k in INFO_KEYS if self.info.get(k) != have[k]}
         if diff:
             d = ", ".join(f"{k}: fitted {a!r}, model {b!r}" for k, (a, b) in diff.items())
@@ -162,36 +174,45 @@ class Steering:
             handle.remove()
 
     @contextmanager
-    def apply(self, model, strength: float = 1.0, from_token: int | None = None) -> Iterator:
-        """Steer ``model`` inside the block: plain forwards and ``model.generate`` (greedy or sampled)."""
+    def apply(self, model, strength: float = 1.0, from_token: int | None = None, *,
+              multiplier: float | None = None) -> Iterator:
+        """Steer ``model`` inside the block: plain forwards and ``model.generate`` (greedy or sampled).
+        ``multiplier``: steering-vectors' name for ``strength``. ``model`` may be a raw HF model."""
+        model = as_hooked(model)
+        strength = pick_strength(strength, multiplier)
         self.check_model(model)
         with self._positions(model, from_token) as where, model.hooks(self._hooks(model, float(strength), where)):
             yield model
 
-    def attach(self, model, strength: float = 1.0, from_token: int | None = None):
+    def attach(self, model, strength: float = 1.0, from_token: int | None = None, *, multiplier: float | None = None):
         """Install the steering until :meth:`detach` (the same hooks :meth:`apply` uses)."""
+        strength = pick_strength(strength, multiplier)
+        given, model = model, as_hooked(model)
         if id(model) in self._attached:
             raise RuntimeError("this steering is already attached to that model; detach it first")
         stack = ExitStack()
         stack.enter_context(self.apply(model, strength, from_token))
         self._attached[id(model)] = stack
-        return model
+        return given
 
     def detach(self, model):
+        given, model = model, as_hooked(model)
         stack = self._attached.pop(id(model), None)
         if stack is None:
             raise RuntimeError("this steering is not attached to that model")
         stack.close()
-        return model
+        return given
 
     # ------------------------------------------------------------------ merging
-    def merge(self, model, strength: float = 1.0):
+    def merge(self, model, strength: float = 1.0, *, multiplier: float | None = None):
         """Fold the maps into the linear layers that produce their points (zero-overhead inference).
 
         Only for maps ``x -> scale * x + shift`` on ``hook_mlp_out`` / ``hook_attn_out``: the
         layer's output columns are scaled and its bias becomes ``scale * bias + shift`` (a bias
         is created if the layer has none). :meth:`unmerge` restores the exact state_dict.
         """
+        given, model = model, as_hooked(model)
+        strength = pick_strength(strength, multiplier)
         self.check_model(model)
         if id(model) in self._merged:
             raise RuntimeError("already merged into that model; unmerge first")
@@ -216,9 +237,10 @@ class Steering:
                     b = mod.bias
                 b.mul_(scale.to(b)).add_(shift.to(b))
         self._merged[id(model)] = saved
-        return model
+        return given
 
     def unmerge(self, model):
+        given, model = model, as_hooked(model)
         saved = self._merged.pop(id(model), None)
         if saved is None:
             raise RuntimeError("this steering is not merged into that model")
@@ -229,7 +251,7 @@ class Steering:
                     mod.bias = None
                 else:
                     mod.bias.copy_(b)
-        return model
+        return given
 
     # ------------------------------------------------------------------ describing
     def support(self, threshold: float | None = None) -> dict[str, torch.Tensor]:

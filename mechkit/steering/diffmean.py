@@ -23,6 +23,7 @@ class DiffMean(Steering):
 
     method = "diffmean"
     trainable = ("v",)
+    vector_keys = ("v",)  # additive: a + b, 2 * a, -a (mechkit.steering.conventions)
 
     def __init__(self, layers="middle", point="hook_resid_post", pool: str = "mean"):
         super().__init__(layers=layers, point=point, pool=pool)
