@@ -2,8 +2,9 @@
 16k-feature top-k SAE at ``blocks.6.hook_resid_pre``.
 
 - spliced forward (error term on) / plain forward: the cost of having the SAE in the model;
-- feature AtP over all 16,384 features (``mk.sae.feature_attribution``) / one forward + backward
-  (the plain model, the same metric): the cost of attributing every feature;
+- feature AtP over all 16,384 features (``mk.sae.feature_attribution``: a clean forward, a corrupted
+  forward + backward, the encoder on both) / one forward + backward of the plain model (the same
+  metric; activation gradients from the logits down to the embeddings, no weight gradients);
 - fused feature patching of 64 features vs 64 spliced forwards (the reference loop).
 
 Timings are medians of interleaved repeats in one process (ratios are what to read: the machine
@@ -78,13 +79,14 @@ def main():
         with torch.no_grad(), S.splice(m, sae):
             m(ids)
 
-    def fwd_bwd():
+    def fwd_bwd():  # the backward AtP needs: activation gradients, no weight gradients
         from mechkit.attribution.metrics import prompt_mean
 
-        with torch.enable_grad():
+        def leaf(x, hook):
+            return x.detach().requires_grad_(True)
+        with torch.enable_grad(), m.hooks({"hook_embed": leaf}):
             logits = m.hf_model(input_ids=corrupt, attention_mask=mask, use_cache=False).logits
             prompt_mean(metric, logits).backward()
-        m.hf_model.zero_grad(set_to_none=True)
 
     def atp():
         S.feature_attribution(m, task, sae, metric=metric, progress=False)
