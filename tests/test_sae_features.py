@@ -76,9 +76,14 @@ def test_feature_patching_transcoder_and_spliced_site():
         feature_patch(m, task, site="blocks.1.mlp.hook_in", metric=metric, progress=False)
 
 
-def test_feature_atp_equals_patching_on_a_linearised_model():
+@pytest.mark.parametrize("kind", ["sae", "transcoder"])
+def test_feature_atp_equals_patching_on_a_linearised_model(kind):
     m = linear_gpt2()
-    sae = random_sae("standard", hook="blocks.1.hook_resid_pre", scale=0.3).double()
+    if kind == "sae":
+        sae = random_sae("standard", hook="blocks.1.hook_resid_pre", scale=0.3).double()
+    else:
+        sae = random_sae("skip_transcoder", d_out=64, hook="blocks.1.mlp.hook_in", apply_b_dec_to_input=False,
+                         hook_name_out="blocks.1.hook_mlp_out", scale=0.3).double()
     task = make_task()
     metric = mk.attribution.logit_diff(task, normalise=False)
     for by in (("feature",), ("pos", "feature")):
