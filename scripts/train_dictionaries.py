@@ -22,12 +22,15 @@ from mechkit.sae.trainer import TrainOptions, train
 
 
 def specs(model) -> dict:
+    from mechkit.patching.sites import site_kind
+
     L = model.cfg.n_layers
     mid, mlp = L // 2, L // 2 - 1
+    mlp_out = site_kind("mlp_out").hook_name(mlp)
     return {
-        "sae": dict(name="resid_sae", hook_name=f"blocks.{mid}.hook_resid_pre", architecture="topk"),
-        "transcoder": dict(name="mlp_transcoder", hook_name=f"blocks.{mlp}.mlp.hook_in",
-                           hook_name_out=f"blocks.{mlp}.hook_mlp_out", architecture="batchtopk"),
+        "sae": dict(name="resid_sae", hook_name=site_kind("resid_pre").hook_name(mid), architecture="topk"),
+        "transcoder": dict(name="mlp_transcoder", hook_name=mlp_out.replace("hook_mlp_out", "mlp.hook_in"),
+                           hook_name_out=mlp_out, architecture="batchtopk"),
     }
 
 

@@ -109,6 +109,7 @@ def feature_patch(model, task, sae: SAE | None = None, site: str | None = None, 
     """
     from ..patching.engine import start_at_layer
     from ..patching.metrics import evaluate, logit_diff
+    from ..patching.sites import site_kind
 
     t0 = time.perf_counter()
     sae = _sae_or_spliced(model, sae, site)
@@ -124,7 +125,7 @@ def feature_patch(model, task, sae: SAE | None = None, site: str | None = None, 
     out_name = cfg.out_hook
     layer = model.points.resolve(out_name).layer
     k0 = layer if (skip_layers and layer is not None) else 0
-    inj = f"blocks.{k0}.hook_resid_pre"
+    inj = site_kind("resid_pre").hook_name(k0)
     names = list(dict.fromkeys([cfg.hook_name, out_name] + ([inj] if k0 else [])))
     src_logits, src_cache = model.run_with_cache(src, names=names)
     base_logits, base_cache = model.run_with_cache(base, names=names)

@@ -196,13 +196,12 @@ def gemma_scope_hook(path: str) -> str | None:
     m = re.search(r"layer_(\d+)", path)
     if not m:
         return None
-    layer = m.group(1)
-    if "-res" in path:
-        return f"blocks.{layer}.hook_resid_post"
-    if "-mlp" in path:
-        return f"blocks.{layer}.hook_mlp_out"
-    if "-att" in path:
-        return f"blocks.{layer}.attn.hook_z"
+    from ..patching.sites import site_kind
+
+    layer = int(m.group(1))
+    for tag, kind in (("-res", "resid_post"), ("-mlp", "mlp_out"), ("-att", "z")):
+        if tag in path:
+            return site_kind(kind).hook_name(layer)
     return None
 
 
