@@ -42,6 +42,9 @@ SIZES = dict(
 
 # per-type fixes (config attribute -> value), applied after the generic shrink
 FIXES: dict[str, dict] = {
+    # sparse-attention (DSA) models: their indexer assumes as many KV heads as query heads
+    "axk2": {"num_key_value_heads": 4}, "deepseek_v32": {"num_key_value_heads": 4}, "glm_moe_dsa": {"num_key_value_heads": 4},
+    "bailing_hybrid": {"num_expert_group": 1, "topk_group": 1, "layer_group_size": 2},
     "dbrx": {"attn_config": {"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 8.0}},
     "gpt_neo": {"attention_types": [[["global", "local"], 2]]},
     "zaya": {"num_experts_per_tok": 1},
