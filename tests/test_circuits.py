@@ -265,3 +265,18 @@ def test_faithfulness_curve_and_cli(tmp_path):
     assert set(d) == {"cfg", "nodes", "edges"} and len(d["edges"]) == 1519
     html = (tmp_path / "dashboard.html").read_text()
     assert "faithfulness curves" in html and "circuit (eap" in html
+
+
+def test_unsupported_families_say_why():
+    from factories import random_hf_model
+
+    m = mk.load(random_hf_model("gemma2"))
+    task = random_task(2, 5, 200)
+    with pytest.raises(ValueError, match="attn_post_norm"):
+        C.attribute(m, task, progress=False)
+    assert not has_mechkit_hooks(m.hf_model)
+    par = mk.load(random_hf_model("gpt_neox"))  # parallel residual: the MLP does not read its own layer's heads
+    g = C.Graph.from_model(par)
+    assert g.parallel and g.n_edges == C.Graph(3, 4, 4, parallel=True).n_edges
+    s = C.attribute(par, random_task(2, 5, 200), method="eap", progress=False)
+    assert s.matrix.abs().sum() > 0 and not has_mechkit_hooks(par.hf_model)
