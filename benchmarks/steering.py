@@ -31,17 +31,10 @@ from mechkit.steering import DiffMean, Gains, LinearAcT, LinEAS  # noqa: E402
 from mechkit.steering import evaluate as ev  # noqa: E402
 from mechkit.tasks import sentiment, vocab  # noqa: E402
 from mechkit.tasks.corpus import filler_sentence  # noqa: E402
+from mechkit.tasks.sentiment import neutral_prompts  # noqa: E402
 from mechkit.tasks.tokenizer import build_tokenizer  # noqa: E402
 
 STRENGTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
-TEMPLATES = ["the {n} was", "I think the {n} was", "overall the {n} was", "the {n} was really",
-             "I think the {n} was really"]
-
-
-def neutral_prompts(n: int = 100, seed: int = 7) -> list[str]:
-    rows = [t.format(n=x) for t in TEMPLATES for x in vocab.REVIEW_NOUNS]
-    random.Random(seed).shuffle(rows)
-    return rows[:n]
 
 
 def random_model():

@@ -50,7 +50,7 @@ def test_lineas_loss_at_layer_l_trains_only_layers_up_to_l(gpt2):
     st = LinEAS(layers="all").fit(gpt2, DATA.negative, DATA.positive, steps=4, lr=0.05, optimizer="adam",
                                   loss_points=["blocks.1.hook_mlp_out"], progress=False)
     moved = [bool(((d["w"] - 1).abs().max() > 0) or (d["b"].abs().max() > 0)) for d in st.tensors.values()]
-    assert moved == [True, True, False]
+    assert moved == [True, True, True, True, False, False]  # attn_out, mlp_out of layers 0, 1, 2
     assert not has_mechkit_hooks(gpt2.hf_model)
     assert all(p.grad is None and p.requires_grad for p in gpt2.hf_model.parameters())
 
@@ -101,7 +101,7 @@ def _lstsq_sorted(x, y):
 
 
 def test_linear_act_is_the_least_squares_fit_of_sorted_samples(gpt2):
-    st = LinearAcT(layers=[0, 2]).fit(gpt2, DATA.negative, DATA.positive, progress=False)
+    st = LinearAcT(layers=[0, 2], point="hook_mlp_out").fit(gpt2, DATA.negative, DATA.positive, progress=False)
     p0, p2 = "blocks.0.hook_mlp_out", "blocks.2.hook_mlp_out"
     x0 = _pooled(gpt2, DATA.negative, p0)
     w, b = _lstsq_sorted(x0, _pooled(gpt2, DATA.positive, p0))
@@ -122,7 +122,7 @@ def test_linear_act_is_the_least_squares_fit_of_sorted_samples(gpt2):
 
 
 def test_diffmean_is_the_difference_of_pooled_means(gpt2):
-    st = DiffMean(layers=1, pool="mean").fit(gpt2, DATA.negative, DATA.positive)
+    st = DiffMean(layers=1, point="hook_resid_post", pool="mean").fit(gpt2, DATA.negative, DATA.positive)
     p = "blocks.1.hook_resid_post"
     want = _pooled(gpt2, DATA.positive, p).mean(0) - _pooled(gpt2, DATA.negative, p).mean(0)
     torch.testing.assert_close(st.tensors[p]["v"], want)
@@ -137,6 +137,9 @@ def test_gains_parameters_hard_soft_agreement_and_open_neurons(family):
     m = make_model(family)
     st = Gains().fit(m, None, DATA.positive, steps=15, lr=0.05, batch_size=8, progress=False)
     assert st.num_parameters() == 2 * m.cfg.n_layers * m.cfg.d_mlp
+    assert all(0 <= float(d["g"].min()) and float(d["g"].max()) <= 2.0 for d in st.tensors.values())  # g_max
+    stats = st.gate_stats(m, HELD.neutral[:8])
+    assert 0 < stats["open_fraction"] < 1 and stats["soft_hard_agreement"] >= 0.95, stats
     assert st.history[-1] < st.history[0]
     b = m.batch(HELD.positive + HELD.neutral[:8])
     with torch.no_grad(), st.apply(m, hard=True):

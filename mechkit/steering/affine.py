@@ -6,17 +6,27 @@ from __future__ import annotations
 
 import torch
 
-from .base import Steering, blend
+from .base import Cast, Steering, masked
 
 
 def affine_fn(w, b, strength, where, lo=None, hi=None):
-    """Hook function for ``a -> w * a + b`` on ``[..., d]`` (w, b, lo, hi: [d])."""
-    def fn(x, hook):
-        new = x * w.to(x) + b.to(x)
-        if lo is not None:
-            new = torch.where((x >= lo.to(x)) & (x <= hi.to(x)), new, x)
-        return blend(x, new, strength, where)
-    return fn
+    """Hook function for ``a -> lambda * (w * a + b) + (1 - lambda) * a`` on ``[..., d]`` (w, b, lo, hi: [d]).
+
+    The strength is folded into the map once (``w' = 1 + lambda (w - 1)``, ``b' = lambda b``), so a
+    call is one ``addcmul`` (plus ``clamp``, ``eq``, ``where`` for a range ``lo <= a <= hi``)."""
+    if strength != 1.0:
+        w, b = 1 + strength * (w - 1), strength * b
+    cw, cb = Cast(w), Cast(b)
+    if lo is None:
+        def fn(x, hook):
+            return masked(where, x, torch.addcmul(cb(x), x, cw(x)))
+        return fn
+    clo, chi = Cast(lo), Cast(hi)
+
+    def fn_range(x, hook):
+        new = torch.addcmul(cb(x), x, cw(x))
+        return masked(where, x, torch.where(x.clamp(clo(x), chi(x)) == x, new, x))
+    return fn_range
 
 
 class AffineSteering(Steering):

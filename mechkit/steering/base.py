@@ -55,6 +55,16 @@ def _layer_list(model, layers) -> list[int]:
     return ls
 
 
+# the default points of DiffMean, Linear-AcT and LinEAS: both sublayers' outputs at every layer. Where a
+# concept is written is the model's (bundled tiny-gpt2: attention outputs; tiny-llama: MLP outputs), so the
+# default covers both; with one sublayer alone a method moves the wrong one by little (README, steering).
+DEFAULT_POINTS = ("hook_attn_out", "hook_mlp_out")
+
+
+def point_param(point):
+    """A ``point`` argument as stored in the JSON hyperparameters: a string, or a list of strings."""
+    return list(point) if isinstance(point, (list, tuple)) else point
+
 # where each per-layer point sits in a block's forward pass (incremental fits go in this order)
 _FORWARD_RANK = {"hook_resid_pre": 0, "attn.hook_q": 1, "attn.hook_k": 1, "attn.hook_v": 1, "attn.hook_pattern": 2,
                  "attn.hook_z": 3, "hook_attn_out": 4, "hook_resid_mid": 5, "mlp.hook_pre": 6, "mlp.hook_post": 7,
@@ -86,6 +96,36 @@ def resolve_points(model, layers, point) -> list[str]:
     for nm in names:
         model.points.resolve(nm)
     return sorted(dict.fromkeys(names), key=forward_order)
+
+
+def everywhere(x: torch.Tensor) -> None:
+    """The ``where`` of a steering applied at every position (hooks skip the mask test for it)."""
+    return None
+
+
+class Cast:
+    """A steering tensor [d] cast to each activation's dtype and device once, not on every call
+    (a generated token runs every hook; ``.to`` per call is Python overhead on small models)."""
+
+    __slots__ = ("t", "cache")
+
+    def __init__(self, t: torch.Tensor):
+        self.t, self.cache = t, {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.dtype, x.device)
+        got = self.cache.get(key)
+        if got is None:
+            got = self.cache[key] = self.t.to(device=x.device, dtype=x.dtype)
+        return got
+
+
+def masked(where: Where, x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` where ``where`` selects, else ``x`` (``new`` everywhere for :func:`everywhere`)."""
+    if where is everywhere:
+        return new
+    m = where(x)
+    return new if m is None else torch.where(m, new, x)
 
 
 def blend(x: torch.Tensor, new: torch.Tensor, strength: float, where: Where) -> torch.Tensor:
@@ -150,7 +190,7 @@ class Steering(SteeringAlgebra):
     @contextmanager
     def _positions(self, model, from_token: int | None) -> Iterator[Where]:
         if from_token is None:
-            yield lambda x: None
+            yield everywhere
             return
         state: dict[str, torch.Tensor] = {}
 

@@ -10,23 +10,27 @@ from __future__ import annotations
 import torch
 
 from ._stats import pooled_activations
-from .base import Steering, model_info, resolve_points
+from .base import DEFAULT_POINTS, Cast, Steering, masked, model_info, point_param, resolve_points
 
 
 class DiffMean(Steering):
-    """``DiffMean(layers="middle", point="hook_resid_post", pool="mean")``.
+    """``DiffMean(layers="all", point=("hook_attn_out", "hook_mlp_out"), pool="mean")``.
 
-    ``layers``: "middle" | "all" | int | list of ints; ``point``: the per-layer hook suffix, or
-    a list of full hook names. Tensors: ``v`` [width] per point. On ``hook_mlp_out`` /
-    ``hook_attn_out`` it merges into the layer's bias.
+    ``layers``: "middle" | "all" | int | list of ints; ``point``: a per-layer hook suffix, or a
+    list of suffixes and full hook names. The default (both sublayers' outputs at every layer)
+    adds each sublayer's own target-minus-source mean, so at strength 1 the shifts add up along
+    the residual stream; the classic single-layer CAA vector is
+    ``DiffMean(layers="middle", point="hook_resid_post")`` (weaker at strength 1 on the bundled
+    tiny-gpt2: 0.29 -> 0.46 positive rate, against 0.97 with the default). Tensors: ``v``
+    [width] per point. On ``hook_mlp_out`` / ``hook_attn_out`` it merges into the layer's bias.
     """
 
     method = "diffmean"
     trainable = ("v",)
     vector_keys = ("v",)  # additive: a + b, 2 * a, -a (mechkit.steering.conventions)
 
-    def __init__(self, layers="middle", point="hook_resid_post", pool: str = "mean"):
-        super().__init__(layers=layers, point=point, pool=pool)
+    def __init__(self, layers="all", point=DEFAULT_POINTS, pool: str = "mean"):
+        super().__init__(layers=layers, point=point_param(point), pool=pool)
 
     def fit(self, model, source: list[str], target: list[str], batch_size: int = 64):
         pts = resolve_points(model, self.hparams["layers"], self.hparams["point"])
@@ -38,10 +42,10 @@ class DiffMean(Steering):
 
     def _hooks(self, model, strength, where):
         def make(v):
+            sv = Cast(strength * v)  # one add per call
+
             def fn(x, hook):
-                vv = v.to(x)
-                m = where(x)
-                return x + strength * vv if m is None else x + strength * vv * m.to(x.dtype)
+                return masked(where, x, x + sv(x))
             return fn
         return [(p, make(d["v"])) for p, d in self.tensors.items()]
 

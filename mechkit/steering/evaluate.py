@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import torch
 
 from ._stats import pooled_activations, wasserstein
+from .base import everywhere
 
 
 def _ctx(model, st, strength, **kw):
@@ -99,7 +100,7 @@ def transport_distance(model, st, source: Sequence[str], target: Sequence[str],
     tgt = pooled_activations(model, target, names)
     out = []
     for s in strengths:
-        hooks = st._hooks(model, float(s), lambda x: None) if s != 0 else []
+        hooks = st._hooks(model, float(s), everywhere) if s != 0 else []
         src = pooled_activations(model, source, names, hooks=hooks)
         d = torch.stack([wasserstein(src[n], tgt[n], p).mean() for n in names]).mean()
         out.append(float(d.sqrt() if p == 2 else d))

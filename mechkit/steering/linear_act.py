@@ -15,17 +15,21 @@ from tqdm.auto import tqdm
 
 from ._stats import affine_fit, pooled_activations
 from .affine import AffineSteering
-from .base import model_info, resolve_points
+from .base import DEFAULT_POINTS, everywhere, model_info, point_param, resolve_points
 
 
 class LinearAcT(AffineSteering):
-    """``LinearAcT(layers="all", point="hook_mlp_out", pool="mean", clip_to_range=True)``."""
+    """``LinearAcT(layers="all", point=("hook_attn_out", "hook_mlp_out"), pool="mean", clip_to_range=True)``.
+
+    Default points: both sublayers' outputs at every layer (on the bundled tiny-gpt2 the MLP
+    outputs alone move the positive rate 0.29 -> 0.38 at strength 1, both sublayers 0.29 -> 0.78).
+    """
 
     method = "linear_act"
 
-    def __init__(self, layers="all", point="hook_mlp_out", pool: str = "mean", clip_to_range: bool = True,
+    def __init__(self, layers="all", point=DEFAULT_POINTS, pool: str = "mean", clip_to_range: bool = True,
                  support_threshold: float = 1e-3):
-        super().__init__(layers=layers, point=point, pool=pool, clip_to_range=clip_to_range,
+        super().__init__(layers=layers, point=point_param(point), pool=pool, clip_to_range=clip_to_range,
                          support_threshold=support_threshold)
 
     def fit(self, model, source: list[str], target: list[str], batch_size: int = 64, progress: bool = True):
@@ -35,7 +39,7 @@ class LinearAcT(AffineSteering):
         self.info = model_info(model)
         self.tensors = {}
         for p in tqdm(pts, desc="Linear-AcT", disable=not progress):
-            with_earlier = self._hooks(model, 1.0, lambda x: None)
+            with_earlier = self._hooks(model, 1.0, everywhere)
             src = pooled_activations(model, source, [p], hooks=with_earlier, pool=pool, batch_size=batch_size)[p]
             w, b = affine_fit(src, tgt[p])
             d = {"w": w, "b": b}

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ._stats import masked_mean, pooled_activations, wasserstein
 from .affine import AffineSteering, affine_fn
-from .base import model_info, resolve_points
+from .base import DEFAULT_POINTS, everywhere, model_info, point_param, resolve_points
 
 
 def prox_sparse_group(u: torch.Tensor, tau: float, l1: float, l2: float) -> torch.Tensor:
@@ -54,20 +54,21 @@ def frozen(module: torch.nn.Module):
 
 
 class LinEAS(AffineSteering):
-    """``LinEAS(layers="all", point="hook_mlp_out", sparsity=(0.0, 0.0))``.
+    """``LinEAS(layers="all", point=("hook_attn_out", "hook_mlp_out"), sparsity=(0.0, 0.0))``.
 
     ``sparsity=(l1, l2)``: weights of the sparse-group-lasso proximal step (0 = off; the
     paper's example uses (1e-4, 1e-3) with ~1000 steps). ``point``: a per-layer suffix, or a list of
     suffixes and full names (:func:`mechkit.steering.base.resolve_points`). Where a concept lives is
     the model's: on the bundled tiny-gpt2 sentiment sits in the attention outputs, on tiny-llama in
-    the MLP outputs; ``point=["hook_attn_out", "hook_mlp_out"]`` covers both (README, steering).
+    the MLP outputs; the default, both sublayers, reaches >= 0.86 positive rate on both at strength 1
+    (one sublayer alone: 0.47 on tiny-gpt2's MLP outputs, 0.67 on tiny-llama's attention outputs).
     """
 
     method = "lineas"
 
-    def __init__(self, layers="all", point="hook_mlp_out", sparsity: tuple[float, float] = (0.0, 0.0),
+    def __init__(self, layers="all", point=DEFAULT_POINTS, sparsity: tuple[float, float] = (0.0, 0.0),
                  support_threshold: float = 1e-3):
-        super().__init__(layers=layers, point=point, sparsity=list(sparsity), support_threshold=support_threshold)
+        super().__init__(layers=layers, point=point_param(point), sparsity=list(sparsity), support_threshold=support_threshold)
 
     def fit(self, model, source: list[str], target: list[str], steps: int = 300, lr: float = 0.01,
             optimizer: str = "adam", batch_size: int | None = None, loss_points: list[str] | None = None,
@@ -111,7 +112,7 @@ class LinEAS(AffineSteering):
                         got[p] = masked_mean(x.float(), mask)
                     return fn
 
-                hooks = [(p, affine_fn(W[p], B[p], 1.0, lambda x: None)) for p in pts]
+                hooks = [(p, affine_fn(W[p], B[p], 1.0, everywhere)) for p in pts]
                 hooks += [(p, grab(p)) for p in loss_points]
                 with model.hooks(hooks):
                     model(b)

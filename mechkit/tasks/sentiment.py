@@ -27,6 +27,17 @@ NEUTRAL_PROMPTS = [
     "the staff were", "the ending was",
 ]
 
+HELDOUT_TEMPLATES = ["the {n} was", "I think the {n} was", "overall the {n} was", "the {n} was really",
+                     "I think the {n} was really"]
+
+
+def neutral_prompts(n: int = 100, seed: int = 7) -> list[str]:
+    """``n`` neutral prompts to continue ("I think the hotel was"): each template with each review
+    noun, shuffled with ``seed``; none is a review sentence, so none is in a steering's fitting data."""
+    rows = [t.format(n=x) for t in HELDOUT_TEMPLATES for x in vocab.REVIEW_NOUNS]
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
 
 def adjectives(split: str = "all") -> tuple[list[str], list[str]]:
     """(positive, negative) adjectives of a split."""
