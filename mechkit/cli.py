@@ -19,6 +19,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     p.add_argument("--out", default="mechkit_out", help="output folder (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--top", type=int, default=5, help="rows of the printed top-results table (default: %(default)s)")
+
+
+def _task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")
+    p.add_argument("--n", type=int, default=32, help="prompts of the built-in IOI task (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in IOI prompts (default: %(default)s)")
 
 
 def _load(args):
@@ -57,8 +64,20 @@ def _task_from_jsonl(model, path: str):
     return mk.tasks.PatchingTask.from_prompts(model, *[[r[k] for r in rows] for k in need])
 
 
+def top_table(title: str, res, k: int = 5) -> str:
+    """The ``k`` cells of largest |score| of a result as a small aligned text table under ``title``:
+    a rank column, one column per axis (its labels: layer, head, position token ...) and the score."""
+    rows = [[str(i + 1), *labels, f"{v:+.4f}"] for i, (labels, v) in enumerate(res.top(k))]
+    head = ["#", *res.axes, "score"]
+    widths = [max(len(r[j]) for r in [head, *rows]) for j in range(len(head))]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([f"{title}: top {len(rows)} of {res.values.numel()} by |score|", fmt.format(*head),
+                      *(fmt.format(*r) for r in rows)])
+
+
 def _write(results: dict, args, model, stem: str, command: str) -> None:
-    """Save each result as ``out/<stem>.safetensors`` (+ .json) and print the dashboard's path."""
+    """Save each result as ``out/<stem>.safetensors`` (+ .json); print each one's top cells as a
+    small table, then the dashboard's path (the last line of stdout)."""
     from .viz import dashboard
 
     out = Path(args.out)
@@ -66,7 +85,11 @@ def _write(results: dict, args, model, stem: str, command: str) -> None:
         res.save(out / f"{stem}.safetensors")
     meta = {"model": getattr(model, "name", model.cfg.model_type), "site": args.site, "by": args.by,
             "method": getattr(args, "method", "activation patching")}
-    print(dashboard(results, out / f"{command}.html", title=f"mechkit {command}", metadata=meta))
+    path = dashboard(results, out / f"{command}.html", title=f"mechkit {command}", metadata=meta)
+    for title, res in results.items():
+        print(top_table(title, res, args.top))
+        print()
+    print(path)
 
 
 def cmd_models(args) -> None:
@@ -141,8 +164,13 @@ def cmd_heads(args) -> None:
 
     for k, r in scores.items():
         r.save(out / f"heads_{k}.safetensors")
-    print(dashboard({f"{k} score": r for k, r in scores.items()}, out / "heads.html", title="mechkit heads",
-                    metadata={"model": model.cfg.model_type}))
+    path = dashboard({f"{k} score": r for k, r in scores.items()}, out / "heads.html", title="mechkit heads",
+                     metadata={"model": getattr(model, "name", model.cfg.model_type)})
+    for k in ("induction", "previous_token"):
+        if k in scores:
+            print(top_table(f"{k} score", scores[k], args.top))
+            print()
+    print(path)
 
 
 def cmd_steer(args) -> None:
@@ -188,11 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, helptext in (("patch", cmd_patch, "activation patching"), ("attribute", cmd_attribute, "AtP / RelP")):
         p = sub.add_parser(name, help=helptext)
         _common(p)
-        p.add_argument("--site", default="resid_pre")
-        p.add_argument("--by", default="layer,pos")
-        p.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")
-        p.add_argument("--n", type=int, default=32)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--site", default="resid_pre",
+                       help="what to patch: resid_pre|resid_mid|resid_post|attn_out|mlp_out, per head "
+                            "z|q|k|v|pattern, or neuron (MLP neurons) (default: %(default)s)")
+        p.add_argument("--by", default="layer,pos",
+                       help="axes of the result, comma-separated from layer, pos, head, key_pos, neuron "
+                            "(default: %(default)s; per-head sites: layer,head or layer,head,pos)")
+        _task_args(p)
         if name == "patch":
             p.add_argument("--checkpoint-dir", default=None, help="finished chunks go here; a rerun resumes")
             p.add_argument("--max-batch-bytes", default=None, help="memory budget per forward, e.g. 2GB (default: 8192 tokens)")
@@ -205,9 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("path", help="path patching: every sender head through receivers' q/k/v or to the logits")
     _common(p)
     p.add_argument("--receivers", required=True, help="'logits' or layer.head.q|k|v, comma-separated (e.g. 3.5.k,3.5.v)")
-    p.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")
-    p.add_argument("--n", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    _task_args(p)
     p.set_defaults(fn=cmd_path)
     p = sub.add_parser("circuit", help="edge-level circuit discovery (EAP, EAP-IG, RelP) with faithfulness curves")
     _common(p)
@@ -232,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+TIMED = ("patch", "attribute", "path", "heads", "demo")  # commands that compute and write results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import transformers
@@ -249,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"mechkit {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
-    if not getattr(args, "quiet", False):
+    if args.cmd in TIMED and not getattr(args, "quiet", False):
         print(f"done in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0
 

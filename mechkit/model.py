@@ -340,6 +340,7 @@ def load(
     device=None,
     device_map=None,
     hook_map: str | Path | dict | HookMap | None = None,
+    revision: str | None = None,
 ) -> HookedModel:
     """Load a model and wrap it.
 
@@ -347,6 +348,8 @@ def load(
     (see :func:`mechkit.list_models`), an HF ``PreTrainedModel``, a local folder, or a hub name.
     ``hook_map``: a path to a TOML map, a dict of the same layout, or a HookMap, for an
     architecture mechkit has no map for (otherwise one is detected and verified at load).
+    ``revision``: a hub branch, tag or commit for a hub name (weights and tokenizer alike). A hub
+    name is looked up in the hub cache (``HF_HUB_CACHE``) first; with ``HF_HUB_OFFLINE=1``, only there.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -370,17 +373,28 @@ def load(
             kw["dtype"] = torch_dtype
         if device_map is not None:
             kw["device_map"] = device_map
+        if revision is not None:
+            kw["revision"] = revision
         try:
             hf = AutoModelForCausalLM.from_pretrained(str(src), **kw)
         except OSError as e:
+            from huggingface_hub import constants
+
+            rev = "" if revision is None else f" at revision {revision!r}"
             raise OSError(
-                f"could not load model {src!r}: not a bundled model ({', '.join(models.list_models()) or 'none'}), "
-                f"not a local folder, and the hub could not provide it ({e.__class__.__name__})."
+                f"could not load model {src!r}{rev}: not a bundled model ({', '.join(models.list_models()) or 'none'}), "
+                f"not a local folder, and neither the hub cache ({constants.HF_HUB_CACHE}) nor the hub"
+                f"{' (offline: HF_HUB_OFFLINE=1)' if constants.HF_HUB_OFFLINE else ''} could provide it "
+                f"({e.__class__.__name__})."
             ) from e
         if tokenizer is None:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(str(src))
+                tokenizer = AutoTokenizer.from_pretrained(str(src), **({} if revision is None else {"revision": revision}))
             except (OSError, ValueError):  # a weights-only folder: token ids still work, text says why not
+                tokenizer = None
+            if tokenizer is not None and getattr(tokenizer, "vocab_size", 1) == 0:
+                # transformers 5 builds an empty tokenizer from the config's model type when the folder
+                # has no tokenizer files: every text would encode to nothing, so treat it as absent
                 tokenizer = None
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
