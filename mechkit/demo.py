@@ -22,6 +22,32 @@ from pathlib import Path
 import torch
 
 
+def _template(i: int) -> str:
+    from mechkit.tasks.ioi import TEMPLATES
+
+    return TEMPLATES[i].replace("{A}", "A").replace("{B}", "B").replace("{S}", "S").replace("{P}", "P") \
+        .replace("{V}", "V").replace("{O}", "O")
+
+
+def role_labels(model, task) -> list[str]:
+    """Position labels by role for an IOI task of one template and one order (every prompt has the
+    same role at each position): IO, S1, S2 (names), P / V / O (place, verb, object), END (the last
+    position), otherwise the template's own word; ``"i:label"``."""
+    toks = model.tokenizer.convert_ids_to_tokens(task.clean_tokens[0].tolist())
+    m = {k: v[0] for k, v in task.meta.items()}
+    words = {m["io"]: "IO", m["place"]: "P", m["verb"]: "V", m["object"]: "O"}
+    out, seen_s = [], 0
+    for i, t in enumerate(toks):
+        w = t.lstrip("Ġ▁ ")
+        if w == m["s"]:
+            seen_s += 1
+            lab = f"S{seen_s}"
+        else:
+            lab = words.get(w, t)
+        out.append(f"{i}:{'END' if i == len(toks) - 1 else lab}")
+    return out
+
+
 def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device=None, dtype=None,
              progress: bool = True, n_prompts: int = 24) -> Path:
     """Run the demo and return the dashboard's path (``out/dashboard.html``)."""
@@ -41,24 +67,35 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
     timings["load"] = time.perf_counter() - t
 
     sections, notes = {}, {}
-    task = mk.tasks.ioi(model.tokenizer, n=n_prompts, seed=0)
+    # one template and one name order, so that a position is the same role (IO, S1, S2, END ...) in
+    # every prompt and the position axis can say so
+    task = mk.tasks.ioi(model.tokenizer, n=n_prompts, seed=0, templates=[0], orders=("ABBA",))
+    roles = role_labels(model, task)
 
     t = time.perf_counter()
     patch = activation_patch(model, task, sites="resid_pre", by=("layer", "pos"), progress=progress)
+    patch.labels["pos"] = roles
     timings["activation patching"] = time.perf_counter() - t
-    sections["IOI: activation patching of resid_pre (layer × position)"] = patch
-    notes["IOI: activation patching of resid_pre (layer × position)"] = (
+    key = "IOI: activation patching of the residual stream (layer × position)"
+    sections[key] = patch
+    notes[key] = (
         "Normalised logit difference (1 = clean, 0 = corrupted) after writing the clean residual stream "
-        "into the corrupted run at one (layer, position). Positions are counted on the left-padded batch.")
+        "(resid_pre) into the corrupted run at one (layer, position). Every prompt uses the template "
+        f"'{_template(0)}' with the names in the order A B B A, so a position is the same role in every "
+        "prompt: IO = indirect object, S1 / S2 = the subject's two mentions, P / V / O = place, verb, object, "
+        "END = the last position, where the answer is predicted.")
     patch.save(out / "patch_resid_pre.safetensors")
 
     for method in ("atp", "relp"):
         t = time.perf_counter()
         est = attribution_patch(model, task, sites="resid_pre", by=("layer", "pos"), method=method, progress=progress)
+        est.labels["pos"] = roles
         timings[method] = time.perf_counter() - t
         stats = compare(patch, est)
         key = f"IOI: {method.upper()} vs activation patching (r = {stats['pearson']:.3f})"
         sections[key] = scatter_compare(patch, est, stats, names=("activation patching", method.upper()))
+        notes[key] = (f"One point per (layer, position) cell of the map above: hover a point for its cell. "
+                      f"{method.upper()} estimates every cell from two forward passes and one backward pass.")
         est.save(out / f"{method}_resid_pre.safetensors")
 
     # the circuit's heads: knock each out alone, then trace which earlier heads reach the costliest
@@ -76,8 +113,9 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
     key = f"IOI: path patching into L{last}H{h_r}'s keys and values"
     sections[key], notes[key] = paths, (
         f"Each sender head's corrupted output reaching only L{last}H{h_r}'s keys and values (other heads "
-        f"frozen at clean): normalised logit difference, 1 = nothing travels that path. L{last}H{h_r} is the "
-        "last-layer head whose knockout costs most.")
+        f"frozen at clean), shown as the effect through that path: 1 − normalised logit difference, so 0 = "
+        f"nothing travels that path and 1 = the whole IOI effect does (the reading of the other maps). "
+        f"L{last}H{h_r} is the last-layer head whose knockout costs most.")
     knockout.save(out / "knockout_heads.safetensors")
     paths.save(out / "path_patch.safetensors")
 
@@ -93,18 +131,19 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
     toks = mk.tasks.repeated_tokens(model.tokenizer, 1, T, seed=1)
     _, cache = model.run_with_cache(toks, names=lambda n: n.endswith("attn.hook_pattern"))
     pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0] for l in range(model.cfg.n_layers)])
+    head = int(ind[layer].argmax())
     sections["attention patterns on a repeated sequence"] = attention_figure(
-        pattern, model.to_str_tokens(toks[0]), title="attention")
+        pattern, model.to_str_tokens(toks[0]), title="Attention pattern on a repeated sequence", head=(layer, head))
     notes["attention patterns on a repeated sequence"] = (
-        f"BOS + {T} random words + the same words again. Use the menu to pick a head; "
-        f"the top induction head is in layer {layer}.")
+        f"BOS + {T} random words + the same words again, opened on the top induction head L{layer}H{head} "
+        f"(induction score {float(ind[layer, head]):.2f}): each query in the second half attends to the "
+        "token after its earlier copy. Use the menu to pick another head.")
 
     t = time.perf_counter()
     data = mk.tasks.sentiment(model.tokenizer, n=32, seed=0)
     steer = DiffMean().fit(model, data.negative[:32], data.positive[:32])
-    # LinEAS on both sublayers: the bundled models keep sentiment in different ones (README, steering)
-    lineas = LinEAS(point=["hook_attn_out", "hook_mlp_out"]).fit(model, data.negative[:32], data.positive[:32],
-                                                                 steps=100, progress=progress)
+    # default points: both sublayers' outputs at every layer (the bundled models keep sentiment in different ones)
+    lineas = LinEAS().fit(model, data.negative[:32], data.positive[:32], steps=100, progress=progress)
     prompts = data.neutral[:16]
     from mechkit.steering.evaluate import concept_rate, perplexity
     from mechkit.tasks.vocab import POSITIVE_ADJECTIVES
@@ -117,12 +156,12 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
                      "ppl": [perplexity(model, data.neutral[16:32], st=st, strength=s) for s in strengths]}
               for name, st in (("DiffMean", steer), ("LinEAS", lineas))}
     timings["steering"] = time.perf_counter() - t
-    fig = steering_figure(curves, title="steering negative -> positive: positive words in continuations")
+    fig = steering_figure(curves, title="Steering negative → positive: positive words in continuations by strength")
     sections["steering: negative → positive (DiffMean, LinEAS)"] = fig
     notes["steering: negative → positive (DiffMean, LinEAS)"] = (
         "Fitted on 32 negative and 32 positive reviews; rate of positive adjectives in 8-token greedy "
-        "continuations of 16 neutral prompts, and perplexity on neutral text, by strength. LinEAS: "
-        "per-neuron affine maps on every attention and MLP output, 100 Adam steps.")
+        "continuations of 16 neutral prompts, and perplexity on neutral text, by strength. Both with their "
+        "default points (every attention and MLP output); LinEAS: per-neuron affine maps, 100 Adam steps.")
     steer.save(out / "steer_positive.safetensors")
     lineas.save(out / "steer_positive_lineas.safetensors")
 
@@ -137,6 +176,6 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
 
     meta = {"model": f"{model.name} ({model.cfg.model_type}, {model.cfg.n_layers} layers, "
                      f"d_model {model.cfg.d_model})",
-            "task": f"IOI, {len(task)} prompt pairs (seed 0)", "device": model.cfg.device, "dtype": model.cfg.dtype}
+            "task": f"IOI, {len(task)} prompt pairs (seed 0; template 0, names in the order A B B A)", "device": model.cfg.device, "dtype": model.cfg.dtype}
     meta.update({f"time: {k}": f"{v:.2f} s" for k, v in timings.items()})
     return dashboard(sections, out / "dashboard.html", title="mechkit demo", metadata=meta, notes=notes)

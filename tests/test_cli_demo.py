@@ -45,6 +45,10 @@ def test_demo_writes_dashboard_and_results(demo_dir):
     res = mk.results.Result.load(demo_dir / "patch_resid_pre.safetensors") if hasattr(mk, "results") else None
     if res is not None:
         assert res.axes == ("layer", "pos")
+        # one template, one name order: positions labelled by role, no padding
+        roles = [lab.split(":", 1)[1] for lab in res.labels["pos"]]
+        assert {"IO", "S1", "S2", "END"} <= set(roles) and not any("pad" in r for r in roles), roles
+        assert roles.index("IO") < roles.index("S1") < roles.index("S2") < roles.index("END")
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -95,6 +99,46 @@ def _chrome():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
+# what a reader sees of each rendered figure: its title, each trace's hover template and colour-bar
+# title (or the shared colour axis's), the legend's title and whether a legend shows
+_FIGURES_JS = """
+function txt(t) { return t === undefined || t === null ? '' : (typeof t === 'string' ? t : (t.text || '')); }
+return Array.from(document.querySelectorAll('.js-plotly-plot')).map(function (el) {
+  var L = el.layout || {};
+  return {id: el.id, title: txt(L.title), showlegend: L.showlegend,
+          legend: txt(L.legend && L.legend.title),
+          cax: txt(L.coloraxis && L.coloraxis.colorbar && L.coloraxis.colorbar.title),
+          traces: (el.data || []).map(function (d) {
+            return {type: d.type || 'scatter', name: d.name || '', hover: d.hovertemplate || '',
+                    colorbar: txt(d.colorbar && d.colorbar.title), coloraxis: d.coloraxis || '',
+                    showlegend: d.showlegend};
+          })};
+});
+"""
+
+
+def check_readable(fig: dict) -> None:
+    """A figure a reader understands without the code: a title that is a phrase, not an identifier
+    (``patch_resid_pre``); a titled colour bar on every heatmap; a titled legend where a legend shows;
+    hover text on every trace that names the metric (never a bare "value")."""
+    import re
+
+    where = f"figure {fig['id']} ({fig['title']!r})"
+    title = re.sub(r"<[^>]+>", "", fig["title"]).strip()
+    assert " " in title and not re.fullmatch(r"[\w.:-]+", title), f"{where}: title is an identifier or empty"
+    traces = fig["traces"]
+    legend_items = [t for t in traces if t["type"] != "heatmap" and t["showlegend"] is not False]
+    if len(legend_items) > 1 and fig["showlegend"] is not False:
+        assert fig["legend"].strip(), f"{where}: a legend without a title"
+    for t in traces:
+        assert t["hover"], f"{where}: trace {t['name']!r} has no hover template"
+        assert not re.search(r"(^|<br>)value=", t["hover"]), f"{where}: hover says 'value', not the metric"
+        if t["type"] == "heatmap":
+            scale = t["colorbar"] or (fig["cax"] if t["coloraxis"] else "")
+            assert scale.strip(), f"{where}: heatmap {t['name']!r} has an untitled colour bar"
+            assert scale in t["hover"], f"{where}: hover does not name the metric {scale!r}"
+
+
 def test_dashboard_renders_in_a_real_browser(demo_dir):
     html = (demo_dir / "dashboard.html").read_text()
     n_sections = html.count("<section")
@@ -112,6 +156,8 @@ def test_dashboard_renders_in_a_real_browser(demo_dir):
         assert len(rendered) == n_sections, f"{len(rendered)} of {n_sections} figures rendered"
         errors = [e for e in drv.get_log("browser") if e.get("level") == "SEVERE"]
         assert not errors, errors
+        for fig in drv.execute_script(_FIGURES_JS):
+            check_readable(fig)
         shot = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
         if os.environ.get("MECHKIT_SCREENSHOT"):
             shot.parent.mkdir(exist_ok=True)

@@ -80,3 +80,35 @@ def test_steering_curves():
     assert fig.layout.xaxis.title.text == "strength" and fig.layout.yaxis.title.text == "concept rate"
     with pytest.raises(ValueError, match="strengths"):
         steering_figure({"x": {"strength": [0, 1], "concept": [0.1]}})
+
+
+def test_figures_read_without_the_code():
+    """Human titles, titled colour bars and hovers naming the metric; path patching shown as the effect
+    (1 - normalised value) on the zero-centred scale; 3-D results as facets; the scatter's hover names
+    each point's cell; the attention viewer opens on the requested head."""
+    from mechkit.viz.figures import describe
+
+    v = torch.tensor([[0.1, 0.9], [1.0, 0.4]])
+    pp = Result(v, ("layer", "head"), {}, {}, {"method": "path_patch", "receivers": [[3, 5, "k"]], "normalised": True},
+                "path_patch")
+    fig = result_figure(pp)
+    hm = fig.data[0]
+    assert fig.layout.title.text == "Path patching: each sender's effect through L3H5.k"
+    assert torch.allclose(torch.tensor(hm.z), 1 - v) and hm.zmid == 0 and hm.zmin == -hm.zmax
+    assert hm.colorbar.title.text == describe(pp)["metric"] and describe(pp)["metric"] in hm.hovertemplate
+    ap = Result(v, ("layer", "pos"), {}, {}, {"method": "activation_patch", "site": "resid_pre", "normalised": True,
+                                             "metric": "logit_diff(task)"}, "patch_resid_pre")
+    fig = result_figure(ap)
+    assert fig.layout.title.text == "Activation patching of resid_pre by layer × pos"
+    assert "normalised logit difference=" in fig.data[0].hovertemplate and "value" not in fig.data[0].hovertemplate
+    every = Result(torch.randn(3, 2, 4), ("site", "layer", "pos"), {"site": ["resid_pre", "attn_out", "mlp_out"]}, {},
+                   {"method": "patch_every", "sites": ["resid_pre", "attn_out", "mlp_out"], "normalised": True}, "e")
+    fig = result_figure(every)
+    assert len(fig.data) == 3 and all(t.coloraxis == "coloraxis" and len(t.x) == 4 for t in fig.data)
+    assert [a.text for a in fig.layout.annotations] == ["site = resid_pre", "site = attn_out", "site = mlp_out"]
+    assert fig.layout.coloraxis.cmid == 0 and fig.layout.coloraxis.colorbar.title.text
+    sc = scatter_compare(ap, Result(v * 2, ap.axes, ap.labels), names=("activation patching", "AtP"))
+    assert list(sc.data[0].customdata[3]) == ["1", "1"] and "layer=%{customdata[0]}" in sc.data[0].hovertemplate
+    att = attention_figure(torch.rand(2, 3, 4, 4).softmax(-1), ["a", "b", "c", "d"], head=(1, 2))
+    assert [bool(t.visible) for t in att.data].index(True) == 5 and att.layout.title.text.endswith("L1H2")
+    assert att.layout.updatemenus[0].active == 5

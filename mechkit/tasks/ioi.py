@@ -67,20 +67,22 @@ def sample_ioi(rng: random.Random, names: list[str], order: str | None = None,
 
 
 def ioi(tokenizer, n: int = 100, seed: int = 0, names: list[str] | None = None,
-        split: str = "all", templates: list[int] | None = None) -> PatchingTask:
+        split: str = "all", templates: list[int] | None = None,
+        orders: tuple[str, ...] = ("ABBA", "BABA")) -> PatchingTask:
     """``n`` IOI clean/corrupt pairs as a ``PatchingTask`` (left padded, BOS prepended).
 
     Args:
         tokenizer: any HF tokenizer, or an object with a ``.tokenizer``. Names that are not
             a single token (with a leading space) are skipped.
-        n: number of prompts; rows alternate ABBA, BABA.
+        n: number of prompts; rows cycle through ``orders`` (default: alternate ABBA, BABA).
         seed: the generator's seed (same seed, same prompts).
         names: names to use (default: those of ``split``).
         split: "train" | "heldout" | "all" (see the module docstring).
         templates: indices into ``TEMPLATES`` to draw from (default: all).
 
     ``answer_ids`` [n] are the IO names (" Mary"), ``wrong_ids`` [n] the S names.
-    ``meta`` holds per-prompt lists ``io``, ``s``, ``order``, ``template``.
+    ``meta`` holds per-prompt lists ``io``, ``s``, ``order``, ``template``, ``place``, ``object``, ``verb``.
+    With one template and one order every prompt has the same roles at the same positions.
     """
     tok = _tokenizer_of(tokenizer)
     pool = single_token_names(tok, names if names is not None else names_for_split(split))
@@ -90,8 +92,8 @@ def ioi(tokenizer, n: int = 100, seed: int = 0, names: list[str] | None = None,
     items = []
     for i in range(n):
         t = None if templates is None else templates[rng.randrange(len(templates))]
-        items.append(sample_ioi(rng, pool, order="ABBA" if i % 2 == 0 else "BABA", template=t))
-    meta = {k: [it[k] for it in items] for k in ("io", "s", "order", "template")}
+        items.append(sample_ioi(rng, pool, order=orders[i % len(orders)], template=t))
+    meta = {k: [it[k] for it in items] for k in ("io", "s", "order", "template", "place", "object", "verb")}
     return PatchingTask.from_prompts(
         tok, [it["clean"] for it in items], [it["corrupt"] for it in items],
         [" " + it["io"] for it in items], [" " + it["s"] for it in items], meta=meta,
