@@ -92,10 +92,11 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
         est.labels["pos"] = roles
         timings[method] = time.perf_counter() - t
         stats = compare(patch, est)
-        key = f"IOI: {method.upper()} vs activation patching (r = {stats['pearson']:.3f})"
-        sections[key] = scatter_compare(patch, est, stats, names=("activation patching", method.upper()))
+        label = {"atp": "AtP", "relp": "RelP"}[method]
+        key = f"IOI: {label} vs activation patching (r = {stats['pearson']:.3f})"
+        sections[key] = scatter_compare(patch, est, stats, names=("activation patching", label))
         notes[key] = (f"One point per (layer, position) cell of the map above: hover a point for its cell. "
-                      f"{method.upper()} estimates every cell from two forward passes and one backward pass.")
+                      f"{label} estimates every cell from two forward passes and one backward pass.")
         est.save(out / f"{method}_resid_pre.safetensors")
 
     # the circuit's heads: knock each out alone, then trace which earlier heads reach the costliest
@@ -123,7 +124,7 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
     scores = head_scores(model, kinds=("induction", "previous_token", "duplicate", "sink"))
     timings["head scores"] = time.perf_counter() - t
     for kind, res in scores.items():
-        sections[f"head scores: {kind}"] = res
+        sections[f"head scores: {kind.replace('_', '-')}"] = res
         res.save(out / f"heads_{kind}.safetensors")
     ind = scores["induction"].values
     layer = int(ind.max(dim=1).values.argmax())

@@ -35,7 +35,7 @@ def demo_dir(tmp_path_factory, model_arg):
 
 def test_demo_writes_dashboard_and_results(demo_dir):
     html = (demo_dir / "dashboard.html").read_text()
-    for section in ("activation patching", "ATP vs activation patching", "RELP vs activation patching",
+    for section in ("activation patching", "AtP vs activation patching", "RelP vs activation patching",
                     "single-head knockouts", "path patching into", "head scores: induction", "attention patterns",
                     "steering"):
         assert section in html, section

@@ -49,10 +49,10 @@ def describe(result) -> dict:
         to = "the logits" if recv == "logits" else ", ".join(f"L{r[0]}H{r[1]}.{r[2]}" for r in recv or [])
         if meta.get("normalised"):
             return {"title": meta.get("title") or f"Path patching: each sender's effect through {to}",
-                    "metric": "effect through the path (1 − normalised logit difference)", "transform": "effect"}
+                    "metric": "path effect (1 − normalised logit diff)", "transform": "effect"}
         return {"title": meta.get("title") or f"Path patching: senders through {to}", "metric": _metric_name(meta),
                 "transform": None}
-    title = meta.get("title") or result.name.replace("_", " ")
+    title = (meta.get("title") or result.name.replace("_", " ")).replace("_", "-")
     metric = meta.get("metric_label") or (title if title.endswith("score") else meta.get("metric_name") or "")
     if method == "head_ablation":
         metric = f"change of {str(meta.get('metric', 'metric')).split('(')[0].replace('_', ' ')}"
@@ -174,7 +174,7 @@ def attention_figure(pattern, tokens: list[str], layer_names: list[str] | None =
             traces.append(go.Heatmap(z=p[l, h].tolist(), x=toks, y=toks[-Q:], colorscale="Blues", zmin=0, zmax=1,
                                      visible=(l, h) == tuple(head), name=f"L{layer_names[l]}H{h}",
                                      colorbar=dict(title=dict(text="attention weight", side="right")),
-                                     hovertemplate="query=%{y}<br>key=%{x}<br>attention=%{z:.3f}<extra></extra>"))
+                                     hovertemplate="query=%{y}<br>key=%{x}<br>attention weight=%{z:.3f}<extra></extra>"))
     for i, tr in enumerate(traces):
         vis = [j == i for j in range(len(traces))]
         buttons.append(dict(label=tr.name, method="update", args=[{"visible": vis}, {"title": f"{title}: {tr.name}"}]))
