@@ -256,11 +256,12 @@ def _expert_hooks(model, experts, how: str) -> list:
     hooks = []
     for l, es in by_layer.items():
         stash: dict[str, torch.Tensor] = {}
+        experts = torch.tensor(es)  # this layer's ablated expert ids, bound per loop below
 
         def keep(idx, hook, _s=stash):
             _s["idx"] = idx
 
-        def zero(w, hook, _s=stash, _e=torch.tensor(es)):
+        def zero(w, hook, _s=stash, _e=experts):
             hit = torch.isin(_s.pop("idx"), _e.to(w.device))
             return torch.where(hit, torch.zeros_like(w), w)
         hooks += [(f"blocks.{l}.mlp.hook_expert_indices", keep), (f"blocks.{l}.mlp.hook_expert_weights", zero)]
