@@ -227,8 +227,9 @@ def _distinct(paths: list[str], seen: _Seen) -> list[str]:
 
 
 @torch.no_grad()
-def _norm_kind(x: torch.Tensor, y: torch.Tensor, mod: nn.Module) -> tuple[str, float]:
-    """Which norm maps x to y: layernorm or rmsnorm, weight offset 0 or 1 (Gemma's 1 + w)."""
+def _norm_kind(x: torch.Tensor, y: torch.Tensor, mod: nn.Module) -> tuple[str, float, float]:
+    """Which norm maps x to y: (layernorm or rmsnorm, weight offset 0 or 1 (Gemma's 1 + w), max error of
+    that fit against y)."""
     w = getattr(mod, "weight", None)
     b = getattr(mod, "bias", None)
     eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", None) or 1e-6
@@ -245,7 +246,11 @@ def _norm_kind(x: torch.Tensor, y: torch.Tensor, mod: nn.Module) -> tuple[str, f
             err = float((out - y.double()).abs().max()) if out.shape == y.shape else float("inf")
             if err < best[2]:
                 best = (kind, off, err)
-    return best[0], best[1]
+    return best
+
+
+def _has_eps(mod: nn.Module) -> bool:
+    return any(isinstance(getattr(mod, n, None), (int, float)) for n in ("eps", "variance_epsilon", "epsilon"))
 
 
 def _logit_transform(raw: torch.Tensor, logits: torch.Tensor, cfg) -> dict | None:
@@ -447,11 +452,18 @@ def detect_map(hf: nn.Module) -> HookMap:
     if norms:
         final = max(norms, key=lambda p: seen.order[p])
         fam["final_norm"] = final
-        kind, off = _norm_kind(seen.inp[final], seen.out[final], get_module(hf, final))
+        mod = get_module(hf, final)
+        kind, off, err = _norm_kind(seen.inp[final], seen.out[final], mod)
         fam["norm_kind"] = kind
         if off:
             fam["norm_weight_offset"] = off
-        points["ln_final.hook_normalized"] = {"module": final, "side": "output"}
+        # TransformerLens's ln_final.hook_normalized / hook_scale (before the norm's weight) are
+        # computed from the norm's input; offered only where the fit above reproduces the norm's
+        # output and its epsilon is readable, so the derived values are the ones the model uses
+        y = seen.out[final]
+        if _has_eps(mod) and err <= 1e-4 * (1 + float(y.abs().max())):
+            points["ln_final.hook_normalized"] = {"module": final, "derived": "norm_normalized"}
+            points["ln_final.hook_scale"] = {"module": final, "derived": "norm_scale"}
     elif un_in.shape == last_post.shape and torch.equal(un_in, last_post):
         fam["final_norm"] = ""
         fam["norm_kind"] = "none"
@@ -459,9 +471,8 @@ def detect_map(hf: nn.Module) -> HookMap:
         # a norm applied as a function (no module) or a scale between norm and unembedding: the
         # normalised stream is read at the unembedding's input
         fam["final_norm"] = ""
-        kind, off = _norm_kind(last_post, un_in, nn.Identity())
+        kind, off, _ = _norm_kind(last_post, un_in, nn.Identity())
         fam["norm_kind"] = kind
-        points["ln_final.hook_normalized"] = {"module": un_path, "side": "input"}
     else:
         raise _fail(f"the unembedding reads a tensor of shape {tuple(un_in.shape)}, not the residual stream's "
                     f"{tuple(last_post.shape)}")

@@ -16,7 +16,6 @@ from mechkit.model import HookedModel
 TOKS = random_tokens(2, 9)
 
 
-@pytest.mark.xfail(strict=False, reason="known conflict between two landings of this session: issue 16 gave ln_final.hook_normalized TransformerLens's pre-weight meaning in the built-in maps, while issue 17's detector still maps it to the final norm's output (and the coverage sweep reads it as such); open, see the issue notes")
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi3", "gemma2"])
 def test_detected_map_gives_the_builtin_cache(family):
     hf = random_hf_model(family)

@@ -52,7 +52,8 @@ def contexts_figure(contexts: dict, title: str = "top-activating contexts"):
         z = [[None] * (width - len(a)) + a for _, a in items]
         text = [[""] * (width - len(t)) + t for t, _ in items]
         fig.add_trace(go.Heatmap(z=z, text=text, texttemplate="%{text}", colorscale="Oranges", showscale=True,
-                                 visible=(i == 0), name=f"F{f}", hovertemplate="%{text}: %{z:.3f}<extra></extra>"))
+                                 colorbar=dict(title=dict(text="activation")), visible=(i == 0), name=f"F{f}",
+                                 hovertemplate=f"token %{{text}}<br>feature {f} activation: %{{z:.3f}}<extra></extra>"))
     buttons = [dict(label=f"feature {f}", method="update",
                     args=[{"visible": [j == i for j in range(len(feats))]}]) for i, f in enumerate(feats)]
     fig.update_layout(title=title, updatemenus=[dict(buttons=buttons, x=1.0, y=1.15)] if len(feats) > 1 else [],
@@ -68,7 +69,8 @@ def density_figure(density, title: str = "feature density"):
     d = torch.as_tensor(density, dtype=torch.float64)
     alive = d[d > 0]
     dead = int((d == 0).sum())
-    fig = go.Figure(go.Histogram(x=alive.log10().tolist(), nbinsx=40))
+    fig = go.Figure(go.Histogram(x=alive.log10().tolist(), nbinsx=40, name="features",
+                                 hovertemplate="log10 firing rate %{x}<br>features: %{y}<extra></extra>"))
     fig.update_layout(title=f"{title} ({dead} of {len(d)} features never fire)",
                       xaxis_title="log10(fraction of tokens the feature fires on)", yaxis_title="features")
     return fig
@@ -81,10 +83,12 @@ def attribution_bars(atp, relp=None, top: int = 12, title: str = "features picke
     v = atp.values.float()
     idx = v.abs().topk(min(top, v.numel())).indices.tolist()
     labels = [atp.labels["feature"][i] for i in idx]
-    fig = go.Figure(go.Bar(x=labels, y=[float(v[i]) for i in idx], name="AtP"))
+    hover = "feature %{x}<br>%{fullData.name} estimated effect (normalised logit diff): %{y:.4f}<extra></extra>"
+    fig = go.Figure(go.Bar(x=labels, y=[float(v[i]) for i in idx], name="AtP", hovertemplate=hover))
     if relp is not None:
-        fig.add_trace(go.Bar(x=labels, y=[float(relp.values[i]) for i in idx], name="RelP"))
-    fig.update_layout(title=title, barmode="group", yaxis_title="estimated effect (normalised logit diff)")
+        fig.add_trace(go.Bar(x=labels, y=[float(relp.values[i]) for i in idx], name="RelP", hovertemplate=hover))
+    fig.update_layout(title=title, barmode="group", yaxis_title="estimated effect (normalised logit diff)",
+                      xaxis_title="feature", legend=dict(title=dict(text="method")))
     return fig
 
 
