@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..fingerprint import fingerprint
 from ..interventions.ablate import HOWS, ablate, ablation_values
 from ..patching.activation import base_run, run_sweep
 from ..patching.metrics import evaluate, logit_diff
@@ -208,13 +209,14 @@ def head_ablation_effects(model, how: str = "mean", tokens=None, n: int = 16, T:
         vals = ablation_values(model, names, how, reference, base.position_ids, seed=seed, reference_mask=reference_mask)
         source = {l: vals[nm] for l, nm in enumerate(names)}
     base_out = base_run(model, base, keep_kv=False)
+    metric_key = fingerprint(metric) if checkpoint_dir is not None else None  # before binding the clean logits
     if hasattr(metric, "bind_clean"):
         metric.bind_clean(base_out[0])
     base_value = float(evaluate(metric, base_out[0], base.input_ids.shape[0])[0])
     grid = torch.cartesian_prod(torch.arange(c.n_layers), torch.arange(c.n_heads))
-    key = dict(method="head_ablation", how=how, tokens=base.input_ids, mask=base.attention_mask, seed=seed,
-               cfg=c.to_dict(), metric=name,
-               reference=torch.as_tensor(reference) if isinstance(reference, torch.Tensor) else repr(reference))
+    key = dict(task=dict(tokens=base.input_ids, mask=base.attention_mask, reference=reference,
+                         reference_mask=reference_mask), metric=metric_key,
+               options=dict(method="head_ablation", how=how, seed=seed, cfg=c.to_dict()))
     raw, info = run_sweep(model, kind, ("layer", "head"), grid, base, source, metric, base_out, max_batch_tokens,
                           shard=shard, progress=progress, checkpoint_dir=checkpoint_dir, key_fields=key,
                           desc="head ablations")

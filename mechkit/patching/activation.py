@@ -14,10 +14,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..fingerprint import fingerprint
 from ..inputs import Batch
 from ..results import Result
 from ..tasks.base import position_ids_from_mask
-from .checkpoint import ChunkStore, sweep_key
+from .checkpoint import ChunkStore, sweep_key, task_part
 from .engine import FusedRunner, _accepts, fast_paths
 from .memory import tokens_for_budget
 from .metrics import evaluate, logit_diff
@@ -87,8 +88,9 @@ def run_sweep(model, kind: SiteKind, by, grid: torch.Tensor, base: Batch, source
         source: {layer: activation [n, ...]} written at each patch's index.
         metric: see :mod:`mechkit.patching.metrics`.
         shard: (rank, world): chunks ``i % world == rank`` only (others NaN).
-        checkpoint_dir, key_fields: finished chunks are stored under a key of ``key_fields`` and
-            the chunk plan, and reused on a rerun.
+        checkpoint_dir, key_fields: finished chunks are stored under a key of ``key_fields``
+            (``{"task": ..., "metric": ..., "options": {...}}``; the model's weights, the site, axes
+            and chunk plan are added) and reused on a rerun (:mod:`mechkit.patching.checkpoint`).
 
     Returns:
         (raw [N] float32: prompt-mean metric per grid row, NaN outside the shard;
@@ -102,7 +104,14 @@ def run_sweep(model, kind: SiteKind, by, grid: torch.Tensor, base: Batch, source
     past = past if "pos" in by else None
     order, spans = plan_chunks(grid, by.index("pos") if past is not None else None, n, T, model.cfg.n_layers,
                                max_batch_tokens, overhead_token_layers(model.cfg.d_model), skip_layers)
-    store = ChunkStore(checkpoint_dir, sweep_key(**(key_fields or {}), plan=spans), len(spans))
+    key = None
+    if checkpoint_dir is not None:  # the weights, task, metric and options the chunks depend on
+        parts = dict(key_fields or {})
+        parts.setdefault("weights", model)
+        parts["options"] = dict(parts.get("options", {}), site=kind.name, by=list(by), plan=spans,
+                                skip_layers=skip_layers, skip_prefix=past is not None)
+        key = sweep_key(**parts)
+    store = ChunkStore(checkpoint_dir, key, len(spans))
     runner = FusedRunner(model, kind, by, base, source, resid, metric, skip_layers, past, logits)
     raw = torch.full((len(grid),), math.nan)
     mine = [i for i in range(len(spans)) if i % world == rank]
@@ -110,7 +119,7 @@ def run_sweep(model, kind: SiteKind, by, grid: torch.Tensor, base: Batch, source
     dev = model.device
     for i in tqdm(mine, desc=desc or f"patch {kind.name} by {'x'.join(by)}", disable=not progress, unit="chunk"):
         s, e = spans[i]
-        vals = store.load(i)
+        vals = store.load(i, e - s)
         if vals is None:
             vals = runner.run(grid[order[s:e]].to(dev)).cpu()
             store.save(i, vals)
@@ -186,6 +195,7 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
     base_out = base_run(model, base, keep_kv=skip_prefix and prefix_reusable(model, by))
     base_logits = base_out[0]
     clean_logits, corrupt_logits = (src_logits, base_logits) if mode == "denoise" else (base_logits, src_logits)
+    metric_key = fingerprint(metric) if checkpoint_dir is not None else None  # before binding the clean logits
     if hasattr(metric, "bind_clean"):
         metric.bind_clean(clean_logits)
     m_clean = float(evaluate(metric, clean_logits, n)[0])
@@ -198,9 +208,7 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
         max_batch_tokens = tokens_for_budget(cfg, T, not getattr(metric, "last_only", False), max_batch_bytes)
     sizes = [len(layers)] + [axis_size(kind, a, cfg, T) for a in by[1:]]
     grid = torch.tensor(list(itertools.product(layers, *[range(s) for s in sizes[1:]])), dtype=torch.long)
-    key = dict(site=kind.name, by=list(by), mode=mode, layers=layers, clean=task.clean_tokens,
-               corrupt=task.corrupt_tokens, mask=task.clean_mask, answers=task.answer_ids,
-               wrong=task.wrong_ids, cfg=cfg.to_dict(), metric=repr(metric))
+    key = dict(task=task_part(task), metric=metric_key, options=dict(mode=mode, layers=layers, cfg=cfg.to_dict()))
     raw, info = run_sweep(model, kind, by, grid, base, {l: src_cache[kind.hook_name(l)] for l in layers}, metric,
                           base_out, max_batch_tokens, skip_layers, shard, progress, checkpoint_dir, key, on_chunk)
     values = (raw - m_corrupt) / (m_clean - m_corrupt) if normalise else raw

@@ -31,9 +31,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..fingerprint import fingerprint
 from ..results import Result
 from .activation import _batch, check_aligned
-from .checkpoint import ChunkStore, sweep_key
+from .checkpoint import ChunkStore, sweep_key, task_part
 from .engine import _accepts, start_at_layer
 from .metrics import evaluate, logit_diff
 from .plan import overhead_token_layers, plan_chunks
@@ -195,6 +196,7 @@ def path_patch(model, task, receivers, metric=None, senders=None, max_batch_toke
     resid_names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
     clean_logits, cc = model.run_with_cache(clean, names=z_names + mlp_names + resid_names)
     corrupt_logits, rc = model.run_with_cache(corrupt, names=z_names + (mlp_names if include_mlps else []))
+    metric_key = fingerprint(metric) if checkpoint_dir is not None else None  # before binding the clean logits
     if hasattr(metric, "bind_clean"):
         metric.bind_clean(clean_logits)
     m_clean = float(evaluate(metric, clean_logits, n)[0])
@@ -213,15 +215,18 @@ def path_patch(model, task, receivers, metric=None, senders=None, max_batch_toke
         raw[~live] = m_clean
     todo = grid[live]
     order, spans = plan_chunks(todo, None, n, T, L, max_batch_tokens, overhead_token_layers(cfg.d_model))
-    key = sweep_key(method="path_patch", receivers=repr(recv), senders=layers, mlps=include_mlps, plan=spans, clean=task.clean_tokens,
-                    corrupt=task.corrupt_tokens, mask=task.clean_mask, cfg=cfg.to_dict(), metric=repr(metric))
+    key = None
+    if checkpoint_dir is not None:
+        key = sweep_key(weights=model, task=task_part(task), metric=metric_key,
+                        options=dict(method="path_patch", receivers=repr(recv), senders=layers, mlps=include_mlps,
+                                     plan=spans, cfg=cfg.to_dict()))
     store = ChunkStore(checkpoint_dir, key, len(spans))
     rows_live = live.nonzero()[:, 0]
     computed = 0
     for i in tqdm([i for i in range(len(spans)) if i % world == rank], desc="path patching", disable=not progress,
                   unit="chunk"):
         s, e = spans[i]
-        vals = store.load(i)
+        vals = store.load(i, e - s)
         if vals is None:
             vals = runner.run(todo[order[s:e]]).cpu()
             store.save(i, vals)
