@@ -482,6 +482,7 @@ def detect_map(hf: nn.Module) -> HookMap:
     points["hook_logits"] = {"module": un_path, "side": "output"}
     hook_map = HookMap(fam, points, source=f"auto-detected for {type(hf).__name__}")
     verify(hf, hook_map)
+    hook_map.verified = True
     return hook_map
 
 
@@ -558,12 +559,49 @@ def _reasons(points: dict, kinds: list[str]) -> None:
 
 
 @torch.no_grad()
+def _verify_error(hook_map: HookMap, what: str) -> ValueError:
+    """A detected map's failure (how to pass one's own), or a user map's (naming its file)."""
+    if hook_map.source.startswith("auto-detected"):
+        return _fail(what)
+    return HookMapDetectionError(f"hook map {hook_map.source} does not fit this model: {what}; fix the map's "
+                                 f"module paths")
+
+
+def _check_distinct(hf: nn.Module, hook_map: HookMap, table: PointTable, n_layers: int) -> None:
+    """Every per-layer point must read a different module at each layer (a path without {l} would not)."""
+    for template, spec in hook_map.templates.items():
+        if "{l}" not in template or spec.get("virtual") is not None:
+            continue
+        seen: dict[int, int] = {}
+        for l in range(n_layers):
+            ps = table.points.get(template.replace("{l}", str(l)))
+            if ps is None or ps.module is None:
+                continue
+            try:
+                mod = get_module(hf, ps.module)
+            except AttributeError as e:
+                raise _verify_error(hook_map, f"[points] '{template}' at layer {l}: {e}") from None
+            if id(mod) in seen:
+                raise _verify_error(hook_map, f"[points] '{template}' reads the same module '{ps.module}' at layers "
+                                              f"{seen[id(mod)]} and {l}")
+            seen[id(mod)] = l
+
+
 def verify(hf: nn.Module, hook_map: HookMap, tol: float = 1e-5) -> None:
     """Run random tokens through the map's points and check the residual decomposition on every
-    layer and that lm_head's output (with the map's logit transform) is the logits; raise
-    HookMapDetectionError if not."""
-    n_layers = len(get_module(hf, hook_map.family["layers"]))
+    layer and that lm_head's output (with the map's logit transform) is the logits, and that each
+    per-layer point reads a distinct module per layer; raise HookMapDetectionError (naming the map's
+    file for a user map) if not."""
+    try:
+        n_layers = len(get_module(hf, hook_map.family["layers"]))
+    except (AttributeError, TypeError) as e:
+        raise _verify_error(hook_map, f"[family] layers '{hook_map.family['layers']}': {e}") from None
     table = PointTable(hook_map, n_layers, hf.config)
+    _check_distinct(hf, hook_map, table, n_layers)
+    lacking = [n for n in [f"blocks.{l}.{p}" for l in range(n_layers) for p in ("hook_resid_pre", "hook_resid_post")]
+               + ["hook_logits"] if n not in table.points]
+    if lacking:
+        raise _verify_error(hook_map, f"it lacks {lacking[0]}, needed to verify the residual decomposition")
     parts_of = {l: [n for n in (f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mixer_out", f"blocks.{l}.hook_mlp_out")
                     if n in table.points] for l in range(n_layers)}
     wanted = [f"blocks.{l}.{p}" for l in range(n_layers) for p in ("hook_resid_pre", "hook_resid_post")]
@@ -581,7 +619,7 @@ def verify(hf: nn.Module, hook_map: HookMap, tol: float = 1e-5) -> None:
         parts = store[f"blocks.{l}.hook_resid_pre"] + sum(store[n] for n in parts_of[l])
         err = (parts - post).abs().max().item()
         if err > tol * (1 + post.abs().max().item()):
-            raise _fail(f"layer {l}: resid_pre + {' + '.join(p.split('.')[-1] for p in parts_of[l])} differs from "
+            raise _verify_error(hook_map, f"layer {l}: resid_pre + {' + '.join(p.split('.')[-1] for p in parts_of[l])} differs from "
                         f"the block output by {err:.3g} (norms after attention/MLP, or a different residual layout)")
     if not torch.allclose(apply_logit_transform(hook_map.family, store["hook_logits"]), logits, atol=tol, rtol=tol):
-        raise _fail("the unembedding's output is not the model's logits")
+        raise _verify_error(hook_map, "the unembedding's output is not the model's logits")

@@ -50,17 +50,31 @@ def _task_from_jsonl(model, path: str):
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"task file {path} does not exist")
-    for i, line in enumerate(p.read_text().splitlines()):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i + 1}: not JSON ({e.msg})") from None
     need = ("clean", "corrupt", "answer", "wrong")
-    for i, r in enumerate(rows):
+    kinds = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list", dict: "an object",
+             type(None): "null"}
+    for i, line in enumerate(p.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i + 1}: not JSON ({e.msg})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}:{i + 1}: a row must be a JSON object with keys {list(need)}, got {kinds.get(type(r))}")
         miss = [k for k in need if k not in r]
         if miss:
             raise ValueError(f"{path}:{i + 1}: missing keys {miss}; expected {list(need)}")
+        for k in ("clean", "corrupt"):
+            if not isinstance(r[k], str):
+                raise ValueError(f"{path}:{i + 1}: '{k}' must be a string, got {kinds.get(type(r[k]), type(r[k]).__name__)}")
+        for k in ("answer", "wrong"):
+            if not isinstance(r[k], str) and not (isinstance(r[k], int) and not isinstance(r[k], bool)):
+                raise ValueError(f"{path}:{i + 1}: '{k}' must be a string or a token id, got "
+                                 f"{kinds.get(type(r[k]), type(r[k]).__name__)}")
+        rows.append(r)
+    if not rows:
+        raise ValueError(f"task file {path} has no rows")
     return mk.tasks.PatchingTask.from_prompts(model, *[[r[k] for r in rows] for k in need])
 
 

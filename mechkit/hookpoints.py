@@ -40,6 +40,8 @@ import torch
 from torch import nn
 
 HookFn = Callable[[torch.Tensor, "Hook"], "torch.Tensor | None"]
+# [family] entries every map must have (module paths): the model's sizes are read from them
+FAMILY_KEYS = ("layers", "block", "final_norm", "unembed", "attn_out_proj", "mlp_down_proj")
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
@@ -119,21 +121,60 @@ class HookMap:
     family: dict[str, Any]
     templates: dict[str, dict[str, Any]]
     source: str = "<dict>"
+    verified: bool = field(default=False, compare=False)  # shipped maps (tested) and maps checked by autodetect.verify
 
     @classmethod
     def from_toml(cls, path: str | Path) -> HookMap:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"hook map {path} does not exist (expected a TOML file like mechkit's "
+                                    f"hooks/llama.toml)")
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"hook map {path} is not valid TOML ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"hook map {path} is not valid TOML (not UTF-8 text: {e.reason})") from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> HookMap:
-        if "family" not in data or "points" not in data:
-            raise ValueError(f"hook map {source} needs a [family] table and a [points] table; got {sorted(data)}")
+        """A map from its TOML layout, checked: the required ``[family]`` keys (strings), ``block``
+        with ``{l}``, and each point's fields (module paths of per-layer points depend on the layer)."""
+        if not isinstance(data, dict) or not isinstance(data.get("family"), dict) \
+                or not isinstance(data.get("points"), dict):
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"hook map {source} needs a [family] table and a [points] table; got {got}")
         fam = dict(data["family"])
-        for key in ("layers", "block", "final_norm", "unembed"):
+        for key in FAMILY_KEYS:
             if key not in fam:
                 raise ValueError(f"hook map {source}: [family] lacks '{key}'")
+            if not isinstance(fam[key], str) or not fam[key]:
+                raise ValueError(f"hook map {source}: [family] {key} must be a module path string, got {fam[key]!r}")
+        if "{l}" not in fam["block"]:
+            raise ValueError(f"hook map {source}: [family] block '{fam['block']}' has no '{{l}}': every layer "
+                             f"would read the same module (e.g. block = \"{fam['layers']}.{{l}}\")")
+        for name, spec in data["points"].items():
+            where = f"hook map {source}: [points] '{name}'"
+            if not isinstance(spec, dict):
+                raise ValueError(f"{where} must be a table like {{ module = ..., side = ... }}, got {spec!r}")
+            if spec.get("virtual") is not None:
+                if spec["virtual"] != "sum" or not isinstance(spec.get("of"), list) or not isinstance(spec.get("write"), str):
+                    raise ValueError(f"{where}: a virtual point needs virtual = \"sum\", of = [names] and write = name")
+                continue
+            if not isinstance(spec.get("module"), str):
+                raise ValueError(f"{where} lacks a module path (module = \"...\")")
+            if spec.get("side", "output") not in ("input", "output", "attention"):
+                raise ValueError(f"{where}: side must be 'input', 'output' or 'attention', got {spec.get('side')!r}")
+            if spec.get("side") == "attention" and spec.get("tensor") not in ("q", "k", "v", "pattern"):
+                raise ValueError(f"{where}: tensor must be one of q, k, v, pattern, got {spec.get('tensor')!r}")
+            if spec.get("reshape") not in (None, "heads"):
+                raise ValueError(f"{where}: reshape must be 'heads' or absent, got {spec.get('reshape')!r}")
+            mod = spec["module"]
+            if "{l}" in name and "{l}" not in mod and "{block}" not in mod:
+                raise ValueError(f"{where}: module '{mod}' has no '{{l}}' or '{{block}}': every layer would read "
+                                 f"the same module")
         return cls(fam, dict(data["points"]), source)
 
     @property
@@ -157,6 +198,7 @@ def builtin_maps() -> list[HookMap]:
         if entry.name.endswith(".toml"):
             with entry.open("rb") as f:
                 maps.append(HookMap.from_dict(tomllib.load(f), source=f"mechkit/hooks/{entry.name}"))
+                maps[-1].verified = True
     return maps
 
 
@@ -281,6 +323,7 @@ class _Handler:
     heads: int | None = None  # this point's head count where layers differ
     scale: float | None = None  # the point is scale * the module's tensor (a scaled residual branch)
     arg: int = 0  # which positional input an input point reads (0: the first, or hidden_states=)
+    name: str = "?"  # the hook point, for error messages
 
 
 _TOKENS: dict[str, tuple[int, int]] = {}  # [batch, pos] of the forward being hooked ("tokens" reshape)
@@ -307,9 +350,12 @@ def _apply(handlers: list[_Handler], x: torch.Tensor, n_heads: int, module: nn.M
         view = _view(h, x, n_heads)
         new = h.run(view, module) if getattr(h.run, "with_module", False) else h.run(view)  # derived points
         if new is not None:
+            if not isinstance(new, torch.Tensor):
+                raise TypeError(f"hook on '{h.name}' returned a {type(new).__name__}; expected a torch.Tensor of "
+                                f"shape {tuple(view.shape)} (to replace the activation) or None (to keep it)")
             if new.shape != view.shape:
                 raise ValueError(
-                    f"hook returned a tensor of shape {tuple(new.shape)}; expected {tuple(view.shape)}"
+                    f"hook on '{h.name}' returned a tensor of shape {tuple(new.shape)}; expected {tuple(view.shape)}"
                 )
             if new.device != view.device or new.dtype != view.dtype:  # follow the module's device (device_map)
                 new = new.to(device=view.device, dtype=view.dtype)
@@ -364,15 +410,15 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
             inst.outputs[spec.module].append(_Handler(through))
             continue
         if spec.side != "virtual":
-            add(spec, _Handler(wrap(fn, hook), spec.reshape, spec.heads, spec.scale, spec.arg))
+            add(spec, _Handler(wrap(fn, hook), spec.reshape, spec.heads, spec.scale, spec.arg, name))
             continue
         # virtual sum: v = sum(read parts) + written part; write: written' = v_new - sum(read parts)
         parts = [table.resolve(p) for p in spec.of if p != spec.write]
         target = table.resolve(spec.write)
         keepers, through = _virtual_handlers(fn, hook, [p.name for p in parts])
         for p, keep in zip(parts, keepers):
-            add(p, _Handler(keep, p.reshape, p.heads, p.scale))
-        add(target, _Handler(through, target.reshape, target.heads, target.scale))
+            add(p, _Handler(keep, p.reshape, p.heads, p.scale, name=name))
+        add(target, _Handler(through, target.reshape, target.heads, target.scale, name=name))
     return inst
 
 
@@ -388,7 +434,7 @@ def _virtual_handlers(fn: HookFn, hook: Hook, part_names: list[str]):
     def through(x: torch.Tensor) -> torch.Tensor | None:
         base = sum(stash[p] for p in part_names)
         new = fn(base + x, hook)
-        return None if new is None else new - base
+        return new - base if isinstance(new, torch.Tensor) and new.shape == x.shape else new  # others: refused by _apply
 
     return [keeper(n) for n in part_names], through
 
@@ -417,17 +463,20 @@ def installed(model: nn.Module, inst: Installation, n_heads: int, sizes=None):
         for path, by_tensor in inst.attention.items():
             mod = get_module(model, path)
             stack = mod.__dict__.setdefault("_mechkit_attn", [])
-            stack.append(dict(by_tensor))
-            attn_modules.append(mod)
+            entry = dict(by_tensor)
+            stack.append(entry)
+            attn_modules.append((mod, entry))
         yield
     finally:
         split_stack.close()
         for h in handles:
             h.remove()
-        for mod in attn_modules:
+        for mod, entry in attn_modules:  # this context's own entry, whatever the exit order of nested contexts
             stack = mod.__dict__.get("_mechkit_attn", [])
-            if stack:
-                stack.pop()
+            for i in range(len(stack) - 1, -1, -1):
+                if stack[i] is entry:
+                    del stack[i]
+                    break
             if not stack:
                 mod.__dict__.pop("_mechkit_attn", None)
 

@@ -96,12 +96,19 @@ def make_batch(
     padding_side: str = "left",
 ) -> Batch:
     """Any accepted input -> Batch on CPU. Checks emptiness and the vocabulary range."""
+    if inputs is None or isinstance(inputs, (dict, set, float, bool)):
+        raise TypeError(f"inputs must be text, a list of texts, token ids [batch, pos] or a Batch; got "
+                        f"{'None' if inputs is None else type(inputs).__name__}")
     if isinstance(inputs, (str, list, tuple)) and (len(inputs) == 0 or isinstance(inputs, str) or isinstance(inputs[0], str)):
         if tokenizer is None:
             raise ValueError("text input needs a tokenizer: pass tokenizer= to mk.load or give token ids")
         ids, mask = tokenize(tokenizer, inputs if not isinstance(inputs, tuple) else list(inputs), prepend_bos, padding_side)
     else:
-        ids = torch.as_tensor(inputs)
+        try:
+            ids = torch.as_tensor(inputs)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"inputs must be text, a list of texts, token ids [batch, pos] or a Batch; got "
+                            f"{type(inputs).__name__} that is none of these") from None
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
         ids = ids.long()

@@ -78,6 +78,7 @@ class HookedModel(TLSurface, nn.Module):
 
     def __init__(self, hf_model: nn.Module, tokenizer=None, hook_map: HookMap | None = None):
         super().__init__()
+        _check_causal_lm(hf_model)
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         config = hf_model.config
@@ -88,6 +89,11 @@ class HookedModel(TLSurface, nn.Module):
 
             hook_map = detect_map(hf_model)
         self.hook_map = _resolve_config_values(hook_map, config)
+        if not self.hook_map.verified:  # a user's map is verified like a detected one
+            from .autodetect import verify
+
+            verify(hf_model, self.hook_map)
+            self.hook_map.verified = hook_map.verified = True
         n_layers = len(get_module(hf_model, hook_map.family["layers"]))
         self.points = PointTable(hook_map, n_layers, config)
         self.cfg = self._make_cfg(n_layers)
@@ -186,8 +192,25 @@ class HookedModel(TLSurface, nn.Module):
     def batch(self, inputs, attention_mask=None, prepend_bos: bool | None = None, padding_side: str = "left") -> Batch:
         """Any accepted input -> :class:`Batch` (ids, mask, position ids) on the model's device."""
         if isinstance(inputs, Batch):
-            return inputs.to(self.device)
-        return make_batch(inputs, self.tokenizer, self.cfg.d_vocab, attention_mask, prepend_bos, padding_side).to(self.device)
+            b = inputs.to(self.device)
+        else:
+            b = make_batch(inputs, self.tokenizer, self.cfg.d_vocab, attention_mask, prepend_bos, padding_side).to(self.device)
+        self._check_positions(int(b.position_ids.max()) + 1)
+        return b
+
+    @property
+    def n_ctx(self) -> int | None:
+        """The most positions the model has (config ``max_position_embeddings``), None if it names none."""
+        c = self.hf_model.config
+        c = c.get_text_config() if hasattr(c, "get_text_config") else c
+        n = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+        return int(n) if isinstance(n, int) else None
+
+    def _check_positions(self, n: int, extra: str = "") -> None:
+        limit = self.n_ctx
+        if limit is not None and n > limit:
+            raise ValueError(f"input of {n} positions{extra} is longer than the model's positions: it takes at most "
+                             f"{limit} (config max_position_embeddings); shorten the prompt")
 
     # ------------------------------------------------------------------ running
     def forward(self, inputs, attention_mask=None, padding_side: str = "left", **hf_kwargs) -> torch.Tensor:
@@ -210,8 +233,14 @@ class HookedModel(TLSurface, nn.Module):
         """
         pairs = self._hook_pairs(hooks, fwd_hooks, bwd_hooks)  # TL names/predicates expanded, bwd hooks adapted
         for item in pairs:
-            if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
+            if not (isinstance(item, tuple) and len(item) == 2):
                 raise TypeError(f"hooks must be {{name: fn}} or [(name, fn)]; got item {item!r}")
+            if not isinstance(item[0], str):
+                raise TypeError(f"hook names must be strings; got {item[0]!r} ({type(item[0]).__name__}); "
+                                f"e.g. 'blocks.0.hook_resid_pre'")
+            if not callable(item[1]):
+                raise TypeError(f"hook for '{item[0]}' is not callable (got {type(item[1]).__name__}); expected "
+                                f"fn(tensor, hook) -> tensor | None")
         sub = [p for p in pairs if p[0] in self.sub_points]
         inst = plan(self.points, [p for p in pairs if p[0] not in self.sub_points])
         sizes = Sizes(self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head)
@@ -295,6 +324,10 @@ class HookedModel(TLSurface, nn.Module):
         if inputs is not None:
             b = self.batch(inputs, kwargs.pop("attention_mask", None), padding_side=padding_side)
             kwargs.update(input_ids=b.input_ids, attention_mask=b.attention_mask)
+            new = kwargs.get("max_new_tokens")
+            if isinstance(new, int):
+                self._check_positions(int(b.position_ids.max()) + 1 + new,
+                                      f" (prompt {int(b.position_ids.max()) + 1} + max_new_tokens {new})")
         if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
             kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         return self.hf_model.generate(**kwargs)
@@ -318,7 +351,48 @@ def _resolve_config_values(hook_map: HookMap, config) -> HookMap:
         fam["logit_transform"] = {"kind": t["kind"], "value": float(value)}
     else:
         fam.pop("logit_transform")
-    return HookMap(fam, hook_map.templates, hook_map.source)
+    return HookMap(fam, hook_map.templates, hook_map.source, verified=hook_map.verified)
+
+
+def _check_causal_lm(hf_model) -> None:
+    if not isinstance(hf_model, nn.Module) or getattr(hf_model, "config", None) is None \
+            or not hasattr(hf_model.config, "model_type"):
+        raise TypeError(f"{type(hf_model).__name__} is not a transformers causal LM (expected a PreTrainedModel "
+                        f"such as GPT2LMHeadModel, or give mk.load a bundled model name, a local folder or a hub name)")
+
+
+_PROBE = "The quick brown fox jumps over the lazy dog, and then it went home."
+
+
+def tokenizer_problem(tok) -> str | None:
+    """Why ``tok`` cannot be a language model's tokenizer (None if it can): a vocabulary of one
+    token, or a probe sentence that encodes to nothing or to unknown tokens only."""
+    try:
+        size = len(tok)
+    except TypeError:
+        size = getattr(tok, "vocab_size", 2)
+    if size <= 1:
+        return f"a vocabulary of {size} token"
+    ids = tok(_PROBE, add_special_tokens=False)["input_ids"]
+    unk = getattr(tok, "unk_token_id", None)
+    if not ids:
+        return "it encodes a probe sentence to no tokens"
+    if unk is not None and all(i == unk for i in ids):
+        return "every word of a probe sentence is unknown to it"
+    return None
+
+
+def _config_problem(folder: Path) -> str | None:
+    import json
+
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        return f"{cfg} does not exist (a model folder needs config.json and its weights)"
+    try:
+        json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{cfg} is not valid JSON ({getattr(e, 'msg', e)}): the file is damaged; restore it"
+    return None
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -357,6 +431,7 @@ def load(
 
     torch_dtype = _dtype(dtype)
     src = model_or_name_or_path
+    explicit = tokenizer is not None
     if src is None:  # the default bundled model, else whichever bundled model has weights
         present = models.list_models()
         src = models.DEFAULT_MODEL if models.DEFAULT_MODEL in present or not present else present[0]
@@ -364,9 +439,13 @@ def load(
     if isinstance(src, str) and src in models.list_models():
         src = models.model_path(src)
     if isinstance(src, nn.Module):
+        _check_causal_lm(src)
         hf = src
         if torch_dtype is not None:
             hf = hf.to(torch_dtype)
+    elif not isinstance(src, (str, Path)):
+        raise TypeError(f"mk.load takes a bundled model name, a local folder, a hub name or a transformers model; "
+                        f"got {type(src).__name__}")
     else:
         kw: dict[str, Any] = {}
         if torch_dtype is not None:
@@ -375,9 +454,14 @@ def load(
             kw["device_map"] = device_map
         if revision is not None:
             kw["revision"] = revision
+        local = Path(src).is_dir()
+        if local and (problem := _config_problem(Path(src))):
+            raise ValueError(problem)
         try:
             hf = AutoModelForCausalLM.from_pretrained(str(src), **kw)
         except OSError as e:
+            if local:
+                raise OSError(f"could not load the model in folder {src}: {(str(e).splitlines() or [''])[0]}") from None
             from huggingface_hub import constants
 
             rev = "" if revision is None else f" at revision {revision!r}"
@@ -392,12 +476,18 @@ def load(
                 tokenizer = AutoTokenizer.from_pretrained(str(src), **({} if revision is None else {"revision": revision}))
             except (OSError, ValueError):  # a weights-only folder: token ids still work, text says why not
                 tokenizer = None
-            if tokenizer is not None and getattr(tokenizer, "vocab_size", 1) == 0:
-                # transformers 5 builds an empty tokenizer from the config's model type when the folder
-                # has no tokenizer files: every text would encode to nothing, so treat it as absent
+            problem = tokenizer_problem(tokenizer) if tokenizer is not None else None
+            if problem:
+                import warnings
+
+                warnings.warn(f"the tokenizer found with {src} cannot be the model's ({problem}): loaded without a "
+                              f"tokenizer; token ids work, and for text pass mk.load(..., tokenizer=...)",
+                              UserWarning, stacklevel=2)
                 tokenizer = None
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    if explicit and (problem := tokenizer_problem(tokenizer)):
+        raise ValueError(f"tokenizer= has {problem}: it cannot be the model's tokenizer; pass the model's own")
     if device is not None and device_map is None:
         hf = hf.to(device)
     hf.eval()

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..patching.activation import pos_labels
 from ..patching.engine import _accepts
+from ..patching.metrics import check_baselines
 from ..patching.sites import PREFIXED_SITES, prefixed
 from ..results import Result
 from . import lrp
@@ -49,6 +50,7 @@ METHODS = ("atp", "relp", "ig")
 
 
 def _check(model, task, sites, by, method):
+    task.check(model)
     sites = ALIASES.get(sites, sites)
     if sites not in SITES:
         raise ValueError(f"unknown sites {sites!r}; expected one of {sorted(SITES) + sorted(ALIASES)}")
@@ -199,6 +201,7 @@ def attribution_patch(
             corr_metric += w * mr
     seconds = time.perf_counter() - t0
     values = _reduce(per_layer, unit, by)
+    check_baselines(float(clean_metric), float(corr_metric), normalise, metric)
     if normalise:
         values = values / (clean_metric - corr_metric)
     values = values.float().cpu()

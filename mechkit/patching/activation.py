@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import time
 
 import torch
@@ -21,7 +22,7 @@ from ..tasks.base import position_ids_from_mask
 from .checkpoint import ChunkStore, sweep_key, task_part
 from .engine import FusedRunner, _accepts, fast_paths
 from .memory import tokens_for_budget
-from .metrics import evaluate, logit_diff
+from .metrics import check_baselines, evaluate, logit_diff
 from .plan import overhead_token_layers, plan_chunks
 from .sites import PREFIXED_SITES, SiteKind, axis_size, check_by, prefixed, site_kind
 
@@ -39,6 +40,17 @@ def check_aligned(task) -> None:
             names = f" (clean {task.clean_prompts[i]!r} vs corrupt {task.corrupt_prompts[i]!r})"
         raise ValueError(f"prompt {i} is not aligned: clean has {int(task.clean_mask[i].sum())} tokens, corrupt has "
                          f"{int(task.corrupt_mask[i].sum())}{names}; patching needs prompts with equal token counts")
+
+
+def check_batch_tokens(value, name: str = "max_batch_tokens") -> int:
+    """A positive integer (rows x positions per forward), or TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, float) and value.is_integer() and value > 0:
+            return int(value)
+        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return int(value)
 
 
 def _batch(tokens, mask, device) -> Batch:
@@ -99,6 +111,7 @@ def run_sweep(model, kind: SiteKind, by, grid: torch.Tensor, base: Batch, source
     rank, world = shard
     if not (0 <= rank < world):
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    max_batch_tokens = check_batch_tokens(max_batch_tokens)
     logits, resid, past = base_out
     n, T = base.input_ids.shape
     past = past if "pos" in by else None
@@ -166,6 +179,8 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
     t0 = time.perf_counter()
     check_aligned(task)
     skip_layers = skip_layers and fast_paths(model)
+    task.check(model)
+    max_batch_tokens = check_batch_tokens(max_batch_tokens)
     kind = site_kind(sites)
     if kind.layer is not None:  # one layer's hook name: that layer only
         if layers is not None and list(layers) != [kind.layer]:
@@ -200,6 +215,7 @@ def activation_patch(model, task, sites: str = "resid_pre", by=None, metric=None
         metric.bind_clean(clean_logits)
     m_clean = float(evaluate(metric, clean_logits, n)[0])
     m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
+    check_baselines(m_clean, m_corrupt, normalise, metric)
     del src_logits, base_logits, clean_logits, corrupt_logits
     if getattr(metric, "last_only", False) and _accepts(model.hf_model.forward, "logits_to_keep"):
         base_out = (None,) + tuple(base_out[1:])  # the chunks never read the base logits: don't hold [n, T, d_vocab]

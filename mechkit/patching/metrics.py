@@ -136,3 +136,15 @@ def evaluate(metric, logits: torch.Tensor, n: int) -> torch.Tensor:
     if vals.numel() != g * n:
         raise ValueError(f"metric returned {vals.numel()} values for {g * n} prompts; expected one per prompt")
     return vals.reshape(g, n).mean(1)
+
+
+def check_baselines(m_clean: float, m_corrupt: float, normalise: bool, metric) -> None:
+    """Refuse baselines that make the values undefined: non-finite, or equal when normalising."""
+    import math
+
+    if not (math.isfinite(m_clean) and math.isfinite(m_corrupt)):
+        raise ValueError(f"metric {metric!r} is not finite on the clean/corrupted runs ({m_clean}, {m_corrupt})")
+    if normalise and m_clean == m_corrupt:
+        raise ValueError(f"clean and corrupted baselines are equal (metric {metric!r} = {m_clean:.6g} on both): "
+                         f"normalised values would be nan; are the clean and corrupted prompts the same? "
+                         f"(normalise=False gives raw values)")

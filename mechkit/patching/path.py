@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from ..fingerprint import fingerprint
 from ..results import Result
-from .activation import _batch, check_aligned
+from .activation import _batch, check_aligned, check_batch_tokens
 from .checkpoint import ChunkStore, sweep_key, task_part
 from .engine import _accepts, start_at_layer
-from .metrics import evaluate, logit_diff
+from .metrics import check_baselines, evaluate, logit_diff
 from .plan import overhead_token_layers, plan_chunks
 
 WHICH = ("q", "k", "v")
@@ -177,6 +177,8 @@ def path_patch(model, task, receivers, metric=None, senders=None, max_batch_toke
     """
     t0 = time.perf_counter()
     check_aligned(task)
+    task.check(model)
+    max_batch_tokens = check_batch_tokens(max_batch_tokens)
     recv = _check_receivers(model, receivers)
     rank, world = shard
     if not (0 <= rank < world):
@@ -201,6 +203,7 @@ def path_patch(model, task, receivers, metric=None, senders=None, max_batch_toke
         metric.bind_clean(clean_logits)
     m_clean = float(evaluate(metric, clean_logits, n)[0])
     m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
+    check_baselines(m_clean, m_corrupt, normalise, metric)
     runner = _PathRunner(model, clean, {l: cc[z_names[l]] for l in range(L)}, {l: rc[z_names[l]] for l in range(L)},
                          {l: cc[mlp_names[l]] for l in range(L)} if mlp_names else {},
                          {l: rc[mlp_names[l]] for l in range(L)} if include_mlps else {},

@@ -17,6 +17,9 @@ position ids are read from the HF forward's ``position_ids`` (or derived from it
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -37,6 +40,46 @@ def model_info(model) -> dict[str, Any]:
     c = model.cfg
     return {"family": c.family, "model_type": c.model_type, "n_layers": c.n_layers, "d_model": c.d_model,
             "d_mlp": c.d_mlp}
+
+
+def check_strength(strength, name: str = "strength") -> float:
+    """``strength`` as a float; TypeError/ValueError unless it is a finite real number."""
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        raise TypeError(f"{name} must be a finite number, got {strength!r} ({type(strength).__name__})")
+    if not math.isfinite(float(strength)):
+        raise ValueError(f"{name} must be a finite number, got {float(strength)}: a steering with it would make "
+                         f"every steered activation nan/inf")
+    return float(strength)
+
+
+def check_texts(**named) -> None:
+    """Each argument must be a non-empty list (or tuple) of strings (the methods fit on text)."""
+    for name, texts in named.items():
+        ok = isinstance(texts, (list, tuple)) and len(texts) > 0 and all(isinstance(t, str) for t in texts)
+        if not ok:
+            got = (f"a {type(texts).__name__}" if not isinstance(texts, (list, tuple)) else
+                   "an empty list" if not texts else
+                   f"a list holding {sorted({type(t).__name__ for t in texts if not isinstance(t, str)})}")
+            raise (ValueError if isinstance(texts, (list, tuple)) else TypeError)(
+                f"{name} must be a non-empty list of strings, got {got} (steering is fitted on text; "
+                f"decode token ids with model.tokenizer.batch_decode first)")
+
+
+_POINT_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_D_MODEL_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+_D_MLP_POINTS = ("mlp.hook_pre", "mlp.hook_post")
+
+
+def point_width(point: str, info: dict) -> int | None:
+    """The width of a steering tensor at ``point`` from a model description (d_model or d_mlp), None if
+    the point is not one whose width the description gives."""
+    m = _POINT_RE.match(point)
+    suffix = m.group(2) if m else point
+    if suffix in _D_MODEL_POINTS or point in ("hook_embed", "ln_final.hook_normalized"):
+        return info.get("d_model")
+    if suffix in _D_MLP_POINTS:
+        return info.get("d_mlp")
+    return None
 
 
 def _layer_list(model, layers) -> list[int]:
@@ -151,6 +194,8 @@ class Steering(SteeringAlgebra):
             cls.fit = wrapped
 
     method = "base"
+    tensor_keys: tuple[str, ...] = ()  # every point holds these tensors
+    optional_tensor_keys: tuple[str, ...] = ()  # and may hold these (all of them or none)
 
     def __init__(self, **hparams: Any):
         self.hparams = hparams
@@ -186,6 +231,61 @@ class Steering(SteeringAlgebra):
             d = ", ".join(f"{k}: fitted {a!r}, model {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{self.method} steering was fitted on a different model ({d}); refusing to apply it")
 
+    def validate(self, model=None, where: str | None = None) -> None:
+        """Check every tensor: the method's keys per point, a float dtype, shape ``[width]`` (d_model or
+        d_mlp of the model it was fitted on, or of ``model``), finite values; with ``model``, that the
+        steering fits it and that every point exists. ``where`` (e.g. a file) starts each message."""
+        self._require_fitted()
+        at = f"{where}: " if where else f"{self.method} steering: "
+        n_layers = self.info.get("n_layers")
+        for p, d in self.tensors.items():
+            lm = _POINT_RE.match(p)
+            if lm and isinstance(n_layers, int) and not int(lm.group(1)) < n_layers:
+                raise ValueError(f"{at}point '{p}' is at layer {lm.group(1)}, but the model it was fitted on has "
+                                 f"{n_layers} layers")
+            missing = [k for k in self.tensor_keys if k not in d]
+            opt = [k for k in self.optional_tensor_keys if k in d]
+            if missing or 0 < len(opt) < len(self.optional_tensor_keys):
+                miss = missing or [k for k in self.optional_tensor_keys if k not in d]
+                raise ValueError(f"{at}no tensor '{p}|{miss[0]}' ({self.method} needs {list(self.tensor_keys)} at "
+                                 f"every point{', and ' + str(list(self.optional_tensor_keys)) + ' together' if opt else ''})")
+            width = point_width(p, self.info)
+            shapes = set()
+            for k, t in d.items():
+                name = f"'{p}|{k}'"
+                if k not in self.tensor_keys + self.optional_tensor_keys:
+                    raise ValueError(f"{at}tensor {name} has key '{k}', expected one of "
+                                     f"{list(self.tensor_keys + self.optional_tensor_keys)} for {self.method}")
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{at}tensor {name} is a {type(t).__name__}, expected a torch.Tensor")
+                if not t.is_floating_point():
+                    raise ValueError(f"{at}tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}, expected a "
+                                     f"float dtype")
+                want = (width,) if width is not None else None
+                if t.dim() != 1 or (want is not None and tuple(t.shape) != want):
+                    exp = f"({width},)" if width is not None else "one dimension [width]"
+                    raise ValueError(f"{at}tensor {name} has shape {tuple(t.shape)}, expected {exp}")
+                shapes.add(tuple(t.shape))
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    raise ValueError(f"{at}tensor {name} has {bad} non-finite values (nan/inf) of {t.numel()}")
+            if len(shapes) > 1:
+                raise ValueError(f"{at}the tensors at '{p}' differ in shape: {sorted(shapes)}")
+        if model is not None:
+            try:
+                self.check_model(model)
+            except ValueError as e:
+                if not where:
+                    raise
+                raise ValueError(f"{at}{e}") from None
+            from ..hookpoints import HookNameError
+
+            for p in self.points:
+                try:
+                    model.points.resolve(p)
+                except HookNameError as e:
+                    raise ValueError(f"{at}point '{p}': {e}") from None
+
     # ------------------------------------------------------------------ applying
     @contextmanager
     def _positions(self, model, from_token: int | None) -> Iterator[Where]:
@@ -217,10 +317,16 @@ class Steering(SteeringAlgebra):
     def apply(self, model, strength: float = 1.0, from_token: int | None = None, *,
               multiplier: float | None = None) -> Iterator:
         """Steer ``model`` inside the block: plain forwards and ``model.generate`` (greedy or sampled).
-        ``multiplier``: steering-vectors' name for ``strength``. ``model`` may be a raw HF model."""
+
+        ``strength``: a finite number (``multiplier``: steering-vectors' name for it); ``from_token``: None
+        or an integer >= 0; ``model`` may be a raw HF model. The tensors are checked (:meth:`validate`)
+        first: nothing non-finite reaches a forward pass."""
         model = as_hooked(model)
-        strength = pick_strength(strength, multiplier)
-        self.check_model(model)
+        strength = check_strength(pick_strength(strength, multiplier))
+        if from_token is not None and (isinstance(from_token, bool) or not isinstance(from_token, numbers.Integral)
+                                       or from_token < 0):
+            raise ValueError(f"from_token must be None or an integer >= 0, got {from_token!r}")
+        self.validate(model)
         with self._positions(model, from_token) as where, model.hooks(self._hooks(model, float(strength), where)):
             yield model
 
@@ -252,13 +358,13 @@ class Steering(SteeringAlgebra):
         is created if the layer has none). :meth:`unmerge` restores the exact state_dict.
         """
         given, model = model, as_hooked(model)
-        strength = pick_strength(strength, multiplier)
-        self.check_model(model)
+        strength = check_strength(pick_strength(strength, multiplier))
+        self.validate(model)
         if id(model) in self._merged:
             raise RuntimeError("already merged into that model; unmerge first")
         plans = []
         for p in self.points:
-            aff = self._affine(p, float(strength))
+            aff = self._affine(p, strength)
             suffix = p.split(".", 2)[-1]
             if aff is None or suffix not in MERGE_TARGETS:
                 raise ValueError(f"{self.method} map at {p} cannot be merged: merging needs an affine map on one of "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._stats import pooled_activations
-from .base import DEFAULT_POINTS, Cast, Steering, masked, model_info, point_param, resolve_points
+from .base import DEFAULT_POINTS, Cast, Steering, check_texts, masked, model_info, point_param, resolve_points
 
 
 class DiffMean(Steering):
@@ -26,6 +26,7 @@ class DiffMean(Steering):
     """
 
     method = "diffmean"
+    tensor_keys = ("v",)
     trainable = ("v",)
     vector_keys = ("v",)  # additive: a + b, 2 * a, -a (mechkit.steering.conventions)
 
@@ -33,6 +34,7 @@ class DiffMean(Steering):
         super().__init__(layers=layers, point=point_param(point), pool=pool)
 
     def fit(self, model, source: list[str], target: list[str], batch_size: int = 64):
+        check_texts(source=source, target=target)
         pts = resolve_points(model, self.hparams["layers"], self.hparams["point"])
         src = pooled_activations(model, source, pts, pool=self.hparams["pool"], batch_size=batch_size)
         tgt = pooled_activations(model, target, pts, pool=self.hparams["pool"], batch_size=batch_size)

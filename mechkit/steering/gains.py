@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._stats import masked_mean
-from .base import Cast, Steering, blend, everywhere, masked, model_info, resolve_points
+from .base import Cast, Steering, blend, check_texts, everywhere, masked, model_info, resolve_points
 from .lineas import frozen
 
 
@@ -51,6 +51,7 @@ class Gains(Steering):
     """
 
     method = "gains"
+    tensor_keys = ("tau", "g")
     trainable = ("tau", "g")
 
     def __init__(self, layers="all", tau_init: float = -3.0, s_start: float = 1.0, s_end: float = 50.0,
@@ -123,6 +124,9 @@ class Gains(Steering):
         positive mode: as the KL text it fights the mode; +2.9 perplexity vs +0.9 with filler text,
         kl 1, on tiny-gpt2).
         """
+        check_texts(**({"target": target} if source is None else {"source": source, "target": target}))
+        if neutral is not None:
+            check_texts(neutral=neutral)
         hp = self.hparams
         if neutral is None:
             import random

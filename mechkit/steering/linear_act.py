@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ._stats import affine_fit, pooled_activations
 from .affine import AffineSteering
-from .base import DEFAULT_POINTS, everywhere, model_info, point_param, resolve_points
+from .base import DEFAULT_POINTS, check_texts, everywhere, model_info, point_param, resolve_points
 
 
 class LinearAcT(AffineSteering):
@@ -26,6 +26,8 @@ class LinearAcT(AffineSteering):
     """
 
     method = "linear_act"
+    tensor_keys = ("w", "b")
+    optional_tensor_keys = ("lo", "hi")
 
     def __init__(self, layers="all", point=DEFAULT_POINTS, pool: str = "mean", clip_to_range: bool = True,
                  support_threshold: float = 1e-3):
@@ -33,6 +35,7 @@ class LinearAcT(AffineSteering):
                          support_threshold=support_threshold)
 
     def fit(self, model, source: list[str], target: list[str], batch_size: int = 64, progress: bool = True):
+        check_texts(source=source, target=target)
         pts = resolve_points(model, self.hparams["layers"], self.hparams["point"])
         pool = self.hparams["pool"]
         tgt = pooled_activations(model, target, pts, pool=pool, batch_size=batch_size)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ._stats import masked_mean, pooled_activations, wasserstein
 from .affine import AffineSteering, affine_fn
-from .base import DEFAULT_POINTS, everywhere, model_info, point_param, resolve_points
+from .base import DEFAULT_POINTS, check_texts, everywhere, model_info, point_param, resolve_points
 
 
 def prox_sparse_group(u: torch.Tensor, tau: float, l1: float, l2: float) -> torch.Tensor:
@@ -65,6 +65,7 @@ class LinEAS(AffineSteering):
     """
 
     method = "lineas"
+    tensor_keys = ("w", "b")
 
     def __init__(self, layers="all", point=DEFAULT_POINTS, sparsity: tuple[float, float] = (0.0, 0.0),
                  support_threshold: float = 1e-3):
@@ -81,6 +82,7 @@ class LinEAS(AffineSteering):
         0.075 -> 4.1 in 60 steps, the maps then "steer" by breaking the model) while Adam converges
         on both bundled models. A fit whose loss ends above where it started raises a RuntimeWarning.
         """
+        check_texts(source=source, target=target)
         pts = resolve_points(model, self.hparams["layers"], self.hparams["point"])
         loss_points = pts if loss_points is None else [p for p in resolve_points(model, None, list(loss_points))]
         if optimizer not in ("sgd", "adam"):

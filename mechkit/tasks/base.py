@@ -27,10 +27,17 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 def answer_token_id(tokenizer, word: str) -> int:
-    """First token id of an answer string (e.g. ``" Mary"``)."""
+    """First token id of an answer string (e.g. ``" Mary"``); a word the tokenizer does not know
+    (it encodes to the unknown token) is refused: its metric would compare ``<unk>`` with ``<unk>``."""
+    if not isinstance(word, str):
+        raise TypeError(f"answer {word!r} must be a string or a token id (int), got {type(word).__name__}")
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"answer {word!r} encodes to no tokens")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and int(ids[0]) == unk and word.strip() != getattr(tokenizer, "unk_token", None):
+        raise ValueError(f"answer {word!r} is not in the tokenizer's vocabulary (it encodes to the unknown token "
+                         f"{tokenizer.unk_token!r}); use words the model knows, or pass token ids")
     return int(ids[0])
 
 
@@ -96,6 +103,10 @@ class PatchingTask:
             )
         if n == 0:
             raise ValueError("no prompts")
+        for label, xs in (("clean", clean), ("corrupt", corrupt)):
+            for i, x in enumerate(xs):
+                if not isinstance(x, str):
+                    raise TypeError(f"{label} prompt {i} must be a string, got {type(x).__name__} {x!r}")
         c_rows = [encode_prompt(tok, p) for p in clean]
         x_rows = [encode_prompt(tok, p) for p in corrupt]
         for i, (a, b) in enumerate(zip(c_rows, x_rows)):
@@ -112,11 +123,64 @@ class PatchingTask:
 
         def ids(xs):
             return torch.tensor(
-                [int(x) if isinstance(x, int) else answer_token_id(tok, x) for x in xs],
+                [int(x) if isinstance(x, int) and not isinstance(x, bool) else answer_token_id(tok, x) for x in xs],
                 dtype=torch.long,
             )
 
-        return cls(ct, xt, cm, xm, ids(answers), ids(wrong), clean, corrupt, dict(meta or {}))
+        a, w = ids(answers), ids(wrong)
+        same = (a == w).nonzero()
+        if len(same):
+            i = int(same[0, 0])
+            raise ValueError(f"prompt {i}: answer {answers[i]!r} and wrong {wrong[i]!r} are the same token "
+                             f"({int(a[i])}); the metric would always be 0")
+        return cls(ct, xt, cm, xm, a, w, clean, corrupt, dict(meta or {}))
+
+    def __post_init__(self) -> None:
+        """Shapes, dtypes and left padding, checked where a task is built (see :meth:`check` for a model)."""
+        t = self.clean_tokens
+        for name in ("clean_tokens", "corrupt_tokens", "clean_mask", "corrupt_mask", "answer_ids", "wrong_ids"):
+            v = getattr(self, name)
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"PatchingTask.{name} must be a torch.Tensor, got {type(v).__name__}")
+            if v.is_floating_point() or v.is_complex():
+                raise TypeError(f"PatchingTask.{name} must hold integers, got dtype {v.dtype}")
+        if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"PatchingTask.clean_tokens must be [n_prompts, n_pos] with both > 0, got {tuple(t.shape)}")
+        for name in ("corrupt_tokens", "clean_mask", "corrupt_mask"):
+            if tuple(getattr(self, name).shape) != tuple(t.shape):
+                raise ValueError(f"PatchingTask.{name} has shape {tuple(getattr(self, name).shape)}, expected "
+                                 f"{tuple(t.shape)} like clean_tokens")
+        for name in ("answer_ids", "wrong_ids"):
+            if tuple(getattr(self, name).shape) != (t.shape[0],):
+                raise ValueError(f"PatchingTask.{name} has shape {tuple(getattr(self, name).shape)}, expected "
+                                 f"({t.shape[0]},): one id per prompt")
+        for name in ("clean_mask", "corrupt_mask"):
+            mask = getattr(self, name)
+            if ((mask != 0) & (mask != 1)).any():
+                raise ValueError(f"PatchingTask.{name} must hold 0 (padding) and 1 (token) only")
+            row = mask.long()
+            bad = (row[:, -1] == 0) | (row.diff(dim=-1) < 0).any(-1) if row.shape[1] > 1 else row[:, -1] == 0
+            if bad.any():
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"PatchingTask.{name}: prompt {i} is not left padded (its mask is "
+                                 f"{row[i].tolist()}): metrics read the last position, which would be padding; build "
+                                 f"tasks with PatchingTask.from_prompts or left-pad them (mechkit.tasks.base.left_pad)")
+        for name in ("clean_prompts", "corrupt_prompts"):
+            v = getattr(self, name)
+            if v and len(v) != t.shape[0]:
+                raise ValueError(f"PatchingTask.{name} has {len(v)} prompts, expected {t.shape[0]} (or none)")
+
+    def check(self, model) -> None:
+        """Refuse ids outside ``model``'s vocabulary (tokens, answers, wrong answers), naming the first."""
+        V = int(model.cfg.d_vocab)
+        for name in ("clean_tokens", "corrupt_tokens", "answer_ids", "wrong_ids"):
+            v = getattr(self, name)
+            bad = (v < 0) | (v >= V)
+            if bad.any():
+                idx = bad.nonzero()[0].tolist()
+                what = {"answer_ids": "answer id", "wrong_ids": "wrong id"}.get(name, f"{name} id")
+                raise ValueError(f"PatchingTask {what} {int(v[tuple(idx)])} (prompt {idx[0]}) is outside the model's "
+                                 f"vocabulary [0, {V - 1}]")
 
     def __len__(self) -> int:
         return int(self.clean_tokens.shape[0])
