@@ -13,8 +13,9 @@ Two-phase curriculum (issue 3's feasibility run):
 
 Every batch is drawn from ``random.Random(seed, step)``, so a run is deterministic and
 ``--resume`` continues exactly where the checkpoint stopped. Writes to ``--out``:
-``log.jsonl`` (loss, lr, head scores, IOI every ``--log-every`` steps), ``ckpt.pt``
-(every ``--ckpt-every`` steps), and at the end the model (``save_pretrained``,
+``log.jsonl`` (loss, lr, head scores, IOI every ``--log-every`` steps), ``ckpt.safetensors``
+(every ``--ckpt-every`` steps: weights, optimizer state and the run's counters, nothing pickled;
+see :func:`save_checkpoint`), and at the end the model (``save_pretrained``,
 safetensors), tokenizer, ``metrics.json`` and a ``README.md`` model card.
 
 Examples (the shipped models' commands are in their model cards):
@@ -314,6 +315,57 @@ perfect head scores ~1. Training log: `log.jsonl` of the run (not shipped).
     (out / "README.md").write_text(text)
 
 
+CKPT_KEY = "mechkit_train_state"
+
+
+def save_checkpoint(path: Path, model, opt, state: dict) -> None:
+    """Weights (``model.*``), AdamW moments (``opt.<param index>.<key>``) and, in the metadata, the
+    optimizer's param groups and the run's counters as JSON: safetensors, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    sd = opt.state_dict()
+    scalars = {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{i}.{k}"] = v.detach().clone().contiguous()
+            else:
+                scalars[f"{i}.{k}"] = v
+    meta = {"format": "mechkit.train/1", "param_groups": sd["param_groups"], "opt_scalars": scalars, "state": state}
+    tmp = Path(str(path) + ".tmp")
+    save_file(tensors, str(tmp), metadata={CKPT_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, opt) -> dict:
+    """Restore what :func:`save_checkpoint` wrote (nothing is unpickled); returns the run's counters.
+    A damaged or foreign file is refused with a ValueError naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(md[CKPT_KEY])
+        assert meta.get("format") == "mechkit.train/1"
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets one message
+        raise ValueError(f"training checkpoint {path} cannot be resumed from ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or ['not a mechkit training checkpoint'])[0]}); delete it to start "
+                         f"over") from None
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, key = k.split(".", 2)
+            state.setdefault(int(i), {})[key] = v
+    for k, v in meta["opt_scalars"].items():
+        i, key = k.split(".", 1)
+        state.setdefault(int(i), {})[key] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta["state"]
+
+
 def main(argv=None) -> dict:
     argv_list = list(sys.argv if argv is None else ["scripts/train_tiny_models.py"] + list(argv))
     # the card's command: what reproduces the run in one go (resuming from checkpoints is exact)
@@ -341,13 +393,22 @@ def main(argv=None) -> dict:
 
     state = {"step": 0, "phase": 1, "p2_start": None, "below_since": None, "recent": [],
              "wall_s": 0.0, "tokens": 0, "losses": []}
-    ckpt = out / "ckpt.pt"
+    ckpt = out / "ckpt.safetensors"
+    old_ckpt = out / "ckpt.pt"  # earlier runs' format: read with weights_only=True (plain tensors and containers)
     if args.resume and ckpt.exists():
-        c = torch.load(ckpt, weights_only=False)
+        state = load_checkpoint(ckpt, model, opt)
+        print(f"resumed from {ckpt} at step {state['step']} (phase {state['phase']})", flush=True)
+    elif args.resume and old_ckpt.exists():
+        try:
+            c = torch.load(old_ckpt, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - the safe unpickler refuses anything but tensors and containers
+            raise ValueError(f"training checkpoint {old_ckpt} holds more than tensors and plain containers "
+                             f"({type(e).__name__}); it is not loaded (nothing is unpickled): delete it to start "
+                             f"over") from None
         model.load_state_dict(c["model"])
         opt.load_state_dict(c["opt"])
         state = c["state"]
-        print(f"resumed from {ckpt} at step {state['step']} (phase {state['phase']})", flush=True)
+        print(f"resumed from {old_ckpt} at step {state['step']} (phase {state['phase']})", flush=True)
     log = open(out / "log.jsonl", "a")
 
     def total_planned():
@@ -419,8 +480,7 @@ def main(argv=None) -> dict:
             bar.write(json.dumps(rec))
         if step % args.ckpt_every == 0:
             state["wall_s"] = time.time() - t0
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, str(ckpt) + ".tmp")
-            os.replace(str(ckpt) + ".tmp", ckpt)
+            save_checkpoint(ckpt, model, opt, state)
     bar.close()
     state["wall_s"] = time.time() - t0
     result = {"losses": state["losses"], "step": state["step"], "p2_start": state["p2_start"]}

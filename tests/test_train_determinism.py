@@ -65,3 +65,33 @@ def test_attention_supervision_is_deterministic_and_phase1_only(tmp_path):
     assert a["losses"] == b["losses"] and len(a["losses"]) == 6
     # step 1 runs the same weights on the same batch: the same LM loss; later steps differ (the aux gradient)
     assert abs(a["losses"][0] - plain["losses"][0]) < 1e-4 and a["losses"][1] != plain["losses"][1]
+
+
+def test_checkpoints_are_safetensors_and_a_crafted_pickle_is_not_run(tmp_path):
+    """``ckpt.safetensors`` round-trips the optimizer exactly; an old-style ``ckpt.pt`` holding code is
+    refused (read with weights_only=True), and the code never runs."""
+    mod = _load()
+    out = tmp_path / "run"
+    mod.main(["--arch", "llama", "--out", str(out), "--tiny", "--quiet", "--no-final", "--seed", "0", "--steps", "1",
+              "--phase1-max-steps", "2", "--log-every", "1000", "--ckpt-every", "2"])
+    assert (out / "ckpt.safetensors").exists() and not (out / "ckpt.pt").exists()
+    assert b"PK" not in (out / "ckpt.safetensors").read_bytes()[:8]  # not a torch zip/pickle archive
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, (f"open({str(tmp_path / 'pwned')!r}, 'w').write('ran')",))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"model": {}, "opt": {}, "state": Boom()}, bad / "ckpt.pt")
+    import pytest
+
+    with pytest.raises(ValueError, match="ckpt.pt holds more than tensors"):
+        mod.main(["--arch", "llama", "--out", str(bad), "--tiny", "--quiet", "--no-final", "--seed", "0",
+                  "--steps", "1", "--phase1-max-steps", "2", "--resume"])
+    assert not (tmp_path / "pwned").exists()
+    (bad / "ckpt.pt").unlink()
+    (bad / "ckpt.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="ckpt.safetensors cannot be resumed from"):
+        mod.main(["--arch", "llama", "--out", str(bad), "--tiny", "--quiet", "--no-final", "--seed", "0",
+                  "--steps", "1", "--phase1-max-steps", "2", "--resume"])
