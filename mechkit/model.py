@@ -213,11 +213,35 @@ class HookedModel(TLSurface, nn.Module):
                              f"{limit} (config max_position_embeddings); shorten the prompt")
 
     # ------------------------------------------------------------------ running
-    def forward(self, inputs, attention_mask=None, padding_side: str = "left", **hf_kwargs) -> torch.Tensor:
-        """Logits [batch, pos, d_vocab] for text or token ids, under whatever hooks are active."""
-        b = self.batch(inputs, attention_mask, padding_side=padding_side)
+    def forward(self, inputs, attention_mask=None, padding_side: str = "left", return_type: str | None = "logits",
+                prepend_bos: bool | None = None, loss_per_token: bool = False, **hf_kwargs):
+        """Run text or token ids under whatever hooks are active (TransformerLens's call).
+
+        ``return_type``: "logits" (default, [batch, pos, d_vocab]), "loss" (mean next-token
+        cross-entropy over pairs of real tokens; ``loss_per_token=True``: [batch, pos - 1], 0 at
+        padding), "both" ((logits, loss)) or None (run only). ``prepend_bos`` / ``padding_side``: how
+        text is tokenized (TransformerLens's meaning; ``prepend_bos=True`` with token ids is refused:
+        ids are used as given). Other keywords must be one of :data:`HF_FORWARD_KWARGS` (passed to the
+        HF forward on purpose); anything else is refused rather than silently ignored.
+        """
+        unknown = sorted(set(hf_kwargs) - set(HF_FORWARD_KWARGS))
+        if unknown:
+            raise TypeError(f"model() got unknown keyword arguments {unknown}; it takes inputs, attention_mask, "
+                            f"padding_side, return_type, prepend_bos, loss_per_token, and these HF forward arguments, "
+                            f"passed through: {list(HF_FORWARD_KWARGS)}")
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {list(RETURN_TYPES)}, got {return_type!r}")
+        if prepend_bos and not _is_text(inputs):
+            raise ValueError("prepend_bos=True applies to text; token ids are used as given (put the BOS id in them)")
+        b = self.batch(inputs, attention_mask, prepend_bos=prepend_bos, padding_side=padding_side)
         hf_kwargs.setdefault("use_cache", False)
-        return self.hf_model(**b.kwargs(), **hf_kwargs).logits
+        logits = self.hf_model(**b.kwargs(), **hf_kwargs).logits
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = lm_loss(logits, b.input_ids, b.attention_mask, loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
 
     run = forward
 
@@ -316,13 +340,24 @@ class HookedModel(TLSurface, nn.Module):
             cache.remove_batch_dim()
         return out.logits, cache
 
-    def generate(self, inputs=None, padding_side: str = "left", **kwargs):
+    def generate(self, inputs=None, padding_side: str = "left", prepend_bos: bool | None = None, **kwargs):
         """HF ``generate`` under the active hooks. ``inputs``: text, list of text (left-padded), or ids.
 
+        Other keywords go to HF ``generate`` on purpose (GenerationConfig fields such as
+        ``max_new_tokens``, ``do_sample``, ``temperature``; logits processors, streamers...);
+        TransformerLens-only ones it does not take are refused by name.
         Returns the ids HF returns ([batch, prompt + new tokens]).
         """
+        tl_only = sorted(set(kwargs) & {"verbose", "stop_at_eos", "use_past_kv_cache", "freq_penalty", "return_type",
+                                        "eos_token_id_list"})
+        if tl_only:
+            raise TypeError(f"generate() does not take TransformerLens's {tl_only}: the HF equivalents are use_cache, "
+                            f"eos_token_id, repetition_penalty; the result is always token ids (decode with "
+                            f"model.tokenizer.batch_decode)")
         if inputs is not None:
-            b = self.batch(inputs, kwargs.pop("attention_mask", None), padding_side=padding_side)
+            if prepend_bos and not _is_text(inputs):
+                raise ValueError("prepend_bos=True applies to text; token ids are used as given")
+            b = self.batch(inputs, kwargs.pop("attention_mask", None), prepend_bos=prepend_bos, padding_side=padding_side)
             kwargs.update(input_ids=b.input_ids, attention_mask=b.attention_mask)
             new = kwargs.get("max_new_tokens")
             if isinstance(new, int):
@@ -352,6 +387,27 @@ def _resolve_config_values(hook_map: HookMap, config) -> HookMap:
     else:
         fam.pop("logit_transform")
     return HookMap(fam, hook_map.templates, hook_map.source, verified=hook_map.verified)
+
+
+# HF forward arguments model() passes through on purpose; any other keyword is refused
+HF_FORWARD_KWARGS = ("use_cache", "past_key_values", "cache_position", "output_attentions", "output_hidden_states",
+                     "logits_to_keep", "token_type_ids")
+RETURN_TYPES = ("logits", "loss", "both", None)
+
+
+def _is_text(inputs) -> bool:
+    return isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and bool(inputs) and isinstance(inputs[0], str))
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy of logits [batch, pos, d_vocab] on ids [batch, pos], over pairs of real
+    tokens (mask [batch, pos]): the mean (a scalar), or per token [batch, pos - 1] (0 at padding)."""
+    if ids.shape[1] < 2:
+        raise ValueError("return_type='loss' needs at least 2 tokens per prompt (a next token to predict)")
+    lp = logits[:, :-1].float().log_softmax(-1)
+    nll = -lp.gather(-1, ids[:, 1:, None].to(lp.device))[..., 0]
+    m = (mask[:, :-1] * mask[:, 1:]).to(device=nll.device, dtype=nll.dtype)
+    return nll * m if per_token else (nll * m).sum() / m.sum().clamp(min=1)
 
 
 def _check_causal_lm(hf_model) -> None:

@@ -251,6 +251,17 @@ CASES = [
     ("diffmean_token_ids", lambda m, f: mk.steering.DiffMean().fit(m, torch.ones(2, 3, dtype=torch.long), ["good"]),
      TypeError, "source must be a non-empty list of strings, got a Tensor"),
     ("load_linear", lambda m, f: mk.load(torch.nn.Linear(3, 3)), TypeError, "Linear is not a transformers causal LM"),
+    # 7. TransformerLens-style calls
+    ("model_unknown_kwarg", lambda m, f: m("the food was", foo=1), TypeError,
+     r"unknown keyword arguments \['foo'\].*passed through: \['use_cache'"),
+    ("model_return_type", lambda m, f: m("the food was", return_type="str"), ValueError, "return_type must be one of"),
+    ("model_prepend_bos_ids", lambda m, f: m(torch.tensor([[5, 6]]), prepend_bos=True), ValueError,
+     "prepend_bos=True applies to text"),
+    ("model_padding_side", lambda m, f: m(["the food", "the"], padding_side="middle"), ValueError,
+     "padding_side must be 'left' or 'right'"),
+    ("model_loss_one_token", lambda m, f: m(torch.tensor([[5]]), return_type="loss"), ValueError, "at least 2 tokens"),
+    ("generate_tl_only_kwarg", lambda m, f: m.generate("the food", verbose=False), TypeError,
+     r"does not take TransformerLens's \['verbose'\]"),
 ]
 
 
@@ -374,3 +385,27 @@ def test_cli_exits_nonzero_with_one_line(files, case, argv, phrase, tmp_path):
     import re
 
     assert re.search(phrase, lines[0]), lines[0]
+
+
+def test_transformer_lens_keywords_have_their_meaning(m):
+    ids = m.to_tokens("the food was good and the hotel was")
+    hf_loss = m.hf_model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(m(ids, return_type="loss"), hf_loss)
+    logits, loss = m(ids, return_type="both")
+    torch.testing.assert_close(logits, m(ids)) and torch.testing.assert_close(loss, hf_loss)
+    per = m(ids, return_type="loss", loss_per_token=True)
+    assert per.shape == (1, ids.shape[1] - 1) and torch.allclose(per.mean(), hf_loss)
+    assert m(ids, return_type=None) is None
+    # prepend_bos=False: no BOS in front (the default adds it)
+    no_bos = m("the food was", prepend_bos=False)
+    with_bos = m("the food was")
+    assert with_bos.shape[1] == no_bos.shape[1] + 1
+    torch.testing.assert_close(no_bos, m(m.to_tokens("the food was", prepend_bos=False)))
+    # padding_side="right": each prompt's real tokens get the same logits as with left padding
+    texts = ["the food was good", "the hotel"]
+    left, right = m(texts), m(texts, padding_side="right")
+    n = int(m.batch(texts).attention_mask[1].sum())
+    torch.testing.assert_close(right[1, :n], left[1, -n:], atol=1e-5, rtol=1e-5)
+    # padded loss: only pairs of real tokens count (the same loss as the short prompt alone)
+    torch.testing.assert_close(m(texts, return_type="loss", loss_per_token=True)[1].sum() / (n - 1),
+                               m(texts[1], return_type="loss"), atol=1e-5, rtol=1e-5)
