@@ -82,19 +82,54 @@ class Result:
     def save(self, path: str | Path) -> None:
         """``path`` (.safetensors) holds the values; ``path`` + ``.json`` holds axes, labels, baselines, meta."""
         path = Path(path)
+        from .fingerprint import fingerprint
+
+        values = self.values.detach().cpu().contiguous()
         header = {"name": self.name, "axes": list(self.axes), "labels": self.labels,
-                  "baselines": self.baselines, "meta": self.meta}
+                  "baselines": self.baselines, "meta": self.meta, "values_checksum": fingerprint(values)}
         with atomic_path(path) as tmp:
-            save_file({"values": self.values.detach().cpu().contiguous()}, str(tmp))
+            save_file({"values": values}, str(tmp))
         with atomic_path(path.with_name(path.name + ".json")) as tmp:
             tmp.write_text(json.dumps(header, indent=1, default=str))
 
     @classmethod
     def load(cls, path: str | Path) -> Result:
+        """Read what :meth:`save` wrote, validated: both files readable, the header's fields and types,
+        the values' checksum (when the header has one), axes and labels consistent with the values.
+        Errors name the file and the field."""
+        from .fingerprint import fingerprint
+
         path = Path(path)
-        header = json.loads(path.with_name(path.name + ".json").read_text())
-        return cls(load_file(str(path))["values"], tuple(header["axes"]), header["labels"],
-                   header["baselines"], header["meta"], header["name"])
+        hpath = path.with_name(path.name + ".json")
+        for f in (path, hpath):
+            if not f.is_file():
+                raise FileNotFoundError(f"result file {f} does not exist (a result is {path.name} + {hpath.name})")
+        try:
+            header = json.loads(hpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"result header {hpath} is not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"result header {hpath} holds {type(header).__name__}, expected a JSON object")
+        want = {"name": str, "axes": list, "labels": dict, "baselines": dict, "meta": dict}
+        for k, t in want.items():
+            if not isinstance(header.get(k), t):
+                raise ValueError(f"result header {hpath}: '{k}' must be a JSON {t.__name__}, got "
+                                 f"{type(header.get(k)).__name__}")
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"result file {path} is not a readable safetensors file ({type(e).__name__})") from None
+        if "values" not in tensors:
+            raise ValueError(f"result file {path} has no tensor 'values' (found {sorted(tensors)})")
+        values = tensors["values"]
+        if "values_checksum" in header and header["values_checksum"] != fingerprint(values):
+            raise ValueError(f"result file {path} fails the checksum in {hpath.name}: its values changed since they "
+                             f"were saved (damaged file, or the two files come from different results)")
+        try:
+            return cls(values, tuple(header["axes"]), header["labels"], header["baselines"], header["meta"],
+                       header["name"])
+        except ValueError as e:
+            raise ValueError(f"result {path}: {e}") from None
 
 
 def compare(a: Result, b: Result, k: int = 10) -> dict[str, float]:

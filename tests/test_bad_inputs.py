@@ -112,6 +112,18 @@ def files(m, tmp_path_factory):
     out["task_clean_number"] = d / "clean_number.jsonl"
     out["task_clean_number"].write_text(json.dumps({"clean": "a b", "corrupt": "a c", "answer": " b", "wrong": " c"}) + "\n"
                                         + json.dumps({"clean": 3, "corrupt": "a c", "answer": " b", "wrong": " c"}) + "\n")
+    res = mk.Result(torch.arange(6.0).reshape(2, 3), ("a", "b"))
+    for tag in ("flipped", "header", "labels"):
+        res.save(d / f"res_{tag}.safetensors")
+        out[f"res_{tag}"] = d / f"res_{tag}.safetensors"
+    raw = bytearray(out["res_flipped"].read_bytes())
+    raw[-1] ^= 0x01
+    out["res_flipped"].write_bytes(bytes(raw))
+    hdr = json.loads((d / "res_header.safetensors.json").read_text())
+    (d / "res_header.safetensors.json").write_text(json.dumps({k: v for k, v in hdr.items() if k != "axes"}))
+    hdr = json.loads((d / "res_labels.safetensors.json").read_text())
+    hdr["labels"]["b"] = ["x"]
+    (d / "res_labels.safetensors.json").write_text(json.dumps(hdr))
     return out
 
 
@@ -251,6 +263,10 @@ CASES = [
     ("diffmean_token_ids", lambda m, f: mk.steering.DiffMean().fit(m, torch.ones(2, 3, dtype=torch.long), ["good"]),
      TypeError, "source must be a non-empty list of strings, got a Tensor"),
     ("load_linear", lambda m, f: mk.load(torch.nn.Linear(3, 3)), TypeError, "Linear is not a transformers causal LM"),
+    # persisted results
+    ("result_flipped", lambda m, f: mk.Result.load(f["res_flipped"]), ValueError, "res_flipped.safetensors fails the checksum"),
+    ("result_header", lambda m, f: mk.Result.load(f["res_header"]), ValueError, r"res_header.safetensors.json: 'axes'"),
+    ("result_labels", lambda m, f: mk.Result.load(f["res_labels"]), ValueError, "res_labels.safetensors: axis 'b' has 3"),
     # 7. TransformerLens-style calls
     ("model_unknown_kwarg", lambda m, f: m("the food was", foo=1), TypeError,
      r"unknown keyword arguments \['foo'\].*passed through: \['use_cache'"),
@@ -409,3 +425,21 @@ def test_transformer_lens_keywords_have_their_meaning(m):
     # padded loss: only pairs of real tokens count (the same loss as the short prompt alone)
     torch.testing.assert_close(m(texts, return_type="loss", loss_per_token=True)[1].sum() / (n - 1),
                                m(texts[1], return_type="loss"), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_helpers_take_negative_layers_and_refuse_mismatched_stacks(m):
+    """layer=-1 means the last (TransformerLens: the final residual), and a stack sliced to one position
+    is refused by apply_ln_to_stack unless pos_slice says which position (batch == positions here)."""
+    texts = ["the food was good", "the hotel was bad", "the room was nice", "the staff was rude"]
+    b = m.batch(texts)
+    assert b.input_ids.shape[0] == b.input_ids.shape[1]  # the case that broadcast silently
+    _, cache = m.run_with_cache(b)
+    for fn in ("decompose_resid", "accumulated_resid", "stack_head_results"):
+        full = getattr(cache, fn)()
+        torch.testing.assert_close(getattr(cache, fn)(layer=-1), full)
+        assert full.shape[0] > 1
+    stack = cache.decompose_resid()
+    last = stack[:, :, -1]  # [component, batch, d_model]
+    with pytest.raises(ValueError, match="shape"):
+        cache.apply_ln_to_stack(last)
+    torch.testing.assert_close(cache.apply_ln_to_stack(last, pos_slice=-1), cache.apply_ln_to_stack(stack)[:, :, -1])
