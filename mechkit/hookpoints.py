@@ -163,14 +163,10 @@ class HookMap:
                 if spec["virtual"] != "sum" or not isinstance(spec.get("of"), list) or not isinstance(spec.get("write"), str):
                     raise ValueError(f"{where}: a virtual point needs virtual = \"sum\", of = [names] and write = name")
                 continue
+            if spec.get("side", "output") not in ("input", "output", "attention"):
+                continue  # other kinds (split, derived...) are checked by the point table
             if not isinstance(spec.get("module"), str):
                 raise ValueError(f"{where} lacks a module path (module = \"...\")")
-            if spec.get("side", "output") not in ("input", "output", "attention"):
-                raise ValueError(f"{where}: side must be 'input', 'output' or 'attention', got {spec.get('side')!r}")
-            if spec.get("side") == "attention" and spec.get("tensor") not in ("q", "k", "v", "pattern"):
-                raise ValueError(f"{where}: tensor must be one of q, k, v, pattern, got {spec.get('tensor')!r}")
-            if spec.get("reshape") not in (None, "heads"):
-                raise ValueError(f"{where}: reshape must be 'heads' or absent, got {spec.get('reshape')!r}")
             mod = spec["module"]
             if "{l}" in name and "{l}" not in mod and "{block}" not in mod:
                 raise ValueError(f"{where}: module '{mod}' has no '{{l}}' or '{{block}}': every layer would read "
