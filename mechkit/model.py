@@ -420,15 +420,17 @@ def _check_causal_lm(hf_model) -> None:
 _PROBE = "The quick brown fox jumps over the lazy dog, and then it went home."
 
 
-def tokenizer_problem(tok) -> str | None:
+def tokenizer_problem(tok, probe: bool = True) -> str | None:
     """Why ``tok`` cannot be a language model's tokenizer (None if it can): a vocabulary of one
-    token, or a probe sentence that encodes to nothing or to unknown tokens only."""
+    token, or (``probe``) an English probe sentence that encodes to nothing or to unknown tokens only."""
     try:
         size = len(tok)
     except TypeError:
         size = getattr(tok, "vocab_size", 2)
     if size <= 1:
         return f"a vocabulary of {size} token"
+    if not probe:
+        return None
     ids = tok(_PROBE, add_special_tokens=False)["input_ids"]
     unk = getattr(tok, "unk_token_id", None)
     if not ids:
@@ -542,7 +544,7 @@ def load(
                 tokenizer = None
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    if explicit and (problem := tokenizer_problem(tokenizer)):
+    if explicit and (problem := tokenizer_problem(tokenizer, probe=False)):  # a word-level test vocabulary is fine
         raise ValueError(f"tokenizer= has {problem}: it cannot be the model's tokenizer; pass the model's own")
     if device is not None and device_map is None:
         hf = hf.to(device)

@@ -243,34 +243,7 @@ class Steering(SteeringAlgebra):
             if lm and isinstance(n_layers, int) and not int(lm.group(1)) < n_layers:
                 raise ValueError(f"{at}point '{p}' is at layer {lm.group(1)}, but the model it was fitted on has "
                                  f"{n_layers} layers")
-            missing = [k for k in self.tensor_keys if k not in d]
-            opt = [k for k in self.optional_tensor_keys if k in d]
-            if missing or 0 < len(opt) < len(self.optional_tensor_keys):
-                miss = missing or [k for k in self.optional_tensor_keys if k not in d]
-                raise ValueError(f"{at}no tensor '{p}|{miss[0]}' ({self.method} needs {list(self.tensor_keys)} at "
-                                 f"every point{', and ' + str(list(self.optional_tensor_keys)) + ' together' if opt else ''})")
-            width = point_width(p, self.info)
-            shapes = set()
-            for k, t in d.items():
-                name = f"'{p}|{k}'"
-                if k not in self.tensor_keys + self.optional_tensor_keys:
-                    raise ValueError(f"{at}tensor {name} has key '{k}', expected one of "
-                                     f"{list(self.tensor_keys + self.optional_tensor_keys)} for {self.method}")
-                if not isinstance(t, torch.Tensor):
-                    raise TypeError(f"{at}tensor {name} is a {type(t).__name__}, expected a torch.Tensor")
-                if not t.is_floating_point():
-                    raise ValueError(f"{at}tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}, expected a "
-                                     f"float dtype")
-                want = (width,) if width is not None else None
-                if t.dim() != 1 or (want is not None and tuple(t.shape) != want):
-                    exp = f"({width},)" if width is not None else "one dimension [width]"
-                    raise ValueError(f"{at}tensor {name} has shape {tuple(t.shape)}, expected {exp}")
-                shapes.add(tuple(t.shape))
-                bad = int((~torch.isfinite(t)).sum())
-                if bad:
-                    raise ValueError(f"{at}tensor {name} has {bad} non-finite values (nan/inf) of {t.numel()}")
-            if len(shapes) > 1:
-                raise ValueError(f"{at}the tensors at '{p}' differ in shape: {sorted(shapes)}")
+            self._check_point(p, d, point_width(p, self.info), at)
         if model is not None:
             try:
                 self.check_model(model)
@@ -285,6 +258,37 @@ class Steering(SteeringAlgebra):
                     model.points.resolve(p)
                 except HookNameError as e:
                     raise ValueError(f"{at}point '{p}': {e}") from None
+
+    def _check_point(self, p: str, d: dict, width: int | None, at: str) -> None:
+        """One point's tensors: the method's keys, float dtype, shape ``(width,)``, finite values
+        (a method with other tensors overrides this)."""
+        missing = [k for k in self.tensor_keys if k not in d]
+        opt = [k for k in self.optional_tensor_keys if k in d]
+        if missing or 0 < len(opt) < len(self.optional_tensor_keys):
+            miss = missing or [k for k in self.optional_tensor_keys if k not in d]
+            raise ValueError(f"{at}no tensor '{p}|{miss[0]}' ({self.method} needs {list(self.tensor_keys)} at "
+                             f"every point{', and ' + str(list(self.optional_tensor_keys)) + ' together' if opt else ''})")
+        shapes = set()
+        for k, t in d.items():
+            name = f"'{p}|{k}'"
+            if k not in self.tensor_keys + self.optional_tensor_keys:
+                raise ValueError(f"{at}tensor {name} has key '{k}', expected one of "
+                                 f"{list(self.tensor_keys + self.optional_tensor_keys)} for {self.method}")
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{at}tensor {name} is a {type(t).__name__}, expected a torch.Tensor")
+            if not t.is_floating_point():
+                raise ValueError(f"{at}tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}, expected a "
+                                 f"float dtype")
+            want = (width,) if width is not None else None
+            if t.dim() != 1 or (want is not None and tuple(t.shape) != want):
+                exp = f"({width},)" if width is not None else "one dimension [width]"
+                raise ValueError(f"{at}tensor {name} has shape {tuple(t.shape)}, expected {exp}")
+            shapes.add(tuple(t.shape))
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(f"{at}tensor {name} has {bad} non-finite values (nan/inf) of {t.numel()}")
+        if len(shapes) > 1:
+            raise ValueError(f"{at}the tensors at '{p}' differ in shape: {sorted(shapes)}")
 
     # ------------------------------------------------------------------ applying
     @contextmanager

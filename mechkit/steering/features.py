@@ -27,6 +27,28 @@ class FeatureSteering(Steering):
 
     method = "sae_features"
     trainable = ()
+    tensor_keys = ("v",)  # mode "add"; "clamp" is checked by _check_point below
+    CLAMP_KEYS = ("w_enc", "b_enc", "b_dec", "threshold", "w_dec", "value")
+
+    def _check_point(self, p, d, width, at):
+        if self.hparams.get("mode") != "clamp":
+            return super()._check_point(p, d, width, at)
+        keys = sorted(d)
+        if keys != sorted(self.CLAMP_KEYS):
+            raise ValueError(f"{at}the tensors at '{p}' are {keys}; mode 'clamp' needs {list(self.CLAMP_KEYS)}")
+        for k, t in d.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{at}tensor '{p}|{k}' must be a float tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)}")
+        m, d_in = d["w_enc"].shape if d["w_enc"].dim() == 2 else (-1, -1)
+        want = {"w_enc": (m, d_in), "b_enc": (m,), "b_dec": (d_in,), "threshold": (m,), "value": (m,),
+                "w_dec": (m, width if width is not None else d["w_dec"].shape[-1])}
+        for k, shape in want.items():
+            if d[k].dim() != len(shape) or tuple(d[k].shape) != shape or m < 1:
+                raise ValueError(f"{at}tensor '{p}|{k}' has shape {tuple(d[k].shape)}, expected {shape}")
+            bad = d[k].isnan() | (d[k] == float("inf")) | ((d[k] == float("-inf")) if k != "threshold" else False)
+            if bool(bad.any()):  # a threshold of -inf means "no threshold" (ReLU)
+                raise ValueError(f"{at}tensor '{p}|{k}' has {int(bad.sum())} non-finite values (nan/inf)")
 
     def __init__(self, mode: str = "add", features=(), point: str | None = None, activation: str = "relu",
                  dictionary: str = ""):
