@@ -158,10 +158,11 @@ def test_clean_into_clean_gives_clean_metric(site, by):
     t = make_task()
     task = PatchingTask(t.clean_tokens, t.clean_tokens.clone(), t.clean_mask, t.clean_mask.clone(), t.answer_ids,
                         t.wrong_ids, [], [])
-    res = activation_patch(m, task, sites=site, by=by, layers=[0, 2], progress=False)
-    assert abs(res.baselines["clean"] - res.baselines["corrupt"]) < 1e-5
+    with pytest.raises(ValueError, match="clean and corrupted baselines are equal"):  # normalised: 0/0
+        activation_patch(m, task, sites=site, by=by, layers=[0, 2], progress=False)
     raw = activation_patch(m, task, sites=site, by=by, layers=[0, 2], progress=False, normalise=False)
-    torch.testing.assert_close(raw.values, torch.full(raw.shape, res.baselines["clean"]), atol=1e-5, rtol=0)
+    assert abs(raw.baselines["clean"] - raw.baselines["corrupt"]) < 1e-5
+    torch.testing.assert_close(raw.values, torch.full(raw.shape, raw.baselines["clean"]), atol=1e-5, rtol=0)
 
 
 def test_all_positions_of_layer0_resid_pre_is_clean(model_task):
