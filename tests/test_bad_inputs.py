@@ -426,3 +426,21 @@ def test_transformer_lens_keywords_have_their_meaning(m):
     torch.testing.assert_close(m(texts, return_type="loss", loss_per_token=True)[1].sum() / (n - 1),
                                m(texts[1], return_type="loss"), atol=1e-5, rtol=1e-5)
 
+
+
+def test_cache_helpers_take_negative_layers_and_refuse_mismatched_stacks(m):
+    """layer=-1 means the last (TransformerLens: the final residual), and a stack sliced to one position
+    is refused by apply_ln_to_stack unless pos_slice says which position (batch == positions here)."""
+    texts = ["the food was good", "the hotel was bad", "the room was nice", "the staff was rude", "the bar was ok"]
+    b = m.batch(texts)
+    assert b.input_ids.shape[0] == b.input_ids.shape[1]  # the case that broadcast silently
+    _, cache = m.run_with_cache(b)
+    for fn in ("decompose_resid", "accumulated_resid", "stack_head_results"):
+        full = getattr(cache, fn)()
+        torch.testing.assert_close(getattr(cache, fn)(layer=-1), full)
+        assert full.shape[0] > 1
+    stack = cache.decompose_resid()
+    last = stack[:, :, -1]  # [component, batch, d_model]
+    with pytest.raises(ValueError, match="shape"):
+        cache.apply_ln_to_stack(last)
+    torch.testing.assert_close(cache.apply_ln_to_stack(last, pos_slice=-1), cache.apply_ln_to_stack(stack)[:, :, -1])
