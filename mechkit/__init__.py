@@ -3,8 +3,7 @@
 The public API is what ``__all__`` lists; everything else may change.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .attribution import attribution_patch, input_relevance, lrp
 from .cache import ActivationCache
 from .factored import FactoredMatrix  # issue 16

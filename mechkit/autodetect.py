@@ -42,7 +42,7 @@ from torch import nn
 
 from .hookpoints import HookMap, PointTable, get_module, installed, plan
 
-HOW_TO = ("pass hook_map= (a TOML path or a dict with [family] and [points], see mechkit/hooks/llama.toml) "
+HOW_TO = ("pass hook_map= (a TOML path or a dict with [family] and [points], see hooks/llama.toml in mechkit's repository) "
           "to mk.load")
 PROBE = "mechkit_probe"
 MIXER_WORDS = ("mamba", "mixer", "linear_attn", "linear_attention", "conv", "ssm", "deltanet", "recurrent",

@@ -186,14 +186,30 @@ class HookMap:
         return out
 
 
+def maps_dir():
+    """The folder of the shipped architecture maps (``hooks/*.toml``).
+
+    In a source checkout or an editable install it is the repository's top-level ``hooks/``
+    folder (next to the ``mechkit`` package); an installed wheel carries the same files as
+    ``mechkit/hooks/``. Returns a ``Traversable`` (a ``pathlib.Path`` in the first case).
+    """
+    top = Path(__file__).resolve().parents[1] / "hooks"
+    if top.is_dir() and (top.parent / "pyproject.toml").is_file():
+        return top
+    packaged = resources.files("mechkit") / "hooks"
+    if packaged.is_dir():
+        return packaged
+    raise FileNotFoundError(f"mechkit's architecture maps were not found: looked in {top} and in the installed "
+                            "package's mechkit/hooks/; reinstall mechkit (the wheel carries them)")
+
+
 def builtin_maps() -> list[HookMap]:
-    """Every map shipped in ``mechkit/hooks/*.toml``."""
-    root = resources.files("mechkit") / "hooks"
+    """Every map shipped in ``hooks/*.toml`` (see :func:`maps_dir`)."""
     maps = []
-    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+    for entry in sorted(maps_dir().iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".toml"):
             with entry.open("rb") as f:
-                maps.append(HookMap.from_dict(tomllib.load(f), source=f"mechkit/hooks/{entry.name}"))
+                maps.append(HookMap.from_dict(tomllib.load(f), source=f"hooks/{entry.name}"))
                 maps[-1].verified = True
     return maps
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,25 +86,70 @@ def test_custom_hook_map_dict():
     assert m.cfg.family == "mine" and "blocks.2.attn.hook_z" in m.hook_names()
 
 
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("gpt2", "neox", "llama", "gemma", "phi3")
+LIST_MAPS = "import mechkit, mechkit.hookpoints as h; print(mechkit.__file__); print(sorted(m.name for m in h.builtin_maps()))"
+
+
+def _maps_seen(python, cwd, env=None):
+    run = subprocess.run([python, "-c", LIST_MAPS], capture_output=True, text=True, cwd=str(cwd),
+                         env={**os.environ, **(env or {})})
+    assert run.returncode == 0, run.stderr[-2000:]
+    where, names = run.stdout.strip().splitlines()[-2:]
+    return where, names
+
+
+def test_maps_live_in_the_top_level_hooks_folder():
+    """The card's layout: the maps are data in ``hooks/``; none is left inside the package."""
+    from mechkit.hookpoints import builtin_maps, maps_dir
+
+    assert Path(str(maps_dir())) == ROOT / "hooks"
+    assert {f"{f}.toml" for f in FAMILIES} <= {p.name for p in (ROOT / "hooks").glob("*.toml")}
+    stray = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "mechkit").rglob("*.toml"))
+    assert not stray, f"architecture maps belong in the top-level hooks/ folder, found {stray}"
+    assert len(builtin_maps()) == len(list((ROOT / "hooks").glob("*.toml")))
+
+
 def test_wheel_ships_hook_maps(tmp_path):
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "-q"],
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "-q"],
         capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     wheel = next(tmp_path.glob("mechkit-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for fam in ("gpt2", "neox", "llama", "gemma", "phi3"):
+    for fam in FAMILIES:
         assert f"mechkit/hooks/{fam}.toml" in names
     # the installed (non-editable) package finds its hook maps
     target = tmp_path / "site"
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                           capture_output=True, text=True)
     assert inst.returncode == 0, inst.stderr[-2000:]
-    code = (f"import mechkit, mechkit.hookpoints as h; assert mechkit.__file__.startswith({str(target)!r}), mechkit.__file__; "
-            "print(sorted(m.name for m in h.builtin_maps()))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
-                         env={**__import__("os").environ, "PYTHONPATH": str(target)})
+    where, seen = _maps_seen(sys.executable, tmp_path, {"PYTHONPATH": str(target)})
+    assert where.startswith(str(target)), where
+    assert "'gpt2'," in seen and "'llama'," in seen
+
+
+def test_editable_install_finds_hook_maps(tmp_path):
+    """An editable install of a copy of the source tree reads that copy's top-level hooks/."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "notebooks", "tests",
+                                                             "benchmarks", "demo_out", "build", "dist"))
+    (src / "hooks" / "zz_extra.toml").write_bytes((src / "hooks" / "llama.toml").read_bytes().replace(
+        b'name = "llama"', b'name = "zz_extra"', 1))
+    prefix = tmp_path / "prefix"
+    inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+                           "--prefix", str(prefix), "-e", str(src)], capture_output=True, text=True)
+    assert inst.returncode == 0, inst.stderr[-2000:]
+    site_dir = next(prefix.glob("lib/python*/site-packages"))
+    assert list(site_dir.glob("*.pth")), "the editable install wrote no .pth file"
+    # drop every other checkout of mechkit from the path, then let the new install's .pth add its copy
+    code = ("import os, site, sys; "
+            "sys.path[:] = [p for p in sys.path if not os.path.isfile(os.path.join(p or '.', 'mechkit', '__init__.py'))]; "
+            f"site.addsitedir({str(site_dir)!r}); " + LIST_MAPS)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() and "'gpt2'," in run.stdout and "'llama'," in run.stdout
+    where, seen = run.stdout.strip().splitlines()[-2:]
+    assert where.startswith(str(src)), where
+    assert "'zz_extra'" in seen and "'gpt2'," in seen

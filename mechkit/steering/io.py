@@ -33,7 +33,7 @@ def _classes():
 
 def save(st, path) -> None:
     st._require_fitted()
-    from .. import __version__
+    from .._version import __version__
 
     tensors = {f"{p}|{k}": t.detach().cpu().contiguous() for p, d in st.tensors.items() for k, t in d.items()}
     meta = {"method": st.method, "mechkit_version": __version__, "points": st.points, "hparams": st.hparams,

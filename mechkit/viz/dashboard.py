@@ -42,7 +42,7 @@ def dashboard(
     ``metadata``: shown as a table (model, task, method, timings...); mechkit's version and the
     date are added. ``notes``: optional text under a section. Returns the path.
     """
-    from .. import __version__
+    from .._version import __version__
 
     meta = {"mechkit version": __version__, "date": _dt.datetime.now().isoformat(timespec="seconds")}
     meta.update(metadata or {})
