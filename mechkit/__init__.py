@@ -14,6 +14,7 @@ from .model import HookedModel, ModelConfig, load
 from .patching import activation_patch, patch_every, path_patch
 from .processing import ProcessingOptions, process_weights  # issue 16
 from .results import Result, compare
+from .sites import act_name
 
 
 def list_models() -> list[str]:
@@ -73,4 +74,6 @@ __all__ = [
     "circuits",
     # issue 18: dictionaries (SAEs, transcoders): mk.sae.load / splice / features / train
     "sae",
+    # issue 20: the one site registry (TransformerLens's utils.get_act_name)
+    "act_name",
 ]

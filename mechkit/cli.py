@@ -220,6 +220,8 @@ def cmd_circuit(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sites import ATTRIBUTION_KINDS, SITE_KINDS
+
     ap = argparse.ArgumentParser(prog="mechkit", description="Mechanistic interpretability on HF causal LMs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("models", help="list the bundled models")
@@ -230,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, helptext in (("patch", cmd_patch, "activation patching"), ("attribute", cmd_attribute, "AtP / RelP")):
         p = sub.add_parser(name, help=helptext)
         _common(p)
+        kinds = SITE_KINDS if name == "patch" else ATTRIBUTION_KINDS
         p.add_argument("--site", default="resid_pre",
-                       help="what to patch: resid_pre|resid_mid|resid_post|attn_out|mlp_out, per head "
-                            "z|q|k|v|pattern, or neuron (MLP neurons) (default: %(default)s)")
+                       help=f"what to patch: one of {', '.join(kinds)} (or an alias; neuron = MLP neurons) "
+                            "(default: %(default)s)")
         p.add_argument("--by", default="layer,pos",
                        help="axes of the result, comma-separated from layer, pos, head, key_pos, neuron "
                             "(default: %(default)s; per-head sites: layer,head or layer,head,pos)")

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .sites import act_name
+
 
 def _template(i: int) -> str:
     from mechkit.tasks.ioi import TEMPLATES
@@ -131,7 +133,7 @@ def run_demo(model_name: str | None = None, out: str | Path = "demo_out", device
     T = 12
     toks = mk.tasks.repeated_tokens(model.tokenizer, 1, T, seed=1)
     _, cache = model.run_with_cache(toks, names=lambda n: n.endswith("attn.hook_pattern"))
-    pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0] for l in range(model.cfg.n_layers)])
+    pattern = torch.stack([cache[act_name("pattern", l)][0] for l in range(model.cfg.n_layers)])
     head = int(ind[layer].argmax())
     sections["attention patterns on a repeated sequence"] = attention_figure(
         pattern, model.to_str_tokens(toks[0]), title="Attention pattern on a repeated sequence", head=(layer, head))

@@ -33,30 +33,20 @@ from ..patching.engine import _accepts
 from ..patching.metrics import check_baselines
 from ..patching.sites import PREFIXED_SITES, prefixed
 from ..results import Result
+from ..sites import ATTRIBUTION_KINDS, SITE_KINDS, site_kind
 from . import lrp
 from .metrics import logit_diff, prompt_mean
 
-SITES = {
-    "resid_pre": ("blocks.{l}.hook_resid_pre", None),
-    "resid_mid": ("blocks.{l}.hook_resid_mid", None),
-    "resid_post": ("blocks.{l}.hook_resid_post", None),
-    "attn_out": ("blocks.{l}.hook_attn_out", None),
-    "mlp_out": ("blocks.{l}.hook_mlp_out", None),
-    "z": ("blocks.{l}.attn.hook_z", "head"),
-    "neuron": ("blocks.{l}.mlp.hook_post", "neuron"),
-}
-ALIASES = {"neurons": "neuron", "mlp_post": "neuron", "head_out": "z", "attn_head_out": "z"}
+SITES = ATTRIBUTION_KINDS  # names, hook templates and axes come from the site registry
 METHODS = ("atp", "relp", "ig")
 
 
 def _check(model, task, sites, by, method):
     task.check(model)
-    sites = ALIASES.get(sites, sites)
-    if sites not in SITES:
-        raise ValueError(f"unknown sites {sites!r}; expected one of {sorted(SITES) + sorted(ALIASES)}")
+    kind = site_kind(sites, allowed=SITES, what="sites")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    unit = SITES[sites][1]
+    sites, unit = kind.name, kind.unit
     allowed = ("layer", "pos") + ((unit,) if unit else ())
     if by is None:
         by = ("layer", unit) if unit else ("layer", "pos")
@@ -178,7 +168,7 @@ def attribution_patch(
     metric = metric if metric is not None else logit_diff(task)
     normalise = bool(getattr(metric, "normalise", False)) if normalise is None else normalise
     L = model.cfg.n_layers
-    names = [SITES[sites][0].replace("{l}", str(l)) for l in range(L)]
+    names = [SITE_KINDS[sites].hook_name(l) for l in range(L)]
     n = int(task.clean_tokens.shape[0])
     bs = n if batch_size is None else int(batch_size)
     if bs < 1:

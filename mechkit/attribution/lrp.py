@@ -33,6 +33,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from ..sites import act_name
 from ..weights import out_features
 
 ALL_RULES = ("ln", "identity", "half", "ah")
@@ -262,9 +263,9 @@ def rules(model, rules: Iterable[str] = ALL_RULES) -> Iterator:
                 _install_identity(stack, mod)
         hooks = []
         if "half" in chosen and is_gated(model):
-            hooks += [(f"blocks.{l}.mlp.hook_post", _half) for l in range(model.cfg.n_layers)]
+            hooks += [(act_name("post", l), _half) for l in range(model.cfg.n_layers)]
         if "ah" in chosen:
-            hooks += [(f"blocks.{l}.attn.hook_pattern", _detach) for l in range(model.cfg.n_layers)]
+            hooks += [(act_name("pattern", l), _detach) for l in range(model.cfg.n_layers)]
         if hooks:
             stack.enter_context(model.hooks(hooks))
         yield model

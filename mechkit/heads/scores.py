@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from ..results import Result
+from ..sites import act_name
 from ..weights import weight_in_out
 
 PATTERN_KINDS = ("induction", "previous_token", "duplicate", "anti_induction", "sink")
@@ -132,7 +133,7 @@ def copying_scores(model, n_tokens: int = 512, seed: int = 0) -> torch.Tensor:
 
     hooks = [("hook_embed", keep_embed)]
     for l in range(c.n_layers):
-        hooks += [(f"blocks.{l}.hook_resid_pre", put_embed), (f"blocks.{l}.attn.hook_v", keep_v)]
+        hooks += [(act_name("resid_pre", l), put_embed), (act_name("v", l), keep_v)]
     ids = toks[:, None]  # [S, 1]: one token per row
     mask = torch.ones_like(ids)
     with model.hooks(hooks):
@@ -141,7 +142,7 @@ def copying_scores(model, n_tokens: int = 512, seed: int = 0) -> torch.Tensor:
     group = c.n_heads // c.n_kv_heads
     out = torch.zeros(c.n_layers, c.n_heads)
     for l in range(c.n_layers):  # one batched eigen-decomposition per layer
-        v = store[f"blocks.{l}.attn.hook_v"][:, 0].float()  # [S, H_kv, dh]
+        v = store[act_name("v", l)][:, 0].float()  # [S, H_kv, dh]
         v = v - v.mean(0, keepdim=True)
         v = v.repeat_interleave(group, dim=1)  # [S, H, dh]
         W_O = weight_in_out(model.family_module("attn_out_proj", l)).float().unflatten(0, (c.n_heads, c.d_head))
@@ -190,7 +191,7 @@ def head_scores(
             tokens = default_tokens(model, n, T, seed)
         b = model.batch(tokens, attention_mask)
         _, cache = model.run_with_cache(b, names=lambda nm: nm.endswith("attn.hook_pattern"))
-        pats = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(c.n_layers)]).float()
+        pats = torch.stack([cache[act_name("pattern", l)] for l in range(c.n_layers)]).float()
         targets = target_masks(b.input_ids, b.attention_mask)
         for k in pat_kinds:
             vals = pattern_scores(pats, targets[k]).cpu()

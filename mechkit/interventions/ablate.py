@@ -45,6 +45,7 @@ from contextlib import contextmanager
 import torch
 
 from ..inputs import position_ids_from_mask
+from ..sites import act_name
 
 HOWS = ("zero", "mean", "resample")
 
@@ -173,9 +174,9 @@ def ablation_hooks(model, heads=(), neurons=(), how: str = "zero", reference=Non
     group = c.n_heads // c.n_kv_heads
     site = {}
     for l in head_masks:
-        site[f"blocks.{l}.attn.hook_v" if preserve_pattern else f"blocks.{l}.attn.hook_z"] = ("head", l)
+        site[act_name("v", l) if preserve_pattern else act_name("z", l)] = ("head", l)
     for l in neuron_masks:
-        site[f"blocks.{l}.mlp.hook_post"] = ("neuron", l)
+        site[act_name("post", l)] = ("neuron", l)
     refs: dict[str, _Reference] = {}
     n_ref = 1
     if how != "zero":
@@ -228,8 +229,8 @@ def ablation_hooks(model, heads=(), neurons=(), how: str = "zero", reference=Non
                 vr = stash.pop(("v", _l)).repeat_interleave(group, dim=2).to(A.dtype)  # [b, k, H, dh]
                 new = torch.einsum("bhqk,bkhd->bqhd", A, vr).to(z.dtype)
                 return masked(z, _m, new)
-            hooks += [(f"blocks.{l}.attn.hook_pattern", keep_pattern), (name, value_ref),
-                      (f"blocks.{l}.attn.hook_z", fn)]
+            hooks += [(act_name("pattern", l), keep_pattern), (name, value_ref),
+                      (act_name("z", l), fn)]
     return hooks + expert_hooks
 
 
@@ -246,7 +247,7 @@ def _expert_hooks(model, experts, how: str) -> list:
         if not (isinstance(item, tuple) and len(item) == 2):
             raise ValueError(f"experts must be [(layer, expert), ...]; got item {item!r}")
         l, e = int(item[0]), int(item[1])
-        name = f"blocks.{l}.mlp.hook_expert_weights"
+        name = act_name("expert_weights", l)
         if name not in model.hook_names():
             raise ValueError(f"experts=({l}, {e}): layer {l} has no expert routing point ({name}); "
                              f"layers with one: {sorted({int(n.split('.')[1]) for n in model.hook_names() if n.endswith('hook_expert_weights')})}")
@@ -264,7 +265,7 @@ def _expert_hooks(model, experts, how: str) -> list:
         def zero(w, hook, _s=stash, _e=experts):
             hit = torch.isin(_s.pop("idx"), _e.to(w.device))
             return torch.where(hit, torch.zeros_like(w), w)
-        hooks += [(f"blocks.{l}.mlp.hook_expert_indices", keep), (f"blocks.{l}.mlp.hook_expert_weights", zero)]
+        hooks += [(act_name("expert_indices", l), keep), (act_name("expert_weights", l), zero)]
     return hooks
 
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..fingerprint import fingerprint
 from ..inputs import Batch
 from ..results import Result
+from ..sites import act_name
 from ..tasks.base import position_ids_from_mask
 from .checkpoint import ChunkStore, sweep_key, task_part
 from .engine import FusedRunner, _accepts, fast_paths
@@ -73,7 +74,7 @@ def base_run(model, base: Batch, keep_kv: bool):
     None when not kept or when the model's cache does not hold every position).
     """
     L, T = model.cfg.n_layers, base.input_ids.shape[1]
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    names = [act_name("resid_pre", l) for l in range(L)]
     logits, cache = model.run_with_cache(base, names=names, keep_kv=keep_kv)
     past = cache.kv
     if past is not None and any(kk is None or kk.shape[-2] != T for kk, _ in past):

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..hookpoints import get_module, has_mechkit_hooks
 from ..inputs import Batch
+from ..sites import act_name
 from .metrics import evaluate
 from .prefix_cache import prefix_cache
 from .sites import SiteKind, patch_mask
@@ -198,7 +199,7 @@ class FusedRunner:
         k0 = int(layers.min()) if self.skip_layers else 0
         hooks = []
         if k0 > 0:
-            hooks.append((f"blocks.{k0}.hook_resid_pre", self._inject_hook(k, self.base_resid_pre[k0])))
+            hooks.append((act_name("resid_pre", k0), self._inject_hook(k, self.base_resid_pre[k0])))
         for layer in torch.unique(layers).tolist():
             sel = layers == layer
             groups = sel.nonzero()[:, 0]

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..fingerprint import fingerprint
 from ..results import Result
+from ..sites import act_name
 from .activation import _batch, check_aligned, check_batch_tokens
 from .checkpoint import ChunkStore, sweep_key, task_part
 from .engine import _accepts, start_at_layer
@@ -116,22 +117,22 @@ class _PathRunner:
         k0 = int(senders[:, 0].min())
         kw = dict(input_ids=b.input_ids.repeat(k, 1), attention_mask=b.attention_mask.repeat(k, 1),
                   position_ids=b.position_ids.repeat(k, 1), use_cache=False)
-        hooks = [(f"blocks.{k0}.hook_resid_pre", self._inject(k, k0))] if k0 > 0 else []
+        hooks = [(act_name("resid_pre", k0), self._inject(k, k0))] if k0 > 0 else []
         for layer in range(k0, self.L):
             here = senders[:, 0] == layer
             mlp_here = here & (senders[:, 1] == self.H)
             head_here = here & ~mlp_here
             sel = torch.zeros(k, self.H, dtype=torch.bool)
             sel[head_here.nonzero()[:, 0], senders[head_here, 1]] = True
-            hooks.append((f"blocks.{layer}.attn.hook_z", self._freeze_z(k, layer, sel)))
+            hooks.append((act_name("z", layer), self._freeze_z(k, layer, sel)))
             if self.receivers == "logits" or mlp_here.any():
-                hooks.append((f"blocks.{layer}.hook_mlp_out", self._mlp(k, layer, mlp_here, self.receivers == "logits")))
+                hooks.append((act_name("mlp_out", layer), self._mlp(k, layer, mlp_here, self.receivers == "logits")))
         recorded: dict[tuple[int, str], torch.Tensor] = {}
         if self.receivers != "logits":
             for l, which in {(l, w) for l, _, w in self.receivers}:
                 def rec(x, h, key=(l, which)):
                     recorded[key] = x
-                hooks.append((f"blocks.{l}.attn.hook_{which}", rec))
+                hooks.append((act_name(which, l), rec))
         # the sender run only has to reach the last receiver layer (its logits are not read)
         end = None if self.receivers == "logits" else max(l for l, _, _ in self.receivers) + 1
         with m.hooks(hooks), start_at_layer(m, k0, end):
@@ -140,7 +141,7 @@ class _PathRunner:
             return evaluate(self.metric, logits, self.n)
         # receiver run: clean prompts, receivers' q/k/v from the sender run
         r0 = min(l for l, _, _ in self.receivers)
-        hooks = [(f"blocks.{r0}.hook_resid_pre", self._inject(k, r0))] if r0 > 0 else []
+        hooks = [(act_name("resid_pre", r0), self._inject(k, r0))] if r0 > 0 else []
         for (l, which), val in recorded.items():
             heads = torch.tensor(sorted({h for rl, h, w in self.receivers if (rl, w) == (l, which)}))
 
@@ -148,7 +149,7 @@ class _PathRunner:
                 out = x.clone()
                 out[:, :, heads] = val[:, :, heads].to(x.dtype)
                 return out
-            hooks.append((f"blocks.{l}.attn.hook_{which}", put))
+            hooks.append((act_name(which, l), put))
         with m.hooks(hooks), start_at_layer(m, r0):
             logits = m.hf_model(**kw, **self.keep_metric).logits
         return evaluate(self.metric, logits, self.n)
@@ -193,9 +194,9 @@ def path_patch(model, task, receivers, metric=None, senders=None, max_batch_toke
     n, T = task.clean_tokens.shape
     clean = _batch(task.clean_tokens, task.clean_mask, model.device)
     corrupt = _batch(task.corrupt_tokens, task.corrupt_mask, model.device)
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    mlp_names = [f"blocks.{l}.hook_mlp_out" for l in range(L)] if recv == "logits" or include_mlps else []
-    resid_names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    z_names = [act_name("z", l) for l in range(L)]
+    mlp_names = [act_name("mlp_out", l) for l in range(L)] if recv == "logits" or include_mlps else []
+    resid_names = [act_name("resid_pre", l) for l in range(L)]
     clean_logits, cc = model.run_with_cache(clean, names=z_names + mlp_names + resid_names)
     corrupt_logits, rc = model.run_with_cache(corrupt, names=z_names + (mlp_names if include_mlps else []))
     metric_key = fingerprint(metric) if checkpoint_dir is not None else None  # before binding the clean logits

@@ -16,51 +16,19 @@ A *site kind* names a hook point template and the axes of its activation (batch 
 
 A patch is an index over ``by`` (always starting with ``"layer"``); the axes of ``by`` other
 than ``layer`` are written at that index, every other axis is written whole.
+
+The named kinds themselves (names, hook templates, axes) live in the one site registry,
+:mod:`mechkit.sites`; this module adds hook-name sites and what patching needs on top of it.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-
-@dataclass(frozen=True)
-class SiteKind:
-    name: str
-    hook: str                  # template with {l}
-    dims: tuple[str, ...]      # activation axes after batch
-    default_by: tuple[str, ...]
-    layer: int | None = None   # a site given as one layer's hook name patches only that layer
-
-    def hook_name(self, layer: int) -> str:
-        return self.hook.format(l=layer)
-
-    def indexable(self) -> tuple[str, ...]:
-        return tuple(d for d in self.dims if d in ("pos", "key_pos", "head", "neuron"))
-
-
-_RESID = ("pos", "d_model")
-_HEAD = ("pos", "head", "d_head")
-SITE_KINDS: dict[str, SiteKind] = {
-    "resid_pre": SiteKind("resid_pre", "blocks.{l}.hook_resid_pre", _RESID, ("layer", "pos")),
-    "resid_mid": SiteKind("resid_mid", "blocks.{l}.hook_resid_mid", _RESID, ("layer", "pos")),
-    "resid_post": SiteKind("resid_post", "blocks.{l}.hook_resid_post", _RESID, ("layer", "pos")),
-    "attn_out": SiteKind("attn_out", "blocks.{l}.hook_attn_out", _RESID, ("layer", "pos")),
-    "mlp_out": SiteKind("mlp_out", "blocks.{l}.hook_mlp_out", _RESID, ("layer", "pos")),
-    "z": SiteKind("z", "blocks.{l}.attn.hook_z", _HEAD, ("layer", "head")),
-    "q": SiteKind("q", "blocks.{l}.attn.hook_q", _HEAD, ("layer", "head")),
-    "k": SiteKind("k", "blocks.{l}.attn.hook_k", _HEAD, ("layer", "head")),
-    "v": SiteKind("v", "blocks.{l}.attn.hook_v", _HEAD, ("layer", "head")),
-    "pattern": SiteKind("pattern", "blocks.{l}.attn.hook_pattern", ("head", "pos", "key_pos"), ("layer", "head")),
-    "neuron": SiteKind("neuron", "blocks.{l}.mlp.hook_post", ("pos", "neuron"), ("layer", "neuron")),
-    # hybrids' non-attention token mixers (Mamba, DeltaNet, ...) and mixture-of-experts routers
-    "mixer_out": SiteKind("mixer_out", "blocks.{l}.hook_mixer_out", _RESID, ("layer", "pos")),
-    "router_logits": SiteKind("router_logits", "blocks.{l}.mlp.hook_router_logits", ("pos", "expert"), ("layer", "pos")),
-}
-ALIASES = {"head_out": "z", "attn_head_out": "z", "mlp_post": "neuron", "neurons": "neuron"}
-
+from ..sites import _HEAD, ALIASES, SITE_KINDS, SiteKind
 
 _PER_HEAD_IN = ("pos", "head", "d_model")
 _BY_SUFFIX: tuple[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]], ...] = (

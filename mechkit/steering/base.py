@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..sites import layer_point
 from ..weights import bias_of, weight_in_out
 from .conventions import SteeringAlgebra, as_hooked, pick_strength
 
@@ -135,7 +136,7 @@ def resolve_points(model, layers, point) -> list[str]:
     suffixes = [e for e in entries if e not in full]
     names = list(full)
     if suffixes:
-        names += [f"blocks.{x}.{p}" for x in _layer_list(model, layers) for p in suffixes]
+        names += [layer_point(x, p) for x in _layer_list(model, layers) for p in suffixes]
     for nm in names:
         model.points.resolve(nm)
     return sorted(dict.fromkeys(names), key=forward_order)
