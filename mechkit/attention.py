@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from .hf_compat import register_attention
 from .hookpoints import run_attention_handlers
 
 NAME = "mechkit"
@@ -82,7 +81,6 @@ def register() -> str:
     """Register mechkit's attention and its mask function (idempotent); returns the name."""
     global _registered
     if not _registered:
-        AttentionInterface.register(NAME, mechkit_attention)
-        AttentionMaskInterface.register(NAME, eager_mask)
+        register_attention(NAME, mechkit_attention)
         _registered = True
     return NAME

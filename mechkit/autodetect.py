@@ -102,10 +102,8 @@ def _first(x):
 
 def _probe_attention():
     """Register an attention function that records who calls it (then runs mechkit's)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
     from .attention import mechkit_attention
+    from .hf_compat import register_attention
 
     def probe(module, query, key, value, attention_mask, **kw):
         z, pattern = mechkit_attention(module, query, key, value, attention_mask, **kw)
@@ -114,8 +112,7 @@ def _probe_attention():
             rec.append((tuple(query.shape), tuple(key.shape), tuple(value.shape), z.detach().clone()))
         return z, pattern
 
-    AttentionInterface.register(PROBE, probe)
-    AttentionMaskInterface.register(PROBE, eager_mask)
+    register_attention(PROBE, probe)
 
 
 @torch.no_grad()
@@ -300,7 +297,7 @@ def detect_map(hf: nn.Module) -> HookMap:
     dev = next(hf.parameters()).device
     ids = torch.randint(1, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(dev)
 
-    saved = getattr(hf.config, "_attn_implementation", None)
+    saved = attn_implementation(hf)
     per_head_ok = True
     try:
         _probe_attention()

@@ -282,11 +282,9 @@ TIMED = ("patch", "attribute", "path", "heads", "demo")  # commands that compute
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import transformers
+    from .hf_compat import quiet_transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    if getattr(args, "quiet", False) or args.cmd != "demo":
-        transformers.utils.logging.disable_progress_bar()
+    quiet_transformers(progress_bars=not (getattr(args, "quiet", False) or args.cmd != "demo"))
     t0 = time.time()
     try:
         args.fn(args)

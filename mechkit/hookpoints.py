@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hf_compat import made_by, torch_hooks
+
 HookFn = Callable[[torch.Tensor, "Hook"], "torch.Tensor | None"]
 # [family] entries every map must have (module paths): the model's sizes are read from them
 FAMILY_KEYS = ("layers", "block", "final_norm", "unembed", "attn_out_proj", "mlp_down_proj")
@@ -548,9 +550,7 @@ def has_mechkit_hooks(model: nn.Module) -> bool:
     for m in model.modules():
         if "_mechkit_attn" in m.__dict__:
             return True
-        for d in (m._forward_hooks, m._forward_pre_hooks):
-            for fn in d.values():
-                if getattr(fn, "__qualname__", "").startswith(("_make_pre_hook", "_make_post_hook", "install_split", "_proj_hook",
-                                                               "_record_tokens")):
-                    return True
+        if any(made_by(fn, "_make_pre_hook", "_make_post_hook", "install_split", "_proj_hook", "_record_tokens")
+               for fn in torch_hooks(m)):
+            return True
     return False

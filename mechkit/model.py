@@ -18,6 +18,7 @@ from torch import nn
 from . import attention
 from .cache import ActivationCache
 from .compat_tl import TLSurface, tl_config_fields  # issue 16
+from .hf_compat import attn_implementation, output_kv
 from .hookpoints import (
     HookFn,
     HookMap,
@@ -278,7 +279,7 @@ class HookedModel(TLSurface, nn.Module):
             yield
             return
         if self._attn_users == 0:
-            self._attn_saved = self.hf_model.config._attn_implementation
+            self._attn_saved = attn_implementation(self.hf_model)
             self.hf_model.set_attn_implementation(attention.register())
         self._attn_users += 1
         try:
@@ -334,8 +335,7 @@ class HookedModel(TLSurface, nn.Module):
         ordered = {n: store[n] for n in selected}
         cache = ActivationCache(ordered, self, b)
         if keep_kv:
-            past = out.cache if "cache" in out else out.past_key_values  # transformers 5.x renames it per model
-            cache.kv = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in past.layers]
+            cache.kv = output_kv(out)
         if remove_batch_dim:
             cache.remove_batch_dim()
         return out.logits, cache

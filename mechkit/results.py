@@ -17,7 +17,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .agreement import compare
 from .io import atomic_path
+
+__all__ = ["Result", "compare"]
 
 
 @dataclass
@@ -131,22 +134,3 @@ class Result:
         except ValueError as e:
             raise ValueError(f"result {path}: {e}") from None
 
-
-def compare(a: Result, b: Result, k: int = 10) -> dict[str, float]:
-    """Pearson r, Spearman rho and top-k overlap (by |value|) of two results over the same cells."""
-    if a.shape != b.shape:
-        raise ValueError(f"results have different shapes: {a.shape} vs {b.shape}")
-    x, y = a.values.detach().double().reshape(-1), b.values.detach().double().reshape(-1)
-
-    def pearson(u, v):
-        u, v = u - u.mean(), v - v.mean()
-        den = (u.norm() * v.norm()).item()
-        return float("nan") if den == 0 else (u @ v).item() / den
-
-    def ranks(u):
-        return u.argsort().argsort().double()
-
-    k = min(k, x.numel())
-    top_a = set(x.abs().argsort(descending=True)[:k].tolist())
-    top_b = set(y.abs().argsort(descending=True)[:k].tolist())
-    return {"pearson": pearson(x, y), "spearman": pearson(ranks(x), ranks(y)), f"top{k}_overlap": len(top_a & top_b) / k}

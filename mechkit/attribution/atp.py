@@ -24,18 +24,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
+from ..hf_compat import accepts_logits_to_keep
+from ..options import merge_options
 from ..patching.activation import pos_labels
-from ..patching.engine import _accepts
-from ..patching.metrics import check_baselines
+from ..patching.metrics import as_metric, check_baselines
 from ..patching.sites import PREFIXED_SITES, prefixed
 from ..results import Result
 from ..sites import ATTRIBUTION_KINDS, SITE_KINDS, site_kind
 from . import lrp
 from .metrics import logit_diff, prompt_mean
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 SITES = ATTRIBUTION_KINDS  # names, hook templates and axes come from the site registry
 METHODS = ("atp", "relp", "ig")
@@ -101,14 +107,12 @@ def _batch_scores(model, task, names, metric, method, unit, ig_steps, rules, bar
     """One batch of prompts: (per-layer scores [pos, (unit)] summed over the batch, M_clean, M_corrupt)."""
     metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
     # the corrupted pass (forward and backward) needs one position of logits for a last-position metric
-    kw = {"logits_to_keep": 1} if getattr(metric, "last_only", False) and _accepts(
-        model.hf_model.forward, "logits_to_keep") else {}
+    kw = {"logits_to_keep": 1} if metric.last_only and accepts_logits_to_keep(model.hf_model) else {}
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
     corr_b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
     logits_c, cache = model.run_with_cache(clean_b, names=names)
     clean_acts = {n: cache[n] for n in names}
-    if hasattr(metric, "bind_clean"):
-        metric.bind_clean(logits_c)
+    metric.bind_clean(logits_c)
     with torch.no_grad():
         clean_metric = float(metric_fn(logits_c))
     if method == "ig":
@@ -134,19 +138,51 @@ def _batch_scores(model, task, names, metric, method, unit, ig_steps, rules, bar
     return per_layer, clean_metric, corr_metric
 
 
-def attribution_patch(
-    model,
-    task,
-    sites: str = "resid_pre",
-    by=None,
-    method: str = "atp",
-    metric: Callable | None = None,
-    ig_steps: int = 16,
-    rules=lrp.DEFAULT_RULES,
-    progress: bool = True,
-    normalise: bool | None = None,
-    batch_size: int | None = None,
-) -> Result:
+@dataclass(frozen=True)
+class AttributionOptions:
+    """How attribution patching runs.
+
+    ig_steps: midpoint steps per layer for ``method="ig"``. rules: the LRP rules installed for
+    ``method="relp"`` (see :mod:`mechkit.attribution.lrp`). batch_size: prompts per
+    forward/backward pass (default: all at once; the result is the same). progress: tqdm bar.
+    """
+
+    ig_steps: int = 16
+    rules: tuple = lrp.DEFAULT_RULES
+    batch_size: int | None = None
+    progress: bool = True
+
+
+def _prompt_batches(n: int, batch_size, metric) -> list[tuple[int, int]]:
+    bs = n if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be a positive number of prompts, got {batch_size!r}")
+    spans = [(i, min(n, i + bs)) for i in range(0, n, bs)]
+    if len(spans) > 1 and not metric.splittable:
+        raise ValueError(f"batch_size={bs} splits the {n} prompts, but the metric {metric!r} cannot be split by prompt "
+                         "(it has no .subset(rows)); use a mechkit metric or batch_size=None")
+    return spans
+
+
+def _accumulate(model: HookedModel, task, names, metric, method, unit, opts: AttributionOptions, spans, desc):
+    """Per-layer scores and the metric's clean/corrupt values, summed over prompt batches by weight."""
+    n = int(task.clean_tokens.shape[0])
+    per_layer, clean_metric, corr_metric = None, 0.0, 0.0
+    steps = len(names) * opts.ig_steps if method == "ig" else 1
+    with tqdm(total=len(spans) * steps, desc=desc, disable=not opts.progress) as bar:
+        for i, j in spans:
+            sub_task, sub_metric = (task, metric) if len(spans) == 1 else (task[i:j], metric.subset(slice(i, j)))
+            pl, mc, mr = _batch_scores(model, sub_task, names, sub_metric, method, unit, opts.ig_steps, opts.rules, bar)
+            w = (j - i) / n  # the metric is a prompt mean: each batch's share of it
+            per_layer = [w * s for s in pl] if per_layer is None else [a + w * s for a, s in zip(per_layer, pl)]
+            clean_metric += w * mc
+            corr_metric += w * mr
+    return per_layer, clean_metric, corr_metric
+
+
+def attribution_patch(model: HookedModel, task, sites: str = "resid_pre", by=None, method: str = "atp",
+                      metric: Callable | None = None, normalise: bool | None = None,
+                      options: AttributionOptions | None = None, **kw) -> Result:
     """Estimate activation patching (clean into corrupted) for every site of one kind at once.
 
     ``metric(logits [n, T, vocab]) -> [n]`` per prompt (or a scalar), averaged over prompts;
@@ -154,59 +190,41 @@ def attribution_patch(
     ``normalise`` (default: the metric's own flag) scores are divided by M_clean - M_corrupt,
     the units of :func:`mechkit.patching.activation_patch`. ``method``: "atp" | "relp" (LRP ``rules`` installed
     for the corrupted pass) | "ig" (``ig_steps`` midpoint steps, one layer at a time).
-    ``batch_size``: prompts per forward/backward pass (default: all at once); the result is the
-    same (the prompt mean is a weighted sum over batches). Splitting needs a metric that can be
-    split by prompt (mechkit's metrics: ``metric.subset(rows)``).
+    ``options``: :class:`AttributionOptions`, or its fields as keywords (``ig_steps``, ``rules``,
+    ``batch_size``, ``progress``). ``batch_size``: prompts per forward/backward pass (default: all at
+    once); the result is the same (the prompt mean is a weighted sum over batches). Splitting needs a
+    metric that can be split by prompt (mechkit's metrics: ``metric.subset(rows)``).
     Returns a :class:`~mechkit.results.Result` over ``by`` (default ("layer", "pos"), or
     ("layer", "head") for ``z``, ("layer", "neuron") for ``neurons``).
     """
+    opts = merge_options(AttributionOptions, options, kw, "attribution_patch")
     pre = prefixed(sites)
     if pre is not None:  # e.g. "sae:blocks.3.hook_resid_pre": every feature of a spliced dictionary
         return PREFIXED_SITES[pre[0]]["attribute"](model, task, pre[1], by=by, method=method, metric=metric,
-                                                   rules=rules, normalise=normalise, progress=progress)
+                                                   rules=opts.rules, normalise=normalise, progress=opts.progress)
     sites, by, unit = _check(model, task, sites, by, method)
-    metric = metric if metric is not None else logit_diff(task)
-    normalise = bool(getattr(metric, "normalise", False)) if normalise is None else normalise
+    metric = as_metric(metric if metric is not None else logit_diff(task))
+    normalise = metric.normalise if normalise is None else normalise
     L = model.cfg.n_layers
     names = [SITE_KINDS[sites].hook_name(l) for l in range(L)]
     n = int(task.clean_tokens.shape[0])
-    bs = n if batch_size is None else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"batch_size must be a positive number of prompts, got {batch_size!r}")
-    spans = [(i, min(n, i + bs)) for i in range(0, n, bs)]
-    if len(spans) > 1 and not hasattr(metric, "subset"):
-        raise ValueError(f"batch_size={bs} splits the {n} prompts, but the metric {metric!r} cannot be split by prompt "
-                         "(it has no .subset(rows)); use a mechkit metric or batch_size=None")
-
+    spans = _prompt_batches(n, opts.batch_size, metric)
     t0 = time.perf_counter()
-    per_layer, clean_metric, corr_metric = None, 0.0, 0.0
-    steps = L * ig_steps if method == "ig" else 1
-    with tqdm(total=len(spans) * steps, desc=f"{method} {sites}", disable=not progress) as bar:
-        for i, j in spans:
-            sub_task, sub_metric = (task, metric) if len(spans) == 1 else (task[i:j], metric.subset(slice(i, j)))
-            pl, mc, mr = _batch_scores(model, sub_task, names, sub_metric, method, unit, ig_steps, rules, bar)
-            w = (j - i) / n  # the metric is a prompt mean: each batch's share of it
-            per_layer = [w * s for s in pl] if per_layer is None else [a + w * s for a, s in zip(per_layer, pl)]
-            clean_metric += w * mc
-            corr_metric += w * mr
+    per_layer, clean_metric, corr_metric = _accumulate(model, task, names, metric, method, unit, opts, spans, f"{method} {sites}")
     seconds = time.perf_counter() - t0
     values = _reduce(per_layer, unit, by)
     check_baselines(float(clean_metric), float(corr_metric), normalise, metric)
     if normalise:
         values = values / (clean_metric - corr_metric)
     values = values.float().cpu()
-    first = per_layer[0]
-    sizes = {"layer": L, "pos": first.shape[0]}
-    if unit:
-        sizes[unit] = first.shape[1]
     labels = {"layer": [str(l) for l in range(L)], "pos": pos_labels(model, task)}
     if unit:
-        labels[unit] = [f"{unit[0].upper()}{j}" for j in range(sizes[unit])]
+        labels[unit] = [f"{unit[0].upper()}{j}" for j in range(per_layer[0].shape[1])]
     meta = {"method": method, "sites": sites, "metric": repr(metric), "normalised": normalise, "by": list(by), "seconds": seconds,
-            "n_prompts": n, "batch_size": bs, "model": model.cfg.to_dict()}
+            "n_prompts": n, "batch_size": spans[0][1] - spans[0][0], "model": model.cfg.to_dict()}
     if method == "relp":
-        meta["rules"] = list(lrp.check_rules(rules))
+        meta["rules"] = list(lrp.check_rules(opts.rules))
     if method == "ig":
-        meta["ig_steps"] = ig_steps
+        meta["ig_steps"] = opts.ig_steps
     return Result(values, by, {a: labels[a] for a in by}, {"clean": clean_metric, "corrupt": corr_metric},
                   meta, name=f"{method}_{sites}")

@@ -25,23 +25,27 @@ With all four rules the network is linear in its input and its biases, so in fp6
 from __future__ import annotations
 
 import math
-import types
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ..hf_compat import is_activation_module, replace_forward
 from ..sites import act_name
 from ..weights import out_features
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 ALL_RULES = ("ln", "identity", "half", "ah")
 DEFAULT_RULES = ("ln", "identity", "half")  # RelP's later default: attention pattern not detached
 
 
 # --------------------------------------------------------------------------- finding modules
-def norm_modules(model) -> list[tuple[str, nn.Module]]:
+def norm_modules(model: HookedModel) -> list[tuple[str, nn.Module]]:
     """(path, module) of every LayerNorm/RMSNorm-like module of ``model.hf_model``."""
     final = model.hook_map.family.get("final_norm")
     out = []
@@ -59,19 +63,12 @@ def _mlp_module(model, layer: int) -> nn.Module:
     return model.module(parent)
 
 
-def _is_activation(mod: nn.Module) -> bool:
-    if any(True for _ in mod.parameters()):
-        return False
-    origin = type(mod).__module__
-    return origin.startswith("transformers.activations") or origin.startswith("torch.nn.modules.activation")
-
-
-def activation_modules(model) -> list[tuple[str, nn.Module]]:
+def activation_modules(model: HookedModel) -> list[tuple[str, nn.Module]]:
     """(name, module) of the activation module of every layer's MLP."""
     out = []
     for layer in range(model.cfg.n_layers):
         mlp = _mlp_module(model, layer)
-        found = [(f"{layer}.{n}", m) for n, m in mlp.named_children() if _is_activation(m)]
+        found = [(f"{layer}.{n}", m) for n, m in mlp.named_children() if is_activation_module(m)]
         if not found:
             raise ValueError(
                 f"identity rule: found no activation module in layer {layer}'s MLP ({type(mlp).__name__}); "
@@ -80,7 +77,7 @@ def activation_modules(model) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def is_gated(model) -> bool:
+def is_gated(model: HookedModel) -> bool:
     """Whether the MLP multiplies two projections (``act(gate) * up``)."""
     if any("mlp.hook_pre_linear" in p for p in model.hook_map.templates):
         return True
@@ -155,20 +152,6 @@ def _probe_norm(mod: nn.Module, orig_forward) -> tuple[str, float]:
 _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> probe result (per instance)
 
 
-def _replace_forward(stack: ExitStack, mod: nn.Module, forward) -> None:
-    """Give this module instance ``forward`` until ``stack`` closes (its class is not touched)."""
-    had = "forward" in mod.__dict__
-    saved = mod.__dict__.get("forward")
-    mod.forward = types.MethodType(forward, mod)
-
-    def restore():
-        if had:
-            mod.forward = saved
-        else:
-            del mod.forward
-    stack.callback(restore)
-
-
 def _install_norm(stack: ExitStack, mod: nn.Module) -> None:
     orig = mod.forward
     if mod not in _PROBED:
@@ -182,7 +165,7 @@ def _install_norm(stack: ExitStack, mod: nn.Module) -> None:
             return lin
         return exact.detach() + (lin - lin.detach())
 
-    _replace_forward(stack, mod, forward)
+    replace_forward(stack, mod, forward)
 
 
 # --------------------------------------------------------------------------- identity rule
@@ -225,7 +208,7 @@ def _install_identity(stack: ExitStack, mod: nn.Module) -> None:
             g = gate(xf).to(x.dtype)
         return exact.detach() + (x - x.detach()) * g
 
-    _replace_forward(stack, mod, forward)
+    replace_forward(stack, mod, forward)
 
 
 # --------------------------------------------------------------------------- hooks (half, AH)
@@ -246,7 +229,7 @@ def check_rules(rules: Iterable[str]) -> tuple[str, ...]:
 
 
 @contextmanager
-def rules(model, rules: Iterable[str] = ALL_RULES) -> Iterator:
+def rules(model: HookedModel, rules: Iterable[str] = ALL_RULES) -> Iterator:
     """Install LRP ``rules`` on ``model`` (a HookedModel) for the duration of the block.
 
     Forward values are unchanged; gradients become LRP propagation coefficients, so

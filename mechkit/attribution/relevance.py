@@ -9,15 +9,19 @@ relevances plus the biases' share sum to the target (see tests/test_lrp.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..results import Result
 from . import lrp
 
+if TYPE_CHECKING:
+    from ..model import HookedModel
+
 
 def input_relevance(
-    model,
+    model: HookedModel,
     inputs,
     target: int | torch.Tensor | Callable | None = None,
     attention_mask=None,

@@ -39,11 +39,16 @@ query head h reads kv head ``h // (n_heads // n_kv_heads)`` (HF's ``repeat_kv`` 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..results import Result
 from ..sites import act_name
 from ..weights import weight_in_out
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 PATTERN_KINDS = ("induction", "previous_token", "duplicate", "anti_induction", "sink")
 ALL_KINDS = PATTERN_KINDS + ("copying",)
@@ -53,7 +58,7 @@ def head_labels(n_layers: int, n_heads: int) -> dict[str, list[str]]:
     return {"layer": [str(l) for l in range(n_layers)], "head": [f"H{h}" for h in range(n_heads)]}
 
 
-def default_tokens(model, n: int = 16, T: int = 24, seed: int = 0) -> torch.Tensor:
+def default_tokens(model: HookedModel, n: int = 16, T: int = 24, seed: int = 0) -> torch.Tensor:
     """BOS + x + x, [n, 1 + 2T], from the model's tokenizer (middle frequency band), or ids
     1..d_vocab-1 after BOS id 0 when the model has no tokenizer."""
     if model.tokenizer is not None:
@@ -116,7 +121,7 @@ def _sample_tokens(model, n_tokens: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def copying_scores(model, n_tokens: int = 512, seed: int = 0) -> torch.Tensor:
+def copying_scores(model: HookedModel, n_tokens: int = 512, seed: int = 0) -> torch.Tensor:
     """[n_layers, n_heads] OV-circuit copying scores (sum eig / sum |eig|); see module docstring."""
     c = model.cfg
     toks = _sample_tokens(model, n_tokens, seed).to(model.device)  # [S]
@@ -163,7 +168,7 @@ def copying_scores(model, n_tokens: int = 512, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def head_scores(
-    model,
+    model: HookedModel,
     kinds=ALL_KINDS,
     tokens=None,
     n: int = 16,

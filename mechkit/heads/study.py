@@ -24,20 +24,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..fingerprint import fingerprint
 from ..interventions.ablate import HOWS, ablate, ablation_values
-from ..patching.activation import base_run, run_sweep
-from ..patching.metrics import evaluate, logit_diff
+from ..options import merge_options
+from ..patching.activation import base_run, fused_runner
+from ..patching.metrics import as_metric, evaluate, logit_diff
 from ..patching.sites import site_kind
+from ..patching.sweep import SweepOptions, check_shard, run_sweep
 from ..results import Result
 from .scores import default_tokens, head_labels, head_scores
 
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
-def per_token_loss(model, tokens) -> torch.Tensor:
+
+def per_token_loss(model: HookedModel, tokens) -> torch.Tensor:
     """[b, pos - 1] next-token cross-entropy: entry j is the loss of predicting token j + 1."""
     b = model.batch(tokens)
     logits = model(b).float()
@@ -158,10 +164,31 @@ class RepeatLoss:
         return f"repeat_loss(T={self.T})"
 
 
+def _knockout_data(model: HookedModel, how, tokens, task, metric, reference, reference_mask, seed, n, T):
+    """What head knockouts run on: (base Batch, metric, its name, reference, reference mask, n, T)."""
+    if task is not None:
+        if tokens is not None:
+            raise ValueError("give either task= (ablate in its clean prompts) or tokens= (repeated sequences), not both")
+        base = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
+        metric = metric if metric is not None else logit_diff(task, normalise=False)
+        if reference is None and how != "zero":
+            reference, reference_mask = task.corrupt_tokens, task.corrupt_mask
+        return base, metric, repr(metric), reference, reference_mask, base.input_ids.shape[0], None
+    if metric is not None:
+        raise ValueError("metric= needs task=: without a task the metric is the repeat loss of the repeated tokens")
+    if tokens is not None:
+        tokens = torch.as_tensor(tokens)
+        n, T = tokens.shape[0], (tokens.shape[1] - 1) // 2
+    rep = tokens if tokens is not None else default_tokens(model, n, T, seed)
+    if reference is None and how != "zero":
+        reference = default_tokens(model, n, T, seed + 1)
+    base = model.batch(rep)
+    return base, RepeatLoss(base.input_ids, T), "repeat_loss", reference, reference_mask, n, T
+
+
 @torch.no_grad()
-def head_ablation_effects(model, how: str = "mean", tokens=None, n: int = 16, T: int = 24, seed: int = 0,
-                          reference=None, progress: bool = True, max_batch_tokens: int = 8192, shard=(0, 1),
-                          checkpoint_dir=None, task=None, metric=None, reference_mask=None) -> Result:
+def head_ablation_effects(model: HookedModel, how: str = "mean", tokens=None, task=None, metric=None, reference=None,
+                          reference_mask=None, seed: int = 0, options: SweepOptions | None = None, **kw) -> Result:
     """Change of a metric when each head alone is ablated: Result over (layer, head), the metric
     without ablation in ``baselines["clean"]``.
 
@@ -172,35 +199,24 @@ def head_ablation_effects(model, how: str = "mean", tokens=None, n: int = 16, T:
     prompt mean reported; ``reference`` defaults to the task's corrupted prompts (``reference_mask``:
     the attention mask of token-id references that are padded).
 
-    Every head is one patch of the fused patching engine (:func:`mechkit.patching.activation.run_sweep`):
-    its ``attn.hook_z`` is replaced by the ablation value :func:`mechkit.ablate` would write (zero,
-    per-position mean or resample of ``reference``), many heads per forward pass, layers below a
-    chunk's lowest head not run. ``max_batch_tokens``: rows x positions per forward. ``shard``:
-    (rank, world), this process computes its chunks only (others NaN; see :mod:`mechkit.distributed`).
-    ``checkpoint_dir``: finished chunks are saved there and reused when the same sweep is rerun.
+    Every head is one patch of the fused patching engine, run by the one sweep driver
+    (:mod:`mechkit.patching.sweep`): its ``attn.hook_z`` is replaced by the ablation value
+    :func:`mechkit.ablate` would write (zero, per-position mean or resample of ``reference``), many
+    heads per forward pass, layers below a chunk's lowest head not run.
+
+    Keywords: ``n`` and ``T`` (the random repeated tokens: default 16 rows, T = 24), and the fields of
+    :class:`~mechkit.patching.sweep.SweepOptions` (or ``options=``): ``max_batch_tokens`` (rows x
+    positions per forward), ``shard=(rank, world)`` (this process computes its chunks only, others NaN;
+    see :mod:`mechkit.distributed`), ``checkpoint_dir`` (finished chunks are saved there and reused when
+    the same sweep is rerun), ``progress``.
     """
+    n, T = int(kw.pop("n", 16)), int(kw.pop("T", 24))
+    opts = SweepOptions.merge(options, kw, "head_ablation_effects")
     if how not in HOWS:
         raise ValueError(f"how must be one of {HOWS}; got {how!r}")
     c = model.cfg
-    if task is not None:
-        if tokens is not None:
-            raise ValueError("give either task= (ablate in its clean prompts) or tokens= (repeated sequences), not both")
-        base = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
-        metric = metric if metric is not None else logit_diff(task, normalise=False)
-        if reference is None and how != "zero":
-            reference, reference_mask = task.corrupt_tokens, task.corrupt_mask
-        name, n, T = repr(metric), base.input_ids.shape[0], None
-    else:
-        if metric is not None:
-            raise ValueError("metric= needs task=: without a task the metric is the repeat loss of the repeated tokens")
-        if tokens is not None:
-            tokens = torch.as_tensor(tokens)
-            n, T = tokens.shape[0], (tokens.shape[1] - 1) // 2
-        rep = tokens if tokens is not None else default_tokens(model, n, T, seed)
-        if reference is None and how != "zero":
-            reference = default_tokens(model, n, T, seed + 1)
-        base = model.batch(rep)
-        metric, name = RepeatLoss(base.input_ids, T), "repeat_loss"
+    base, metric, name, reference, reference_mask, n, T = _knockout_data(
+        model, how, tokens, task, metric, reference, reference_mask, seed, n, T)
     kind = site_kind("z")
     names = [kind.hook_name(l) for l in range(c.n_layers)]
     if how == "zero":
@@ -208,103 +224,128 @@ def head_ablation_effects(model, how: str = "mean", tokens=None, n: int = 16, T:
     else:
         vals = ablation_values(model, names, how, reference, base.position_ids, seed=seed, reference_mask=reference_mask)
         source = {l: vals[nm] for l, nm in enumerate(names)}
+    metric = as_metric(metric)
     base_out = base_run(model, base, keep_kv=False)
-    metric_key = fingerprint(metric) if checkpoint_dir is not None else None  # before binding the clean logits
-    if hasattr(metric, "bind_clean"):
-        metric.bind_clean(base_out[0])
+    metric_key = fingerprint(metric) if opts.checkpoint_dir is not None else None  # before binding the clean logits
+    metric.bind_clean(base_out[0])
     base_value = float(evaluate(metric, base_out[0], base.input_ids.shape[0])[0])
     grid = torch.cartesian_prod(torch.arange(c.n_layers), torch.arange(c.n_heads))
     key = dict(task=dict(tokens=base.input_ids, mask=base.attention_mask, reference=reference,
                          reference_mask=reference_mask), metric=metric_key,
-               options=dict(method="head_ablation", how=how, seed=seed, cfg=c.to_dict()))
-    raw, info = run_sweep(model, kind, ("layer", "head"), grid, base, source, metric, base_out, max_batch_tokens,
-                          shard=shard, progress=progress, checkpoint_dir=checkpoint_dir, key_fields=key,
-                          desc="head ablations")
+               options=dict(method="head_ablation", how=how, seed=seed, cfg=c.to_dict(), site=kind.name,
+                            by=["layer", "head"], skip_layers=opts.skip_layers, skip_prefix=False))
+    runner = fused_runner(model, kind, ("layer", "head"), base, source, metric, base_out, opts)
+    raw, info = run_sweep(runner, grid, opts, key, "head ablations")
     out = (raw - base_value).reshape(c.n_layers, c.n_heads)
     return Result(out, ("layer", "head"), head_labels(c.n_layers, c.n_heads), baselines={"clean": base_value},
                   meta={"method": "head_ablation", "how": how, "metric": name, "n": n, "T": T,
-                        "n_chunks": info["n_chunks"], "chunks_computed": info["chunks_computed"], "shard": list(shard),
+                        "n_chunks": info["n_chunks"], "chunks_computed": info["chunks_computed"], "shard": list(opts.shard),
                         "title": f"{name.split('(')[0].replace('_', ' ')} change when one head is {how}-ablated"},
                   name="head_ablation_effects")
 
 
+@dataclass(frozen=True)
+class StudyOptions:
+    """Data, metrics and execution of :func:`ablation_study`.
+
+    n, T, seed: the seeded repeated sequences (BOS + x + x rows) when ``tokens`` is not given.
+    tokens: your own repeated sequences [n, 1 + 2T]; T is read from their length.
+    reference: values for mean/resample ablation (default: other repeated sequences, seed + 1).
+    icl_tokens, early_positions, late_positions: the in-context-learning score's text and positions
+    (see the module docstring). task_metric: ``fn(model) -> float`` measured under each ablation.
+    progress: tqdm bar. shard: ``(rank, world)``: this process runs the random seeds
+    ``s % world == rank`` (the others' values are NaN; :func:`mechkit.distributed.gather_study`).
+    """
+
+    n: int = 32
+    T: int = 24
+    seed: int = 0
+    tokens: torch.Tensor | None = None
+    reference: object = None
+    icl_tokens: object = None
+    early_positions: object = None
+    late_positions: object = None
+    task_metric: Callable | None = None
+    progress: bool = True
+    shard: tuple[int, int] = (0, 1)
+
+
+def _study_data(model: HookedModel, o: StudyOptions, how: str):
+    """(repeated tokens, n, T, reference, early positions, late positions) of a study."""
+    n, T = o.n, o.T
+    tokens = o.tokens
+    if tokens is not None:
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() != 2 or tokens.shape[1] % 2 != 1 or tokens.shape[1] < 3:
+            raise ValueError(f"tokens must be [n, 1 + 2T] (BOS + x + x); got shape {tuple(tokens.shape)}")
+        n, T = tokens.shape[0], (tokens.shape[1] - 1) // 2
+    rep = tokens if tokens is not None else default_tokens(model, n, T, o.seed)
+    reference = o.reference
+    if reference is None and how != "zero":
+        reference = default_tokens(model, n, T, o.seed + 1)
+    early = list(o.early_positions) if o.early_positions is not None else list(range(2, min(T, 6) + 1))
+    late = list(o.late_positions) if o.late_positions is not None else list(range(2 * T - min(T, 5) + 1, 2 * T + 1))
+    return rep, n, T, reference, early, late
+
+
+def _random_controls(model: HookedModel, run, per_layer, seeds: int, how: str, reference, o: StudyOptions, metrics):
+    """The matched-random ablations: (heads per seed, {metric: [value per seed]}, NaN outside the shard)."""
+    from tqdm.auto import tqdm
+
+    c = model.cfg
+    random_heads, rand_vals = [], {m: [] for m in metrics}
+    rank, world = check_shard(o.shard)
+    for s in tqdm(range(seeds), desc="random ablations", disable=not o.progress):
+        hs = random_heads_per_layer(c.n_layers, c.n_heads, per_layer, seed=o.seed * 1000 + s)
+        random_heads.append(hs)
+        if s % world != rank:
+            for m in rand_vals:
+                rand_vals[m].append(float("nan"))
+            continue
+        with ablate(model, heads=hs, how=how, reference=reference, seed=o.seed):
+            for m, v in run().items():
+                rand_vals[m].append(v)
+    return random_heads, rand_vals
+
+
 @torch.no_grad()
-def ablation_study(
-    model,
-    score: str = "induction",
-    top_frac: float = 0.02,
-    seeds: int = 10,
-    how: str = "mean",
-    n: int = 32,
-    T: int = 24,
-    seed: int = 0,
-    scores: Result | None = None,
-    tokens: torch.Tensor | None = None,
-    icl_tokens=None,
-    early_positions=None,
-    late_positions=None,
-    task_metric: Callable | None = None,
-    reference=None,
-    min_score: float | None = None,
-    progress: bool = True,
-    shard: tuple[int, int] = (0, 1),
-) -> StudyResult:
+def ablation_study(model: HookedModel, score: str = "induction", top_frac: float = 0.02, seeds: int = 10,
+                   how: str = "mean", scores: Result | None = None, min_score: float | None = None,
+                   options: StudyOptions | None = None, **kw) -> StudyResult:
     """Targeted vs matched-random ablation (see module docstring).
 
     ``scores``: a precomputed (layer, head) Result of ``score`` (else computed with
-    :func:`head_scores` on fresh repeated tokens). ``tokens``: your own repeated sequences
-    [n, 1 + 2T] (BOS + x + x) instead of ``n`` seeded ones; T is read from their length. ``how``: zero / mean / resample; ``reference``
-    for mean/resample defaults to other repeated sequences (seed + 1) of the same length.
+    :func:`head_scores` on fresh repeated tokens). ``how``: zero / mean / resample.
     ``min_score``: target only heads scoring at least this (small models: a layer with no
     induction head otherwise contributes an arbitrary "top" head); the random control then
     draws the same number of heads in each layer as were targeted there.
-    ``shard=(rank, world)``: this process runs the random seeds ``s % world == rank`` (the others'
-    values are NaN); :func:`mechkit.distributed.gather_study` combines the ranks' results.
+    ``options``: :class:`StudyOptions`, or its fields as keywords (``n``, ``T``, ``seed``, ``tokens``,
+    ``reference``, ``icl_tokens``, ``early_positions``, ``late_positions``, ``task_metric``,
+    ``progress``, ``shard``).
     """
-    from tqdm.auto import tqdm
-
+    o = merge_options(StudyOptions, options, kw, "ablation_study")
     c = model.cfg
     if not 0 < top_frac <= 1:
         raise ValueError(f"top_frac must be in (0, 1]; got {top_frac}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1; got {seeds}")
     k = max(1, round(top_frac * c.n_heads))
-    if tokens is not None:
-        tokens = torch.as_tensor(tokens)
-        if tokens.dim() != 2 or tokens.shape[1] % 2 != 1 or tokens.shape[1] < 3:
-            raise ValueError(f"tokens must be [n, 1 + 2T] (BOS + x + x); got shape {tuple(tokens.shape)}")
-        n, T = tokens.shape[0], (tokens.shape[1] - 1) // 2
-    rep = tokens if tokens is not None else default_tokens(model, n, T, seed)
+    rep, n, T, reference, early, late = _study_data(model, o, how)
     if scores is None:
-        scores = head_scores(model, kinds=(score,), n=n, T=T, seed=seed + 2)[score]
-    if reference is None and how != "zero":
-        reference = default_tokens(model, n, T, seed + 1)
-    early = list(early_positions) if early_positions is not None else list(range(2, min(T, 6) + 1))
-    late = list(late_positions) if late_positions is not None else list(range(2 * T - min(T, 5) + 1, 2 * T + 1))
-    run = lambda: _metrics(model, rep, T, icl_tokens, early, late, task_metric)  # noqa: E731
+        scores = head_scores(model, kinds=(score,), n=n, T=T, seed=o.seed + 2)[score]
+    run = lambda: _metrics(model, rep, T, o.icl_tokens, early, late, o.task_metric)  # noqa: E731
     baseline = run()
     targeted_heads = top_heads_per_layer(scores.values, k, min_score)
     if not targeted_heads:
         raise ValueError(f"no head has a {score} score >= min_score={min_score} (max {float(scores.values.max()):.3f})")
     per_layer = [sum(1 for l, _ in targeted_heads if l == i) for i in range(c.n_layers)]
-    with ablate(model, heads=targeted_heads, how=how, reference=reference, seed=seed):
+    with ablate(model, heads=targeted_heads, how=how, reference=reference, seed=o.seed):
         targeted = run()
-    random_heads, rand_vals = [], {m: [] for m in baseline}
-    rank, world = shard
-    for s in tqdm(range(seeds), desc="random ablations", disable=not progress):
-        hs = random_heads_per_layer(c.n_layers, c.n_heads, per_layer, seed=seed * 1000 + s)
-        random_heads.append(hs)
-        if s % world != rank:
-            for m in rand_vals:
-                rand_vals[m].append(float("nan"))
-            continue
-        with ablate(model, heads=hs, how=how, reference=reference, seed=seed):
-            for m, v in run().items():
-                rand_vals[m].append(v)
+    random_heads, rand_vals = _random_controls(model, run, per_layer, seeds, how, reference, o, list(baseline))
     return StudyResult(list(baseline), baseline, targeted, rand_vals, targeted_heads, random_heads, scores,
-                       meta={"method": "ablation_study", "score": score, "top_frac": top_frac, "k_per_layer": k, "min_score": min_score, "per_layer": per_layer,
-                             "how": how, "seeds": seeds, "n": n, "T": T, "early_positions": early,
-                             "late_positions": late, "shard": list(shard)})
+                       meta={"method": "ablation_study", "score": score, "top_frac": top_frac, "k_per_layer": k,
+                             "min_score": min_score, "per_layer": per_layer, "how": how, "seeds": seeds, "n": n,
+                             "T": T, "early_positions": early, "late_positions": late, "shard": list(o.shard)})
 
 
-__all__ = ["ablation_study", "head_ablation_effects", "StudyResult", "top_heads_per_layer", "random_heads_per_layer", "head_labels"]
+__all__ = ["ablation_study", "StudyOptions", "head_ablation_effects", "StudyResult", "top_heads_per_layer", "random_heads_per_layer", "head_labels"]

@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..io import atomic_path
 from .scores import ALL_KINDS, head_scores
@@ -95,7 +96,7 @@ class TelemetryCallback(_Base):
     def wants(self, step: int) -> bool:
         return step in self.steps or (self.every is not None and step > 0 and step % self.every == 0)
 
-    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+    def on_step_end(self, args, state, control, model: nn.Module | None = None, processing_class=None, **kwargs):
         step = int(state.global_step)
         if model is None or not self.wants(step) or step in self.logged:
             return control

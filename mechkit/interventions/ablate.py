@@ -41,11 +41,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..inputs import position_ids_from_mask
 from ..sites import act_name
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 HOWS = ("zero", "mean", "resample")
 
@@ -139,7 +143,7 @@ def _resample_perm(n_ref: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_ref, generator=torch.Generator().manual_seed(seed))
 
 
-def ablation_values(model, names, how: str, reference, position_ids: torch.Tensor, per_position: bool = True,
+def ablation_values(model: HookedModel, names, how: str, reference, position_ids: torch.Tensor, per_position: bool = True,
                     seed: int = 0, reference_mask=None) -> dict[str, torch.Tensor]:
     """The values :func:`ablate` writes at hook points ``names`` into a batch whose position ids are
     ``position_ids`` [b, p]: {name: [b, p, ...]} (float32), for ``how`` "mean" or "resample"
@@ -152,7 +156,7 @@ def ablation_values(model, names, how: str, reference, position_ids: torch.Tenso
     return {n: refs[n].values(how, position_ids, per_position, rows.to(position_ids.device)) for n in names}
 
 
-def ablation_hooks(model, heads=(), neurons=(), how: str = "zero", reference=None, per_position: bool = True,
+def ablation_hooks(model: HookedModel, heads=(), neurons=(), how: str = "zero", reference=None, per_position: bool = True,
                    preserve_pattern: bool = False, seed: int = 0, reference_mask=None, _positions=None, experts=()):
     """The ``[(name, fn), ...]`` hooks that :func:`ablate` installs (for use with ``model.hooks``
     or in sweeps). ``_positions``: a position recorder (``ablate`` supplies one); without it the
@@ -270,7 +274,7 @@ def _expert_hooks(model, experts, how: str) -> list:
 
 
 @contextmanager
-def ablate(model, heads=(), neurons=(), how: str = "zero", reference=None, per_position: bool = True,
+def ablate(model: HookedModel, heads=(), neurons=(), how: str = "zero", reference=None, per_position: bool = True,
            preserve_pattern: bool = False, seed: int = 0, reference_mask=None, experts=()) -> Iterator:
     """Context manager: ablate ``heads`` [(layer, head)] and ``neurons`` [(layer, neuron)] in every
     forward pass of ``model`` inside the block (see the module docstring for each option).

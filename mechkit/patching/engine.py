@@ -18,23 +18,26 @@ the others; that layer's keys and values are still computed for every position).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
+from ..hf_compat import accepts_logits_to_keep, cache_kwarg, layers_sliced, run_on_last_position
 from ..hookpoints import get_module, has_mechkit_hooks
 from ..inputs import Batch
 from ..sites import act_name
-from .metrics import evaluate
+from .metrics import as_metric, evaluate
 from .prefix_cache import prefix_cache
 from .sites import SiteKind, patch_mask
 
+if TYPE_CHECKING:
+    from ..model import HookedModel
+
 
 @contextmanager
-def start_at_layer(model, k0: int, end: int | None = None) -> Iterator[None]:
+def start_at_layer(model: HookedModel, k0: int, end: int | None = None) -> Iterator[None]:
     """Run only decoder layers ``[k0:end]`` inside the block (no-op for k0 = 0 and no end).
 
     Replaces the map's ``family.layers`` ModuleList by its slice and, where the config lists
@@ -49,32 +52,14 @@ def start_at_layer(model, k0: int, end: int | None = None) -> Iterator[None]:
     path = model.hook_map.family["layers"]
     parent_path, _, attr = path.rpartition(".")
     parent = get_module(model.hf_model, parent_path) if parent_path else model.hf_model
-    full = getattr(parent, attr)
-    cfg = getattr(parent, "config", model.hf_model.config)
-    types = getattr(cfg, "layer_types", None)
-    sliced_types = isinstance(types, list) and len(types) == len(full)
-    try:
-        setattr(parent, attr, nn.ModuleList(list(full)[k0:end]))
-        if sliced_types:
-            cfg.layer_types = types[k0:end]
+    with layers_sliced(parent, attr, getattr(parent, "config", model.hf_model.config), k0, end):
         yield
-    finally:
-        setattr(parent, attr, full)
-        if sliced_types:
-            cfg.layer_types = types
 
 
 # site kinds whose hook points in a layer come before that layer's MLP
 PRE_MLP_KINDS = frozenset({"resid_pre", "resid_mid", "attn_out", "z", "q", "k", "v", "pattern"})
 # ... and before its attention output projection (a patch there reaches every later position's keys/values)
 PRE_ATTN_OUT_KINDS = frozenset({"resid_pre", "q", "k", "v", "pattern"})
-
-
-def _last_only(module, args, kwargs):
-    if args:
-        return (args[0][:, -1:],) + tuple(args[1:]), kwargs
-    key = next(iter(kwargs))
-    return args, dict(kwargs, **{key: kwargs[key][:, -1:]})
 
 
 def fast_paths(model) -> bool:
@@ -84,9 +69,8 @@ def fast_paths(model) -> bool:
     position), so a sweep on them runs every layer and position: slower, never wrong."""
     return bool(model.hook_map.family.get("fast_paths", True))
 
-
 @contextmanager
-def last_position_tail(model, layer: int, attn_out: bool = True) -> Iterator[None]:
+def last_position_tail(model: HookedModel, layer: int, attn_out: bool = True) -> Iterator[None]:
     """The MLP of ``layer`` (and with ``attn_out`` its attention output projection) run on the
     last position only.
 
@@ -112,7 +96,7 @@ def last_position_tail(model, layer: int, attn_out: bool = True) -> Iterator[Non
         except AttributeError:
             mods = []  # this layer differs from the map's template: run it whole
             break
-    handles = [mod.register_forward_pre_hook(_last_only, with_kwargs=True) for mod in mods]
+    handles = [run_on_last_position(mod) for mod in mods]
     try:
         yield
     finally:
@@ -120,11 +104,14 @@ def last_position_tail(model, layer: int, attn_out: bool = True) -> Iterator[Non
             h.remove()
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+def inject_hook(k: int, resid: torch.Tensor):
+    """A hook writing ``resid`` [n, T, d_model] (its last positions, as many as the activation has)
+    repeated over ``k`` row groups: the base run's residual stream injected at a chunk's first layer."""
+    def hook(x: torch.Tensor, h) -> torch.Tensor:
+        r = resid[:, resid.shape[1] - x.shape[1]:]
+        return r.to(x.device, x.dtype).repeat((k,) + (1,) * (r.dim() - 1))
+
+    return hook
 
 
 class FusedRunner:
@@ -142,13 +129,14 @@ class FusedRunner:
             positions before the earliest patched position of a chunk are not run.
         base_logits: [n, T, d_vocab] of the base run: a metric that reads every position gets
             them for the positions that were not run (they cannot change).
-        mlp_last_position_ok: with a last-position metric, run the last layer's MLP on the last
-            position only, and its attention output projection where nothing patched sits after it (see :func:`last_position_tail`).
+
+    With a last-position metric the last layer's MLP (and its attention output projection where nothing
+    patched sits after it) runs on the last position only (see :func:`last_position_tail`).
+    Implements the sweep driver's :class:`~mechkit.patching.sweep.Runner` protocol.
     """
 
     def __init__(self, model, kind: SiteKind, by, base: Batch, source: dict, base_resid_pre: dict, metric,
-                 skip_layers: bool = True, base_past: list | None = None, base_logits: torch.Tensor | None = None,
-                 mlp_last_position_ok: bool = True):
+                 skip_layers: bool = True, base_past: list | None = None, base_logits: torch.Tensor | None = None):
         self.model, self.kind, self.by, self.base = model, kind, tuple(by), base
         self.source, self.base_resid_pre, self.metric = source, base_resid_pre, metric
         self.n = base.input_ids.shape[0]
@@ -156,11 +144,11 @@ class FusedRunner:
         self.base_past = base_past if "pos" in self.by else None
         self.T = base.input_ids.shape[1]
         self.base_logits = base_logits
-        # transformers 5.x renames ``past_key_values`` to ``cache`` model by model
-        self.cache_kw = "cache" if _accepts(model.hf_model.forward, "cache") else "past_key_values"
-        self.last_only = bool(getattr(metric, "last_only", False)) and _accepts(model.hf_model.forward, "logits_to_keep")
+        self.pos_column = self.by.index("pos") if self.base_past is not None else None  # for the planner
+        self.cache_kw = cache_kwarg(model.hf_model)
+        self.last_only = as_metric(metric).last_only and accepts_logits_to_keep(model.hf_model)
         # other hooks on the model might read positions the shortcut leaves stale (checked once per sweep)
-        self.mlp_last_ok = mlp_last_position_ok and not has_mechkit_hooks(model.hf_model)
+        self.mlp_last_ok = not has_mechkit_hooks(model.hf_model)
 
     def _patch_hook(self, k: int, groups: torch.Tensor, idx: torch.Tensor, src: torch.Tensor):
         kind, by, n = self.kind, self.by, self.n
@@ -184,22 +172,16 @@ class FusedRunner:
 
         return hook
 
-    def _inject_hook(self, k: int, resid: torch.Tensor):
-        def hook(x: torch.Tensor, h) -> torch.Tensor:
-            r = resid[:, resid.shape[1] - x.shape[1]:]
-            return r.to(x.device, x.dtype).repeat((k,) + (1,) * (r.dim() - 1))
-
-        return hook
-
     @torch.no_grad()
     def run(self, items: torch.Tensor) -> torch.Tensor:
         """Prompt-mean raw metric for each patch of ``items`` (LongTensor [k, len(by)]) -> [k] float32."""
+        items = items.to(self.model.device)
         k = items.shape[0]
         layers = items[:, 0]
         k0 = int(layers.min()) if self.skip_layers else 0
         hooks = []
         if k0 > 0:
-            hooks.append((act_name("resid_pre", k0), self._inject_hook(k, self.base_resid_pre[k0])))
+            hooks.append((act_name("resid_pre", k0), inject_hook(k, self.base_resid_pre[k0])))
         for layer in torch.unique(layers).tolist():
             sel = layers == layer
             groups = sel.nonzero()[:, 0]

@@ -27,18 +27,22 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from ..fingerprint import fingerprint
+from ..hf_compat import accepts_logits_to_keep
 from ..results import Result
 from ..sites import act_name
-from .activation import _batch, check_aligned, check_batch_tokens
-from .checkpoint import ChunkStore, sweep_key, task_part
-from .engine import _accepts, start_at_layer
-from .metrics import check_baselines, evaluate, logit_diff
-from .plan import overhead_token_layers, plan_chunks
+from .activation import _batch, check_aligned
+from .checkpoint import task_part
+from .engine import inject_hook, start_at_layer
+from .metrics import as_metric, check_baselines, evaluate, logit_diff
+from .sweep import SweepOptions, run_sweep
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 WHICH = ("q", "k", "v")
 
@@ -62,26 +66,22 @@ def _check_receivers(model, receivers) -> list[tuple[int, int, str]] | str:
 
 
 class _PathRunner:
-    """Runs chunks of senders; see the module docstring."""
+    """Runs chunks of senders; see the module docstring. Implements the sweep driver's
+    :class:`~mechkit.patching.sweep.Runner` protocol (items: (layer, head) of senders)."""
+
+    pos_column = None  # every position runs: a sender's z is replaced at all of them
 
     def __init__(self, model, clean, clean_z, corrupt_z, clean_mlp, corrupt_mlp, clean_resid, receivers, metric):
         self.model, self.clean, self.metric = model, clean, metric
         self.clean_z, self.corrupt_z, self.clean_resid = clean_z, corrupt_z, clean_resid
         self.clean_mlp, self.corrupt_mlp = clean_mlp, corrupt_mlp
         self.receivers = receivers
-        self.n = clean.input_ids.shape[0]
+        self.n, self.T = clean.input_ids.shape
         self.L, self.H = model.cfg.n_layers, model.cfg.n_heads
         # logits of one position where that is all that is read ([rows, T, d_vocab] is large for real vocabularies)
-        keep = _accepts(model.hf_model.forward, "logits_to_keep")
-        self.keep_metric = {"logits_to_keep": 1} if keep and getattr(metric, "last_only", False) else {}
+        keep = accepts_logits_to_keep(model.hf_model)
+        self.keep_metric = {"logits_to_keep": 1} if keep and metric.last_only else {}
         self.keep_none = {"logits_to_keep": 1} if keep else {}
-
-    def _inject(self, k: int, layer: int):
-        resid = self.clean_resid[layer]
-
-        def hook(x, h):
-            return resid.to(x.device, x.dtype).repeat((k,) + (1,) * (resid.dim() - 1))
-        return hook
 
     def _freeze_z(self, k: int, layer: int, sender_heads: torch.Tensor):
         """hook_z of ``layer``: clean z everywhere, the senders' heads of this layer corrupted.
@@ -117,7 +117,7 @@ class _PathRunner:
         k0 = int(senders[:, 0].min())
         kw = dict(input_ids=b.input_ids.repeat(k, 1), attention_mask=b.attention_mask.repeat(k, 1),
                   position_ids=b.position_ids.repeat(k, 1), use_cache=False)
-        hooks = [(act_name("resid_pre", k0), self._inject(k, k0))] if k0 > 0 else []
+        hooks = [(act_name("resid_pre", k0), inject_hook(k, self.clean_resid[k0]))] if k0 > 0 else []
         for layer in range(k0, self.L):
             here = senders[:, 0] == layer
             mlp_here = here & (senders[:, 1] == self.H)
@@ -141,7 +141,7 @@ class _PathRunner:
             return evaluate(self.metric, logits, self.n)
         # receiver run: clean prompts, receivers' q/k/v from the sender run
         r0 = min(l for l, _, _ in self.receivers)
-        hooks = [(act_name("resid_pre", r0), self._inject(k, r0))] if r0 > 0 else []
+        hooks = [(act_name("resid_pre", r0), inject_hook(k, self.clean_resid[r0]))] if r0 > 0 else []
         for (l, which), val in recorded.items():
             heads = torch.tensor(sorted({h for rl, h, w in self.receivers if (rl, w) == (l, which)}))
 
@@ -155,9 +155,39 @@ class _PathRunner:
         return evaluate(self.metric, logits, self.n)
 
 
-def path_patch(model, task, receivers, metric=None, senders=None, max_batch_tokens: int = 8192,
-               progress: bool = True, normalise: bool | None = None, checkpoint_dir=None, shard=(0, 1),
-               include_mlps: bool = False) -> Result:
+def _clean_and_corrupt(model: HookedModel, task, recv, include_mlps: bool, metric, fingerprinted: bool):
+    """The clean and corrupted runs' activations the runner needs, the metric's two baselines and its
+    fingerprint (taken before the clean logits are bound; None unless ``fingerprinted``)."""
+    L = model.cfg.n_layers
+    n = task.clean_tokens.shape[0]
+    clean = _batch(task.clean_tokens, task.clean_mask, model.device)
+    corrupt = _batch(task.corrupt_tokens, task.corrupt_mask, model.device)
+    z_names = [act_name("z", l) for l in range(L)]
+    mlp_names = [act_name("mlp_out", l) for l in range(L)] if recv == "logits" or include_mlps else []
+    resid_names = [act_name("resid_pre", l) for l in range(L)]
+    clean_logits, cc = model.run_with_cache(clean, names=z_names + mlp_names + resid_names)
+    corrupt_logits, rc = model.run_with_cache(corrupt, names=z_names + (mlp_names if include_mlps else []))
+    metric_key = fingerprint(metric) if fingerprinted else None
+    metric.bind_clean(clean_logits)
+    m_clean = float(evaluate(metric, clean_logits, n)[0])
+    m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
+    runner = _PathRunner(model, clean, {l: cc[z_names[l]] for l in range(L)}, {l: rc[z_names[l]] for l in range(L)},
+                         {l: cc[mlp_names[l]] for l in range(L)} if mlp_names else {},
+                         {l: rc[mlp_names[l]] for l in range(L)} if include_mlps else {},
+                         {l: cc[resid_names[l]] for l in range(L)}, recv, metric)
+    return runner, m_clean, m_corrupt, metric_key
+
+
+def _sender_layers(model: HookedModel, senders) -> list[int]:
+    L = model.cfg.n_layers
+    layers = list(range(L)) if senders is None else sorted({int(x) for x in senders})
+    if not layers or any(not 0 <= x < L for x in layers):
+        raise ValueError(f"senders must be layers within 0..{L - 1}, got {senders!r}")
+    return layers
+
+
+def path_patch(model: HookedModel, task, receivers, metric=None, senders=None, normalise: bool | None = None,
+               include_mlps: bool = False, options: SweepOptions | None = None, **sweep_options) -> Result:
     """Path patching from every sender head to ``receivers`` (see the module docstring).
 
     Args:
@@ -168,79 +198,45 @@ def path_patch(model, task, receivers, metric=None, senders=None, max_batch_toke
         senders: layers to take sender heads from (default every layer).
         include_mlps: each layer's MLP is a sender too (its ``hook_mlp_out`` corrupted, the heads frozen,
             the other MLPs recomputed; frozen with ``"logits"``): an extra ``MLP`` column.
-        max_batch_tokens: rows x positions per forward (chunks of senders).
-        checkpoint_dir: finished chunks are saved there (atomically) and reused on a rerun.
-        shard: (rank, world): this process computes chunks ``i % world == rank`` (others NaN; see
-            :mod:`mechkit.distributed` to gather them).
+        options: :class:`~mechkit.patching.sweep.SweepOptions`, or its fields as keywords:
+            ``max_batch_tokens`` (rows x positions per forward), ``checkpoint_dir`` (finished chunks are
+            saved there atomically and reused on a rerun), ``shard=(rank, world)`` (this process computes
+            chunks ``i % world == rank``, others NaN; :mod:`mechkit.distributed` gathers them), ``progress``.
 
     Returns:
         Result over (layer, head) of the senders: normalised metric (1 = no effect through the path).
     """
     t0 = time.perf_counter()
+    opts = SweepOptions.merge(options, sweep_options, "path_patch")
     check_aligned(task)
     task.check(model)
-    max_batch_tokens = check_batch_tokens(max_batch_tokens)
     recv = _check_receivers(model, receivers)
-    rank, world = shard
-    if not (0 <= rank < world):
-        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
     cfg = model.cfg
     L, H = cfg.n_layers, cfg.n_heads
-    layers = list(range(L)) if senders is None else sorted({int(x) for x in senders})
-    if not layers or any(not 0 <= x < L for x in layers):
-        raise ValueError(f"senders must be layers within 0..{L - 1}, got {senders!r}")
-    metric = metric if metric is not None else logit_diff(task)
-    normalise = bool(getattr(metric, "normalise", False)) if normalise is None else normalise
-    n, T = task.clean_tokens.shape
-    clean = _batch(task.clean_tokens, task.clean_mask, model.device)
-    corrupt = _batch(task.corrupt_tokens, task.corrupt_mask, model.device)
-    z_names = [act_name("z", l) for l in range(L)]
-    mlp_names = [act_name("mlp_out", l) for l in range(L)] if recv == "logits" or include_mlps else []
-    resid_names = [act_name("resid_pre", l) for l in range(L)]
-    clean_logits, cc = model.run_with_cache(clean, names=z_names + mlp_names + resid_names)
-    corrupt_logits, rc = model.run_with_cache(corrupt, names=z_names + (mlp_names if include_mlps else []))
-    metric_key = fingerprint(metric) if checkpoint_dir is not None else None  # before binding the clean logits
-    if hasattr(metric, "bind_clean"):
-        metric.bind_clean(clean_logits)
-    m_clean = float(evaluate(metric, clean_logits, n)[0])
-    m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
+    layers = _sender_layers(model, senders)
+    metric = as_metric(metric if metric is not None else logit_diff(task))
+    normalise = metric.normalise if normalise is None else normalise
+    runner, m_clean, m_corrupt, metric_key = _clean_and_corrupt(model, task, recv, include_mlps, metric,
+                                                                opts.checkpoint_dir is not None)
     check_baselines(m_clean, m_corrupt, normalise, metric)
-    runner = _PathRunner(model, clean, {l: cc[z_names[l]] for l in range(L)}, {l: rc[z_names[l]] for l in range(L)},
-                         {l: cc[mlp_names[l]] for l in range(L)} if mlp_names else {},
-                         {l: rc[mlp_names[l]] for l in range(L)} if include_mlps else {},
-                         {l: cc[resid_names[l]] for l in range(L)}, recv, metric)
 
     last = L if recv == "logits" else max(l for l, _, _ in recv)
     width = H + 1 if include_mlps else H  # column H: the layer's MLP
     grid = torch.tensor([(l, h) for l in layers for h in range(width)], dtype=torch.long)
     live = grid[:, 0] < last  # a sender at or after the last receiver layer reaches no receiver
+    key = dict(task=task_part(task), metric=metric_key,
+               options=dict(method="path_patch", receivers=repr(recv), senders=layers, mlps=include_mlps,
+                            cfg=cfg.to_dict()))
+    raw_live, info = run_sweep(runner, grid[live], opts, key, "path patching")
     raw = torch.full((len(grid),), math.nan)
-    if rank == 0:  # no path from there: filled once, so that shards gather without overlap
+    raw[live] = raw_live
+    if opts.shard[0] == 0:  # no path from there: filled once, so that shards gather without overlap
         raw[~live] = m_clean
-    todo = grid[live]
-    order, spans = plan_chunks(todo, None, n, T, L, max_batch_tokens, overhead_token_layers(cfg.d_model))
-    key = None
-    if checkpoint_dir is not None:
-        key = sweep_key(weights=model, task=task_part(task), metric=metric_key,
-                        options=dict(method="path_patch", receivers=repr(recv), senders=layers, mlps=include_mlps,
-                                     plan=spans, cfg=cfg.to_dict()))
-    store = ChunkStore(checkpoint_dir, key, len(spans))
-    rows_live = live.nonzero()[:, 0]
-    computed = 0
-    for i in tqdm([i for i in range(len(spans)) if i % world == rank], desc="path patching", disable=not progress,
-                  unit="chunk"):
-        s, e = spans[i]
-        vals = store.load(i, e - s)
-        if vals is None:
-            vals = runner.run(todo[order[s:e]]).cpu()
-            store.save(i, vals)
-            computed += 1
-        raw[rows_live[order[s:e]]] = vals
     values = (raw - m_corrupt) / (m_clean - m_corrupt) if normalise else raw
     labels = {"layer": [str(x) for x in layers], "head": [f"H{h}" for h in range(H)] + (["MLP"] if include_mlps else [])}
     meta = dict(method="path_patch", receivers=recv if recv == "logits" else [list(r) for r in recv],
-                metric=repr(metric), normalised=normalise, n_prompts=n, n_chunks=len(spans), chunks_computed=computed,
-                shard=[rank, world], model=cfg.to_dict(),
-                seconds=time.perf_counter() - t0)
+                metric=repr(metric), normalised=normalise, n_prompts=runner.n, n_chunks=info["n_chunks"],
+                chunks_computed=info["chunks_computed"], chunk_sizes=info["chunk_sizes"], shard=list(opts.shard),
+                model=cfg.to_dict(), seconds=time.perf_counter() - t0)
     return Result(values.reshape(len(layers), width), ("layer", "head"), labels, {"clean": m_clean, "corrupt": m_corrupt},
                   meta, name="path_patch")

@@ -11,46 +11,15 @@ into it by one broadcast copy and the new keys after it; layers that never run a
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+
+from ..hf_compat import PrefixLayer, cache_of_layers
 
 
-class PrefixLayer(DynamicLayer):
-    """One decoder layer's cache: the base prefix ``keys/values [n, kv_heads, T, d_head]`` (first
-    ``p0`` positions used) repeated over ``k`` row groups, filled lazily."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, k: int, p0: int):
-        super().__init__()
-        self._prefix, self._k, self._p0 = (keys, values), k, p0
-
-    def _fill(self, prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        n, h, _, dh = prefix.shape
-        q = new.shape[-2]
-        buf = new.new_empty((self._k * n, h, self._p0 + q, dh))
-        buf.view(self._k, n, h, self._p0 + q, dh)[:, :, :, :self._p0] = prefix[:, :, :self._p0].to(new.device, new.dtype)
-        buf[:, :, self._p0:] = new
-        return buf
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self._prefix is None:  # a second call (not made by a single forward): grow as DynamicLayer does
-            return super().update(key_states, value_states, *args, **kwargs)
-        self.device = key_states.device
-        self.keys = self._fill(self._prefix[0], key_states)
-        self.values = self._fill(self._prefix[1], value_states)
-        self.is_initialized, self._prefix = True, None
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self._p0 if self._prefix is not None else super().get_seq_length()
-
-
-def prefix_cache(past: list[tuple[torch.Tensor, torch.Tensor]], k: int, p0: int) -> DynamicCache:
+def prefix_cache(past: list[tuple[torch.Tensor, torch.Tensor]], k: int, p0: int):
     """A cache for ``k`` row groups whose first ``p0`` positions are the base run's.
 
     Args:
         past: [(keys, values)] per layer, each [n, kv_heads, T, d_head] (the base run's cache).
         k: row groups (patches) of the chunk. p0: positions already in the cache.
     """
-    cache = DynamicCache()
-    cache.layers = [PrefixLayer(kk, vv, k, p0) for kk, vv in past]
-    return cache
+    return cache_of_layers([PrefixLayer(kk, vv, k, p0) for kk, vv in past])

@@ -7,8 +7,12 @@ neurons) and every statistic is computed per column.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -77,7 +81,7 @@ def affine_fit(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> tuple[tor
     return w, my - w * mx
 
 
-def pooled_activations(model, texts: Sequence[str], names: Sequence[str], hooks=(), pool: str = "mean",
+def pooled_activations(model: HookedModel, texts: Sequence[str], names: Sequence[str], hooks=(), pool: str = "mean",
                        batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Run ``texts`` (under extra ``hooks``) and pool each point -> {name: [n_texts, width]} (fp32, no grad)."""
     fn = pool_fn(pool)

@@ -22,7 +22,7 @@ import numbers
 import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,6 +30,11 @@ from torch import nn
 from ..sites import layer_point
 from ..weights import bias_of, weight_in_out
 from .conventions import SteeringAlgebra, as_hooked, pick_strength
+from .io import register
+from .io import save as save_steering
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 Where = Callable[[torch.Tensor], "torch.Tensor | None"]
 INFO_KEYS = ("family", "n_layers", "d_model", "d_mlp")
@@ -37,7 +42,7 @@ INFO_KEYS = ("family", "n_layers", "d_model", "d_mlp")
 MERGE_TARGETS = {"hook_mlp_out": "mlp_down_proj", "hook_attn_out": "attn_out_proj"}
 
 
-def model_info(model) -> dict[str, Any]:
+def model_info(model: HookedModel) -> dict[str, Any]:
     c = model.cfg
     return {"family": c.family, "model_type": c.model_type, "n_layers": c.n_layers, "d_model": c.d_model,
             "d_mlp": c.d_mlp}
@@ -124,7 +129,7 @@ def forward_order(name: str) -> tuple[int, int]:
     return (-1, 0) if "embed" in name else (10**9, 0)
 
 
-def resolve_points(model, layers, point) -> list[str]:
+def resolve_points(model: HookedModel, layers, point) -> list[str]:
     """Checked full hook names, in forward order, from ``layers`` ("all" | int | list[int] |
     "middle") and ``point``: a per-layer suffix ("hook_resid_post"), or a list mixing full names
     ("blocks.3.hook_mlp_out") and suffixes, each suffix taken at every layer of ``layers``
@@ -179,6 +184,19 @@ def blend(x: torch.Tensor, new: torch.Tensor, strength: float, where: Where) -> 
     return out if m is None else torch.where(m, out, x)
 
 
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """Turn off requires_grad on ``module``'s parameters for the block, restoring it after."""
+    saved = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, r in saved:
+            p.requires_grad_(r)
+
+
 class Steering(SteeringAlgebra):
     """Base class; see the module docstring. Subclasses set ``method`` and implement ``fit``,
     ``_hooks`` and (if linear on a linear layer's output) ``_affine``. Arithmetic, ``multiplier=`` and
@@ -186,6 +204,8 @@ class Steering(SteeringAlgebra):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "method" in cls.__dict__:  # steering.io.load finds the class by its method name
+            register(cls)
         if "fit" in cls.__dict__:  # a raw HF model is wrapped before any method's fit sees it
             fit = cls.__dict__["fit"]
 
@@ -223,7 +243,7 @@ class Steering(SteeringAlgebra):
         if not self.tensors or self.info is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, source, target) or load a file")
 
-    def check_model(self, model) -> None:
+    def check_model(self, model: HookedModel) -> None:
         """Refuse a model of another architecture or width than the one this was fitted on."""
         self._require_fitted()
         have = model_info(as_hooked(model))
@@ -319,7 +339,7 @@ class Steering(SteeringAlgebra):
             handle.remove()
 
     @contextmanager
-    def apply(self, model, strength: float = 1.0, from_token: int | None = None, *,
+    def apply(self, model: HookedModel, strength: float = 1.0, from_token: int | None = None, *,
               multiplier: float | None = None) -> Iterator:
         """Steer ``model`` inside the block: plain forwards and ``model.generate`` (greedy or sampled).
 
@@ -335,7 +355,7 @@ class Steering(SteeringAlgebra):
         with self._positions(model, from_token) as where, model.hooks(self._hooks(model, float(strength), where)):
             yield model
 
-    def attach(self, model, strength: float = 1.0, from_token: int | None = None, *, multiplier: float | None = None):
+    def attach(self, model: HookedModel, strength: float = 1.0, from_token: int | None = None, *, multiplier: float | None = None):
         """Install the steering until :meth:`detach` (the same hooks :meth:`apply` uses)."""
         strength = pick_strength(strength, multiplier)
         given, model = model, as_hooked(model)
@@ -355,7 +375,7 @@ class Steering(SteeringAlgebra):
         return given
 
     # ------------------------------------------------------------------ merging
-    def merge(self, model, strength: float = 1.0, *, multiplier: float | None = None):
+    def merge(self, model: HookedModel, strength: float = 1.0, *, multiplier: float | None = None):
         """Fold the maps into the linear layers that produce their points (zero-overhead inference).
 
         Only for maps ``x -> scale * x + shift`` on ``hook_mlp_out`` / ``hook_attn_out``: the
@@ -432,6 +452,4 @@ class Steering(SteeringAlgebra):
     # ------------------------------------------------------------------ io
     def save(self, path) -> None:
         """safetensors file: tensors ``"{point}|{key}"`` + JSON metadata (see :mod:`.io`)."""
-        from .io import save
-
-        save(self, path)
+        save_steering(self, path)

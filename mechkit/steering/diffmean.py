@@ -7,10 +7,15 @@ last real token) before the means are taken.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ._stats import pooled_activations
 from .base import DEFAULT_POINTS, Cast, Steering, check_texts, masked, model_info, point_param, resolve_points
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 class DiffMean(Steering):
@@ -33,7 +38,7 @@ class DiffMean(Steering):
     def __init__(self, layers="all", point=DEFAULT_POINTS, pool: str = "mean"):
         super().__init__(layers=layers, point=point_param(point), pool=pool)
 
-    def fit(self, model, source: list[str], target: list[str], batch_size: int = 64):
+    def fit(self, model: HookedModel, source: list[str], target: list[str], batch_size: int = 64):
         check_texts(source=source, target=target)
         pts = resolve_points(model, self.hparams["layers"], self.hparams["point"])
         src = pooled_activations(model, source, pts, pool=self.hparams["pool"], batch_size=batch_size)

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
 from ._stats import pooled_activations, wasserstein
 from .base import everywhere
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 def _ctx(model, st, strength, **kw):
@@ -23,7 +27,7 @@ def _ctx(model, st, strength, **kw):
 
 
 @torch.no_grad()
-def generate(model, prompts: Sequence[str], st=None, strength: float = 1.0, max_new_tokens: int = 8,
+def generate(model: HookedModel, prompts: Sequence[str], st=None, strength: float = 1.0, max_new_tokens: int = 8,
              batch_size: int = 50, **gen_kwargs) -> list[list[int]]:
     """Greedy continuations (new token ids only) of ``prompts`` under the steering."""
     out = []
@@ -36,7 +40,7 @@ def generate(model, prompts: Sequence[str], st=None, strength: float = 1.0, max_
     return out
 
 
-def concept_rate(model, prompts: Sequence[str], words, st=None, strength: float = 1.0,
+def concept_rate(model: HookedModel, prompts: Sequence[str], words, st=None, strength: float = 1.0,
                  max_new_tokens: int = 8, stop_words: Iterable[str] = (".",)) -> dict:
     """{"rate": fraction of continuations with >= 1 concept word, "word_rate": concept words / words}.
 
@@ -70,7 +74,7 @@ def _logprobs(model, texts, st, strength, batch_size=64):
             yield b, model(b).float().log_softmax(-1)
 
 
-def perplexity(model, texts: Sequence[str], st=None, strength: float = 1.0) -> float:
+def perplexity(model: HookedModel, texts: Sequence[str], st=None, strength: float = 1.0) -> float:
     """exp(mean next-token NLL over real tokens) of ``texts`` under the steering."""
     tot, n = 0.0, 0.0
     for b, lp in _logprobs(model, texts, st, strength):
@@ -81,7 +85,7 @@ def perplexity(model, texts: Sequence[str], st=None, strength: float = 1.0) -> f
     return float(torch.tensor(tot / max(n, 1)).exp())
 
 
-def next_token_kl(model, texts: Sequence[str], st, strength: float = 1.0) -> float:
+def next_token_kl(model: HookedModel, texts: Sequence[str], st, strength: float = 1.0) -> float:
     """Mean over real positions of KL(unsteered || steered) next-token distributions."""
     tot, n = 0.0, 0.0
     for (b, p), (_, q) in zip(_logprobs(model, texts, None, 0.0), _logprobs(model, texts, st, strength)):
@@ -92,7 +96,7 @@ def next_token_kl(model, texts: Sequence[str], st, strength: float = 1.0) -> flo
     return tot / max(n, 1)
 
 
-def transport_distance(model, st, source: Sequence[str], target: Sequence[str],
+def transport_distance(model: HookedModel, st, source: Sequence[str], target: Sequence[str],
                        strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), p: int = 2) -> list[float]:
     """Mean per-neuron W_p (W2 as its square root) between steered-source and target pooled
     activations at ``st``'s points, for each strength."""
@@ -107,7 +111,7 @@ def transport_distance(model, st, source: Sequence[str], target: Sequence[str],
     return out
 
 
-def damage(model, texts: Sequence[str], st, strength: float = 1.0) -> dict[str, float]:
+def damage(model: HookedModel, texts: Sequence[str], st, strength: float = 1.0) -> dict[str, float]:
     """{"perplexity", "kl"} on ``texts`` under the steering, from one steered and one plain pass."""
     tot_nll, tot_kl, n_tok, n_pos = 0.0, 0.0, 0.0, 0.0
     for (b, p), (_, q) in zip(_logprobs(model, texts, None, 0.0), _logprobs(model, texts, st, strength)):

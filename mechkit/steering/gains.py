@@ -27,13 +27,16 @@ model the same one. 2 trainable parameters per gated neuron.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from ._stats import masked_mean
-from .base import Cast, Steering, blend, check_texts, everywhere, masked, model_info, resolve_points
-from .lineas import frozen
+from .base import Cast, Steering, blend, check_texts, everywhere, frozen, masked, model_info, resolve_points
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 def _gate(z, tau, s):
@@ -109,11 +112,11 @@ class Gains(Steering):
             hooks += [(post_name.replace("mlp.hook_post", "mlp.hook_pre"), save_z), (post_name, gate)]
         return hooks
 
-    def apply(self, model, strength: float = 1.0, from_token=None, hard: bool = True):
+    def apply(self, model: HookedModel, strength: float = 1.0, from_token=None, hard: bool = True):
         self.hard = hard
         return super().apply(model, strength, from_token)
 
-    def fit(self, model, source: list[str] | None, target: list[str], neutral: list[str] | None = None,
+    def fit(self, model: HookedModel, source: list[str] | None, target: list[str], neutral: list[str] | None = None,
             steps: int = 200, lr: float = 0.05, batch_size: int = 16, seed: int = 0, progress: bool = True):
         """Train tau and g with Adam: next-token loss on ``target`` + ``kl`` * KL(base || gated) on ``neutral``.
 
@@ -194,7 +197,7 @@ class Gains(Steering):
                 for p, d in self.tensors.items()}
 
     @torch.no_grad()
-    def gate_mask(self, model, inputs) -> dict[str, torch.Tensor]:
+    def gate_mask(self, model: HookedModel, inputs) -> dict[str, torch.Tensor]:
         """{point: bool [batch, pos, d_mlp]}: the hard gate of every neuron at every token."""
         self.check_model(model)
         b = model.batch(inputs)
@@ -203,7 +206,7 @@ class Gains(Steering):
         return {p: (cache[n] > self.tensors[p]["tau"].to(cache[n])) & b.attention_mask.bool()[..., None]
                 for p, n in zip(self.points, names)}
 
-    def open_neurons(self, model, inputs) -> dict[str, list[int]]:
+    def open_neurons(self, model: HookedModel, inputs) -> dict[str, list[int]]:
         """{point: sorted neuron indices whose hard gate opens on some real token of ``inputs``}."""
         return {p: torch.nonzero(m.any(0).any(0)).flatten().tolist() for p, m in self.gate_mask(model, inputs).items()}
 

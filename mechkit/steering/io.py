@@ -12,23 +12,32 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..io import atomic_path
 
+if TYPE_CHECKING:
+    from ..model import HookedModel
+
 KEY = "mechkit_steering"
 
 
-def _classes():
-    from .diffmean import DiffMean
-    from .features import FeatureSteering
-    from .gains import Gains
-    from .linear_act import LinearAcT
-    from .lineas import LinEAS
+# method name -> Steering subclass; every subclass that sets ``method`` registers itself here
+# (``Steering.__init_subclass__``), so this module imports none of them
+METHODS: dict[str, type] = {}
 
-    return {c.method: c for c in (DiffMean, LinearAcT, LinEAS, Gains, FeatureSteering)}
+
+def register(cls: type) -> type:
+    """Record ``cls`` (a Steering subclass) under ``cls.method`` for :func:`load`."""
+    METHODS[cls.method] = cls
+    return cls
+
+
+def _classes() -> dict[str, type]:
+    return dict(METHODS)
 
 
 def save(st, path) -> None:
@@ -86,7 +95,7 @@ def _metadata(path: Path, md: dict) -> dict:
     return meta
 
 
-def load(path, model=None):
+def load(path, model: HookedModel | None = None):
     """A steering from ``path`` (``.safetensors``); with ``model``, also check it fits that model.
 
     The whole file is validated: the metadata against its schema (method, points, hparams the

@@ -11,11 +11,16 @@ fitting (``lo <= a <= hi``), with strength lambda: ``lambda * (w a + b) + (1 - l
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tqdm.auto import tqdm
 
 from ._stats import affine_fit, pooled_activations
 from .affine import AffineSteering
 from .base import DEFAULT_POINTS, check_texts, everywhere, model_info, point_param, resolve_points
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 class LinearAcT(AffineSteering):
@@ -34,7 +39,7 @@ class LinearAcT(AffineSteering):
         super().__init__(layers=layers, point=point_param(point), pool=pool, clip_to_range=clip_to_range,
                          support_threshold=support_threshold)
 
-    def fit(self, model, source: list[str], target: list[str], batch_size: int = 64, progress: bool = True):
+    def fit(self, model: HookedModel, source: list[str], target: list[str], batch_size: int = 64, progress: bool = True):
         check_texts(source=source, target=target)
         pts = resolve_points(model, self.hparams["layers"], self.hparams["point"])
         pool = self.hparams["pool"]

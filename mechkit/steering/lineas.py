@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from ._stats import masked_mean, pooled_activations, wasserstein
 from .affine import AffineSteering, affine_fn
-from .base import DEFAULT_POINTS, check_texts, everywhere, model_info, point_param, resolve_points
+from .base import DEFAULT_POINTS, check_texts, everywhere, frozen, model_info, point_param, resolve_points
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 def prox_sparse_group(u: torch.Tensor, tau: float, l1: float, l2: float) -> torch.Tensor:
@@ -38,19 +41,6 @@ def prox_sparse_group(u: torch.Tensor, tau: float, l1: float, l2: float) -> torc
         norm = u.norm()
         u = u * (1 - tau * l2 * math.sqrt(u.numel()) / norm.clamp(min=1e-12)).clamp(min=0)
     return u
-
-
-@contextmanager
-def frozen(module: torch.nn.Module):
-    """Turn off requires_grad on ``module``'s parameters for the block, restoring it after."""
-    saved = [(p, p.requires_grad) for p in module.parameters()]
-    try:
-        for p, _ in saved:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, r in saved:
-            p.requires_grad_(r)
 
 
 class LinEAS(AffineSteering):
@@ -71,7 +61,7 @@ class LinEAS(AffineSteering):
                  support_threshold: float = 1e-3):
         super().__init__(layers=layers, point=point_param(point), sparsity=list(sparsity), support_threshold=support_threshold)
 
-    def fit(self, model, source: list[str], target: list[str], steps: int = 300, lr: float = 0.01,
+    def fit(self, model: HookedModel, source: list[str], target: list[str], steps: int = 300, lr: float = 0.01,
             optimizer: str = "adam", batch_size: int | None = None, loss_points: list[str] | None = None,
             seed: int = 0, progress: bool = True):
         """Train the maps; ``loss_points`` (default: every map's point) are where the loss is taken.

@@ -1,29 +1,28 @@
 """Behavioural scores of a causal LM on the tasks, with plain ``transformers`` calls only.
 
 Used by the training script (log and model card) and by the acceptance tests of the
-bundled models. Definitions follow ``methods.md`` ("Induction-head telemetry"): head
-scores are means over query positions, so a perfect head scores ~1.
+bundled models. Head scores are means over query positions, so a perfect head scores ~1.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+from torch import nn
 
+from ..hf_compat import attention_implementation
 from .base import position_ids_from_mask
 from .sentiment import sentiment
 
 
 @torch.no_grad()
-def last_logits(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def last_logits(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Logits [n, V] at the last position of left-padded ``tokens`` [n, T]."""
     out = model(input_ids=tokens, attention_mask=mask, position_ids=position_ids_from_mask(mask))
     return out.logits[:, -1, :].float()
 
 
 @torch.no_grad()
-def ioi_scores(model, task) -> dict:
+def ioi_scores(model: nn.Module, task) -> dict:
     """On a ``PatchingTask``: ``accuracy`` (fraction with answer logit > wrong logit) and
     ``logit_diff`` (mean answer - wrong logit) on the clean prompts; ``per_prompt`` [n]."""
     logits = last_logits(model, task.clean_tokens, task.clean_mask)
@@ -34,21 +33,15 @@ def ioi_scores(model, task) -> dict:
 
 
 @torch.no_grad()
-def attention_patterns(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+def attention_patterns(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Attention probabilities per layer, each [n, heads, T, T] (eager attention)."""
-    old = model.config._attn_implementation
-    if old != "eager":
-        model.set_attn_implementation("eager")
-    try:
+    with attention_implementation(model, "eager"):
         out = model(input_ids=tokens, output_attentions=True)
-    finally:
-        if old != "eager":
-            model.set_attn_implementation(old)
     return [a.float() for a in out.attentions]
 
 
 @torch.no_grad()
-def head_scores(model, tokens: torch.Tensor, T: int) -> dict[str, torch.Tensor]:
+def head_scores(model: nn.Module, tokens: torch.Tensor, T: int) -> dict[str, torch.Tensor]:
     """On BOS + x + x rows ``tokens`` [n, 1 + 2T]: scores [layers, heads] for
     ``induction`` (mean A[q, q-T+1] over q in the second half), ``duplicate``
     (A[q, q-T]) and ``previous`` (mean A[q, q-1] over all q > 0)."""
@@ -64,7 +57,7 @@ def head_scores(model, tokens: torch.Tensor, T: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def repeat_losses(model, tokens: torch.Tensor, T: int) -> dict:
+def repeat_losses(model: nn.Module, tokens: torch.Tensor, T: int) -> dict:
     """Mean next-token loss on the first copy (predicting tokens 2..T) and the second copy
     (predicting tokens T+1..2T) of BOS + x + x rows; ``ratio`` = second / first."""
     logits = model(input_ids=tokens).logits.float()
@@ -77,7 +70,7 @@ def repeat_losses(model, tokens: torch.Tensor, T: int) -> dict:
 
 
 @torch.no_grad()
-def sentence_features(model, tokenizer, sentences: list[str], pool: str = "mean") -> torch.Tensor:
+def sentence_features(model: nn.Module, tokenizer, sentences: list[str], pool: str = "mean") -> torch.Tensor:
     """Residual-stream features [layers + 1, n, d] (``output_hidden_states``), mean-pooled
     over real tokens after BOS (``pool="mean"``) or at the last token (``"last"``)."""
     bos = tokenizer.bos_token_id
@@ -122,7 +115,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, steps: int = 300, l2: float =
     return lambda z: torch.sigmoid(((z - mu) / sd) @ w + b)
 
 
-def sentiment_probe(model, tokenizer, n: int = 200, seed: int = 0, pool: str = "mean") -> dict:
+def sentiment_probe(model: nn.Module, tokenizer, n: int = 200, seed: int = 0, pool: str = "mean") -> dict:
     """Logistic probe per layer, fitted on sentences with ``split="train"`` adjectives and
     tested on sentences with held-out adjectives. The layer is chosen on a validation set
     of train-adjective sentences (not on the test set). Returns ``accuracy`` (held-out
@@ -144,7 +137,3 @@ def sentiment_probe(model, tokenizer, n: int = 200, seed: int = 0, pool: str = "
     best = max(range(len(val_acc)), key=lambda i: (val_acc[i], i))
     return {"accuracy": per_layer[best], "layer": best, "per_layer": per_layer,
             "val_per_layer": val_acc}
-
-
-def ln_vocab(tokenizer) -> float:
-    return math.log(len(tokenizer))

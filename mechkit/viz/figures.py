@@ -130,7 +130,7 @@ def result_figure(result, title: str | None = None):
 def scatter_compare(a, b, stats: dict | None = None, names: tuple[str, str] | None = None):
     """Cells of result ``a`` (x) against ``b`` (y) with the diagonal and r in the title; hovering a
     point names its cell (e.g. layer and position) and both values, so outliers can be found."""
-    from ..results import compare
+    from ..agreement import compare
 
     stats = stats or compare(a, b)
     x = a.values.detach().float().reshape(-1).tolist()

@@ -1,0 +1,257 @@
+"""The one door to transformers and torch internals.
+
+Everything mechkit relies on beyond transformers' and torch's documented public surface sits here,
+each with a comment saying what it relies on, so that a new transformers release is checked (and,
+where needed, adapted) in one file. ``VERIFIED`` is the range of transformers versions this module
+was verified on; ``tests/test_hf_compat.py`` fails with a clear message outside it, and
+``pyproject.toml`` pins the same range.
+
+What is here:
+
+- attention: registering mechkit's attention function together with its mask function;
+  reading and switching a model's attention implementation.
+- caches: the KV cache of a run (``out.cache`` vs ``out.past_key_values``, per-layer
+  ``keys``/``values``), and a cache layer that shares one prefix over many row groups.
+- forward signatures: whether a model's ``forward`` takes ``logits_to_keep`` / ``cache``.
+- layer slicing: running a slice of the decoder layers (``ModuleList`` swap and
+  ``config.layer_types``), and running a module on the last position only.
+- modules: activation modules recognised by their defining module, mechkit's own torch hooks
+  recognised by their closure names, instance ``forward`` replacement, children by name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import types
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+import transformers
+from torch import nn
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+# transformers versions this module was verified on: [low, high)
+VERIFIED = ("5.0", "5.25")
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+
+def transformers_supported(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed transformers) lies in :data:`VERIFIED`."""
+    v = _version_tuple(version or transformers.__version__)
+    return _version_tuple(VERIFIED[0]) <= v < _version_tuple(VERIFIED[1])
+
+
+# --------------------------------------------------------------------------- attention
+def register_attention(name: str, fn: Callable) -> None:
+    """Register ``fn`` as attention implementation ``name`` with transformers' ``eager`` mask.
+
+    Relies on: ``AttentionInterface.register`` and ``masking_utils.AttentionMaskInterface`` with
+    ``eager_mask`` (transformers >= 5.0). Without the mask entry transformers 5.x builds an sdpa-style
+    mask for an unknown name and the logits drift.
+    """
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, eager_mask)
+
+
+def attn_implementation(hf_model: nn.Module) -> str:
+    """The model's current attention implementation. Relies on the private
+    ``config._attn_implementation`` (no public getter in 5.x)."""
+    return hf_model.config._attn_implementation
+
+
+@contextmanager
+def attention_implementation(hf_model: nn.Module, name: str) -> Iterator[None]:
+    """Switch the model to attention ``name`` inside the block (restored on exit, errors included).
+
+    Relies on: ``PreTrainedModel.set_attn_implementation`` (public) and :func:`attn_implementation`.
+    """
+    old = attn_implementation(hf_model)
+    if old == name:
+        yield
+        return
+    hf_model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        hf_model.set_attn_implementation(old)
+
+
+# --------------------------------------------------------------------------- forward signatures
+def accepts(fn: Callable, name: str) -> bool:
+    """Whether callable ``fn`` has a parameter ``name`` (False when it has no signature).
+
+    Relies on ``inspect.signature`` of HF ``forward`` methods, which list their keyword arguments.
+    """
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def accepts_logits_to_keep(hf_model: nn.Module) -> bool:
+    """Whether the model's ``forward`` takes ``logits_to_keep`` (compute the last logits only)."""
+    return accepts(hf_model.forward, "logits_to_keep")
+
+
+def cache_kwarg(hf_model: nn.Module) -> str:
+    """The keyword a model's ``forward`` takes its KV cache under: transformers 5.x renames
+    ``past_key_values`` to ``cache`` model by model (relies on the forward signature)."""
+    return "cache" if accepts(hf_model.forward, "cache") else "past_key_values"
+
+
+# --------------------------------------------------------------------------- caches
+def output_kv(out) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """[(keys, values)] per layer of the KV cache a forward returned (``use_cache=True``).
+
+    Relies on: the output field ``cache`` (renamed models) or ``past_key_values``, and a
+    ``Cache`` whose ``.layers`` each hold ``.keys`` / ``.values`` [batch, kv_heads, pos, d_head]
+    (transformers 5.x ``cache_utils``); a layer that kept nothing gives (None, None).
+    """
+    past = out.cache if "cache" in out else out.past_key_values
+    return [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in past.layers]
+
+
+class PrefixLayer(DynamicLayer):
+    """One decoder layer's cache: the base prefix ``keys/values [n, kv_heads, T, d_head]`` (first
+    ``p0`` positions used) repeated over ``k`` row groups, filled lazily.
+
+    Relies on ``cache_utils.DynamicLayer``: ``update(key_states, value_states, ...)`` returning the
+    full keys/values, and its attributes ``keys``, ``values``, ``device``, ``is_initialized``.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, k: int, p0: int):
+        super().__init__()
+        self._prefix, self._k, self._p0 = (keys, values), k, p0
+
+    def _fill(self, prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        n, h, _, dh = prefix.shape
+        q = new.shape[-2]
+        buf = new.new_empty((self._k * n, h, self._p0 + q, dh))
+        buf.view(self._k, n, h, self._p0 + q, dh)[:, :, :, :self._p0] = prefix[:, :, :self._p0].to(new.device, new.dtype)
+        buf[:, :, self._p0:] = new
+        return buf
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._prefix is None:  # a second call (not made by a single forward): grow as DynamicLayer does
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.device = key_states.device
+        self.keys = self._fill(self._prefix[0], key_states)
+        self.values = self._fill(self._prefix[1], value_states)
+        self.is_initialized, self._prefix = True, None
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._p0 if self._prefix is not None else super().get_seq_length()
+
+
+def cache_of_layers(layers: list) -> DynamicCache:
+    """A ``DynamicCache`` made of the given layer objects. Relies on ``DynamicCache().layers``
+    being a plain list the model indexes by layer."""
+    cache = DynamicCache()
+    cache.layers = list(layers)
+    return cache
+
+
+# --------------------------------------------------------------------------- layer slicing
+@contextmanager
+def layers_sliced(parent: nn.Module, attr: str, config, start: int, end: int) -> Iterator[None]:
+    """``parent.<attr>`` (the decoder's ``ModuleList``) replaced by its slice ``[start:end]`` inside
+    the block, and ``config.layer_types`` (per-layer attention types, read by position in 5.x) sliced
+    the same way when it lists one entry per layer. Both restored in ``finally``.
+
+    Relies on: the decoder iterating ``self.<layers>`` in ``forward`` and reading ``config.layer_types``
+    by index within that loop (transformers 5.x Llama/Gemma/Qwen/GPT-2/NeoX layouts).
+    """
+    full = getattr(parent, attr)
+    types_ = getattr(config, "layer_types", None)
+    sliced_types = isinstance(types_, list) and len(types_) == len(full)
+    try:
+        setattr(parent, attr, nn.ModuleList(list(full)[start:end]))
+        if sliced_types:
+            config.layer_types = types_[start:end]
+        yield
+    finally:
+        setattr(parent, attr, full)
+        if sliced_types:
+            config.layer_types = types_
+
+
+def _last_position(module, args, kwargs):
+    if args:
+        return (args[0][:, -1:],) + tuple(args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, dict(kwargs, **{key: kwargs[key][:, -1:]})
+
+
+def run_on_last_position(module: nn.Module):
+    """Make ``module`` see only the last position of its first input ([batch, pos, d] ->
+    [batch, 1, d]); returns the hook handle (``.remove()`` it).
+
+    Relies on: HF MLP and attention output projections taking the hidden states as their first
+    positional argument or first keyword, and the block broadcasting a [batch, 1, d] output where it
+    adds it to the residual stream.
+    """
+    return module.register_forward_pre_hook(_last_position, with_kwargs=True)
+
+
+# --------------------------------------------------------------------------- modules
+def is_activation_module(mod: nn.Module) -> bool:
+    """A parameter-free module defined in ``transformers.activations`` or ``torch.nn`` activations.
+
+    Relies on the defining module's name (``type(mod).__module__``), not on a class list, so new
+    activation classes there are recognised.
+    """
+    if any(True for _ in mod.parameters()):
+        return False
+    origin = type(mod).__module__
+    return origin.startswith("transformers.activations") or origin.startswith("torch.nn.modules.activation")
+
+
+def torch_hooks(mod: nn.Module) -> Iterator[Callable]:
+    """Every forward hook and forward pre-hook registered on ``mod`` (not recursive).
+
+    Relies on torch's private ``Module._forward_hooks`` / ``_forward_pre_hooks`` dicts (torch 2.x).
+    """
+    for d in (mod._forward_hooks, mod._forward_pre_hooks):
+        yield from d.values()
+
+
+def made_by(fn: Callable, *factories: str) -> bool:
+    """Whether closure ``fn`` was created inside a function named in ``factories`` (its ``__qualname__``
+    starts with ``"factory.<locals>"``)."""
+    return getattr(fn, "__qualname__", "").startswith(factories)
+
+
+def replace_forward(stack: ExitStack, mod: nn.Module, forward) -> None:
+    """Give this module instance ``forward`` until ``stack`` closes (its class is not touched).
+
+    Relies on ``nn.Module.__call__`` looking ``forward`` up on the instance first (an instance
+    attribute shadows the class method), as torch 2.x does.
+    """
+    had = "forward" in mod.__dict__
+    saved = mod.__dict__.get("forward")
+    mod.forward = types.MethodType(forward, mod)
+
+    def restore():
+        if had:
+            mod.forward = saved
+        else:
+            del mod.forward
+    stack.callback(restore)
+
+
+def quiet_transformers(progress_bars: bool = False) -> None:
+    """Silence transformers' warnings, and its progress bars unless ``progress_bars``.
+
+    Relies on ``transformers.utils.logging.set_verbosity_error`` / ``disable_progress_bar``.
+    """
+    transformers.utils.logging.set_verbosity_error()
+    if not progress_bars:
+        transformers.utils.logging.disable_progress_bar()
