@@ -89,16 +89,16 @@ def top_table(title: str, res, k: int = 5) -> str:
                       *(fmt.format(*r) for r in rows)])
 
 
-def _write(results: dict, args, model, stem: str, command: str) -> None:
+def _write(results: dict, args, model, stem: str, command: str, **run) -> None:
     """Save each result as ``out/<stem>.safetensors`` (+ .json); print each one's top cells as a
-    small table, then the dashboard's path (the last line of stdout)."""
+    small table, then the dashboard's path (the last line of stdout). ``run``: what the dashboard's
+    metadata table shows (site, by, method); ``args`` is only read."""
     from .viz import dashboard
 
     out = Path(args.out)
     for res in results.values():
         res.save(out / f"{stem}.safetensors")
-    meta = {"model": getattr(model, "name", model.cfg.model_type), "site": args.site, "by": args.by,
-            "method": getattr(args, "method", "activation patching")}
+    meta = {"model": getattr(model, "name", model.cfg.model_type), **run}
     path = dashboard(results, out / f"{command}.html", title=f"mechkit {command}", metadata=meta)
     for title, res in results.items():
         print(top_table(title, res, args.top))
@@ -131,7 +131,8 @@ def cmd_patch(args) -> None:
     else:
         res = activation_patch(model, task, sites=args.site, by=by, checkpoint_dir=args.checkpoint_dir,
                                progress=not args.quiet, max_batch_bytes=args.max_batch_bytes)
-    _write({f"activation patching: {args.site}": res}, args, model, f"patch_{args.site}", "patch")
+    _write({f"activation patching: {args.site}": res}, args, model, f"patch_{args.site}", "patch",
+           site=args.site, by=args.by, method="activation patching")
 
 
 def cmd_attribute(args) -> None:
@@ -142,7 +143,8 @@ def cmd_attribute(args) -> None:
     by = tuple(args.by.split(","))
     res = attribution_patch(model, task, sites=args.site, by=by, method=args.method, batch_size=args.batch_size,
                             progress=not args.quiet)
-    _write({f"{args.method}: {args.site}": res}, args, model, f"{args.method}_{args.site}", "attribute")
+    _write({f"{args.method}: {args.site}": res}, args, model, f"{args.method}_{args.site}", "attribute",
+           site=args.site, by=args.by, method=args.method)
 
 
 def parse_receivers(text: str):
@@ -164,8 +166,8 @@ def cmd_path(args) -> None:
     model = _load(args)
     task = _task(model, args)
     res = path_patch(model, task, parse_receivers(args.receivers), progress=not args.quiet)
-    args.site, args.by, args.method = "z (senders)", "layer,head", f"path patching to {args.receivers}"
-    _write({f"path patching: senders -> {args.receivers}": res}, args, model, "path_patch", "path")
+    _write({f"path patching: senders -> {args.receivers}": res}, args, model, "path_patch", "path",
+           site="z (senders)", by="layer,head", method=f"path patching to {args.receivers}")
 
 
 def cmd_heads(args) -> None:

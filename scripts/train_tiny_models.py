@@ -309,7 +309,7 @@ and tests run offline on a model with real circuits (induction, IOI, a sentiment
 | best previous-token head score (layer, head {tuple(ind['best_previous_token_head'])}) | {ind['best_previous_token_score']:.3f} |
 | Sentiment probe on held-out adjectives (layer {sp['layer']}, mean-pooled residual) | {sp['heldout_adjective_accuracy']:.3f} |
 
-Head scores are means over query positions (methods.md, "Induction-head telemetry"): a
+Head scores are means over query positions: a
 perfect head scores ~1. Training log: `log.jsonl` of the run (not shipped).
 """
     (out / "README.md").write_text(text)

@@ -80,7 +80,7 @@ def linear_model():
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "mlp_out", "z"])
 def test_linear_model_atp_relp_ig_equal_activation_patching(linear_model, site):
     m, task = linear_model, make_task()
-    metric = mk.attribution.logit_diff(task, normalise=False)
+    metric = mk.metrics.logit_diff(task, normalise=False)
     hook, index_fn, shape = CELLS[site]
     ref = reference_patch(m, task, hook, index_fn, shape, metric)
     assert ref.abs().max() > 1e-3  # the corruption matters

@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 from ..hf_compat import accepts_logits_to_keep
 from ..options import merge_options
 from ..patching.activation import pos_labels
-from ..patching.metrics import as_metric, check_baselines
+from ..patching.metrics import as_metric, check_baselines, logit_diff
 from ..patching.sites import PREFIXED_SITES, prefixed
 from ..results import Result
 from ..sites import ATTRIBUTION_KINDS, SITE_KINDS, site_kind
 from . import lrp
-from .metrics import logit_diff, prompt_mean
+from .metrics import prompt_mean
 
 if TYPE_CHECKING:
     from ..model import HookedModel

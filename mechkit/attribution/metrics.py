@@ -1,5 +1,5 @@
-"""Metrics for attribution: the patching metrics (:mod:`mechkit.patching.metrics`), plus the
-scalar the backward pass differentiates.
+"""The scalar attribution's backward pass differentiates; the metrics themselves are
+:mod:`mechkit.metrics` (``mk.metrics.logit_diff`` and friends).
 
 ``metric(logits [n, T, vocab]) -> [n]`` one value per prompt, averaged over prompts; the
 attribute ``normalise`` asks for scores in units of ``M_clean - M_corrupt``. Tasks are left
@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..patching.metrics import logit_diff
-
-__all__ = ["logit_diff", "prompt_mean"]
+__all__ = ["prompt_mean"]
 
 
 def prompt_mean(metric, logits: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Per-head attention scores (induction, previous-token, duplicate, anti-induction, sink) and
 the OV copying score, for every head of every layer, from one forward pass.
 
-Definitions (../shared/methods.md, "Induction-head telemetry"). For a pattern ``A[b, h, q, k]``
+Definitions (means over query positions: a perfect head scores ~1). For a pattern ``A[b, h, q, k]``
 and token ids ``t[b, pos]``, a *target mask* ``M[b, q, k]`` marks the keys a head of the kind
 should attend to from query ``q``; the score of a head is
 

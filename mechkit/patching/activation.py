@@ -17,10 +17,9 @@ import torch
 
 from ..fingerprint import fingerprint
 from ..hf_compat import accepts_logits_to_keep
-from ..inputs import Batch
+from ..inputs import Batch, position_ids_from_mask
 from ..results import Result
 from ..sites import act_name
-from ..tasks.base import position_ids_from_mask
 from .checkpoint import task_part
 from .engine import FusedRunner, fast_paths
 from .memory import tokens_for_budget

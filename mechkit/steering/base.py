@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..inputs import position_ids_from_mask
 from ..sites import layer_point
 from ..weights import bias_of, weight_in_out
 from .conventions import SteeringAlgebra, as_hooked, pick_strength
@@ -322,7 +323,7 @@ class Steering(SteeringAlgebra):
         def grab(module, args, kwargs):
             pos = kwargs.get("position_ids")
             if pos is None and kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 2:
-                pos = (kwargs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+                pos = position_ids_from_mask(kwargs["attention_mask"])
             ids = kwargs.get("input_ids", args[0] if args else None)
             if pos is None:
                 pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)

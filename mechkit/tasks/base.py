@@ -53,11 +53,6 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return tokens, mask
 
 
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids [n, T] for a left-padded mask [n, T]: 0 at the first real token."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 @dataclass
 class PatchingTask:
     """Clean and corrupted prompts, aligned token for token, with answer/wrong ids.
