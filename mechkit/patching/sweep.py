@@ -70,6 +70,9 @@ class SweepOptions:
         on_chunk: ``fn(chunk_index, values)`` after each computed chunk.
         skip_layers, skip_prefix: activation patching's shortcuts: do not run layers below a chunk's
             lowest patched layer / positions before its earliest patched position.
+        forward_overhead: the planner's fixed cost of one forward pass per layer, in token-layers
+            (None: :func:`mechkit.patching.plan.overhead_token_layers` of the model width). Larger
+            values make fewer, bigger chunks. It shapes the chunk plan only, never the values.
     """
 
     max_batch_tokens: int = 8192
@@ -80,6 +83,7 @@ class SweepOptions:
     on_chunk: Callable[[int, torch.Tensor], None] | None = None
     skip_layers: bool = True
     skip_prefix: bool = True
+    forward_overhead: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "shard", check_shard(self.shard))
@@ -123,12 +127,13 @@ def run_sweep(runner: Runner, grid: torch.Tensor, options: SweepOptions, key: Ma
 
     Returns:
         (raw [N] float32, NaN outside this shard; info: n_chunks, chunk_size, chunk_sizes,
-        chunks_computed).
+        chunks_computed, forward_overhead).
     """
     rank, world = options.shard
     cfg = runner.model.cfg
+    overhead = options.forward_overhead if options.forward_overhead is not None else overhead_token_layers(cfg.d_model)
     order, spans = plan_chunks(grid, runner.pos_column, runner.n, runner.T, cfg.n_layers, options.max_batch_tokens,
-                               overhead_token_layers(cfg.d_model), options.skip_layers)
+                               overhead, options.skip_layers)
     store_key = None
     if options.checkpoint_dir is not None:  # the weights, task, metric and options the chunks depend on
         parts = dict(key)
@@ -141,7 +146,7 @@ def run_sweep(runner: Runner, grid: torch.Tensor, options: SweepOptions, key: Ma
     for i in tqdm([i for i in range(len(spans)) if i % world == rank], desc=desc, disable=not options.progress,
                   unit="chunk"):
         s, e = spans[i]
-        vals = store.load(i)
+        vals = store.load(i, e - s)
         if vals is None:
             vals = runner.run(grid[order[s:e]]).cpu()
             store.save(i, vals)
@@ -150,5 +155,6 @@ def run_sweep(runner: Runner, grid: torch.Tensor, options: SweepOptions, key: Ma
                 options.on_chunk(i, vals)
         raw[order[s:e]] = vals
     sizes = [e - s for s, e in spans]
-    info = dict(n_chunks=len(spans), chunk_size=max(sizes, default=0), chunk_sizes=sizes, chunks_computed=computed)
+    info = dict(n_chunks=len(spans), chunk_size=max(sizes, default=0), chunk_sizes=sizes, chunks_computed=computed,
+                forward_overhead=overhead)
     return raw, info

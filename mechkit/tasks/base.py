@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..inputs import position_ids_from_mask  # noqa: F401 - re-exported (its home is mechkit.inputs)
+
 
 def _tokenizer_of(obj):
     """A tokenizer, or the ``.tokenizer`` of a model wrapper."""

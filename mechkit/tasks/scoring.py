@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..hf_compat import attention_implementation
-from .base import position_ids_from_mask
+from ..inputs import position_ids_from_mask
 from .sentiment import sentiment
 
 
