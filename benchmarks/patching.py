@@ -250,8 +250,11 @@ def main():
     if not args.skip_random:
         rows += bench_model("gpt2-small-shaped random (12L, 768d, 12H)", gpt2_small_random, tok, args)
     extra = {}
-    if args.cost_model:
-        extra["cost_model"] = cost_model(gpt2_small_random(), args.tokens, [20, 40, 80, 160, 320, 640, 1280, 2560])
+    if args.cost_model:  # the planner's constants, measured on this machine (d_model 128 and 768)
+        sizes = [20, 40, 80, 160, 320, 640, 1280, 2560]
+        extra["cost_model"] = {"gpt2-small-shaped random (d_model 768)": cost_model(gpt2_small_random(), args.tokens, sizes)}
+        if "tiny-gpt2" in mk.list_models():
+            extra["cost_model"]["tiny-gpt2 (d_model 128)"] = cost_model(mk.load("tiny-gpt2").hf_model, args.tokens, sizes)
         print(json.dumps(extra["cost_model"]), flush=True)
     dev = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"
     out = dict(machine=dict(threads=args.threads, torch=torch.__version__, device=dev, dtype=args.dtype,

@@ -12,6 +12,7 @@ from .hookpoints import Hook, HookMap, HookNameError
 from .interventions import ablate
 from .model import HookedModel, ModelConfig, load
 from .patching import activation_patch, patch_every, path_patch
+from .patching.sweep import SweepOptions
 from .processing import ProcessingOptions, process_weights  # issue 16
 from .results import Result, compare
 from .sites import act_name
@@ -76,4 +77,5 @@ __all__ = [
     "sae",
     # issue 20: the one site registry (TransformerLens's utils.get_act_name)
     "act_name",
+    "SweepOptions",
 ]

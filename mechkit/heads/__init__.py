@@ -9,6 +9,7 @@
 
 from .scores import ALL_KINDS, copying_scores, head_scores, target_masks
 from .study import (
+    StudyOptions,
     StudyResult,
     ablation_study,
     head_ablation_effects,
@@ -23,6 +24,6 @@ from .telemetry import (
     timeline_figure,
 )
 
-__all__ = ["ALL_KINDS", "head_scores", "copying_scores", "target_masks", "ablation_study", "head_ablation_effects",
+__all__ = ["StudyOptions", "ALL_KINDS", "head_scores", "copying_scores", "target_masks", "ablation_study", "head_ablation_effects",
            "StudyResult", "top_heads_per_layer", "random_heads_per_layer", "TelemetryCallback", "log_head_scores",
            "read_telemetry", "telemetry_from_checkpoints", "timeline_figure"]
