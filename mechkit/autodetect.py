@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .hf_compat import attn_implementation
 from .hookpoints import HookMap, PointTable, get_module, installed, plan
 
 HOW_TO = ("pass hook_map= (a TOML path or a dict with [family] and [points], see hooks/llama.toml in mechkit's repository) "

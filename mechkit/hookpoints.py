@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .hf_compat import made_by, torch_hooks
+from .modpath import get_module
 
 HookFn = Callable[[torch.Tensor, "Hook"], "torch.Tensor | None"]
 # [family] entries every map must have (module paths): the model's sizes are read from them
@@ -221,14 +222,6 @@ def map_for_model_type(model_type: str) -> HookMap | None:
         if model_type in m.family.get("model_types", []):
             return m
     return None
-
-
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    """``root.get_submodule`` with an error that names the missing part."""
-    try:
-        return root.get_submodule(path)
-    except AttributeError as e:
-        raise AttributeError(f"module path '{path}' not found in {type(root).__name__}: {e}") from None
 
 
 class PointTable:

@@ -32,7 +32,7 @@ KIND_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "qu
                 "mlp_pre": "pre", "mlp_mid": "mid", "mlp_post": "post", "neuron": "post", "neurons": "post",
                 "head_out": "z", "attn_head_out": "z"}
 _LAYER_TYPES = {"a": "attn", "attention": "attn", "m": "mlp", "b": "", "block": "", "blocks": ""}
-_ATTN = {"q", "k", "v", "z", "pattern", "attn_scores", "result", "rot_q", "rot_k", "q_input", "k_input", "v_input"}
+_ATTN = {"q", "k", "v", "z", "pattern", "attn_scores", "result", "rot_q", "rot_k"}
 _MLP = {"pre", "post", "mid", "pre_linear", "router_logits", "expert_indices", "expert_weights", "experts_out"}
 _FINAL_LN = {"scale", "normalized"}
 _SHORT = re.compile(r"([a-z_]+?)(\d+)([a-z]\w*)?")

@@ -30,10 +30,15 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from .modpath import get_module
 from .weights import weight_in_out
+
+if TYPE_CHECKING:
+    from .model import HookedModel
 
 PARTS = ("q", "k", "v")
 
@@ -65,11 +70,9 @@ def columns(layout: str, part: str, s: Sizes) -> torch.Tensor:
     raise ValueError(f"qkv_layout must be 'separate', 'blocks' or 'per_head'; got {layout!r}")
 
 
-def install_split(stack: ExitStack, model, hook_map, layer: int, handlers: dict, sizes: Sizes, apply) -> None:
+def install_split(stack: ExitStack, model: HookedModel, hook_map, layer: int, handlers: dict, sizes: Sizes, apply) -> None:
     """Install the split for one layer: ``handlers`` maps "q"/"k"/"v" to handler lists run by
     ``apply(handlers, x [batch, pos, head, d_model])`` (mechkit's hook runner)."""
-    from .hookpoints import get_module
-
     fam = hook_map.family
     missing = [k for k in ("attn_in_norm", "qkv_layout", *(f"{p}_proj" for p in handlers)) if k not in fam]
     if missing:

@@ -16,7 +16,8 @@ CASES = [("resid_pre", 3), ("z", 5), ("k6",), ("scale", 2, "ln1"), ("normalized"
          ("pattern", 1), ("attn", 2), ("post", 0), ("mlp_post", 1), ("pre5",), ("embed",), ("pos_embed",),
          ("blocks.3.hook_resid_pre",), ("hook_embed",), ("resid_mid", 0), ("scale4ln1",), ("q", 1, "a"),
          ("k", 6, "a"), ("attn_out", 4), ("mlp_out", 11), ("resid_post", 2), ("rot_q", 2), ("result", 1),
-         ("attn_scores", 2), ("attn_logits", 3), ("key", 1), ("value", 0), ("query", 2), ("v", 3), ("mid", 1)]
+         ("attn_scores", 2), ("attn_logits", 3), ("key", 1), ("value", 0), ("query", 2), ("v", 3), ("mid", 1),
+         ("q_input", 2), ("k_input", 0), ("v_input", 1), ("mlp_in", 3), ("attn_in", 1)]
 
 
 def test_act_name_examples():
@@ -29,6 +30,7 @@ def test_act_name_examples():
     assert act_name("neuron", 2) == act_name("neurons", 2) == "blocks.2.mlp.hook_post"
     assert act_name("head_out", 1) == "blocks.1.attn.hook_z"
     assert act_name("resid_pre12") == "blocks.12.hook_resid_pre"
+    assert act_name("q_input", 2) == "blocks.2.hook_q_input" and act_name("mlp_in", 1) == "blocks.1.hook_mlp_in"
     assert template("z") == "blocks.{l}.attn.hook_z" and layer_point(3, "hook_mlp_out") == "blocks.3.hook_mlp_out"
 
 

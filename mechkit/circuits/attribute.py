@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +37,9 @@ from ..patching.metrics import logit_diff
 from .flow import SenderHooks, check_model, point, receiver_hooks
 from .graph import Graph
 from .scores import EdgeScores
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 METHODS = ("eap", "eap-ig", "eap-ig-activations", "relp")
 
@@ -52,7 +56,7 @@ def _runner(model, metric) -> Callable:
     return run
 
 
-def sender_outputs(model, graph: Graph, batch, run) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def sender_outputs(model: HookedModel, graph: Graph, batch, run) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(logits, senders [b, p, S, d], {group: output}) of a plain run (no grad); groups are
     ("attn", l) -> attn_out and ("mlp", l) -> mlp_out, for interpolation."""
     sh = SenderHooks(model, graph)
@@ -70,7 +74,7 @@ def sender_outputs(model, graph: Graph, batch, run) -> tuple[torch.Tensor, torch
     return logits, sh.out, groups
 
 
-def receiver_backward(model, graph: Graph, batch, run, metric_fn, on_grad, extra_hooks=(), senders=None,
+def receiver_backward(model: HookedModel, graph: Graph, batch, run, metric_fn, on_grad, extra_hooks=(), senders=None,
                       after_forward=None) -> float:
     """One forward + backward; returns the metric. ``on_grad(layer, part, grad)`` is called for
     every receiver as soon as its gradient exists (part "q"/"k"/"v": [b, p, heads, d]; "mlp" and
@@ -146,7 +150,7 @@ def _prepare(model, task, metric, batch_size):
 
 
 def attribute(
-    model,
+    model: HookedModel,
     task,
     method: str = "eap-ig",
     metric: Callable | None = None,

@@ -12,9 +12,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .attribute import attribute
 from .faithfulness import DEFAULT_FRACTIONS, edge_patching, faithfulness_curve
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class DiscoverOptions:
     extra: dict = field(default_factory=dict)
 
 
-def discover(model, task, out: str | Path | None = None, options: DiscoverOptions | None = None) -> dict:
+def discover(model: HookedModel, task, out: str | Path | None = None, options: DiscoverOptions | None = None) -> dict:
     """Run the methods, curves and verification; write files to ``out`` (if given); return the summary."""
     o = options or DiscoverOptions()
     t0 = time.perf_counter()

@@ -14,6 +14,8 @@ the shift is a gather instead. Chunks of circuits are sized by ``max_bytes``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from tqdm.auto import tqdm
 
@@ -23,10 +25,13 @@ from .attribute import _runner, sender_outputs
 from .circuit import Circuit
 from .flow import SenderHooks, check_model, point, receiver_hooks
 
+if TYPE_CHECKING:
+    from ..model import HookedModel
+
 ABLATIONS = ("corrupted", "mean")
 
 
-def ablated_values(model, graph, task, ablation: str, metric, reference=None) -> torch.Tensor:
+def ablated_values(model: HookedModel, graph, task, ablation: str, metric, reference=None) -> torch.Tensor:
     """[n, p, S, d] (corrupted) or [1, 1, S, d] (mean over real tokens of ``reference``, default
     the task's clean prompts)."""
     run = _runner(model, metric)
@@ -40,7 +45,7 @@ def ablated_values(model, graph, task, ablation: str, metric, reference=None) ->
     return ((s * w).sum((0, 1)) / w.sum()).view(1, 1, *s.shape[2:])
 
 
-def evaluate(model, task, circuits, ablation: str = "corrupted", metric=None, reference=None,
+def evaluate(model: HookedModel, task, circuits, ablation: str = "corrupted", metric=None, reference=None,
              max_bytes: int = 2**29, max_tokens: int = 2**14, progress: bool = False) -> torch.Tensor | float:
     """The metric (prompt mean) of each circuit: a float for one :class:`Circuit`, a [K] tensor
     for a list. ``reference``: the task whose clean prompts give the means (``ablation="mean"``).

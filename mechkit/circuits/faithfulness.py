@@ -13,11 +13,15 @@ in one fused batch, together with the empty and the full circuit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .circuit import Circuit
 from .evaluate import evaluate
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 
@@ -60,7 +64,7 @@ def _area(x, y) -> float:
     return tot / (x[-1] - x[0])
 
 
-def faithfulness_curve(model, task, scores, fractions=DEFAULT_FRACTIONS, mode: str = "topn",
+def faithfulness_curve(model: HookedModel, task, scores, fractions=DEFAULT_FRACTIONS, mode: str = "topn",
                        ablation: str = "corrupted", metric=None, absolute: bool = True, **kw) -> FaithfulnessCurve:
     """Circuits of ``fractions`` of the edges from ``scores`` (:class:`EdgeScores`), evaluated
     exactly in one fused batch with the full and the empty circuit."""
@@ -81,7 +85,7 @@ def faithfulness_curve(model, task, scores, fractions=DEFAULT_FRACTIONS, mode: s
                              {"mode": mode, "ablation": ablation, "method": scores.meta.get("method")})
 
 
-def edge_patching(model, task, edges=None, ablation: str = "corrupted", metric=None, graph=None, **kw):
+def edge_patching(model: HookedModel, task, edges=None, ablation: str = "corrupted", metric=None, graph=None, **kw):
     """Exact effect of each edge: ``M(full) - M(full without that edge)`` (positive = the edge
     helps), every edge of the graph by default or the named ``edges``; one fused batch.
     Returns (names, effects [n_edges] tensor)."""
@@ -101,7 +105,7 @@ def edge_patching(model, task, edges=None, ablation: str = "corrupted", metric=N
     return [graph.edge_name(s, r) for s, r in pairs], vals[0] - vals[1:]
 
 
-def edge_patching_scores(model, task, ablation: str = "corrupted", metric=None, **kw):
+def edge_patching_scores(model: HookedModel, task, ablation: str = "corrupted", metric=None, **kw):
     """:func:`edge_patching` over every edge, as :class:`EdgeScores` (method "exact")."""
     from .flow import check_model
     from .scores import EdgeScores

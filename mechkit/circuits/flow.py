@@ -15,25 +15,28 @@ Shapes: sender outputs ``[batch, pos, senders, d_model]``; per-layer receiver in
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..sites import act_name
 from ..weights import weight_in_out
 from .graph import Graph
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 def point(kind: str, layer: int | None = None) -> str:
     """The hook point name of a graph site (one place that spells names)."""
-    names = {
-        "input": "blocks.0.hook_resid_pre", "z": "blocks.{l}.attn.hook_z", "mlp_out": "blocks.{l}.hook_mlp_out",
-        "attn_out": "blocks.{l}.hook_attn_out", "q": "blocks.{l}.hook_q_input", "k": "blocks.{l}.hook_k_input",
-        "v": "blocks.{l}.hook_v_input", "mlp_in": "blocks.{l}.hook_mlp_in", "final": "blocks.{l}.hook_resid_post",
-        "resid_pre": "blocks.{l}.hook_resid_pre",
-    }
-    return names[kind].replace("{l}", str(layer))
+    if kind == "input":
+        return act_name("resid_pre", 0)
+    kinds = {"z": "z", "mlp_out": "mlp_out", "attn_out": "attn_out", "q": "q_input", "k": "k_input", "v": "v_input",
+             "mlp_in": "mlp_in", "final": "resid_post", "resid_pre": "resid_pre"}
+    return act_name(kinds[kind], int(layer))
 
 
-def check_model(model) -> Graph:
+def check_model(model: HookedModel) -> Graph:
     """The model's graph, or a clear error where heads do not add linearly into the residual."""
     fam = model.hook_map.family
     if "attn_post_norm" in fam:
@@ -84,7 +87,7 @@ class SenderHooks:
         return hs
 
 
-def receiver_hooks(model, graph: Graph, fn: Callable) -> list[tuple[str, Callable]]:
+def receiver_hooks(model: HookedModel, graph: Graph, fn: Callable) -> list[tuple[str, Callable]]:
     """Hooks on every receiver input; ``fn(layer, part, x)`` returns the tensor that receiver reads.
 
     part "q"/"k"/"v": x [b, p, heads, d]; "mlp": x [b, p, d]; "logits" (layer = n_layers): x [b, p, d].

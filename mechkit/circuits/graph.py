@@ -20,8 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class Graph:
     parallel: bool = False
 
     @classmethod
-    def from_model(cls, model) -> Graph:
+    def from_model(cls, model: HookedModel) -> Graph:
         cond = model.hook_map.family.get("parallel_residual_if")
         parallel = bool(cond and getattr(model.hf_model.config, cond, False))
         return cls(model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads, parallel)

@@ -62,7 +62,7 @@ PRE_MLP_KINDS = frozenset({"resid_pre", "resid_mid", "attn_out", "z", "q", "k", 
 PRE_ATTN_OUT_KINDS = frozenset({"resid_pre", "q", "k", "v", "pattern"})
 
 
-def fast_paths(model) -> bool:
+def fast_paths(model: HookedModel) -> bool:
     """Whether the engine may skip layers, reuse the base run's KV cache and run the last layer's
     MLP on the last position only. Hand-written maps allow it; detected maps set
     ``fast_paths = false`` (their layers may keep per-layer state, add in place, or need every

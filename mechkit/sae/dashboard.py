@@ -4,13 +4,18 @@ task's AtP / RelP picks (Plotly figures; :func:`feature_sections` gives them as 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .dictionary import SAE
 
+if TYPE_CHECKING:
+    from ..model import HookedModel
+
 
 @torch.no_grad()
-def top_contexts(model, sae: SAE, features, data=None, rows: int = 32, context: int = 48, n: int = 4,
+def top_contexts(model: HookedModel, sae: SAE, features, data=None, rows: int = 32, context: int = 48, n: int = 4,
                  window: int = 10) -> dict[int, list[tuple[list[str], list[float]]]]:
     """For each feature, its ``n`` top-activating token windows: {feature: [(tokens, activations)]}.
 
@@ -92,7 +97,7 @@ def attribution_bars(atp, relp=None, top: int = 12, title: str = "features picke
     return fig
 
 
-def feature_sections(model, sae: SAE, task, name: str = "SAE", progress: bool = False) -> tuple[dict, dict]:
+def feature_sections(model: HookedModel, sae: SAE, task, name: str = "SAE", progress: bool = False) -> tuple[dict, dict]:
     """Dashboard sections (title -> figure) and notes for ``sae`` on ``task``: AtP / RelP picks, their top
     contexts, the density histogram."""
     from .features import feature_attribution

@@ -10,11 +10,16 @@ sees exactly the activations the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 def corpus_texts(seed: int = 0) -> Iterator[str]:
@@ -36,7 +41,7 @@ def _texts(source) -> Iterable[str]:
     return source
 
 
-def token_rows(model, source, context: int) -> Iterator[torch.Tensor]:
+def token_rows(model: HookedModel, source, context: int) -> Iterator[torch.Tensor]:
     """Rows [context] of token ids: BOS (if the tokenizer has one) + the documents concatenated."""
     if isinstance(source, torch.Tensor):
         if source.dim() != 2 or source.dtype not in (torch.long, torch.int32, torch.int64):

@@ -17,6 +17,8 @@ run (RelP: under the LRP rules): one forward and one backward for all features a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import time
 from contextlib import contextmanager
 
@@ -28,8 +30,11 @@ from .dictionary import SAE
 from .io import check_fits
 from .splice import point_names, splice
 
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
-def find_spliced(model, site: str) -> SAE:
+
+def find_spliced(model: HookedModel, site: str) -> SAE:
     """The dictionary spliced at ``site`` (its ``hook_name``), for ``sites="sae:<hook_name>"``."""
     owner = model.sub_points.owner(f"{site}.hook_sae_acts_post")
     if owner is None:
@@ -95,7 +100,7 @@ def _check_by(by):
 
 
 @torch.no_grad()
-def feature_patch(model, task, sae: SAE | None = None, site: str | None = None, by=("feature",), features=None,
+def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | None = None, by=("feature",), features=None,
                   metric=None, mode: str = "denoise", max_batch_tokens: int = 8192, progress: bool = True,
                   normalise: bool | None = None, skip_layers: bool = True) -> Result:
     """Activation patching of dictionary features (each feature alone; all positions, or one (pos, feature)).
@@ -183,7 +188,7 @@ def feature_patch(model, task, sae: SAE | None = None, site: str | None = None, 
                   meta, name="patch_features")
 
 
-def feature_attribution(model, task, sae: SAE | None = None, site: str | None = None, by=("feature",),
+def feature_attribution(model: HookedModel, task, sae: SAE | None = None, site: str | None = None, by=("feature",),
                         method: str = "atp", metric=None, rules=None, normalise: bool | None = None,
                         progress: bool = True) -> Result:
     """AtP (or RelP with LRP ``rules``) over every feature of a dictionary in one forward/backward.
@@ -242,7 +247,7 @@ def _null():
 
 
 @contextmanager
-def ablate_features(model, sae: SAE, features, mode: str = "zero", value=None, means=None, error_term: bool = True):
+def ablate_features(model: HookedModel, sae: SAE, features, mode: str = "zero", value=None, means=None, error_term: bool = True):
     """Splice ``sae`` and ablate ``features`` inside the block.
 
     ``mode``: "zero" (set to 0), "mean" (set to ``means`` [d_sae], e.g. from
@@ -273,7 +278,7 @@ def ablate_features(model, sae: SAE, features, mode: str = "zero", value=None, m
 
 
 @torch.no_grad()
-def feature_means(model, sae: SAE, inputs) -> torch.Tensor:
+def feature_means(model: HookedModel, sae: SAE, inputs) -> torch.Tensor:
     """Mean activation [d_sae] of every feature over the real (unpadded) tokens of ``inputs``."""
     b = model.batch(inputs)
     _, cache = model.run_with_cache(b, names=[sae.cfg.hook_name])

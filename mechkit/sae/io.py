@@ -17,6 +17,8 @@ Nothing is unpickled (``np.load(allow_pickle=False)``, safetensors).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import re
 from pathlib import Path
@@ -29,6 +31,9 @@ from safetensors.torch import save_file
 
 from ..io import atomic_path
 from .dictionary import ARCHITECTURES, DTYPES, SAE, SAEConfig, architecture_name, finite_or_raise
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -205,7 +210,7 @@ def gemma_scope_hook(path: str) -> str | None:
     return None
 
 
-def load(source, model=None, hook_name: str | None = None, dtype=None, device=None) -> SAE:
+def load(source, model: HookedModel=None, hook_name: str | None = None, dtype=None, device=None) -> SAE:
     """Load a dictionary.
 
     ``source``: a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``), a Gemma Scope
@@ -258,7 +263,7 @@ def _download(location: str) -> Path:
     return root / sub if sub else root
 
 
-def check_fits(sae: SAE, model) -> None:
+def check_fits(sae: SAE, model: HookedModel) -> None:
     """Refuse a dictionary whose hook points the model lacks or whose width differs from them."""
     cfg = sae.cfg
     if cfg.hook_name is None:
@@ -272,7 +277,7 @@ def check_fits(sae: SAE, model) -> None:
             raise ValueError(f"dictionary {role} {name} with width {width}, but the model's {name} has width {have}")
 
 
-def point_width(model, name: str, flat_heads: bool = False) -> int | None:
+def point_width(model: HookedModel, name: str, flat_heads: bool = False) -> int | None:
     """Width of the last axis of hook point ``name`` (heads x d_head for hook_z when ``flat_heads``)."""
     c = model.cfg
     tail = name.split(".")[-1]

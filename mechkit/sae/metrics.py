@@ -16,12 +16,17 @@ On rows of tokens from a source (default: the bundled corpus, a seed training do
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from .data import StreamOptions, token_rows
 from .dictionary import SAE
 from .io import check_fits
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -30,7 +35,7 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, sae: SAE, data=None, tokens: int = 20_000, context: int = 64, rows_per_forward: int = 32,
+def evaluate(model: HookedModel, sae: SAE, data=None, tokens: int = 20_000, context: int = 64, rows_per_forward: int = 32,
              dense_threshold: float = 0.1) -> dict:
     """The metrics of the module docstring on about ``tokens`` tokens (``density`` as a list)."""
     check_fits(sae, model)

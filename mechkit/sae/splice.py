@@ -25,6 +25,8 @@ spread over devices (the dictionary's outputs follow the point's device).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
@@ -32,6 +34,9 @@ import torch
 
 from .dictionary import SAE
 from .io import check_fits
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 SUFFIXES = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
             "hook_sae_output")
@@ -122,7 +127,7 @@ def _as_list(saes) -> list[SAE]:
     return items
 
 
-def splice_hooks(model, saes, error_term: bool = True) -> tuple[list, list[_Spliced]]:
+def splice_hooks(model: HookedModel, saes, error_term: bool = True) -> tuple[list, list[_Spliced]]:
     """The (name, fn) pairs that splice ``saes`` (checked against ``model``), and their state."""
     items = _as_list(saes)
     seen: dict[str, SAE] = {}
@@ -137,7 +142,7 @@ def splice_hooks(model, saes, error_term: bool = True) -> tuple[list, list[_Spli
 
 
 @contextmanager
-def splice(model, saes, error_term: bool = True) -> Iterator:
+def splice(model: HookedModel, saes, error_term: bool = True) -> Iterator:
     """Splice one dictionary or a list into ``model`` for the duration of the block.
 
     ``saes``: an :class:`~mechkit.sae.SAE` or a list of them, each at its ``hook_name`` (a

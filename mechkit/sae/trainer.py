@@ -31,6 +31,8 @@ options resumes there and gives the same dictionary as an uninterrupted run.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import math
 import time
@@ -47,6 +49,9 @@ from ..io import atomic_path
 from .data import ActivationStream, StreamOptions
 from .dictionary import SAE, SAEConfig
 from .io import check_fits
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 TRAINABLE = ("topk", "batchtopk", "jumprelu", "standard")
 
@@ -261,7 +266,7 @@ def _fingerprint(**kw) -> str:
     return json.dumps(kw, sort_keys=True, default=str)
 
 
-def train(model, hook_name: str, architecture: str = "topk", d_sae: int | None = None, k: int | None = 32,
+def train(model: HookedModel, hook_name: str, architecture: str = "topk", d_sae: int | None = None, k: int | None = 32,
           tokens: int = 1_000_000, data=None, hook_name_out: str | None = None, options: TrainOptions | None = None,
           save_to=None, **overrides) -> SAE:
     """Train a dictionary on ``model``'s activations at ``hook_name``.

@@ -16,9 +16,14 @@ Either way it is a :class:`~mechkit.steering.Steering`: ``apply`` / ``attach`` /
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .base import Steering, model_info
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 class FeatureSteering(Steering):
@@ -58,7 +63,7 @@ class FeatureSteering(Steering):
                          dictionary=dictionary)
 
     @classmethod
-    def from_dictionary(cls, model, sae, features, coefficients=None, mode: str = "add", values=None):
+    def from_dictionary(cls, model: HookedModel, sae, features, coefficients=None, mode: str = "add", values=None):
         """Build it from ``sae``'s features (checked against ``model``).
 
         ``coefficients``: one per feature (or one number) for "add" (default 1); ``values``: one per
