@@ -129,6 +129,8 @@ def bench_model(label, make_hf, tokenizer, args, arch: str = "gpt2") -> list[dic
                                      index_df=pd.DataFrame([[0] * len(tl_axes)], columns=tl_axes))
     sync()
     for sweep, (site, by, setter, act, tl_axes) in SWEEPS.items():
+        if sweep not in args.sweeps.split(","):
+            continue
         sizes = [m.cfg.n_layers] + [{"pos": T, "head": m.cfg.n_heads}[a] for a in by[1:]]
         n_patches = int(torch.tensor(sizes).prod())
         plain_rows = sorted({int(r) for r in args.plain_rows.split(",")} | {max(1, args.max_batch_tokens // T)})
@@ -225,6 +227,7 @@ def main():
     ap.add_argument("--plain-rows", default="8,16,32,64,128,256",
                     help="batch sizes (rows) of the plain forwards; the fastest per row is the baseline")
     ap.add_argument("--overheads", default="", help="extra planner overheads to time the sweep under, e.g. 64,256")
+    ap.add_argument("--sweeps", default="resid_pre,head_z", help="which sweeps to time (comma-separated)")
     ap.add_argument("--cost-model", action="store_true", help="measure the cost model's constants (random model)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of all three timings; medians reported")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/patching.json"))

@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 
 from ..attribution import lrp
 from ..attribution.metrics import prompt_mean
-from ..patching.engine import _accepts, start_at_layer
-from ..patching.metrics import logit_diff
+from ..hf_compat import accepts_logits_to_keep
+from ..patching.engine import start_at_layer
+from ..patching.metrics import as_metric, logit_diff
 from .flow import SenderHooks, check_model, point, receiver_hooks
 from .graph import Graph
 from .scores import EdgeScores
@@ -45,8 +46,7 @@ METHODS = ("eap", "eap-ig", "eap-ig-activations", "relp")
 
 
 def _runner(model, metric) -> Callable:
-    kw = {"logits_to_keep": 1} if getattr(metric, "last_only", False) and _accepts(
-        model.hf_model.forward, "logits_to_keep") else {}
+    kw = {"logits_to_keep": 1} if as_metric(metric).last_only and accepts_logits_to_keep(model.hf_model) else {}
 
     def run(batch, hooks=(), start: int = 0):
         """Logits of ``batch`` under ``hooks``; ``start`` > 0 runs only layers ``start..`` (the caller
@@ -134,7 +134,7 @@ def scorer(scores, graph: Graph, delta, weight: float, senders: slice | None = N
 
 
 def _prepare(model, task, metric, batch_size):
-    metric = metric if metric is not None else logit_diff(task)
+    metric = as_metric(metric if metric is not None else logit_diff(task))
     if task.clean_tokens.shape != task.corrupt_tokens.shape:
         raise ValueError(f"clean and corrupted tokens differ in shape: {tuple(task.clean_tokens.shape)} vs "
                          f"{tuple(task.corrupt_tokens.shape)}; edge attribution needs aligned prompts")
@@ -143,7 +143,7 @@ def _prepare(model, task, metric, batch_size):
     if bs < 1:
         raise ValueError(f"batch_size must be a positive number of prompts, got {batch_size!r}")
     spans = [(i, min(n, i + bs)) for i in range(0, n, bs)]
-    if len(spans) > 1 and not hasattr(metric, "subset"):
+    if len(spans) > 1 and not metric.splittable:
         raise ValueError(f"batch_size={bs} splits the {n} prompts, but the metric {metric!r} cannot be split by "
                          "prompt (it has no .subset(rows)); use a mechkit metric or batch_size=None")
     return metric, spans
@@ -201,8 +201,7 @@ def attribute(
 
 
 def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores, w, bar):
-    if hasattr(metric, "bind_clean"):
-        metric.bind_clean(_runner(model, metric)(model.batch(task.clean_tokens, attention_mask=task.clean_mask)))
+    metric.bind_clean(_runner(model, metric)(model.batch(task.clean_tokens, attention_mask=task.clean_mask)))
     run = _runner(model, metric)
     metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)

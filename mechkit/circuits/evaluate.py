@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from ..patching.metrics import as_metric, logit_diff
 from ..patching.metrics import evaluate as metric_means
-from ..patching.metrics import logit_diff
 from .attribute import _runner, sender_outputs
 from .circuit import Circuit
 from .flow import SenderHooks, check_model, point, receiver_hooks
@@ -59,11 +59,10 @@ def evaluate(model: HookedModel, task, circuits, ablation: str = "corrupted", me
     for c in circuits:
         if c.graph != graph:
             raise ValueError(f"a circuit was built for {c.graph}, not this model's graph {graph}")
-    metric = metric if metric is not None else logit_diff(task)
+    metric = as_metric(metric if metric is not None else logit_diff(task))
     run = _runner(model, metric)
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
-    if hasattr(metric, "bind_clean"):
-        metric.bind_clean(run(clean_b))
+    metric.bind_clean(run(clean_b))
     A = ablated_values(model, graph, task, ablation, metric, reference)
     absent = torch.stack([graph.real & ~c.edges for c in circuits])  # [K, S, R]
     n, T = clean_b.input_ids.shape
