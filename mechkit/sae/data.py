@@ -10,11 +10,10 @@ sees exactly the activations the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 

@@ -174,8 +174,6 @@ class SAE(nn.Module):
     @classmethod
     def from_weights(cls, cfg: SAEConfig, weights: dict[str, torch.Tensor], device=None) -> SAE:
         """Check ``weights`` against ``cfg`` (names, shapes, finite values) and build the dictionary."""
-        from .io import check_weights
-
         return cls(cfg, check_weights(cfg, weights, "<weights>"), device)
 
     # ------------------------------------------------------------------ sizes
@@ -316,7 +314,7 @@ class SAE(nn.Module):
 
     def save(self, folder) -> None:
         """Write ``cfg.json`` + ``sae_weights.safetensors`` in SAELens's format (see :mod:`.io`)."""
-        from .io import save
+        from .format import save
 
         save(self, folder)
 
@@ -332,3 +330,34 @@ def finite_or_raise(name: str, t: torch.Tensor, source: str) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{source}: weight {name!r} has {bad} non-finite values (NaN or inf)")
+
+
+def check_weights(cfg: SAEConfig, weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Validate ``weights`` against ``cfg`` and return them with SAELens's training-only names
+    converted (``log_threshold`` -> ``threshold``, ``topk_threshold`` -> per-feature ``threshold``)."""
+    w = dict(weights)
+    if "threshold" not in w and "log_threshold" in w:
+        w["threshold"] = torch.exp(w.pop("log_threshold"))
+    if "threshold" not in w and "topk_threshold" in w:  # a batchtopk training checkpoint
+        w["threshold"] = w.pop("topk_threshold").reshape(()).expand(cfg.d_sae).clone()
+    if "scaling_factor" in w:
+        sf = w.pop("scaling_factor")
+        if not torch.allclose(sf, torch.ones_like(sf)):
+            raise ValueError(f"{source}: a 'scaling_factor' other than 1 (pre-6.0 SAELens fine-tuning) is not supported")
+    want = cfg.weight_shapes()
+    missing = [k for k in want if k not in w]
+    extra = [k for k in w if k not in want]
+    if missing or extra:
+        raise ValueError(f"{source}: a {cfg.architecture} dictionary needs weights {sorted(want)}; "
+                         + (f"missing {missing}" if missing else "") + ("; " if missing and extra else "")
+                         + (f"unexpected {extra}" if extra else ""))
+    for k, shape in want.items():
+        t = w[k]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{source}: weight {k!r} must be a floating-point tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{source}: weight {k!r} has shape {tuple(t.shape)}; the config (d_in={cfg.d_in}, "
+                             f"d_sae={cfg.d_sae}, d_out={cfg.d_out}) implies {shape}")
+        finite_or_raise(k, t, source)
+    return w

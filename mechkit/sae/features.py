@@ -17,10 +17,9 @@ run (RelP: under the LRP rules): one forward and one backward for all features a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import time
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -113,7 +112,7 @@ def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | 
         Result over ``by`` (raw or normalised metric of each patched run, like activation_patch).
     """
     from ..patching.engine import start_at_layer
-    from ..patching.metrics import evaluate, logit_diff
+    from ..patching.metrics import as_metric, evaluate, logit_diff
     from ..patching.sites import site_kind
 
     t0 = time.perf_counter()
@@ -122,8 +121,8 @@ def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | 
     if mode not in ("denoise", "noise"):
         raise ValueError(f"mode must be 'denoise' or 'noise', got {mode!r}")
     feats = _features(sae, features)
-    metric = metric if metric is not None else logit_diff(task)
-    normalise = bool(getattr(metric, "normalise", False)) if normalise is None else normalise
+    metric = as_metric(metric if metric is not None else logit_diff(task))
+    normalise = metric.normalise if normalise is None else normalise
     clean, corrupt = _task_batches(model, task)
     base, src = (corrupt, clean) if mode == "denoise" else (clean, corrupt)
     cfg = sae.cfg
@@ -135,8 +134,7 @@ def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | 
     src_logits, src_cache = model.run_with_cache(src, names=names)
     base_logits, base_cache = model.run_with_cache(base, names=names)
     clean_logits, corrupt_logits = (src_logits, base_logits) if mode == "denoise" else (base_logits, src_logits)
-    if hasattr(metric, "bind_clean"):
-        metric.bind_clean(clean_logits)
+    metric.bind_clean(clean_logits)
     n, T = base.input_ids.shape
     m_clean = float(evaluate(metric, clean_logits, n)[0])
     m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
@@ -197,7 +195,8 @@ def feature_attribution(model: HookedModel, task, sae: SAE | None = None, site: 
     """
     from ..attribution import lrp
     from ..attribution.atp import _grad_run
-    from ..attribution.metrics import logit_diff, prompt_mean
+    from ..attribution.metrics import prompt_mean
+    from ..patching.metrics import as_metric, logit_diff
 
     t0 = time.perf_counter()
     if method not in ("atp", "relp"):
@@ -205,13 +204,12 @@ def feature_attribution(model: HookedModel, task, sae: SAE | None = None, site: 
     sae = _sae_or_spliced(model, sae, site)
     by = _check_by(by)
     cfg = sae.cfg
-    metric = metric if metric is not None else logit_diff(task)
-    normalise = bool(getattr(metric, "normalise", False)) if normalise is None else normalise
+    metric = as_metric(metric if metric is not None else logit_diff(task))
+    normalise = metric.normalise if normalise is None else normalise
     clean, corrupt = _task_batches(model, task)
     names = list(dict.fromkeys([cfg.hook_name, cfg.out_hook]))
     logits_c, cache_c = model.run_with_cache(clean, names=names)
-    if hasattr(metric, "bind_clean"):
-        metric.bind_clean(logits_c)
+    metric.bind_clean(logits_c)
     metric_fn = lambda lg: prompt_mean(metric, lg)  # noqa: E731
     with torch.no_grad():
         m_clean = float(metric_fn(logits_c))

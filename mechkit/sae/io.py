@@ -17,26 +17,30 @@ Nothing is unpickled (``np.load(allow_pickle=False)``, safetensors).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..io import atomic_path
-from .dictionary import ARCHITECTURES, DTYPES, SAE, SAEConfig, architecture_name, finite_or_raise
+from .dictionary import (
+    ARCHITECTURES,
+    DTYPES,
+    SAE,
+    SAEConfig,
+    architecture_name,
+    check_weights,
+)
+from .format import CFG_FILE, WEIGHTS_FILE, save, to_saelens_dict  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from ..model import HookedModel
 
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
+if TYPE_CHECKING:
+    from ..model import HookedModel
 GEMMA_SCOPE_FILE = "params.npz"
 # pre-6.0 SAELens config keys
 _RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
@@ -83,37 +87,6 @@ def config_from_dict(raw: dict[str, Any], source: str = "<cfg>") -> SAEConfig:
                          hook_name_out=meta.pop("hook_name_out", None), metadata=meta, **kw)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from None
-
-
-def check_weights(cfg: SAEConfig, weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Validate ``weights`` against ``cfg`` and return them with SAELens's training-only names
-    converted (``log_threshold`` -> ``threshold``, ``topk_threshold`` -> per-feature ``threshold``)."""
-    w = dict(weights)
-    if "threshold" not in w and "log_threshold" in w:
-        w["threshold"] = torch.exp(w.pop("log_threshold"))
-    if "threshold" not in w and "topk_threshold" in w:  # a batchtopk training checkpoint
-        w["threshold"] = w.pop("topk_threshold").reshape(()).expand(cfg.d_sae).clone()
-    if "scaling_factor" in w:
-        sf = w.pop("scaling_factor")
-        if not torch.allclose(sf, torch.ones_like(sf)):
-            raise ValueError(f"{source}: a 'scaling_factor' other than 1 (pre-6.0 SAELens fine-tuning) is not supported")
-    want = cfg.weight_shapes()
-    missing = [k for k in want if k not in w]
-    extra = [k for k in w if k not in want]
-    if missing or extra:
-        raise ValueError(f"{source}: a {cfg.architecture} dictionary needs weights {sorted(want)}; "
-                         + (f"missing {missing}" if missing else "") + ("; " if missing and extra else "")
-                         + (f"unexpected {extra}" if extra else ""))
-    for k, shape in want.items():
-        t = w[k]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"{source}: weight {k!r} must be a floating-point tensor, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{source}: weight {k!r} has shape {tuple(t.shape)}; the config (d_in={cfg.d_in}, "
-                             f"d_sae={cfg.d_sae}, d_out={cfg.d_out}) implies {shape}")
-        finite_or_raise(k, t, source)
-    return w
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -291,35 +264,3 @@ def point_width(model: HookedModel, name: str, flat_heads: bool = False) -> int 
     return None
 
 
-def to_saelens_dict(cfg: SAEConfig) -> dict[str, Any]:
-    """``cfg.json`` content as SAELens 6 writes it."""
-    from .. import __version__
-
-    meta = dict(cfg.metadata)
-    meta["hook_name"] = cfg.hook_name
-    if cfg.is_transcoder:
-        meta["hook_name_out"] = cfg.hook_name_out
-    meta.setdefault("sae_lens_version", "6.0.0")
-    meta.setdefault("sae_lens_training_version", "6.0.0")
-    meta["mechkit_version"] = __version__
-    out: dict[str, Any] = {"architecture": cfg.architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-                           "dtype": cfg.dtype, "device": "cpu", "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
-                           "normalize_activations": cfg.normalize_activations,
-                           "reshape_activations": cfg.reshape_activations, "metadata": meta}
-    if cfg.activation == "topk":
-        out["k"] = cfg.k
-        out["rescale_acts_by_decoder_norm"] = cfg.rescale_acts_by_decoder_norm
-    if cfg.is_transcoder:
-        out["d_out"] = cfg.d_out
-    return out
-
-
-def save(sae: SAE, folder) -> None:
-    """Write ``folder/cfg.json`` and ``folder/sae_weights.safetensors`` (SAELens 6 layout), atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in sae.named_parameters()}
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp))
-    with atomic_path(folder / CFG_FILE) as tmp:
-        tmp.write_text(json.dumps(to_saelens_dict(sae.cfg), indent=2))

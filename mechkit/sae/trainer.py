@@ -31,14 +31,13 @@ options resumes there and gives the same dictionary as an uninterrupted run.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
 import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
