@@ -42,6 +42,7 @@ from torch import nn
 
 from .hf_compat import attn_implementation
 from .hookpoints import HookMap, PointTable, get_module, installed, plan
+from .sites import act_name, layer_point
 
 HOW_TO = ("pass hook_map= (a TOML path or a dict with [family] and [points], see hooks/llama.toml in mechkit's repository) "
           "to mk.load")
@@ -378,7 +379,7 @@ def detect_map(hf: nn.Module) -> HookMap:
             roles = [role(p) for p in terms]
             if sorted(roles) == ["attn", "mixer", "mlp"]:  # attention and a mixer side by side (Falcon-H1)
                 attn_term, mixer_side, mlp_term = (terms[roles.index(k)] for k in ("attn", "mixer", "mlp"))
-                points[f"blocks.{l}.hook_mixer_out"] = {"module": mixer_side, "side": "output",
+                points[act_name("mixer_out", l)] = {"module": mixer_side, "side": "output",
                                                         **({"scale": scale_of(mixer_side)} if scale_of(mixer_side) != 1.0 else {})}
             elif roles[1:] == ["mlp", "mlp"]:  # the MLP's output is the sum of two modules' (routed + shared experts)
                 attn_term, mlp_parts = terms[0], terms[1:]
@@ -389,7 +390,7 @@ def detect_map(hf: nn.Module) -> HookMap:
         scale = dict(zip(terms, scales))
         kind = "attn" if first_is_attn else "mixer" if (is_mixer or len(terms) == 2) else "mlp_only"
         kinds.append(kind)
-        pl = f"blocks.{l}."
+        pl = layer_point(l, "")
 
         def term_point(path, s):
             spec = {"module": path, "side": "output"}
@@ -539,14 +540,14 @@ def _mlp_points(hf, seen, pl, block, term, post, fam, points, cfg) -> None:
 def _reasons(points: dict, kinds: list[str]) -> None:
     """Name why a layer lacks a point other layers (or other families) have."""
     for l, kind in enumerate(kinds):
-        pl = f"blocks.{l}."
+        pl = layer_point(l, "")
         points.setdefault(pl + "hook_resid_mid", {"unavailable": "a detected map has no resid_mid (whether the block is "
                                                   "sequential is not verified): use hook_resid_pre, hook_attn_out or "
                                                   "hook_mlp_out, or write a TOML map"})
         if kind != "attn":
             for t in ("q", "k", "v", "pattern", "z"):
                 points.setdefault(pl + f"attn.hook_{t}", {"unavailable": f"layer {l} is a {kind} layer (no softmax "
-                                                          f"attention); its output is blocks.{l}.hook_mixer_out"})
+                                                          f"attention); its output is {act_name('mixer_out', l)}"})
         moe = pl + "mlp.hook_expert_weights" in points or pl + "mlp.hook_router_logits" in points
         for t in ("post", "pre"):
             if pl + f"mlp.hook_{t}" not in points:
@@ -596,13 +597,13 @@ def verify(hf: nn.Module, hook_map: HookMap, tol: float = 1e-5) -> None:
         raise _verify_error(hook_map, f"[family] layers '{hook_map.family['layers']}': {e}") from None
     table = PointTable(hook_map, n_layers, hf.config)
     _check_distinct(hf, hook_map, table, n_layers)
-    lacking = [n for n in [f"blocks.{l}.{p}" for l in range(n_layers) for p in ("hook_resid_pre", "hook_resid_post")]
+    lacking = [n for n in [act_name(p, l) for l in range(n_layers) for p in ("resid_pre", "resid_post")]
                + ["hook_logits"] if n not in table.points]
     if lacking:
         raise _verify_error(hook_map, f"it lacks {lacking[0]}, needed to verify the residual decomposition")
-    parts_of = {l: [n for n in (f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mixer_out", f"blocks.{l}.hook_mlp_out")
+    parts_of = {l: [n for n in (act_name("attn_out", l), act_name("mixer_out", l), act_name("mlp_out", l))
                     if n in table.points] for l in range(n_layers)}
-    wanted = [f"blocks.{l}.{p}" for l in range(n_layers) for p in ("hook_resid_pre", "hook_resid_post")]
+    wanted = [act_name(p, l) for l in range(n_layers) for p in ("resid_pre", "resid_post")]
     wanted += [n for l in range(n_layers) for n in parts_of[l]] + ["hook_logits"]
     store: dict[str, torch.Tensor] = {}
     pairs = [(n, lambda x, h: store.__setitem__(h.name, x.clone())) for n in wanted]
@@ -613,8 +614,8 @@ def verify(hf: nn.Module, hook_map: HookMap, tol: float = 1e-5) -> None:
     with installed(hf, plan(table, pairs), n_heads):
         logits = hf(input_ids=ids, use_cache=False).logits
     for l in range(n_layers):
-        post = store[f"blocks.{l}.hook_resid_post"]
-        parts = store[f"blocks.{l}.hook_resid_pre"] + sum(store[n] for n in parts_of[l])
+        post = store[act_name("resid_post", l)]
+        parts = store[act_name("resid_pre", l)] + sum(store[n] for n in parts_of[l])
         err = (parts - post).abs().max().item()
         if err > tol * (1 + post.abs().max().item()):
             raise _verify_error(hook_map, f"layer {l}: resid_pre + {' + '.join(p.split('.')[-1] for p in parts_of[l])} differs from "

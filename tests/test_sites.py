@@ -51,7 +51,7 @@ def test_registry_names_exist_on_models():
         m = mk.load(random_hf_model(family))
         names = set(m.hook_names())
         for kind in SITE_KINDS.values():
-            if kind.name == "resid_mid" and family == "gpt_neox":
+            if kind.name in ("mixer_out", "router_logits"):  # hybrids' mixers and MoE routers only
                 continue
             assert kind.hook_name(1) in names, (family, kind.name)
             assert kind.hook_name(1) == act_name(kind.name, 1)
