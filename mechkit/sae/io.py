@@ -39,8 +39,6 @@ from .format import CFG_FILE, WEIGHTS_FILE, save, to_saelens_dict  # noqa: F401 
 if TYPE_CHECKING:
     from ..model import HookedModel
 
-if TYPE_CHECKING:
-    from ..model import HookedModel
 GEMMA_SCOPE_FILE = "params.npz"
 # pre-6.0 SAELens config keys
 _RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
