@@ -31,11 +31,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .weights import bias_of, weight_in_out
+
+if TYPE_CHECKING:
+    from .model import HookedModel
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ def _untie_unembed(hf: nn.Module, unembed: nn.Module, embed: nn.Module) -> None:
         hf.config.tie_word_embeddings = False
 
 
-def process_weights(model, options: ProcessingOptions | None = None, **flags):
+def process_weights(model: HookedModel, options: ProcessingOptions | None = None, **flags):
     """A copy of ``model`` (a :class:`mechkit.HookedModel`) with TransformerLens's weight processing.
 
     ``options`` or keyword flags (``fold_ln``, ``center_writing_weights``, ``center_unembed``,

@@ -79,6 +79,11 @@ def template(name: str, layer_type: str | None = None) -> str:
     return _compose(name, _LAYER_TOKEN, layer_type)
 
 
+def layer_template(suffix: str) -> str:
+    """The per-layer template of a point given by its suffix: ``"blocks.{l}." + suffix``."""
+    return f"blocks.{_LAYER_TOKEN}.{suffix}"
+
+
 def layer_point(layer: int, suffix: str) -> str:
     """``suffix`` (a per-layer point such as ``"hook_mlp_out"`` or ``"attn.hook_z"``) at ``layer``."""
     return f"blocks.{int(layer)}.{suffix}"

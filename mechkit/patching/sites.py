@@ -28,7 +28,7 @@ from dataclasses import replace
 
 import torch
 
-from ..sites import _HEAD, ALIASES, SITE_KINDS, SiteKind
+from ..sites import _HEAD, ALIASES, SITE_KINDS, SiteKind, layer_template
 
 _PER_HEAD_IN = ("pos", "head", "d_model")
 _BY_SUFFIX: tuple[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]], ...] = (
@@ -49,10 +49,10 @@ def hook_site(name: str) -> SiteKind:
     """A site for any per-layer hook name: ``blocks.{l}.<point>`` (all layers) or ``blocks.<L>.<point>``."""
     m = _HOOK_RE.match(name)
     if not m:
-        raise ValueError(f"sites={name!r}: a hook name to patch must be a per-layer point 'blocks.{{l}}.<point>' or "
-                         f"'blocks.<layer>.<point>' (or a site kind: {sorted(SITE_KINDS)})")
+        raise ValueError(f"sites={name!r}: a hook name to patch must be a per-layer point "
+                         f"'{layer_template('<point>')}' or 'blocks.<layer>.<point>' (or a site kind: {sorted(SITE_KINDS)})")
     layer = None if m.group(1) == "{l}" else int(m.group(1))
-    template = f"blocks.{{l}}.{m.group(2)}"
+    template = layer_template(m.group(2))
     for kind in SITE_KINDS.values():
         if kind.hook == template:
             return replace(kind, layer=layer)
@@ -73,7 +73,7 @@ def site_kind(name: str) -> SiteKind:
     if "hook_" in key:
         return hook_site(key)
     raise ValueError(f"unknown site kind {name!r}; expected one of {sorted(SITE_KINDS) + sorted(ALIASES)} "
-                     "or a per-layer hook name such as 'blocks.{l}.ln1.hook_normalized'")
+                     f"or a per-layer hook name such as '{layer_template('ln1.hook_normalized')}'")
 
 
 def check_by(kind: SiteKind, by) -> tuple[str, ...]:

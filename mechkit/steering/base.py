@@ -210,7 +210,7 @@ class Steering(SteeringAlgebra):
         if "fit" in cls.__dict__:  # a raw HF model is wrapped before any method's fit sees it
             fit = cls.__dict__["fit"]
 
-            def wrapped(self, model, *args, _fit=fit, **kw):
+            def wrapped(self, model: HookedModel, *args, _fit=fit, **kw):
                 return _fit(self, as_hooked(model), *args, **kw)
             wrapped.__doc__, wrapped.__name__ = fit.__doc__, "fit"
             cls.fit = wrapped
@@ -367,7 +367,7 @@ class Steering(SteeringAlgebra):
         self._attached[id(model)] = stack
         return given
 
-    def detach(self, model):
+    def detach(self, model: HookedModel):
         given, model = model, as_hooked(model)
         stack = self._attached.pop(id(model), None)
         if stack is None:
@@ -411,7 +411,7 @@ class Steering(SteeringAlgebra):
         self._merged[id(model)] = saved
         return given
 
-    def unmerge(self, model):
+    def unmerge(self, model: HookedModel):
         given, model = model, as_hooked(model)
         saved = self._merged.pop(id(model), None)
         if saved is None:

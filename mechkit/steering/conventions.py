@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import copy
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
-def as_hooked(model):
+
+def as_hooked(model: HookedModel | nn.Module):
     """A :class:`mechkit.HookedModel` for ``model``: itself, or a raw HF causal LM wrapped (no tokenizer)."""
     from ..model import HookedModel
 
