@@ -61,9 +61,9 @@ def register_attention(name: str, fn: Callable) -> None:
 
 
 def attn_implementation(hf_model: nn.Module) -> str:
-    """The model's current attention implementation. Relies on the private
-    ``config._attn_implementation`` (no public getter in 5.x)."""
-    return hf_model.config._attn_implementation
+    """The model's current attention implementation (None for a config without one). Relies on the
+    private ``config._attn_implementation`` (no public getter in 5.x)."""
+    return getattr(hf_model.config, "_attn_implementation", None)
 
 
 @contextmanager
