@@ -20,9 +20,14 @@ from __future__ import annotations
 import functools
 import sys
 import types
+from typing import TYPE_CHECKING
 
 import torch
 import xxhash
+from torch import nn
+
+if TYPE_CHECKING:
+    from .model import HookedModel
 
 LIBRARIES = {"torch", "transformers", "numpy", "tokenizers", "safetensors", "pandas", "scipy", "einops",
              "accelerate", "tqdm", "plotly", "transformer_lens", "builtins"}
@@ -59,7 +64,7 @@ def _module(h, m: torch.nn.Module) -> None:
             _tensor(h, t)
 
 
-def weights_fingerprint(model) -> str:
+def weights_fingerprint(model: HookedModel | nn.Module) -> str:
     """xxh3-128 hex of every parameter and buffer of ``model`` (an ``nn.Module`` or a HookedModel)."""
     h = _new()
     _module(h, getattr(model, "hf_model", model))

@@ -51,7 +51,7 @@ def sweep_key(**parts) -> SweepKey:
     """A key over ``parts`` (name -> value), each fingerprinted by :func:`mechkit.fingerprint.fingerprint`:
     a module or HookedModel by its weights, tensors by their bytes, callables by what they compute.
     Use the names ``weights``, ``task``, ``metric`` and ``options`` so that a changed part is named."""
-    from .. import __version__
+    from .._version import __version__
 
     digests = {name: fingerprint(v) for name, v in parts.items()}
     key = SweepKey(fingerprint([FORMAT, __version__, sorted(digests.items())]))

@@ -253,7 +253,7 @@ class Steering(SteeringAlgebra):
             d = ", ".join(f"{k}: fitted {a!r}, model {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{self.method} steering was fitted on a different model ({d}); refusing to apply it")
 
-    def validate(self, model=None, where: str | None = None) -> None:
+    def validate(self, model: HookedModel | None = None, where: str | None = None) -> None:
         """Check every tensor: the method's keys per point, a float dtype, shape ``[width]`` (d_model or
         d_mlp of the model it was fitted on, or of ``model``), finite values; with ``model``, that the
         steering fits it and that every point exists. ``where`` (e.g. a file) starts each message."""

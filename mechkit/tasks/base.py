@@ -9,10 +9,14 @@ padding without position ids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..inputs import position_ids_from_mask  # noqa: F401 - re-exported (its home is mechkit.inputs)
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
 
 
 def _tokenizer_of(obj):
@@ -167,7 +171,7 @@ class PatchingTask:
             if v and len(v) != t.shape[0]:
                 raise ValueError(f"PatchingTask.{name} has {len(v)} prompts, expected {t.shape[0]} (or none)")
 
-    def check(self, model) -> None:
+    def check(self, model: HookedModel) -> None:
         """Refuse ids outside ``model``'s vocabulary (tokens, answers, wrong answers), naming the first."""
         V = int(model.cfg.d_vocab)
         for name in ("clean_tokens", "corrupt_tokens", "answer_ids", "wrong_ids"):
