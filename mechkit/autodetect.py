@@ -569,7 +569,7 @@ def _verify_error(hook_map: HookMap, what: str) -> ValueError:
 def _check_distinct(hf: nn.Module, hook_map: HookMap, table: PointTable, n_layers: int) -> None:
     """Every per-layer point must read a different module at each layer (a path without {l} would not)."""
     for template, spec in hook_map.templates.items():
-        if "{l}" not in template or spec.get("virtual") is not None:
+        if "{l}" not in template or spec.get("virtual") is not None or spec.get("module") is None:  # split points
             continue
         seen: dict[int, int] = {}
         for l in range(n_layers):
