@@ -20,27 +20,13 @@ from __future__ import annotations
 
 import torch
 
+from .sites import act_name
 from .weights import bias_of, weight_in_out
 
-_SHORT = {  # TransformerLens short names -> (template, default sublayer)
-    "resid_pre": "blocks.{l}.hook_resid_pre", "resid_mid": "blocks.{l}.hook_resid_mid",
-    "resid_post": "blocks.{l}.hook_resid_post", "attn_out": "blocks.{l}.hook_attn_out",
-    "mlp_out": "blocks.{l}.hook_mlp_out", "q": "blocks.{l}.attn.hook_q", "k": "blocks.{l}.attn.hook_k",
-    "v": "blocks.{l}.attn.hook_v", "z": "blocks.{l}.attn.hook_z", "pattern": "blocks.{l}.attn.hook_pattern",
-    "attn": "blocks.{l}.attn.hook_pattern", "attn_scores": "blocks.{l}.attn.hook_attn_scores",
-    "scores": "blocks.{l}.attn.hook_attn_scores", "result": "blocks.{l}.attn.hook_result",
-    "rot_q": "blocks.{l}.attn.hook_rot_q", "rot_k": "blocks.{l}.attn.hook_rot_k",
-    "q_input": "blocks.{l}.hook_q_input", "k_input": "blocks.{l}.hook_k_input", "v_input": "blocks.{l}.hook_v_input",
-    "pre": "blocks.{l}.mlp.hook_pre", "pre_linear": "blocks.{l}.mlp.hook_pre_linear", "post": "blocks.{l}.mlp.hook_post",
-    "mlp_post": "blocks.{l}.mlp.hook_post", "mlp_pre": "blocks.{l}.mlp.hook_pre",
-    "embed": "hook_embed", "pos_embed": "hook_pos_embed", "logits": "hook_logits",
-}
-_LN_SHORT = {"scale": "hook_scale", "normalized": "hook_normalized"}
-
-
 def tl_key(key, n_layers: int) -> str:
-    """A TransformerLens cache key -> a hook name: ``"resid_pre"`` with a layer, ``("resid_post", -1)``,
-    ``("scale", 2, "ln1")``, ``("normalized", None, "ln_final")``; full names pass through."""
+    """A TransformerLens cache key -> a hook name: ``("resid_post", -1)``, ``("pattern", 0)``,
+    ``("scale", 2, "ln1")``, ``("normalized", None, "ln_final")``; strings pass through
+    (:func:`mechkit.act_name` spells every name)."""
     if isinstance(key, str):
         return key
     if not isinstance(key, tuple) or not key or not isinstance(key[0], str):
@@ -48,19 +34,9 @@ def tl_key(key, n_layers: int) -> str:
     short, layer, sub = key[0], (key[1] if len(key) > 1 else None), (key[2] if len(key) > 2 else None)
     if isinstance(layer, int) and layer < 0:
         layer += n_layers
-    if short in _LN_SHORT:
-        sub = sub or "ln_final"
-        if sub == "ln_final" or layer is None:
-            return f"ln_final.{_LN_SHORT[short]}"
-        return f"blocks.{layer}.{sub}.{_LN_SHORT[short]}"
-    if short not in _SHORT:
-        raise KeyError(f"unknown TransformerLens short name {short!r}; known: {', '.join(sorted(_SHORT))}")
-    template = _SHORT[short]
-    if "{l}" in template:
-        if layer is None:
-            raise KeyError(f"cache key {key!r}: {short!r} needs a layer")
-        return template.replace("{l}", str(layer))
-    return template
+    if sub == "ln_final":
+        sub = None
+    return act_name(short, layer, sub)
 
 
 def slice_dim(x: torch.Tensor, s, dim: int) -> torch.Tensor:
@@ -101,12 +77,12 @@ class ResidualHelpers:
         if layer == n:
             if mlp_input:
                 raise ValueError("mlp_input=True needs a layer below n_layers (the unembedding has no MLP)")
-            return self.model.family_module("final_norm"), f"blocks.{n - 1}.hook_resid_post"
+            return self.model.family_module("final_norm"), act_name("resid_post", n - 1)
         key = "mlp_in_norm" if mlp_input else "attn_in_norm"
         if key not in self.model.hook_map.family:
             raise ValueError(f"family '{self.model.hook_map.name}' names no '{key}' norm in its hook map")
         norm = self.model.module(self.model.hook_map.path(self.model.hook_map.family[key], layer))
-        total = f"blocks.{layer}.hook_resid_mid" if mlp_input else f"blocks.{layer}.hook_resid_pre"
+        total = act_name("resid_mid", layer) if mlp_input else act_name("resid_pre", layer)
         return norm, total
 
     # norms ---------------------------------------------------------------------
@@ -175,13 +151,13 @@ class ResidualHelpers:
         comps, labels = [], []
         for l in range(layer + 1):
             if l == n:
-                comps.append(self[f"blocks.{n - 1}.hook_resid_post"])
+                comps.append(self[act_name("resid_post", n - 1)])
                 labels.append("final_post")
                 continue
-            comps.append(self[f"blocks.{l}.hook_resid_pre"])
+            comps.append(self[act_name("resid_pre", l)])
             labels.append(f"{l}_pre")
             if (incl_mid and l < layer) or (mlp_input and l == layer):
-                comps.append(self[f"blocks.{l}.hook_resid_mid"])
+                comps.append(self[act_name("resid_mid", l)])
                 labels.append(f"{l}_mid")
         stack = torch.stack([slice_dim(c, pos_slice, -2) for c in comps])
         if apply_ln:
@@ -194,8 +170,8 @@ class ResidualHelpers:
         are cached; else one ``embed`` row: the residual entering block 0 (e.g. Gemma's scaled embedding)."""
         if "pos_embed" in self.model.hook_map.family and "hook_embed" in self and "hook_pos_embed" in self:
             return [self["hook_embed"], self["hook_pos_embed"].expand_as(self["hook_embed"])], ["embed", "pos_embed"]
-        if "blocks.0.hook_resid_pre" in self or "hook_embed" not in self:
-            return [self["blocks.0.hook_resid_pre"]], ["embed"]
+        if act_name("resid_pre", 0) in self or "hook_embed" not in self:
+            return [self[act_name("resid_pre", 0)]], ["embed"]
         return [self["hook_embed"]], ["embed"]
 
     def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
@@ -213,13 +189,13 @@ class ResidualHelpers:
         comps, labels = self._embed_rows() if incl_embeds else ([], [])
         for l in range(layer):
             if mode != "mlp":
-                comps.append(self[f"blocks.{l}.hook_attn_out"])
+                comps.append(self[act_name("attn_out", l)])
                 labels.append(f"{l}_attn_out")
             if mode != "attn":
-                comps.append(self[f"blocks.{l}.hook_mlp_out"])
+                comps.append(self[act_name("mlp_out", l)])
                 labels.append(f"{l}_mlp_out")
         if mlp_input and mode != "mlp":
-            comps.append(self[f"blocks.{layer}.hook_attn_out"])
+            comps.append(self[act_name("attn_out", layer)])
             labels.append(f"{layer}_attn_out")
         stack = torch.stack([slice_dim(c, pos_slice, -2) for c in comps])
         if apply_ln:
@@ -229,10 +205,10 @@ class ResidualHelpers:
     def _head_results(self, l: int, pos_slice=None) -> torch.Tensor:
         """Heads' outputs of layer ``l`` in d_model: [head, batch, pos, d_model] (bias not included)."""
         m, fam = self.model, self.model.hook_map.family
-        name = f"blocks.{l}.attn.hook_result"
+        name = act_name("result", l)
         if name in self:  # cached with use_attn_result: [batch, pos, head, d_model]
             return slice_dim(self[name], pos_slice, -3).movedim(-2, 0)
-        z = slice_dim(self[f"blocks.{l}.attn.hook_z"], pos_slice, -3)  # [b, p, H, dh]
+        z = slice_dim(self[act_name("z", l)], pos_slice, -3)  # [b, p, H, dh]
         o_proj = m.family_module("attn_out_proj", l)
         w = weight_in_out(o_proj).unflatten(0, (m.cfg.n_heads, m.cfg.d_head)).to(z.dtype)  # [H, dh, d_model]
         res = torch.einsum("...hd,hdm->h...m", z, w)
@@ -258,10 +234,10 @@ class ResidualHelpers:
         if parts:
             stack = torch.cat(parts)
         else:
-            like = slice_dim(self["blocks.0.hook_resid_pre"], pos_slice, -2)
+            like = slice_dim(self[act_name("resid_pre", 0)], pos_slice, -2)
             stack = like.new_zeros((0, *like.shape))
         if incl_remainder:
-            total = slice_dim(self[f"blocks.{layer - 1}.hook_resid_post"] if layer else self["blocks.0.hook_resid_pre"],
+            total = slice_dim(self[act_name("resid_post", layer - 1)] if layer else self[act_name("resid_pre", 0)],
                               pos_slice, -2)
             stack = torch.cat([stack, (total - stack.sum(0))[None]])
             labels.append("remainder")
@@ -275,7 +251,7 @@ class ResidualHelpers:
 
     def get_neuron_results(self, layer: int, neuron_slice=None, pos_slice=None) -> torch.Tensor:
         """Each neuron's output in d_model for ``layer``: [batch, pos, d_mlp, d_model] (no bias)."""
-        acts = slice_dim(slice_dim(self[f"blocks.{layer}.mlp.hook_post"], pos_slice, -2), neuron_slice, -1)
+        acts = slice_dim(slice_dim(self[act_name("post", layer)], pos_slice, -2), neuron_slice, -1)
         w_out = slice_dim(weight_in_out(self.model.family_module("mlp_down_proj", layer)), neuron_slice, 0)
         return acts[..., None] * w_out.to(acts.dtype)
 
@@ -297,10 +273,10 @@ class ResidualHelpers:
         if parts:
             stack = torch.cat(parts)
         else:
-            like = slice_dim(self["blocks.0.hook_resid_pre"], pos_slice, -2)
+            like = slice_dim(self[act_name("resid_pre", 0)], pos_slice, -2)
             stack = like.new_zeros((0, *like.shape))
         if incl_remainder:
-            total = slice_dim(self[f"blocks.{layer - 1}.hook_resid_post"] if layer else self["blocks.0.hook_resid_pre"],
+            total = slice_dim(self[act_name("resid_post", layer - 1)] if layer else self[act_name("resid_pre", 0)],
                               pos_slice, -2)
             stack = torch.cat([stack, (total - stack.sum(0))[None]])
             labels.append("remainder")
