@@ -435,7 +435,7 @@ def tokenizer_problem(tok, probe: bool = True) -> str | None:
     unk = getattr(tok, "unk_token_id", None)
     if not ids:
         return "it encodes a probe sentence to no tokens"
-    if unknown_words and unk is not None and all(i == unk for i in ids):
+    if unk is not None and all(i == unk for i in ids):
         return "every word of a probe sentence is unknown to it"
     return None
 
