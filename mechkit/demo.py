@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .sites import act_name
+
+if TYPE_CHECKING:
+    from .model import HookedModel
 
 
 def _template(i: int) -> str:
@@ -31,7 +35,7 @@ def _template(i: int) -> str:
         .replace("{V}", "V").replace("{O}", "O")
 
 
-def role_labels(model, task) -> list[str]:
+def role_labels(model: HookedModel, task) -> list[str]:
     """Position labels by role for an IOI task of one template and one order (every prompt has the
     same role at each position): IO, S1, S2 (names), P / V / O (place, verb, object), END (the last
     position), otherwise the template's own word; ``"i:label"``."""

@@ -43,6 +43,16 @@ def _gate(z, tau, s):
     return (z > tau).to(z.dtype) if s is None else torch.sigmoid(s * (z - tau))
 
 
+def _default_neutral() -> list[str]:
+    """64 sentences of mechkit's synthetic filler corpus (seed 0): the default KL text of Gains.fit."""
+    import random
+
+    from ..tasks.corpus import filler_sentence
+
+    rng = random.Random(0)
+    return [filler_sentence(rng) for _ in range(64)]
+
+
 class Gains(Steering):
     """``Gains(layers="all", tau_init=-3.0, s_start=1.0, s_end=50.0, sparsity=0.0, kl=10.0, g_max=2.0)``.
 
@@ -131,14 +141,7 @@ class Gains(Steering):
         if neutral is not None:
             check_texts(neutral=neutral)
         hp = self.hparams
-        if neutral is None:
-            import random
-
-            from ..tasks.corpus import filler_sentence
-
-            rng = random.Random(0)
-            neutral = [filler_sentence(rng) for _ in range(64)]
-        neutral = list(neutral)
+        neutral = _default_neutral() if neutral is None else list(neutral)
         if hp["kl"] > 0 and not neutral:
             raise ValueError("Gains.fit: kl > 0 needs neutral text; got an empty neutral= list")
         pts = resolve_points(model, hp["layers"], "mlp.hook_post")
@@ -158,25 +161,7 @@ class Gains(Steering):
             for step in bar:
                 frac = step / max(steps - 1, 1)
                 s = hp["s_start"] * math.exp(frac * math.log(hp["s_end"] / hp["s_start"]))
-                b = draw(target)
-                gates: dict[str, torch.Tensor] = {}
-                with model.hooks(self._gate_hooks(T, G, s, 1.0, everywhere, record=gates, straight_through=True)):
-                    logits = model(b)
-                    if hp["kl"] > 0:
-                        nb = draw(neutral)
-                        q = model(nb).float().log_softmax(-1)
-                m = b.attention_mask[:, 1:].float()
-                nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                        b.input_ids[:, 1:].flatten(), reduction="none")
-                loss = (nll * m.flatten()).sum() / m.sum()
-                if hp["kl"] > 0:
-                    with torch.no_grad():
-                        p_base = model(nb).float().log_softmax(-1)
-                    kl = ((p_base.exp() * (p_base - q)).sum(-1) * nb.attention_mask).sum() / nb.attention_mask.sum()
-                    loss = loss + hp["kl"] * kl
-                if hp["sparsity"] > 0:
-                    loss = loss + hp["sparsity"] * torch.stack(
-                        [masked_mean(g, b.attention_mask).mean() for g in gates.values()]).mean()
+                loss = self._loss(model, T, G, s, draw(target), draw(neutral) if hp["kl"] > 0 else None)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -189,6 +174,28 @@ class Gains(Steering):
         self.tensors = {p: {"tau": T[p].detach().clone(), "g": G[p].detach().clone()} for p in pts}
         self.info = model_info(model)
         return self
+
+    def _loss(self, model: HookedModel, T: dict, G: dict, s: float, b, nb) -> torch.Tensor:
+        """One step's objective: next-token loss of the gated model on batch ``b`` (+ ``kl`` x
+        KL(base || gated) on the neutral batch ``nb`` when given, + ``sparsity`` x mean soft gate)."""
+        hp = self.hparams
+        gates: dict[str, torch.Tensor] = {}
+        with model.hooks(self._gate_hooks(T, G, s, 1.0, everywhere, record=gates, straight_through=True)):
+            logits = model(b)
+            q = model(nb).float().log_softmax(-1) if nb is not None else None
+        m = b.attention_mask[:, 1:].float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                b.input_ids[:, 1:].flatten(), reduction="none")
+        loss = (nll * m.flatten()).sum() / m.sum()
+        if nb is not None:
+            with torch.no_grad():
+                p_base = model(nb).float().log_softmax(-1)
+            kl = ((p_base.exp() * (p_base - q)).sum(-1) * nb.attention_mask).sum() / nb.attention_mask.sum()
+            loss = loss + hp["kl"] * kl
+        if hp["sparsity"] > 0:
+            loss = loss + hp["sparsity"] * torch.stack(
+                [masked_mean(g, b.attention_mask).mean() for g in gates.values()]).mean()
+        return loss
 
     def support(self, threshold: float | None = None):
         thr = self.hparams["support_threshold"] if threshold is None else threshold
@@ -211,7 +218,7 @@ class Gains(Steering):
         return {p: torch.nonzero(m.any(0).any(0)).flatten().tolist() for p, m in self.gate_mask(model, inputs).items()}
 
     @torch.no_grad()
-    def gate_stats(self, model, inputs) -> dict[str, float]:
+    def gate_stats(self, model: HookedModel, inputs) -> dict[str, float]:
         """{"open_fraction": share of (real token, neuron) hard gates that are open,
         "soft_hard_agreement": share where the soft gate at ``s_end`` rounds to the hard gate}."""
         self.check_model(model)
