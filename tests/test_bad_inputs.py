@@ -42,7 +42,7 @@ def m():
 def files(m, tmp_path_factory):
     """Crafted files: steering files (good and broken), hook maps, folders."""
     d = tmp_path_factory.mktemp("bad")
-    st = mk.steering.DiffMean(layers=[1, 2]).fit(m, ["the food was bad", "awful"], ["the food was good", "great"])
+    st = mk.steering.DiffMean(layers=[1, 2], point="hook_resid_post").fit(m, ["the food was bad", "awful"], ["the food was good", "great"])
     good = d / "good.safetensors"
     st.save(good)
     tensors = load_file(str(good))
