@@ -84,9 +84,11 @@ def install_split(stack: ExitStack, model: HookedModel, hook_map, layer: int, ha
         x = args[0] if args else kwargs["hidden_states"]
         state.clear()
         for part, hs in handlers.items():
-            copies = x.unsqueeze(-2).expand(*x.shape[:-1], sizes.heads(part), x.shape[-1]).clone()
+            shared = x.unsqueeze(-2).expand(*x.shape[:-1], sizes.heads(part), x.shape[-1])
+            copies = shared.clone()
             new = apply(hs, copies)
-            changed = new is not copies
+            # a new tensor, or the copies edited in place (returned or not): compare values, not identity
+            changed = new is not copies or not torch.equal(copies, shared)
             if changed or (torch.is_grad_enabled() and new.requires_grad):
                 state[part] = (module.forward(new), changed)  # .forward: this norm's own hooks must not rerun
         return None

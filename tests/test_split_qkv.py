@@ -82,6 +82,28 @@ def test_split_inputs_equal_a_genuinely_split_reference(family):
     assert not has_mechkit_hooks(m.hf_model)
 
 
+@pytest.mark.parametrize("returns", ["same tensor", "None"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_in_place_edits_of_split_inputs_take_effect(family, returns):
+    """A hook that edits the split copies in place (returning them, or None) changes the run like one
+    returning a new tensor (it was silently ignored: the point compared the returned object's identity)."""
+    m = mk.load(random_hf_model(family))
+    toks = random_tokens(2, 6)
+    g = torch.Generator().manual_seed(2)
+    s = S(m)
+    deltas = {p: 0.3 * torch.randn(2, 6, s.H if p == "q" else s.Hkv, s.d, generator=g) for p in "qkv"}
+    ref = reference(m, family, toks, deltas)
+
+    def edit(x, hook):
+        x += deltas[hook.name[-len("q_input"):][0]]
+        return x if returns == "same tensor" else None
+
+    with m.hooks({f"blocks.{LAYER}.hook_{p}_input": edit for p in "qkv"}):
+        out = m(toks)
+    assert (ref - m(toks)).abs().max() > 1e-2
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox", "phi3", "qwen3", "gemma2"])
 def test_caching_split_inputs_leaves_logits_bit_identical(family):
     m = mk.load(random_hf_model(family))
