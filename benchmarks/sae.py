@@ -69,7 +69,7 @@ def main():
     mask = torch.ones_like(ids)
     task = PatchingTask(ids, corrupt, mask, mask.clone(), torch.arange(args.batch) + 10, torch.arange(args.batch) + 20,
                         [""] * args.batch, [""] * args.batch)
-    metric = mk.attribution.logit_diff(task, normalise=False)
+    metric = mk.metrics.logit_diff(task, normalise=False)
 
     def plain():
         with torch.no_grad():

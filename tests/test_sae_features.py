@@ -49,7 +49,7 @@ def test_fused_feature_patching_equals_loop(family, arch, hook):
         kw["reshape_activations"] = "hook_z"
     sae = random_sae(arch, hook=hook, scale=0.3, **kw)
     task = make_task(n=2, T=5, changed=(1, 3))
-    metric = mk.attribution.logit_diff(task, normalise=False)
+    metric = mk.metrics.logit_diff(task, normalise=False)
     _, c = m.run_with_cache(task.clean_tokens, names=[hook])
     active = (sae.encode(c[hook]) > 0).flatten(0, -2).any(0).nonzero()[:, 0]
     feats = active[:: max(1, len(active) // 6)][:6].tolist()  # features that fire: their patches matter
@@ -66,7 +66,7 @@ def test_feature_patching_transcoder_and_spliced_site():
     tc = random_sae("transcoder", d_out=64, hook="blocks.1.mlp.hook_in", apply_b_dec_to_input=False,
                     hook_name_out="blocks.1.hook_mlp_out", scale=0.3)
     task = make_task(n=2, T=5)
-    metric = mk.attribution.logit_diff(task, normalise=False)
+    metric = mk.metrics.logit_diff(task, normalise=False)
     feats = [0, 5, 9, 40]
     ref = loop_patch(m, task, tc, ("feature",), feats, metric)
     with S.splice(m, tc):
@@ -85,7 +85,7 @@ def test_feature_atp_equals_patching_on_a_linearised_model(kind):
         sae = random_sae("skip_transcoder", d_out=64, hook="blocks.1.mlp.hook_in", apply_b_dec_to_input=False,
                          hook_name_out="blocks.1.hook_mlp_out", scale=0.3).double()
     task = make_task()
-    metric = mk.attribution.logit_diff(task, normalise=False)
+    metric = mk.metrics.logit_diff(task, normalise=False)
     for by in (("feature",), ("pos", "feature")):
         ap = feature_patch(m, task, sae, by=by, metric=metric, progress=False)
         ref = ap.values.double() - ap.baselines["corrupt"]
