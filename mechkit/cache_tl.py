@@ -124,8 +124,9 @@ class ResidualHelpers:
         total = slice_dim(self[total_name], pos_slice, -2)
         if self.has_batch_dim:
             total = slice_dim(total, batch_slice, 0)
-        if tuple(residual_stack.shape[-total.dim():]) != tuple(total.shape) or residual_stack.dim() != total.dim() + 1:
-            raise ValueError(f"residual_stack has shape {tuple(residual_stack.shape)}; expected [components, "
+        # TransformerLens's "... batch d_model": any leading dims (none for one component), then the residual's
+        if residual_stack.dim() < total.dim() or tuple(residual_stack.shape[-total.dim():]) != tuple(total.shape):
+            raise ValueError(f"residual_stack has shape {tuple(residual_stack.shape)}; expected [..., "
                              f"{', '.join(map(str, total.shape))}] like the cached residual {total_name} (pass "
                              f"pos_slice= / batch_slice= for a stack sliced to some positions or prompts)")
         return self._frozen_norm(norm, total, residual_stack)
