@@ -300,6 +300,8 @@ class HookedModel(TLSurface, nn.Module):
         keep_kv: bool = False,
         names_filter: None | str | Iterable[str] | Callable[[str], bool] = None,
         remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        return_type: str = "logits",
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Run and record activations: (logits [batch, pos, d_vocab], ActivationCache).
 
@@ -308,7 +310,16 @@ class HookedModel(TLSurface, nn.Module):
         ``names_filter``: TransformerLens's name for ``names``. ``remove_batch_dim``: drop the batch
         axis of a one-prompt cache. ``keep_kv``: also keep HF's key/value cache of the run as ``cache.kv``: [(keys, values)] per
         layer, each [batch, kv_heads, pos, d_head] (None for a layer that kept none).
+        ``return_type``: "logits" (default), "loss" (mean next-token loss, a scalar) or "both"
+        ((logits, loss)) as the first element. ``incl_bwd`` (TransformerLens's): also run backward
+        from the loss (needs ``return_type="loss"``) and cache each point's gradient as
+        ``"<name>_grad"``; parameters' ``.grad`` are left as they were.
         """
+        if return_type not in ("logits", "loss", "both"):
+            raise ValueError(f"run_with_cache: return_type must be 'logits', 'loss' or 'both', got {return_type!r}")
+        if incl_bwd and return_type != "loss":
+            raise ValueError(f"run_with_cache(incl_bwd=True) runs backward from a scalar: pass return_type='loss' "
+                             f"(got return_type={return_type!r}); for another scalar, use hooks(bwd_hooks=...)")
         if names_filter is not None:  # TransformerLens's name for ``names``
             if names is not None:
                 raise ValueError("run_with_cache: pass names= or names_filter= (TransformerLens's name), not both")
@@ -324,8 +335,15 @@ class HookedModel(TLSurface, nn.Module):
 
         extra = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
         b = self.batch(inputs, attention_mask, padding_side=padding_side)
-        with torch.no_grad(), self.hooks(extra + [(n, saver(n)) for n in selected]):
+        bwd = [(n, saver(f"{n}_grad")) for n in selected] if incl_bwd else []
+        loss = None
+        with torch.set_grad_enabled(incl_bwd), self.hooks(extra + [(n, saver(n)) for n in selected], bwd_hooks=bwd):
             out = self.hf_model(**b.kwargs(), use_cache=keep_kv)
+            if return_type != "logits":
+                loss = lm_loss(out.logits, b.input_ids, b.attention_mask)
+            if incl_bwd:  # gradients reach the points' hooks; parameters' .grad are not touched
+                params = [p for p in self.hf_model.parameters() if p.requires_grad]
+                torch.autograd.grad(loss, params, allow_unused=True)
         missing = [n for n in selected if n not in store]
         if missing:
             raise RuntimeError(
@@ -333,12 +351,16 @@ class HookedModel(TLSurface, nn.Module):
                 f"(e.g. {', '.join(missing[:3])}): this model's code does not pass through the place the map "
                 f"'{self.hook_map.name}' names for them. Ask for other points or fix the map.")
         ordered = {n: store[n] for n in selected}
+        ordered.update((f"{n}_grad", store[f"{n}_grad"]) for n in selected if f"{n}_grad" in store)
         cache = ActivationCache(ordered, self, b)
         if keep_kv:
             cache.kv = output_kv(out)
         if remove_batch_dim:
             cache.remove_batch_dim()
-        return out.logits, cache
+        first = {"logits": out.logits, "loss": loss, "both": (out.logits, loss)}[return_type]
+        if incl_bwd or return_type != "logits":
+            first = first.detach() if return_type != "both" else (out.logits.detach(), loss.detach())
+        return first, cache
 
     def generate(self, inputs=None, padding_side: str = "left", prepend_bos: bool | None = None, **kwargs):
         """HF ``generate`` under the active hooks. ``inputs``: text, list of text (left-padded), or ids.

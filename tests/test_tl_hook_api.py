@@ -212,3 +212,31 @@ def test_run_with_cache_names_filter_and_tuple_keys(model):
     assert torch.equal(one["blocks.1.hook_resid_pre"], full["blocks.1.hook_resid_pre"][0])
     with pytest.raises(ValueError, match="batch of one prompt"):
         full.remove_batch_dim()
+
+
+def test_run_with_cache_incl_bwd_caches_gradients_of_the_loss(model):
+    """TransformerLens's run_with_cache(incl_bwd=True): backward of the (scalar) loss, each point's
+    gradient cached as '<name>_grad', equal to autograd's gradient of the same loss; parameters'
+    .grad untouched; a non-scalar output is refused by name."""
+    names = ["blocks.1.hook_resid_pre", "blocks.2.attn.hook_z", "blocks.0.mlp.hook_post"]
+    loss, cache = model.run_with_cache(TOKS, names=names, incl_bwd=True, return_type="loss")
+    assert loss.shape == () and {f"{n}_grad" for n in names} <= set(cache.keys())
+    torch.testing.assert_close(loss, model(TOKS, return_type="loss"))
+    assert all(p.grad is None for p in model.hf_model.parameters())
+    acts = {}
+
+    def grab(x, hook):
+        x.retain_grad()
+        acts[hook.name] = x
+    plain = names[0::2]  # points whose hook sees the model's own tensor (z is a per-head view)
+    with model.hooks(fwd_hooks=[(n, grab) for n in plain]):
+        model(TOKS, return_type="loss").backward()
+    model.zero_grad(set_to_none=True)
+    for n in plain:
+        torch.testing.assert_close(cache[f"{n}_grad"], acts[n].grad)
+        torch.testing.assert_close(cache[n], acts[n].detach())
+    z = cache["blocks.2.attn.hook_z_grad"]
+    assert z.shape == cache["blocks.2.attn.hook_z"].shape and z.abs().sum() > 0
+    with pytest.raises(ValueError, match="incl_bwd"):
+        model.run_with_cache(TOKS, names=names, incl_bwd=True)
+    assert not has_mechkit_hooks(model.hf_model)
