@@ -105,77 +105,107 @@ def _clean_prefix(model, graph, clean_b, run) -> dict:
     return {"senders": sh.out, "resid": resid}
 
 
-def _chunk(model, graph, clean_b, A, absent, metric, run, prefix=None) -> torch.Tensor:
+def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=None) -> torch.Tensor:
+    """The metric means of the K circuits missing ``absent`` [K, S, R], run as row groups of one
+    batch of K * n rows. ``A``: ablated values [n, p, S, d] or [1, 1, S, d]; ``prefix``: the clean
+    run's senders and layer inputs (:func:`_clean_prefix`), given for single-edge patching."""
     K = absent.shape[0]
     n = clean_b.input_ids.shape[0]
-    dev = clean_b.input_ids.device
     batch = type(clean_b)(*(t.repeat(K, 1) for t in (clean_b.input_ids, clean_b.attention_mask, clean_b.position_ids)))
-    sparse = prefix is not None
-    absent = absent.to(dev)
-    cur: dict = {}
-    if sparse:  # each row group keeps only the current value of its one removed edge's sender
-        idx = absent.flatten(1).float().argmax(1)
-        has = absent.flatten(1).any(1)
-        rem_s, rem_r = idx // graph.n_receivers, idx % graph.n_receivers
+    absent = absent.to(clean_b.input_ids.device)
+    shifts = _Shifts(graph, A, absent, n, prefix)
+    start, extra = _start(graph, absent, prefix, K)
+    senders = SenderHooks(model, graph, on_value=shifts.on_value)
+    with torch.no_grad():
+        logits = run(batch, extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive), start=start)
+    return metric_means(metric, logits, n)
 
-    def on_value(s0, value):  # value [rows, p, c, d]
+
+def _start(graph, absent, prefix, K: int) -> tuple[int, list]:
+    """The first layer to run and its hooks: a sparse chunk (``prefix`` given) begins at its lowest
+    receiver layer, whose input is the clean run's [n, p, d] repeated over the K row groups (senders
+    below it keep their clean values); a dense chunk runs from layer 0."""
+    if prefix is None:
+        return 0, []
+    start = int(_receiver_layer(graph, absent).min())
+    if start == 0:
+        return 0, []
+    x0 = prefix["resid"][start].repeat(K, 1, 1)
+    return start, [(point("resid_pre", start), lambda x, hook: x0.to(x.dtype))]
+
+
+class _Shifts:
+    """The receiver shifts ``Σ (ablated_u - current_u)`` of one chunk of K circuits over n prompts.
+
+    Dense: every sender's current value is kept ([rows, p, S, d], rows = K * n) and each receiver
+    layer's shift is one einsum over the row groups' masks. Sparse (``prefix`` given; every circuit
+    misses at most one edge): each row group keeps only the current value of its one removed
+    edge's sender ([K, n, p, d], starting from the clean run's) and the shift is a gather."""
+
+    def __init__(self, graph, A, absent, n: int, prefix=None):
+        self.graph, self.A, self.absent, self.n, self.K = graph, A, absent, n, absent.shape[0]
+        self.sparse = prefix is not None
+        self.buf = None  # dense: [rows, p, S, d]
+        self.layer_shift: dict = {}  # the last attention layer's shift (q, k, v share it)
+        if self.sparse:
+            idx = absent.flatten(1).float().argmax(1)
+            self.has = absent.flatten(1).any(1)
+            self.rem_s, self.rem_r = idx // graph.n_receivers, idx % graph.n_receivers
+            self.sel = prefix["senders"][:, :, self.rem_s].permute(2, 0, 1, 3).contiguous()
+
+    def on_value(self, s0: int, value: torch.Tensor) -> None:
+        """Keep the current values [rows, p, c, d] of senders ``s0 .. s0 + c``."""
         rows, p, c, d = value.shape
-        if not sparse:
-            if "buf" not in cur:
-                cur["buf"] = value.new_zeros(rows, p, graph.n_senders, d)
-            cur["buf"][:, :, s0:s0 + c] = value
+        if not self.sparse:
+            if self.buf is None:
+                self.buf = value.new_zeros(rows, p, self.graph.n_senders, d)
+            self.buf[:, :, s0:s0 + c] = value
             return
-        ks = (has & (rem_s >= s0) & (rem_s < s0 + c)).nonzero()[:, 0]
+        ks = (self.has & (self.rem_s >= s0) & (self.rem_s < s0 + c)).nonzero()[:, 0]
         if len(ks):
-            cur["sel"][ks] = value.view(K, n, p, c, d)[ks, :, :, rem_s[ks] - s0]
+            self.sel[ks] = value.view(self.K, self.n, p, c, d)[ks, :, :, self.rem_s[ks] - s0]
 
-    shifts: dict = {}
-    start, extra = 0, []
-    if sparse:  # begin at the lowest receiver layer; senders below it keep their clean values
-        start = int(_receiver_layer(graph, absent).min())
-        cur["sel"] = prefix["senders"][:, :, rem_s].permute(2, 0, 1, 3).contiguous()
-        if start > 0:
-            x0 = prefix["resid"][start].repeat(K, 1, 1)
-            extra = [(point("resid_pre", start), lambda x, hook: x0.to(x.dtype))]
-
-    def shift(cols: slice, up: int) -> torch.Tensor | None:
-        """[rows, p, len(cols), d] shift for receivers ``cols`` (all with ``up`` upstream senders)."""
-        mask = absent[:, :up, cols]
+    def shift(self, cols: slice, up: int) -> torch.Tensor | None:
+        """[rows, p, len(cols), d] shift for receivers ``cols`` (all with ``up`` upstream senders);
+        None when no circuit misses an edge into them."""
+        mask = self.absent[:, :up, cols]
         if not bool(mask.any()):
             return None
-        if sparse:
-            sel = cur["sel"]
-            _, _, p, d = sel.shape
-            out = sel.new_zeros(K, n, p, cols.stop - cols.start, d)
-            ks = (has & (rem_r >= cols.start) & (rem_r < cols.stop)).nonzero()[:, 0]
-            a = A[:, :, rem_s[ks]].permute(2, 0, 1, 3) if A.shape[0] > 1 else A[0, 0, rem_s[ks]][:, None, None]
-            out[ks, :, :, rem_r[ks] - cols.start] = a - sel[ks]  # one receiver per row group
-            return out.view(K * n, p, -1, d)
-        buf = cur["buf"]
+        if self.sparse:
+            return self._gather(cols)
+        buf, K, n = self.buf, self.K, self.n
         rows, p, _, d = buf.shape
-        D = (A[:, :, :up].unsqueeze(0) - buf[:, :, :up].view(K, n, p, up, d))  # [K, n, p, up, d]
+        D = (self.A[:, :, :up].unsqueeze(0) - buf[:, :, :up].view(K, n, p, up, d))  # [K, n, p, up, d]
         return torch.einsum("kbpsd,ksr->kbprd", D, mask.to(D.dtype)).reshape(rows, p, -1, d)
 
-    def fn(layer, part, x):
+    def _gather(self, cols: slice) -> torch.Tensor:
+        """Sparse :meth:`shift`: [rows, p, len(cols), d], one receiver per row group."""
+        A, sel, rem_s, rem_r = self.A, self.sel, self.rem_s, self.rem_r
+        _, _, p, d = sel.shape
+        out = sel.new_zeros(self.K, self.n, p, cols.stop - cols.start, d)
+        ks = (self.has & (rem_r >= cols.start) & (rem_r < cols.stop)).nonzero()[:, 0]
+        a = A[:, :, rem_s[ks]].permute(2, 0, 1, 3) if A.shape[0] > 1 else A[0, 0, rem_s[ks]][:, None, None]
+        out[ks, :, :, rem_r[ks] - cols.start] = a - sel[ks]
+        return out.view(self.K * self.n, p, -1, d)
+
+    def receive(self, layer: int, part: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The receiver hook (:func:`receiver_hooks`): ``x`` plus its shift, or None (unchanged).
+        ``x``: [rows, p, d] (logits, mlp) or [rows, p, heads, d] (q, k, v)."""
+        graph = self.graph
         if part == "logits":
-            sh = shift(slice(graph.logits, graph.logits + 1), graph.n_senders)
+            sh = self.shift(slice(graph.logits, graph.logits + 1), graph.n_senders)
             return None if sh is None else x + sh[:, :, 0]
         if part == "mlp":
             r = graph.receiver(layer, "mlp")
-            sh = shift(slice(r, r + 1), graph.mlp_upstream(layer))
+            sh = self.shift(slice(r, r + 1), graph.mlp_upstream(layer))
             return None if sh is None else x + sh[:, :, 0]
-        if layer not in shifts:  # q, k, v of one layer share their upstream senders
+        if layer not in self.layer_shift:  # q, k, v of one layer share their upstream senders
             sl = graph.layer_slice(layer)
-            shifts.clear()
-            shifts[layer] = shift(slice(sl.start, sl.stop - 1), graph.attn_upstream(layer))
-        sh = shifts[layer]
+            self.layer_shift.clear()
+            self.layer_shift[layer] = self.shift(slice(sl.start, sl.stop - 1), graph.attn_upstream(layer))
+        sh = self.layer_shift[layer]
         if sh is None:
             return None
         H, Hkv = graph.n_heads, graph.n_kv_heads
         lo = {"q": 0, "k": H, "v": H + Hkv}[part]
         return x + sh[:, :, lo:lo + x.shape[2]].to(x.dtype)
-
-    senders = SenderHooks(model, graph, on_value=on_value)
-    with torch.no_grad():
-        logits = run(batch, extra + senders.hooks() + receiver_hooks(model, graph, fn), start=start)
-    return metric_means(metric, logits, n)
