@@ -109,14 +109,7 @@ def process_weights(model: HookedModel, options: ProcessingOptions | None = None
     """
     from .model import HookedModel
 
-    if options is None:
-        unknown = set(flags) - set(ProcessingOptions.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"process_weights: unknown option(s) {sorted(unknown)}; expected "
-                            f"{sorted(ProcessingOptions.__dataclass_fields__)}")
-        options = ProcessingOptions(**flags)
-    elif flags:
-        raise TypeError("process_weights: pass options= or keyword flags, not both")
+    options = _options(options, flags)
     hf = copy.deepcopy(model.hf_model)
     out = HookedModel(hf, model.tokenizer, model.hook_map)
     out.name = f"{model.name} (processed)"
@@ -126,50 +119,89 @@ def process_weights(model: HookedModel, options: ProcessingOptions | None = None
     if options.center_unembed and getattr(hf.config, "final_logit_softcapping", None):
         raise ValueError("process_weights: center_unembed=True on a model with final logit soft-capping would change "
                          "its predictions (the shift is not constant after the cap); pass center_unembed=False")
-
-    def fam_mod(key: str, layer: int | None = None) -> nn.Module:
-        if key not in fam:
-            raise ValueError(f"process_weights: the hook map of family '{out.hook_map.name}' has no '{key}' in "
-                             "[family], which this step needs")
-        return out.module(out.hook_map.path(fam[key], layer))
-
     unembed, embed = out.family_module("unembed"), out.family_module("embed")
     with torch.no_grad():
         _untie_unembed(hf, unembed, embed)
         for l in range(c.n_layers):
             if options.fold_ln:
-                qkv = list({id(m): m for m in (fam_mod(f"{p}_proj", l) for p in "qkv")}.values())
-                _fold_norm_into(fam_mod("attn_in_norm", l), qkv, offset, is_ln)
-                mlp = [fam_mod(k, l) for k in ("mlp_in_proj", "mlp_gate_proj", "mlp_gate_up_proj") if k in fam]
-                _fold_norm_into(fam_mod("mlp_in_norm", l), mlp, offset, is_ln)
+                _fold_layer_norms(out, l, offset, is_ln)
             if options.fold_value_biases:
-                b_v = out.b_V[l]  # [Hkv, dh] (after fold_ln, includes ln1.bias @ W_V)
-                if torch.count_nonzero(b_v):
-                    from .weight_views import ungroup
-
-                    w_o = out.W_O[l]  # [H, dh, d_model]
-                    extra = torch.einsum("hd,hdm->m", ungroup(b_v, c.n_heads, dim=0), w_o)
-                    o_proj = out.family_module("attn_out_proj", l)
-                    _ensure_bias(o_proj, c.d_model).add_(extra.to(o_proj.weight.dtype))
-                    _zero_v_bias(out, l)
+                _fold_value_bias(out, l)
         if options.fold_ln:
             _fold_norm_into(out.family_module("final_norm"), [unembed], offset, is_ln)
         if options.center_writing_weights and c.normalization_type == "LN":
-            embed.weight.sub_(embed.weight.mean(-1, keepdim=True))
-            if "pos_embed" in fam:
-                pe = fam_mod("pos_embed").weight
-                pe.sub_(pe.mean(-1, keepdim=True))
-            for l in range(c.n_layers):
-                _center_output(out.family_module("attn_out_proj", l))
-                _center_output(out.family_module("mlp_down_proj", l))
+            _center_writing_weights(out, embed)
         if options.center_unembed:
-            W = weight_in_out(unembed)  # [d_model, vocab]
-            W.sub_(W.mean(-1, keepdim=True))
-            b = bias_of(unembed)
-            if b is not None:
-                b.sub_(b.mean())
+            _center_unembed(unembed)
     out.processing = asdict(options)
     return out
+
+
+def _options(options: ProcessingOptions | None, flags: dict) -> ProcessingOptions:
+    """``options``, or one built from :func:`process_weights`'s keyword flags (checked; not both)."""
+    if options is None:
+        unknown = set(flags) - set(ProcessingOptions.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"process_weights: unknown option(s) {sorted(unknown)}; expected "
+                            f"{sorted(ProcessingOptions.__dataclass_fields__)}")
+        return ProcessingOptions(**flags)
+    if flags:
+        raise TypeError("process_weights: pass options= or keyword flags, not both")
+    return options
+
+
+def _fam_mod(model: HookedModel, key: str, layer: int | None = None) -> nn.Module:
+    """The module of the map's ``[family]`` entry ``key``; a clear error when the map has none."""
+    fam = model.hook_map.family
+    if key not in fam:
+        raise ValueError(f"process_weights: the hook map of family '{model.hook_map.name}' has no '{key}' in "
+                         "[family], which this step needs")
+    return model.module(model.hook_map.path(fam[key], layer))
+
+
+def _fold_layer_norms(model: HookedModel, layer: int, offset: float, is_ln: bool) -> None:
+    """fold_ln for one layer: the attention-input norm into q/k/v (a fused projection once), the
+    MLP-input norm into the MLP's input projections."""
+    fam = model.hook_map.family
+    qkv = list({id(m): m for m in (_fam_mod(model, f"{p}_proj", layer) for p in "qkv")}.values())
+    _fold_norm_into(_fam_mod(model, "attn_in_norm", layer), qkv, offset, is_ln)
+    mlp = [_fam_mod(model, k, layer) for k in ("mlp_in_proj", "mlp_gate_proj", "mlp_gate_up_proj") if k in fam]
+    _fold_norm_into(_fam_mod(model, "mlp_in_norm", layer), mlp, offset, is_ln)
+
+
+def _fold_value_bias(model: HookedModel, layer: int) -> None:
+    """fold_value_biases for one layer: ``b_O += sum_h b_V[h] @ W_O[h]``, then ``b_V = 0``."""
+    c = model.cfg
+    b_v = model.b_V[layer]  # [Hkv, dh] (after fold_ln, includes ln1.bias @ W_V)
+    if not torch.count_nonzero(b_v):
+        return
+    from .weight_views import ungroup
+
+    w_o = model.W_O[layer]  # [H, dh, d_model]
+    extra = torch.einsum("hd,hdm->m", ungroup(b_v, c.n_heads, dim=0), w_o)
+    o_proj = model.family_module("attn_out_proj", layer)
+    _ensure_bias(o_proj, c.d_model).add_(extra.to(o_proj.weight.dtype))
+    _zero_v_bias(model, layer)
+
+
+def _center_writing_weights(model: HookedModel, embed: nn.Module) -> None:
+    """Make every matrix writing to the residual (W_E, W_pos, W_O, W_out, biases) zero-mean over d_model."""
+    embed.weight.sub_(embed.weight.mean(-1, keepdim=True))
+    if "pos_embed" in model.hook_map.family:
+        pe = _fam_mod(model, "pos_embed").weight
+        pe.sub_(pe.mean(-1, keepdim=True))
+    for l in range(model.cfg.n_layers):
+        _center_output(model.family_module("attn_out_proj", l))
+        _center_output(model.family_module("mlp_down_proj", l))
+
+
+def _center_unembed(unembed: nn.Module) -> None:
+    """Make W_U [d_model, vocab] (and b_U) zero-mean over the vocabulary."""
+    W = weight_in_out(unembed)  # [d_model, vocab]
+    W.sub_(W.mean(-1, keepdim=True))
+    b = bias_of(unembed)
+    if b is not None:
+        b.sub_(b.mean())
 
 
 def _zero_v_bias(model, layer: int) -> None:
