@@ -78,11 +78,8 @@ class LinEAS(AffineSteering):
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         l1, l2 = self.hparams["sparsity"]
-        dev = model.device
         tgt = pooled_activations(model, target, loss_points)
-        width = {p: t.shape[1] for p, t in pooled_activations(model, source[:1], pts).items()}
-        W = {p: torch.ones(width[p], device=dev, requires_grad=True) for p in pts}
-        B = {p: torch.zeros(width[p], device=dev, requires_grad=True) for p in pts}
+        W, B = _identity_maps(model, source, pts)
         params = [*W.values(), *B.values()]
         opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
@@ -92,40 +89,70 @@ class LinEAS(AffineSteering):
         bar = tqdm(range(steps), desc="LinEAS", disable=not progress)
         with frozen(model.hf_model):
             for _ in bar:
-                if batch_size is None or batch_size >= len(source):
-                    b = full
-                else:
-                    idx = torch.randperm(len(source), generator=g)[:batch_size].tolist()
-                    b = model.batch([source[i] for i in idx])
-                got: dict[str, torch.Tensor] = {}
-
-                def grab(p, mask=b.attention_mask, got=got):
-                    def fn(x, hook):
-                        got[p] = masked_mean(x.float(), mask)
-                    return fn
-
-                hooks = [(p, affine_fn(W[p], B[p], 1.0, everywhere)) for p in pts]
-                hooks += [(p, grab(p)) for p in loss_points]
-                with model.hooks(hooks):
-                    model(b)
-                loss = torch.stack([wasserstein(got[p], tgt[p]).mean() for p in loss_points]).mean()
+                b = full if batch_size is None or batch_size >= len(source) else _draw(model, source, batch_size, g)
+                loss = _loss(model, b, W, B, tgt, loss_points)
                 opt.zero_grad()
                 loss.backward()
                 tau = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
                 if l1 > 0 or l2 > 0:
-                    with torch.no_grad():
-                        for p in pts:
-                            W[p].copy_(1 + prox_sparse_group(W[p] - 1, tau, l1, l2))
-                            B[p].copy_(prox_sparse_group(B[p], tau, l1, l2))
+                    _prox_step(W, B, tau, l1, l2)
                 self.history.append(loss.item())
                 bar.set_postfix(loss=f"{self.history[-1]:.4g}")
         self.tensors = {p: {"w": W[p].detach().clone(), "b": B[p].detach().clone()} for p in pts}
         self.info = model_info(model)
-        if len(self.history) > 1 and not self.history[-1] <= self.history[0]:
-            # the maps then move activations away from the target: steering "works" by breaking the model
-            warnings.warn(f"LinEAS diverged: the loss rose from {self.history[0]:.4g} to {self.history[-1]:.4g} "
-                          f"in {steps} steps ({optimizer}, lr {lr}); try a smaller lr or optimizer='adam' "
-                          "(lr 0.01 converges on both bundled models)", RuntimeWarning, stacklevel=2)
+        _warn_if_diverged(self.history, steps, optimizer, lr)
         return self
+
+
+def _identity_maps(model: HookedModel, source: list[str], pts: list[str]) -> tuple[dict, dict]:
+    """Identity maps to train: ``w`` ones and ``b`` zeros, [width] at each point (width read off one
+    source sentence's activations), leaves requiring grad."""
+    dev = model.device
+    width = {p: t.shape[1] for p, t in pooled_activations(model, source[:1], pts).items()}
+    W = {p: torch.ones(width[p], device=dev, requires_grad=True) for p in pts}
+    B = {p: torch.zeros(width[p], device=dev, requires_grad=True) for p in pts}
+    return W, B
+
+
+def _draw(model: HookedModel, source: list[str], batch_size: int, g: torch.Generator):
+    """A batch of ``batch_size`` source sentences drawn without replacement with ``g``."""
+    idx = torch.randperm(len(source), generator=g)[:batch_size].tolist()
+    return model.batch([source[i] for i in idx])
+
+
+def _loss(model: HookedModel, b, W: dict, B: dict, tgt: dict, loss_points: list[str]) -> torch.Tensor:
+    """One step's loss: run batch ``b`` with every map ``W[p] * x + B[p]`` active, pool each loss
+    point over real tokens ([n, width]) and take the mean over points of the mean over neurons of
+    the squared W2 distance to the pooled target ``tgt[p]`` [n_target, width]."""
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(p, mask=b.attention_mask, got=got):
+        def fn(x, hook):
+            got[p] = masked_mean(x.float(), mask)
+        return fn
+
+    hooks = [(p, affine_fn(W[p], B[p], 1.0, everywhere)) for p in W]
+    hooks += [(p, grab(p)) for p in loss_points]
+    with model.hooks(hooks):
+        model(b)
+    return torch.stack([wasserstein(got[p], tgt[p]).mean() for p in loss_points]).mean()
+
+
+def _prox_step(W: dict, B: dict, tau: float, l1: float, l2: float) -> None:
+    """The sparse-group-lasso proximal step, in place: on ``u = w - 1`` and on ``b`` separately, per point."""
+    with torch.no_grad():
+        for p in W:
+            W[p].copy_(1 + prox_sparse_group(W[p] - 1, tau, l1, l2))
+            B[p].copy_(prox_sparse_group(B[p], tau, l1, l2))
+
+
+def _warn_if_diverged(history: list[float], steps: int, optimizer: str, lr: float) -> None:
+    """A RuntimeWarning when the loss ended above where it started (the maps then move activations
+    away from the target: steering "works" by breaking the model); attributed to the frame that
+    called ``fit`` itself (stacklevel 3: the raw-model wrapper of :class:`mechkit.steering.base.Steering`)."""
+    if len(history) > 1 and not history[-1] <= history[0]:
+        warnings.warn(f"LinEAS diverged: the loss rose from {history[0]:.4g} to {history[-1]:.4g} "
+                      f"in {steps} steps ({optimizer}, lr {lr}); try a smaller lr or optimizer='adam' "
+                      "(lr 0.01 converges on both bundled models)", RuntimeWarning, stacklevel=3)
