@@ -284,21 +284,8 @@ def train(model: HookedModel, hook_name: str, architecture: str = "topk", d_sae:
     """
     if architecture not in TRAINABLE:
         raise ValueError(f"architecture must be one of {TRAINABLE}, got {architecture!r}")
-    opt = options or TrainOptions()
-    if overrides:
-        bad = [kk for kk in overrides if kk not in TrainOptions.__dataclass_fields__]
-        if bad:
-            raise TypeError(f"unknown training option(s) {bad}; TrainOptions has {sorted(TrainOptions.__dataclass_fields__)}")
-        opt = TrainOptions(**{**asdict(opt), **overrides, "stream": opt.stream})
-    transcoder = hook_name_out is not None and hook_name_out != hook_name
-    if transcoder and architecture == "topk":
-        raise ValueError("a topk transcoder has no SAELens format; train architecture='batchtopk' (saved as "
-                         "jumprelu_transcoder) or 'jumprelu' / 'standard'")
-    names = [hook_name] + ([hook_name_out] if transcoder else [])
-    for n in names:
-        model.points.resolve(n)
-    if architecture in ("topk", "batchtopk") and (k is None or k < 1):
-        raise ValueError(f"architecture {architecture!r} needs k >= 1, got {k!r}")
+    opt = _options(options, overrides)
+    names, transcoder = _points(model, architecture, hook_name, hook_name_out, k)
     stream = ActivationStream(model, names, data, opt.stream)
     first = stream.block(0)
     if first is None:
@@ -315,32 +302,7 @@ def train(model: HookedModel, hook_name: str, architecture: str = "topk", d_sae:
     ckpt = Path(opt.checkpoint_dir) if opt.checkpoint_dir else None
     if ckpt is not None and opt.resume and (ckpt / "state.safetensors").exists():
         _resume(tr, ckpt, fp)
-    t0 = time.perf_counter()
-    per_block = max(1, first[hook_name].shape[0] // opt.batch_tokens)
-    b_now, block = 0, first
-    stats: dict = {}
-    bar = tqdm(total=total, initial=tr.step, desc=f"train {architecture} {hook_name}", disable=not opt.progress)
-    while tr.step < total:
-        b = tr.step // per_block
-        if b != b_now:
-            if b < b_now:
-                raise AssertionError("blocks go forward")
-            block, b_now = stream.block(b), b
-            if block is None:
-                break
-        j = tr.step % per_block
-        sl = slice(j * opt.batch_tokens, (j + 1) * opt.batch_tokens)
-        if block[hook_name][sl].shape[0] == 0:  # the source ran dry inside a block
-            break
-        stats = tr.train_step(block[hook_name][sl], block[names[-1]][sl], total)
-        bar.update(1)
-        if tr.step % 20 == 0:
-            bar.set_postfix(mse=f"{stats['mse']:.3g}", l0=f"{stats['l0']:.1f}", ev=f"{stats['ev']:.3f}",
-                            dead=f"{stats['dead']:.2f}")
-        if ckpt is not None and (tr.step % opt.checkpoint_every == 0 or tr.step == total):
-            tr.seconds, t0 = tr.seconds + time.perf_counter() - t0, time.perf_counter()
-            _save_state(tr, ckpt, fp)
-    bar.close()
+    stats, t0 = _train_loop(tr, stream, first, names, total, ckpt, fp, desc=f"train {architecture} {hook_name}")
     if tr.step < total:
         warnings.warn(f"data= ran out after {tr.step * opt.batch_tokens:,} training tokens of the {tokens:,} asked "
                       f"({tr.step} of {total} steps); the dictionary is what those steps gave", stacklevel=2)
@@ -353,6 +315,69 @@ def train(model: HookedModel, hook_name: str, architecture: str = "topk", d_sae:
     if save_to is not None:
         sae.save(save_to)
     return sae
+
+
+def _options(options: TrainOptions | None, overrides: dict) -> TrainOptions:
+    """``options`` (default :class:`TrainOptions`) with ``overrides`` (checked field names) applied."""
+    opt = options or TrainOptions()
+    if overrides:
+        bad = [kk for kk in overrides if kk not in TrainOptions.__dataclass_fields__]
+        if bad:
+            raise TypeError(f"unknown training option(s) {bad}; TrainOptions has {sorted(TrainOptions.__dataclass_fields__)}")
+        opt = TrainOptions(**{**asdict(opt), **overrides, "stream": opt.stream})
+    return opt
+
+
+def _points(model: HookedModel, architecture: str, hook_name: str, hook_name_out: str | None,
+            k: int | None) -> tuple[list[str], bool]:
+    """The points to stream (``[hook_name]``, or ``[hook_name, hook_name_out]`` for a transcoder),
+    checked against the model and the architecture, and whether it is a transcoder."""
+    transcoder = hook_name_out is not None and hook_name_out != hook_name
+    if transcoder and architecture == "topk":
+        raise ValueError("a topk transcoder has no SAELens format; train architecture='batchtopk' (saved as "
+                         "jumprelu_transcoder) or 'jumprelu' / 'standard'")
+    names = [hook_name] + ([hook_name_out] if transcoder else [])
+    for n in names:
+        model.points.resolve(n)
+    if architecture in ("topk", "batchtopk") and (k is None or k < 1):
+        raise ValueError(f"architecture {architecture!r} needs k >= 1, got {k!r}")
+    return names, transcoder
+
+
+def _train_loop(tr: _Trainer, stream: ActivationStream, first: dict, names: list[str], total: int,
+                ckpt: Path | None, fp: str, desc: str) -> tuple[dict, float]:
+    """Train ``tr`` from its step up to ``total`` steps on ``stream``'s blocks (``first``: block 0;
+    each block {name: [tokens, width]} cut into batches of ``batch_tokens`` rows), saving the state
+    to ``ckpt`` every ``checkpoint_every`` steps and at the end; stops early when the data runs out.
+    Returns the last step's statistics and the perf_counter time since which ``tr.seconds`` lacks."""
+    opt, x_name, y_name = tr.opt, names[0], names[-1]
+    t0 = time.perf_counter()
+    per_block = max(1, first[x_name].shape[0] // opt.batch_tokens)
+    b_now, block = 0, first
+    stats: dict = {}
+    bar = tqdm(total=total, initial=tr.step, desc=desc, disable=not opt.progress)
+    while tr.step < total:
+        b = tr.step // per_block
+        if b != b_now:
+            if b < b_now:
+                raise AssertionError("blocks go forward")
+            block, b_now = stream.block(b), b
+            if block is None:
+                break
+        j = tr.step % per_block
+        sl = slice(j * opt.batch_tokens, (j + 1) * opt.batch_tokens)
+        if block[x_name][sl].shape[0] == 0:  # the source ran dry inside a block
+            break
+        stats = tr.train_step(block[x_name][sl], block[y_name][sl], total)
+        bar.update(1)
+        if tr.step % 20 == 0:
+            bar.set_postfix(mse=f"{stats['mse']:.3g}", l0=f"{stats['l0']:.1f}", ev=f"{stats['ev']:.3f}",
+                            dead=f"{stats['dead']:.2f}")
+        if ckpt is not None and (tr.step % opt.checkpoint_every == 0 or tr.step == total):
+            tr.seconds, t0 = tr.seconds + time.perf_counter() - t0, time.perf_counter()
+            _save_state(tr, ckpt, fp)
+    bar.close()
+    return stats, t0
 
 
 def _save_state(tr: _Trainer, folder: Path, fp: str) -> None:
