@@ -502,19 +502,11 @@ def load(
     ``revision``: a hub branch, tag or commit for a hub name (weights and tokenizer alike). A hub
     name is looked up in the hub cache (``HF_HUB_CACHE``) first; with ``HF_HUB_OFFLINE=1``, only there.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import models
+    from transformers import AutoTokenizer
 
     torch_dtype = _dtype(dtype)
-    src = model_or_name_or_path
     explicit = tokenizer is not None
-    if src is None:  # the default bundled model, else whichever bundled model has weights
-        present = models.list_models()
-        src = models.DEFAULT_MODEL if models.DEFAULT_MODEL in present or not present else present[0]
-    name = src if isinstance(src, (str, Path)) else type(src).__name__
-    if isinstance(src, str) and src in models.list_models():
-        src = models.model_path(src)
+    src, name = _source(model_or_name_or_path)
     if isinstance(src, nn.Module):
         _check_causal_lm(src)
         hf = src
@@ -524,43 +516,9 @@ def load(
         raise TypeError(f"mk.load takes a bundled model name, a local folder, a hub name or a transformers model; "
                         f"got {type(src).__name__}")
     else:
-        kw: dict[str, Any] = {}
-        if torch_dtype is not None:
-            kw["dtype"] = torch_dtype
-        if device_map is not None:
-            kw["device_map"] = device_map
-        if revision is not None:
-            kw["revision"] = revision
-        local = Path(src).is_dir()
-        if local and (problem := _config_problem(Path(src))):
-            raise ValueError(problem)
-        try:
-            hf = AutoModelForCausalLM.from_pretrained(str(src), **kw)
-        except OSError as e:
-            if local:
-                raise OSError(f"could not load the model in folder {src}: {(str(e).splitlines() or [''])[0]}") from None
-            from huggingface_hub import constants
-
-            rev = "" if revision is None else f" at revision {revision!r}"
-            raise OSError(
-                f"could not load model {src!r}{rev}: not a bundled model ({', '.join(models.list_models()) or 'none'}), "
-                f"not a local folder, and neither the hub cache ({constants.HF_HUB_CACHE}) nor the hub"
-                f"{' (offline: HF_HUB_OFFLINE=1)' if constants.HF_HUB_OFFLINE else ''} could provide it "
-                f"({e.__class__.__name__})."
-            ) from e
+        hf = _from_pretrained(src, torch_dtype, device_map, revision)
         if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(src), **({} if revision is None else {"revision": revision}))
-            except (OSError, ValueError):  # a weights-only folder: token ids still work, text says why not
-                tokenizer = None
-            problem = tokenizer_problem(tokenizer) if tokenizer is not None else None
-            if problem:
-                import warnings
-
-                warnings.warn(f"the tokenizer found with {src} cannot be the model's ({problem}): loaded without a "
-                              f"tokenizer; token ids work, and for text pass mk.load(..., tokenizer=...)",
-                              UserWarning, stacklevel=2)
-                tokenizer = None
+            tokenizer = _saved_tokenizer(src, revision)
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     if explicit and (problem := tokenizer_problem(tokenizer, probe=False)):  # a word-level test vocabulary is fine
@@ -568,10 +526,81 @@ def load(
     if device is not None and device_map is None:
         hf = hf.to(device)
     hf.eval()
-    if isinstance(hook_map, (str, Path)):
-        hook_map = HookMap.from_toml(hook_map)
-    elif isinstance(hook_map, dict):
-        hook_map = HookMap.from_dict(hook_map)
-    hooked = HookedModel(hf, tokenizer, hook_map)
+    hooked = HookedModel(hf, tokenizer, _hook_map_arg(hook_map))
     hooked.name = str(name)
     return hooked
+
+
+def _source(src: Any) -> tuple[Any, Any]:
+    """:func:`load`'s model argument and the name the model gets: None is the default bundled model
+    (else whichever bundled model has weights), a bundled model's name becomes its folder."""
+    from . import models
+
+    if src is None:  # the default bundled model, else whichever bundled model has weights
+        present = models.list_models()
+        src = models.DEFAULT_MODEL if models.DEFAULT_MODEL in present or not present else present[0]
+    name = src if isinstance(src, (str, Path)) else type(src).__name__
+    if isinstance(src, str) and src in models.list_models():
+        src = models.model_path(src)
+    return src, name
+
+
+def _from_pretrained(src: str | Path, torch_dtype: torch.dtype | None, device_map, revision: str | None) -> nn.Module:
+    """The HF causal LM in local folder or hub name ``src``; an error that says where it was looked for."""
+    from transformers import AutoModelForCausalLM
+
+    from . import models
+
+    kw: dict[str, Any] = {}
+    if torch_dtype is not None:
+        kw["dtype"] = torch_dtype
+    if device_map is not None:
+        kw["device_map"] = device_map
+    if revision is not None:
+        kw["revision"] = revision
+    local = Path(src).is_dir()
+    if local and (problem := _config_problem(Path(src))):
+        raise ValueError(problem)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(src), **kw)
+    except OSError as e:
+        if local:
+            raise OSError(f"could not load the model in folder {src}: {(str(e).splitlines() or [''])[0]}") from None
+        from huggingface_hub import constants
+
+        rev = "" if revision is None else f" at revision {revision!r}"
+        raise OSError(
+            f"could not load model {src!r}{rev}: not a bundled model ({', '.join(models.list_models()) or 'none'}), "
+            f"not a local folder, and neither the hub cache ({constants.HF_HUB_CACHE}) nor the hub"
+            f"{' (offline: HF_HUB_OFFLINE=1)' if constants.HF_HUB_OFFLINE else ''} could provide it "
+            f"({e.__class__.__name__})."
+        ) from e
+
+
+def _saved_tokenizer(src: str | Path, revision: str | None):
+    """The tokenizer saved with ``src``, or None: none there (a weights-only folder: token ids still
+    work), or one that cannot be the model's (with a warning at :func:`load`'s caller)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src), **({} if revision is None else {"revision": revision}))
+    except (OSError, ValueError):  # a weights-only folder: token ids still work, text says why not
+        return None
+    problem = tokenizer_problem(tokenizer) if tokenizer is not None else None
+    if problem:
+        import warnings
+
+        warnings.warn(f"the tokenizer found with {src} cannot be the model's ({problem}): loaded without a "
+                      f"tokenizer; token ids work, and for text pass mk.load(..., tokenizer=...)",
+                      UserWarning, stacklevel=3)
+        return None
+    return tokenizer
+
+
+def _hook_map_arg(hook_map: str | Path | dict | HookMap | None) -> HookMap | None:
+    """:func:`load`'s ``hook_map``: a TOML path or a dict read into a :class:`HookMap`; else as given."""
+    if isinstance(hook_map, (str, Path)):
+        return HookMap.from_toml(hook_map)
+    if isinstance(hook_map, dict):
+        return HookMap.from_dict(hook_map)
+    return hook_map
