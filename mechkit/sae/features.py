@@ -111,9 +111,7 @@ def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | 
     Returns:
         Result over ``by`` (raw or normalised metric of each patched run, like activation_patch).
     """
-    from ..patching.engine import start_at_layer
-    from ..patching.metrics import as_metric, evaluate, logit_diff
-    from ..patching.sites import site_kind
+    from ..patching.metrics import as_metric, logit_diff
 
     t0 = time.perf_counter()
     sae = _sae_or_spliced(model, sae, site)
@@ -126,57 +124,23 @@ def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | 
     clean, corrupt = _task_batches(model, task)
     base, src = (corrupt, clean) if mode == "denoise" else (clean, corrupt)
     cfg = sae.cfg
-    out_name = cfg.out_hook
-    layer = model.points.resolve(out_name).layer
-    k0 = layer if (skip_layers and layer is not None) else 0
-    inj = site_kind("resid_pre").hook_name(k0)
-    names = list(dict.fromkeys([cfg.hook_name, out_name] + ([inj] if k0 else [])))
-    src_logits, src_cache = model.run_with_cache(src, names=names)
-    base_logits, base_cache = model.run_with_cache(base, names=names)
-    clean_logits, corrupt_logits = (src_logits, base_logits) if mode == "denoise" else (base_logits, src_logits)
-    metric.bind_clean(clean_logits)
+    k0, inj = _start_layer(model, cfg.out_hook, skip_layers)
+    names = list(dict.fromkeys([cfg.hook_name, cfg.out_hook] + ([inj] if k0 else [])))
+    src_cache, base_cache, m_clean, m_corrupt = _baselines(model, base, src, mode, metric, names)
     n, T = base.input_ids.shape
-    m_clean = float(evaluate(metric, clean_logits, n)[0])
-    m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
-    del src_logits, base_logits, clean_logits, corrupt_logits
     xb = base_cache[cfg.hook_name]
     diff = (sae.encode(src_cache[cfg.hook_name]) - sae.encode(xb)).float()  # [n, T, d_sae]
-    scale, D = _directions(sae, xb)
-    scale = scale.float()
-    D = D.float()
+    scale, D = (t.float() for t in _directions(sae, xb))
     # the grid: one patch per feature, or per (pos, feature)
-    if by == ("feature",):
-        grid = feats[:, None]
-    else:
-        grid = torch.cartesian_prod(torch.arange(T), feats)
+    grid = feats[:, None] if by == ("feature",) else torch.cartesian_prod(torch.arange(T), feats)
     kmax = max(1, max_batch_tokens // max(1, n * T))
     raw = torch.empty(len(grid))
     resid = base_cache[inj] if k0 else None
     for s in tqdm(range(0, len(grid), kmax), desc=f"patch features at {cfg.hook_name}", disable=not progress,
                   unit="chunk"):
         items = grid[s:s + kmax]
-        k = items.shape[0]
-        f = items[:, -1]
-        coef = diff[:, :, f].permute(2, 0, 1)  # [k, n, T]
-        if by == ("pos", "feature"):
-            keep = torch.zeros(k, 1, T, dtype=coef.dtype)
-            keep[torch.arange(k), 0, items[:, 0]] = 1
-            coef = coef * keep
-        delta = (coef[..., None] * scale[None]) * D[f][:, None, None, :]  # [k, n, T, d_out]
-
-        def add(x, hook, _delta=delta, _k=k):
-            if hook.name == inj and resid is not None:
-                x = resid.to(x.device, x.dtype).repeat((_k,) + (1,) * (resid.dim() - 1))
-            if hook.name != out_name:
-                return x
-            v = x.reshape((_k, n, T, -1))
-            return (v + _delta.to(x.device, x.dtype)).reshape(x.shape)
-        hooks = [(out_name, add)] if (not k0 or inj == out_name) else [(inj, add), (out_name, add)]
-        kw = dict(input_ids=base.input_ids.repeat(k, 1), attention_mask=base.attention_mask.repeat(k, 1),
-                  position_ids=base.position_ids.repeat(k, 1), use_cache=False)
-        with model.hooks(hooks), start_at_layer(model, k0):
-            logits = model.hf_model(**kw).logits
-        raw[s:s + k] = evaluate(metric, logits, n).float().cpu()
+        delta = _delta(diff, scale, D, items, T)
+        raw[s:s + items.shape[0]] = _patched_run(model, base, metric, delta, cfg.out_hook, k0, inj, resid)
     values = (raw - m_corrupt) / (m_clean - m_corrupt) if normalise else raw
     shape = [len(feats)] if by == ("feature",) else [T, len(feats)]
     meta = dict(method="feature_patch", site=f"sae:{cfg.hook_name}", by=list(by), mode=mode, metric=repr(metric),
@@ -184,6 +148,71 @@ def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | 
                 dictionary=repr(sae), seconds=time.perf_counter() - t0)
     return Result(values.reshape(shape), by, _labels(model, task, by, feats), {"clean": m_clean, "corrupt": m_corrupt},
                   meta, name="patch_features")
+
+
+def _start_layer(model: HookedModel, out_name: str, skip_layers: bool) -> tuple[int, str]:
+    """The layer the patched runs start at (the dictionary's output layer with ``skip_layers``,
+    else 0) and the hook name of its ``resid_pre``, where they take the base run's residual."""
+    from ..patching.sites import site_kind
+
+    layer = model.points.resolve(out_name).layer
+    k0 = layer if (skip_layers and layer is not None) else 0
+    return k0, site_kind("resid_pre").hook_name(k0)
+
+
+def _baselines(model: HookedModel, base, src, mode: str, metric, names: list[str]):
+    """Run the base and source batches caching ``names`` and bind ``metric`` to the clean run's
+    logits. Returns (source cache, base cache, clean metric, corrupted metric) (prompt means)."""
+    from ..patching.metrics import evaluate
+
+    src_logits, src_cache = model.run_with_cache(src, names=names)
+    base_logits, base_cache = model.run_with_cache(base, names=names)
+    clean_logits, corrupt_logits = (src_logits, base_logits) if mode == "denoise" else (base_logits, src_logits)
+    metric.bind_clean(clean_logits)
+    n = base.input_ids.shape[0]
+    m_clean = float(evaluate(metric, clean_logits, n)[0])
+    m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
+    return src_cache, base_cache, m_clean, m_corrupt
+
+
+def _delta(diff: torch.Tensor, scale: torch.Tensor, D: torch.Tensor, items: torch.Tensor, T: int) -> torch.Tensor:
+    """[k, n, T, d_out]: what each of the k patches adds at the point. ``items``: [k, 1] (feature)
+    or [k, 2] (pos, feature: that position only); ``diff``: source - base activations [n, T, d_sae];
+    ``scale``: [n, T, 1]; ``D``: decoder directions [d_sae, d_out] (see :func:`_directions`)."""
+    k = items.shape[0]
+    f = items[:, -1]
+    coef = diff[:, :, f].permute(2, 0, 1)  # [k, n, T]
+    if items.shape[1] == 2:
+        keep = torch.zeros(k, 1, T, dtype=coef.dtype)
+        keep[torch.arange(k), 0, items[:, 0]] = 1
+        coef = coef * keep
+    return (coef[..., None] * scale[None]) * D[f][:, None, None, :]
+
+
+def _patched_run(model: HookedModel, base, metric, delta: torch.Tensor, out_name: str, k0: int, inj: str,
+                 resid: torch.Tensor | None) -> torch.Tensor:
+    """[k] metric (prompt means) of the base batch repeated k times, row group g with ``delta[g]``
+    [n, T, d_out] added at ``out_name``. With ``k0 > 0`` the run starts at layer ``k0``, whose input
+    (hook ``inj``) is the base run's residual ``resid`` [n, T, d_model]."""
+    from ..patching.engine import start_at_layer
+    from ..patching.metrics import evaluate
+
+    k = delta.shape[0]
+    n, T = base.input_ids.shape
+
+    def add(x, hook, _delta=delta, _k=k):
+        if hook.name == inj and resid is not None:
+            x = resid.to(x.device, x.dtype).repeat((_k,) + (1,) * (resid.dim() - 1))
+        if hook.name != out_name:
+            return x
+        v = x.reshape((_k, n, T, -1))
+        return (v + _delta.to(x.device, x.dtype)).reshape(x.shape)
+    hooks = [(out_name, add)] if (not k0 or inj == out_name) else [(inj, add), (out_name, add)]
+    kw = dict(input_ids=base.input_ids.repeat(k, 1), attention_mask=base.attention_mask.repeat(k, 1),
+              position_ids=base.position_ids.repeat(k, 1), use_cache=False)
+    with model.hooks(hooks), start_at_layer(model, k0):
+        logits = model.hf_model(**kw).logits
+    return evaluate(metric, logits, n).float().cpu()
 
 
 def feature_attribution(model: HookedModel, task, sae: SAE | None = None, site: str | None = None, by=("feature",),
