@@ -157,10 +157,17 @@ def ablation_values(model: HookedModel, names, how: str, reference, position_ids
 
 
 def ablation_hooks(model: HookedModel, heads=(), neurons=(), how: str = "zero", reference=None, per_position: bool = True,
-                   preserve_pattern: bool = False, seed: int = 0, reference_mask=None, _positions=None, experts=()):
+                   preserve_pattern: bool = False, seed: int = 0, reference_mask=None, experts=()):
     """The ``[(name, fn), ...]`` hooks that :func:`ablate` installs (for use with ``model.hooks``
-    or in sweeps). ``_positions``: a position recorder (``ablate`` supplies one); without it the
-    position ids are assumed to be 0..p-1 (no padding, no KV cache)."""
+    or in sweeps). The position ids are assumed to be 0..p-1 (no padding, no KV cache); :func:`ablate`
+    also records each call's position ids."""
+    return _ablation_hooks(model, None, heads, neurons, how, reference, per_position, preserve_pattern, seed,
+                           reference_mask, experts)
+
+
+def _ablation_hooks(model: HookedModel, positions: _Positions | None, heads, neurons, how: str, reference,
+                    per_position: bool, preserve_pattern: bool, seed: int, reference_mask, experts) -> list:
+    """:func:`ablation_hooks` with a position recorder ``positions`` (None: positions 0..p-1)."""
     if how not in HOWS:
         raise ValueError(f"how must be one of {HOWS}; got {how!r}")
     c = model.cfg
@@ -174,68 +181,97 @@ def ablation_hooks(model: HookedModel, heads=(), neurons=(), how: str = "zero", 
                          " and/or experts=[(layer, expert), ...]")
     if how != "zero" and reference is None:
         raise ValueError(f"how='{how}' needs reference= prompts or token ids to take values from")
-    positions = _positions or _Positions()
-    group = c.n_heads // c.n_kv_heads
+    site = _sites(head_masks, neuron_masks, preserve_pattern)
+    values = _Replacements(model, how, reference, list(site), per_position, seed, reference_mask,
+                           positions or _Positions())
+    hooks = []
+    for name, (kind, l) in site.items():
+        if kind == "neuron":
+            hooks.append((name, values.hook(name, neuron_masks[l])))
+        elif not preserve_pattern:
+            hooks.append((name, values.hook(name, head_masks[l])))
+        else:
+            hooks += values.pattern_hooks(name, l, head_masks[l], c.n_heads // c.n_kv_heads)
+    return hooks + expert_hooks
+
+
+def _sites(head_masks: dict, neuron_masks: dict, preserve_pattern: bool) -> dict[str, tuple[str, int]]:
+    """{hook name: ("head" | "neuron", layer)}: the points whose values are replaced (for heads the
+    values v with ``preserve_pattern``, else z; for neurons mlp.hook_post)."""
     site = {}
     for l in head_masks:
         site[act_name("v", l) if preserve_pattern else act_name("z", l)] = ("head", l)
     for l in neuron_masks:
         site[act_name("post", l)] = ("neuron", l)
-    refs: dict[str, _Reference] = {}
-    n_ref = 1
-    if how != "zero":
-        refs, n_ref = _record_reference(model, reference, list(site), reference_mask)
-    perm = _resample_perm(n_ref, seed)
+    return site
 
-    def current_pos(x):
-        p = positions.pos
+
+def _masked(x: torch.Tensor, mask: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` where ``mask`` [width] is set, ``x`` elsewhere; the width is dim 2 of a 4-d x
+    ([b, p, H, dh]), else the last dim ([b, p, d_mlp])."""
+    m = mask.to(x.device)
+    shape = [1] * x.dim()
+    shape[2 if x.dim() == 4 else -1] = m.numel()
+    return torch.where(m.reshape(shape), new, x)
+
+
+class _Replacements:
+    """What the ablation hooks write: zeros, or the mean / resampled values of the reference
+    (recorded once, at the points ``names``) at the current call's position ids."""
+
+    def __init__(self, model: HookedModel, how: str, reference, names: list[str], per_position: bool, seed: int,
+                 reference_mask, positions: _Positions):
+        self.how, self.per_position, self.positions = how, per_position, positions
+        self.refs: dict[str, _Reference] = {}
+        self.n_ref = 1
+        if how != "zero":
+            self.refs, self.n_ref = _record_reference(model, reference, names, reference_mask)
+        self.perm = _resample_perm(self.n_ref, seed)
+        self.stash: dict = {}  # preserve_pattern: each layer's pattern and replaced values, within one call
+
+    def current_pos(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, p] position ids of the current call for ``x`` [b, p, ...] (0..p-1 when unknown)."""
+        p = self.positions.pos
         if p is None or p.shape[-1] != x.shape[1]:
             return torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
         return p.to(x.device).expand(x.shape[0], -1)
 
-    def replacement(name, x, pos):
-        if how == "zero":
+    def replacement(self, name: str, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[b, p, ...] values for ``x`` [b, p, ...] at point ``name``, position ids ``pos`` [b, p]."""
+        if self.how == "zero":
             return torch.zeros_like(x)
-        rows = perm.to(x.device)[torch.arange(x.shape[0], device=x.device) % n_ref]
-        return refs[name].values(how, pos, per_position, rows).to(x.dtype)
+        rows = self.perm.to(x.device)[torch.arange(x.shape[0], device=x.device) % self.n_ref]
+        return self.refs[name].values(self.how, pos, self.per_position, rows).to(x.dtype)
 
-    def masked(x, mask, new):
-        m = mask.to(x.device)
-        shape = [1] * x.dim()
-        shape[2 if x.dim() == 4 else -1] = m.numel()
-        return torch.where(m.reshape(shape), new, x)
+    def hook(self, name: str, mask: torch.Tensor):
+        """The hook at ``name`` replacing the ``mask``-ed heads (z [b, p, H, dh]) or neurons ([b, p, d_mlp])."""
+        def fn(x, hook):
+            return _masked(x, mask, self.replacement(name, x, self.current_pos(x)))
+        return fn
 
-    hooks = []
-    stash: dict[int, torch.Tensor] = {}
-    for name, (kind, l) in site.items():
-        if kind == "neuron":
-            def fn(x, hook, _n=name, _m=neuron_masks[l]):
-                return masked(x, _m, replacement(_n, x, current_pos(x)))
-            hooks.append((name, fn))
-        elif not preserve_pattern:
-            def fn(x, hook, _n=name, _m=head_masks[l]):
-                return masked(x, _m, replacement(_n, x, current_pos(x)))
-            hooks.append((name, fn))
-        else:
-            def keep_pattern(x, hook, _l=l):
-                stash[_l] = x  # [b, H, q, k]
+    def pattern_hooks(self, name: str, l: int, mask: torch.Tensor, group: int) -> list:
+        """preserve_pattern at layer ``l``: keep the pattern [b, H, q, k], replace the values
+        v [b, k, H_kv, dh] at ``name`` (at each key's position id), and set the masked heads' z
+        [b, q, H, dh] to pattern @ replaced values (kv head ``h // group`` for head h)."""
+        stash = self.stash
 
-            def value_ref(v, hook, _n=name, _l=l):
-                # v: [b, k, H_kv, dh], all keys (cached ones included)
-                if how == "zero":
-                    stash[("v", _l)] = torch.zeros_like(v)
-                else:
-                    kp = positions.key_positions(v.shape[1], v.shape[0], v.device)
-                    stash[("v", _l)] = replacement(_n, v, kp)
+        def keep_pattern(x, hook):
+            stash[l] = x  # [b, H, q, k]
 
-            def fn(z, hook, _l=l, _m=head_masks[l]):
-                A = stash.pop(_l)
-                vr = stash.pop(("v", _l)).repeat_interleave(group, dim=2).to(A.dtype)  # [b, k, H, dh]
-                new = torch.einsum("bhqk,bkhd->bqhd", A, vr).to(z.dtype)
-                return masked(z, _m, new)
-            hooks += [(act_name("pattern", l), keep_pattern), (name, value_ref),
-                      (act_name("z", l), fn)]
-    return hooks + expert_hooks
+        def value_ref(v, hook):
+            # v: [b, k, H_kv, dh], all keys (cached ones included)
+            if self.how == "zero":
+                stash[("v", l)] = torch.zeros_like(v)
+            else:
+                kp = self.positions.key_positions(v.shape[1], v.shape[0], v.device)
+                stash[("v", l)] = self.replacement(name, v, kp)
+
+        def fn(z, hook):
+            A = stash.pop(l)
+            vr = stash.pop(("v", l)).repeat_interleave(group, dim=2).to(A.dtype)  # [b, k, H, dh]
+            new = torch.einsum("bhqk,bkhd->bqhd", A, vr).to(z.dtype)
+            return _masked(z, mask, new)
+        return [(act_name("pattern", l), keep_pattern), (name, value_ref), (act_name("z", l), fn)]
 
 
 def _expert_hooks(model, experts, how: str) -> list:
@@ -283,8 +319,8 @@ def ablate(model: HookedModel, heads=(), neurons=(), how: str = "zero", referenc
     from (recorded once, on entry, without ablation). Yields the model.
     """
     positions = _Positions()
-    hooks = ablation_hooks(model, heads, neurons, how, reference, per_position, preserve_pattern, seed,
-                           reference_mask, _positions=positions, experts=experts)
+    hooks = _ablation_hooks(model, positions, heads, neurons, how, reference, per_position, preserve_pattern, seed,
+                            reference_mask, experts)
     handle = model.hf_model.register_forward_pre_hook(positions.pre_hook, with_kwargs=True)
     try:
         with model.hooks(hooks):
