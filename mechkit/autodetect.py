@@ -295,10 +295,36 @@ def detect_map(hf: nn.Module) -> HookMap:
     if embed is None or unembed is None:
         raise _fail("no input or output embeddings (get_input_embeddings / get_output_embeddings)")
     names = {m: n for n, m in hf.named_modules()}
+    seen, logits = _observe_model(hf, layers_path, embed, cfg)
+    emb_path = names[embed]
+    emb_out = seen.out[emb_path]
+    fam: dict = {"name": f"auto:{cfg.model_type}", "model_types": [], "layers": layers_path,
+                 "block": f"{layers_path}.{{l}}", "embed": emb_path, "unembed": names[unembed], "fast_paths": False}
+    points: dict[str, dict] = {"hook_embed": {"module": emb_path, "side": "output"}}
+    kinds = [_layer_points(hf, seen, layers_path, l, emb_out, fam, points, cfg) for l in range(len(layers))]
+    _reasons(points, kinds)
+    if "attn" not in kinds:
+        raise _fail("no layer holds attention (a pure state-space or recurrent model)")
+    fam["layer_kinds"] = kinds
+    un_path = names[unembed]
+    _final_norm(hf, seen, f"{layers_path}.{len(layers) - 1}", layers_path, un_path, fam, points)
+    t = _logit_transform(seen.out[un_path], logits, cfg)
+    if t is not None:
+        fam["logit_transform"] = t
+    points["hook_logits"] = {"module": un_path, "side": "output"}
+    hook_map = HookMap(fam, points, source=f"auto-detected for {type(hf).__name__}")
+    verify(hf, hook_map)
+    hook_map.verified = True
+    return hook_map
+
+
+def _observe_model(hf: nn.Module, layers_path: str, embed: nn.Module, cfg) -> tuple[_Seen, torch.Tensor]:
+    """Run ``hf`` once on 8 seeded random token ids [1, 8] with every module watched: with mechkit's
+    probe attention where the model can switch to it and it reproduces the model's logits, else
+    without (and then no attention calls are kept: no per-head points). Returns (seen, logits)."""
     vocab = min(int(getattr(embed, "num_embeddings", 0) or cfg.vocab_size), int(cfg.vocab_size))
     dev = next(hf.parameters()).device
     ids = torch.randint(1, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(dev)
-
     saved = attn_implementation(hf)
     per_head_ok = True
     try:
@@ -320,129 +346,172 @@ def detect_map(hf: nn.Module) -> HookMap:
         seen, logits = _observe(hf, layers_path, ids, False)
     if not per_head_ok:
         seen.attn.clear()
+    return seen, logits
 
-    emb_path = names[embed]
-    emb_out = seen.out[emb_path]
-    fam: dict = {"name": f"auto:{cfg.model_type}", "model_types": [], "layers": layers_path,
-                 "block": f"{layers_path}.{{l}}", "embed": emb_path, "unembed": names[unembed], "fast_paths": False}
-    points: dict[str, dict] = {"hook_embed": {"module": emb_path, "side": "output"}}
-    kinds: list[str] = []
-    for l in range(len(layers)):
-        block = f"{layers_path}.{l}"
-        if seen.calls.get(block) != 1:
-            raise _fail(f"decoder layer {l} ({block}) ran {seen.calls.get(block, 0)} times in one forward")
-        pre, post = seen.inp.get(block), seen.out.get(block)
-        if pre is None or post is None or pre.shape != post.shape or pre.dim() != 3 or pre.shape[-1] != emb_out.shape[-1]:
-            shape = None if pre is None else tuple(pre.shape)
-            raise _fail(f"decoder layer {l} reads a residual of shape {shape}, not [batch, pos, d_model] = "
-                        f"{tuple(emb_out.shape)}: hyper-connections or several residual streams, which the "
-                        f"resid_pre + attn_out + mlp_out picture cannot express (refused)")
-        tol = 1e-5 * (1 + float(post.abs().max()))
-        flat = (post.shape[:-1].numel(), post.shape[-1])
-        tokens = {p for p in seen.out if p.startswith(block + ".") and seen.calls[p] == 1
-                  and tuple(seen.out[p].shape) == flat}  # [batch * pos, d] (Llama 4's MoE, OPT's fc2)
-        for p in tokens:
-            seen.out[p] = seen.out[p].view(post.shape)
-        inside = [p for p in seen.out if p.startswith(block + ".") and seen.calls[p] == 1
-                  and seen.out[p].shape == post.shape]
-        terms, scales = _terms(pre, post, [(p, seen.out[p]) for p in _distinct(inside, seen)], tol, cfg)
-        if terms is None:
-            normed = [p for p in inside if "norm" in type(get_module(hf, p)).__name__.lower()
-                      and torch.equal(seen.out[p], post)]
-            if normed:
-                raise _fail(f"layer {l}: the block's output is the output of {normed[-1]}, a norm of the residual "
-                            f"stream itself (post-LN, as in GPT-1 or OPT-350m): the residual is not a sum of the "
-                            f"layers' outputs, so attn_out/mlp_out cannot be defined (refused)")
-            raise _fail(f"layer {l}: no one or two module outputs inside {block} add up to resid_post - resid_pre "
-                        f"(the residual is added in a way mechkit cannot see, e.g. several residual streams)")
-        called = [p for p in seen.attn if p.startswith(block + ".")]
-        attn_mods = [p for p in called if len(seen.attn[p]) == 1]  # per-head points need one call per forward
-        first = terms[0]
-        rel = first[len(block) + 1:].lower()
-        is_mixer = any(k in rel for k in MIXER_WORDS)
-        # where some layers call the attention interface, a layer that calls none mixes tokens another way
-        first_is_attn = bool(called) or (not seen.attn and not is_mixer and "att" in rel)
-        mlp_parts: list[str] = []
-        scale_of = dict(zip(terms, scales)).get
-        if len(terms) == 1:
-            attn_term, mlp_term = (first, None) if (first_is_attn or is_mixer) else (None, first)
-        elif len(terms) == 2:
-            attn_term, mlp_term = terms
+
+def _layer_points(hf: nn.Module, seen: _Seen, layers_path: str, l: int, emb_out: torch.Tensor, fam: dict,
+                  points: dict, cfg) -> str:
+    """Add decoder layer ``l``'s points to ``points`` (and its sizes to ``fam``); returns the layer's
+    kind: "attn", "mixer" or "mlp_only". ``emb_out``: the embedding's output [batch, pos, d_model]."""
+    block = f"{layers_path}.{l}"
+    pre, post = _block_io(seen, block, l, emb_out)
+    terms, scales, tokens = _block_terms(hf, seen, block, l, pre, post, cfg)
+    called = [p for p in seen.attn if p.startswith(block + ".")]
+    attn_mods = [p for p in called if len(seen.attn[p]) == 1]  # per-head points need one call per forward
+    attn_term, mlp_term, mlp_parts, kind = _assign_terms(seen, block, l, terms, scales, called, attn_mods, points)
+    pl = layer_point(l, "")
+    scale = dict(zip(terms, scales))
+    mlp_term = _residual_points(seen, pl, block, kind, (attn_term, mlp_term, mlp_parts), scale, tokens, post, points)
+    if len(attn_mods) == 1:
+        _attention_points(hf, seen, pl, block, attn_mods[0], fam, points)
+    if mlp_term is not None:
+        _mlp_points(hf, seen, pl, block, mlp_term, post, fam, points, cfg)
+    return kind
+
+
+def _block_io(seen: _Seen, block: str, l: int, emb_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's input and output residual [batch, pos, d_model], checked: one call, one stream."""
+    if seen.calls.get(block) != 1:
+        raise _fail(f"decoder layer {l} ({block}) ran {seen.calls.get(block, 0)} times in one forward")
+    pre, post = seen.inp.get(block), seen.out.get(block)
+    if pre is None or post is None or pre.shape != post.shape or pre.dim() != 3 or pre.shape[-1] != emb_out.shape[-1]:
+        shape = None if pre is None else tuple(pre.shape)
+        raise _fail(f"decoder layer {l} reads a residual of shape {shape}, not [batch, pos, d_model] = "
+                    f"{tuple(emb_out.shape)}: hyper-connections or several residual streams, which the "
+                    f"resid_pre + attn_out + mlp_out picture cannot express (refused)")
+    return pre, post
+
+
+def _block_terms(hf: nn.Module, seen: _Seen, block: str, l: int, pre: torch.Tensor, post: torch.Tensor, cfg):
+    """The module outputs inside ``block`` whose scaled sum is ``post - pre`` [batch, pos, d_model],
+    their scales, and the modules among them that output per token [batch * pos, d] (their outputs
+    in ``seen`` are viewed as [batch, pos, d] from here on); refused with the reason otherwise."""
+    tol = 1e-5 * (1 + float(post.abs().max()))
+    flat = (post.shape[:-1].numel(), post.shape[-1])
+    tokens = {p for p in seen.out if p.startswith(block + ".") and seen.calls[p] == 1
+              and tuple(seen.out[p].shape) == flat}  # [batch * pos, d] (Llama 4's MoE, OPT's fc2)
+    for p in tokens:
+        seen.out[p] = seen.out[p].view(post.shape)
+    inside = [p for p in seen.out if p.startswith(block + ".") and seen.calls[p] == 1
+              and seen.out[p].shape == post.shape]
+    terms, scales = _terms(pre, post, [(p, seen.out[p]) for p in _distinct(inside, seen)], tol, cfg)
+    if terms is None:
+        normed = [p for p in inside if "norm" in type(get_module(hf, p)).__name__.lower()
+                  and torch.equal(seen.out[p], post)]
+        if normed:
+            raise _fail(f"layer {l}: the block's output is the output of {normed[-1]}, a norm of the residual "
+                        f"stream itself (post-LN, as in GPT-1 or OPT-350m): the residual is not a sum of the "
+                        f"layers' outputs, so attn_out/mlp_out cannot be defined (refused)")
+        raise _fail(f"layer {l}: no one or two module outputs inside {block} add up to resid_post - resid_pre "
+                    f"(the residual is added in a way mechkit cannot see, e.g. several residual streams)")
+    return terms, scales, tokens
+
+
+def _assign_terms(seen: _Seen, block: str, l: int, terms: list[str], scales: list[float], called: list[str],
+                  attn_mods: list[str], points: dict):
+    """Which residual term is attention (or a mixer) and which the MLP: (attn_term, mlp_term,
+    mlp_parts, kind). ``called``: the layer's modules that called the attention interface."""
+    first = terms[0]
+    rel = first[len(block) + 1:].lower()
+    is_mixer = any(k in rel for k in MIXER_WORDS)
+    # where some layers call the attention interface, a layer that calls none mixes tokens another way
+    first_is_attn = bool(called) or (not seen.attn and not is_mixer and "att" in rel)
+    mlp_parts: list[str] = []
+    if len(terms) == 1:
+        attn_term, mlp_term = (first, None) if (first_is_attn or is_mixer) else (None, first)
+    elif len(terms) == 2:
+        attn_term, mlp_term = terms
+    else:
+        attn_term, mlp_term, mlp_parts = _three_terms(block, l, terms, scales, attn_mods, points)
+    kind = "attn" if first_is_attn else "mixer" if (is_mixer or len(terms) == 2) else "mlp_only"
+    return attn_term, mlp_term, mlp_parts, kind
+
+
+def _three_terms(block: str, l: int, terms: list[str], scales: list[float], attn_mods: list[str], points: dict):
+    """Three residual terms: attention, a mixer and the MLP side by side (Falcon-H1; the mixer's
+    ``hook_mixer_out`` is added to ``points`` here), or attention and an MLP of two modules (routed +
+    shared experts). Returns (attn_term, mlp_term, mlp_parts)."""
+    scale_of = dict(zip(terms, scales)).get
+
+    def role(p):
+        r = p[len(block) + 1:].lower()
+        if any(k in r for k in MIXER_WORDS):
+            return "mixer"
+        if any(a.startswith(p + ".") or a == p for a in attn_mods) or "att" in r:
+            return "attn"
+        return "mlp"
+    roles = [role(p) for p in terms]
+    if sorted(roles) == ["attn", "mixer", "mlp"]:  # attention and a mixer side by side (Falcon-H1)
+        attn_term, mixer_side, mlp_term = (terms[roles.index(k)] for k in ("attn", "mixer", "mlp"))
+        points[act_name("mixer_out", l)] = {"module": mixer_side, "side": "output",
+                                            **({"scale": scale_of(mixer_side)} if scale_of(mixer_side) != 1.0 else {})}
+        return attn_term, mlp_term, []
+    if roles[1:] == ["mlp", "mlp"]:  # the MLP's output is the sum of two modules' (routed + shared experts)
+        mlp_parts = terms[1:]
+        return terms[0], mlp_parts[-1], mlp_parts
+    raise _fail(f"layer {l}: the residual update is the sum of {', '.join(terms)}, which mechkit cannot "
+                f"assign to attention, mixer and MLP")
+
+
+def _term_spec(path: str, s: float, tokens: set[str]) -> dict:
+    """The point spec of a residual term: the module's output, its scale unless 1, per-token reshape."""
+    spec = {"module": path, "side": "output"}
+    if s != 1.0:
+        spec["scale"] = s
+    if path in tokens:
+        spec["reshape"] = "tokens"
+    return spec
+
+
+def _residual_points(seen: _Seen, pl: str, block: str, kind: str, assigned: tuple, scale: dict, tokens: set[str],
+                     post: torch.Tensor, points: dict) -> str | None:
+    """resid_pre / resid_post, the attention (or mixer) output and the MLP output (the virtual sum of
+    two modules' where ``assigned = (attn_term, mlp_term, mlp_parts)`` has two MLP parts). Returns
+    the MLP module :func:`_mlp_points` reads (the first part of a two-module MLP)."""
+    attn_term, mlp_term, mlp_parts = assigned
+    points[pl + "hook_resid_pre"] = {"module": block, "side": "input"}
+    points[pl + "hook_resid_post"] = {"module": block, "side": "output"}
+    if attn_term is not None:
+        if kind == "attn":
+            points[pl + "hook_attn_out"] = _term_spec(attn_term, scale[attn_term], tokens)
         else:
-            def role(p):
-                r = p[len(block) + 1:].lower()
-                if any(k in r for k in MIXER_WORDS):
-                    return "mixer"
-                if any(a.startswith(p + ".") or a == p for a in attn_mods) or "att" in r:
-                    return "attn"
-                return "mlp"
-            roles = [role(p) for p in terms]
-            if sorted(roles) == ["attn", "mixer", "mlp"]:  # attention and a mixer side by side (Falcon-H1)
-                attn_term, mixer_side, mlp_term = (terms[roles.index(k)] for k in ("attn", "mixer", "mlp"))
-                points[act_name("mixer_out", l)] = {"module": mixer_side, "side": "output",
-                                                        **({"scale": scale_of(mixer_side)} if scale_of(mixer_side) != 1.0 else {})}
-            elif roles[1:] == ["mlp", "mlp"]:  # the MLP's output is the sum of two modules' (routed + shared experts)
-                attn_term, mlp_parts = terms[0], terms[1:]
-                mlp_term = mlp_parts[-1]
-            else:
-                raise _fail(f"layer {l}: the residual update is the sum of {', '.join(terms)}, which mechkit cannot "
-                            f"assign to attention, mixer and MLP")
-        scale = dict(zip(terms, scales))
-        kind = "attn" if first_is_attn else "mixer" if (is_mixer or len(terms) == 2) else "mlp_only"
-        kinds.append(kind)
-        pl = layer_point(l, "")
+            points[pl + "hook_mixer_out"] = _term_spec(attn_term, scale[attn_term], tokens)
+            if attn_term in seen.inp and seen.inp[attn_term].shape == post.shape:
+                points[pl + "hook_mixer_in"] = {"module": attn_term, "side": "input"}
+    if mlp_parts:
+        names_ = [pl + "mlp.hook_routed_out", pl + "mlp.hook_shared_out"]
+        for n_, p_ in zip(names_, mlp_parts):
+            points[n_] = _term_spec(p_, scale[p_], tokens)
+        points[pl + "hook_mlp_out"] = {"virtual": "sum", "of": names_, "write": names_[-1]}
+        return mlp_parts[0]
+    if mlp_term is not None:
+        points[pl + "hook_mlp_out"] = _term_spec(mlp_term, scale[mlp_term], tokens)
+    return mlp_term
 
-        def term_point(path, s):
-            spec = {"module": path, "side": "output"}
-            if s != 1.0:
-                spec["scale"] = s
-            if path in tokens:
-                spec["reshape"] = "tokens"
-            return spec
 
-        points[pl + "hook_resid_pre"] = {"module": block, "side": "input"}
-        points[pl + "hook_resid_post"] = {"module": block, "side": "output"}
-        if attn_term is not None:
-            if kind == "attn":
-                points[pl + "hook_attn_out"] = term_point(attn_term, scale[attn_term])
-            else:
-                points[pl + "hook_mixer_out"] = term_point(attn_term, scale[attn_term])
-                mixer = attn_term
-                if attn_term in seen.inp and seen.inp[attn_term].shape == post.shape:
-                    points[pl + "hook_mixer_in"] = {"module": mixer, "side": "input"}
-        if mlp_parts:
-            names_ = [pl + "mlp.hook_routed_out", pl + "mlp.hook_shared_out"]
-            for n_, p_ in zip(names_, mlp_parts):
-                points[n_] = term_point(p_, scale[p_])
-            points[pl + "hook_mlp_out"] = {"virtual": "sum", "of": names_, "write": names_[-1]}
-            mlp_term = mlp_parts[0]
-        elif mlp_term is not None:
-            points[pl + "hook_mlp_out"] = term_point(mlp_term, scale[mlp_term])
-        if len(attn_mods) == 1:
-            a = attn_mods[0]
-            qs, ks, vs, z = seen.attn[a][0]
-            for t in ("q", "k", "v", "pattern"):
-                points[pl + f"attn.hook_{t}"] = {"module": a, "side": "attention", "tensor": t}
-            zf = z.flatten(-2)
-            o_proj = [p for p in seen.inp if p.startswith(a + ".") and _is_proj(get_module(hf, p))
-                      and seen.calls[p] == 1 and seen.inp[p].shape == zf.shape and torch.equal(seen.inp[p], zf)]
-            if o_proj:
-                points[pl + "attn.hook_z"] = {"module": o_proj[0], "side": "input", "reshape": "heads", "heads": qs[1]}
-                fam.setdefault("attn_out_proj", o_proj[0].replace(block, "{block}", 1))
-            fam.setdefault("n_heads", qs[1])
-            fam.setdefault("n_kv_heads", ks[1])
-            fam.setdefault("d_head", vs[-1])
-        if mlp_term is not None:
-            _mlp_points(hf, seen, pl, block, mlp_term, post, fam, points, cfg)
-    _reasons(points, kinds)
-    if "attn" not in kinds:
-        raise _fail("no layer holds attention (a pure state-space or recurrent model)")
-    fam["layer_kinds"] = kinds
+def _attention_points(hf: nn.Module, seen: _Seen, pl: str, block: str, a: str, fam: dict, points: dict) -> None:
+    """Per-head points of attention module ``a`` (q, k, v, pattern from its one attention call;
+    z as the input [batch, pos, heads * d_head] of the projection reading the heads) and its sizes."""
+    qs, ks, vs, z = seen.attn[a][0]
+    for t in ("q", "k", "v", "pattern"):
+        points[pl + f"attn.hook_{t}"] = {"module": a, "side": "attention", "tensor": t}
+    zf = z.flatten(-2)
+    o_proj = [p for p in seen.inp if p.startswith(a + ".") and _is_proj(get_module(hf, p))
+              and seen.calls[p] == 1 and seen.inp[p].shape == zf.shape and torch.equal(seen.inp[p], zf)]
+    if o_proj:
+        points[pl + "attn.hook_z"] = {"module": o_proj[0], "side": "input", "reshape": "heads", "heads": qs[1]}
+        fam.setdefault("attn_out_proj", o_proj[0].replace(block, "{block}", 1))
+    fam.setdefault("n_heads", qs[1])
+    fam.setdefault("n_kv_heads", ks[1])
+    fam.setdefault("d_head", vs[-1])
 
-    # final norm, unembedding, logit transform
-    un_path = names[unembed]
+
+def _final_norm(hf: nn.Module, seen: _Seen, last_block: str, layers_path: str, un_path: str, fam: dict,
+                points: dict) -> None:
+    """The final norm between the last layer's output and the unembedding's input (a module, a
+    function, or none), its kind and weight offset, and ln_final.hook_normalized / hook_scale."""
     un_in = seen.inp.get(un_path)
-    last_post = seen.out[f"{layers_path}.{len(layers) - 1}"]
+    last_post = seen.out[last_block]
     if un_in is None:
         raise _fail("the unembedding did not run")
     norms = [p for p in seen.out if not p.startswith(layers_path + ".") and p != un_path and seen.calls[p] == 1
@@ -475,14 +544,6 @@ def detect_map(hf: nn.Module) -> HookMap:
     else:
         raise _fail(f"the unembedding reads a tensor of shape {tuple(un_in.shape)}, not the residual stream's "
                     f"{tuple(last_post.shape)}")
-    t = _logit_transform(seen.out[un_path], logits, cfg)
-    if t is not None:
-        fam["logit_transform"] = t
-    points["hook_logits"] = {"module": un_path, "side": "output"}
-    hook_map = HookMap(fam, points, source=f"auto-detected for {type(hf).__name__}")
-    verify(hf, hook_map)
-    hook_map.verified = True
-    return hook_map
 
 
 def _mlp_points(hf, seen, pl, block, term, post, fam, points, cfg) -> None:
