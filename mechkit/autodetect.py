@@ -165,7 +165,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
 def _snap(value: float, cfg) -> float:
     """A fitted residual scale replaced by the config value it equals (exact arithmetic), if any."""
     n = getattr(cfg, "num_hidden_layers", None) or 1
-    for k, v in sorted(vars(cfg).items()):
+    for _k, v in sorted(vars(cfg).items()):
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in (0, 1):
             for cand in (float(v), v / math.sqrt(n)):
                 if abs(cand - value) <= 1e-4 * abs(value):
