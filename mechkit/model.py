@@ -298,52 +298,25 @@ class HookedModel(TLSurface, nn.Module):
         hooks: HookSpec = (),
         padding_side: str = "left",
         keep_kv: bool = False,
-        names_filter: None | str | Iterable[str] | Callable[[str], bool] = None,
-        remove_batch_dim: bool = False,
-        incl_bwd: bool = False,
-        return_type: str = "logits",
+        **tl_keywords,
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Run and record activations: (logits [batch, pos, d_vocab], ActivationCache).
 
         ``names``: None (every point), a name, a list, or a predicate on names. ``device``: where
         cached tensors go (e.g. "cpu"). ``hooks``: extra hooks that run before caching.
-        ``names_filter``: TransformerLens's name for ``names``. ``remove_batch_dim``: drop the batch
-        axis of a one-prompt cache. ``keep_kv``: also keep HF's key/value cache of the run as ``cache.kv``: [(keys, values)] per
+        ``keep_kv``: also keep HF's key/value cache of the run as ``cache.kv``: [(keys, values)] per
         layer, each [batch, kv_heads, pos, d_head] (None for a layer that kept none).
-        ``return_type``: "logits" (default), "loss" (mean next-token loss, a scalar) or "both"
-        ((logits, loss)) as the first element. ``incl_bwd`` (TransformerLens's): also run backward
-        from the loss (needs ``return_type="loss"``) and cache each point's gradient as
-        ``"<name>_grad"``; parameters' ``.grad`` are left as they were.
+
+        TransformerLens's keywords: ``names_filter`` (its name for ``names``); ``remove_batch_dim``
+        (drop the batch axis of a one-prompt cache); ``return_type``: "logits" (default), "loss"
+        (mean next-token loss, a scalar) or "both" ((logits, loss)) as the first element;
+        ``incl_bwd``: also run backward from the loss (needs ``return_type="loss"``) and cache each
+        point's gradient as ``"<name>_grad"`` (parameters' ``.grad`` are left as they were).
         """
-        if return_type not in ("logits", "loss", "both"):
-            raise ValueError(f"run_with_cache: return_type must be 'logits', 'loss' or 'both', got {return_type!r}")
-        if incl_bwd and return_type != "loss":
-            raise ValueError(f"run_with_cache(incl_bwd=True) runs backward from a scalar: pass return_type='loss' "
-                             f"(got return_type={return_type!r}); for another scalar, use hooks(bwd_hooks=...)")
-        if names_filter is not None:  # TransformerLens's name for ``names``
-            if names is not None:
-                raise ValueError("run_with_cache: pass names= or names_filter= (TransformerLens's name), not both")
-            names = names_filter
-        selected = self.select_points(names)
-        store: dict[str, torch.Tensor] = {}
-
-        def saver(name: str):
-            def save(x: torch.Tensor, hook) -> None:
-                # a copy: the model may add into the tensor in place after the hook (Falcon's parallel block)
-                store[name] = x.detach().clone() if device is None else x.detach().to(device, copy=True)
-            return save
-
-        extra = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
+        tl = _tl_cache_keywords(names, tl_keywords)
+        selected = self.select_points(tl["names"])
         b = self.batch(inputs, attention_mask, padding_side=padding_side)
-        bwd = [(n, saver(f"{n}_grad")) for n in selected] if incl_bwd else []
-        loss = None
-        with torch.set_grad_enabled(incl_bwd), self.hooks(extra + [(n, saver(n)) for n in selected], bwd_hooks=bwd):
-            out = self.hf_model(**b.kwargs(), use_cache=keep_kv)
-            if return_type != "logits":
-                loss = lm_loss(out.logits, b.input_ids, b.attention_mask)
-            if incl_bwd:  # gradients reach the points' hooks; parameters' .grad are not touched
-                params = [p for p in self.hf_model.parameters() if p.requires_grad]
-                torch.autograd.grad(loss, params, allow_unused=True)
+        store, out, loss = self._cached_run(b, selected, hooks, device, keep_kv, tl["incl_bwd"], tl["return_type"])
         missing = [n for n in selected if n not in store]
         if missing:
             raise RuntimeError(
@@ -355,12 +328,36 @@ class HookedModel(TLSurface, nn.Module):
         cache = ActivationCache(ordered, self, b)
         if keep_kv:
             cache.kv = output_kv(out)
-        if remove_batch_dim:
+        if tl["remove_batch_dim"]:
             cache.remove_batch_dim()
-        first = {"logits": out.logits, "loss": loss, "both": (out.logits, loss)}[return_type]
-        if incl_bwd or return_type != "logits":
-            first = first.detach() if return_type != "both" else (out.logits.detach(), loss.detach())
+        first = {"logits": out.logits, "loss": loss, "both": (out.logits, loss)}[tl["return_type"]]
+        if tl["incl_bwd"] or tl["return_type"] != "logits":  # no graph handed back
+            first = tuple(t.detach() for t in first) if isinstance(first, tuple) else first.detach()
         return first, cache
+
+    def _cached_run(self, b, selected: list[str], hooks: HookSpec, device, keep_kv: bool, incl_bwd: bool,
+                    return_type: str):
+        """One forward of batch ``b`` saving ``selected`` (and their gradients with ``incl_bwd``):
+        (store {name: tensor}, HF output, loss or None)."""
+        store: dict[str, torch.Tensor] = {}
+
+        def saver(name: str):
+            def save(x: torch.Tensor, hook) -> None:
+                # a copy: the model may add into the tensor in place after the hook (Falcon's parallel block)
+                store[name] = x.detach().clone() if device is None else x.detach().to(device, copy=True)
+            return save
+
+        extra = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
+        bwd = [(n, saver(f"{n}_grad")) for n in selected] if incl_bwd else []
+        loss = None
+        with torch.set_grad_enabled(incl_bwd), self.hooks(extra + [(n, saver(n)) for n in selected], bwd_hooks=bwd):
+            out = self.hf_model(**b.kwargs(), use_cache=keep_kv)
+            if return_type != "logits":
+                loss = lm_loss(out.logits, b.input_ids, b.attention_mask)
+            if incl_bwd:  # gradients reach the points' hooks; parameters' .grad are not touched
+                params = [p for p in self.hf_model.parameters() if p.requires_grad]
+                torch.autograd.grad(loss, params, allow_unused=True)
+        return store, out, loss
 
     def generate(self, inputs=None, padding_side: str = "left", prepend_bos: bool | None = None, **kwargs):
         """HF ``generate`` under the active hooks. ``inputs``: text, list of text (left-padded), or ids.
@@ -415,6 +412,27 @@ def _resolve_config_values(hook_map: HookMap, config) -> HookMap:
 HF_FORWARD_KWARGS = ("use_cache", "past_key_values", "cache_position", "output_attentions", "output_hidden_states",
                      "logits_to_keep", "token_type_ids")
 RETURN_TYPES = ("logits", "loss", "both", None)
+_TL_CACHE_KEYWORDS = {"names_filter": None, "remove_batch_dim": False, "incl_bwd": False, "return_type": "logits"}
+
+
+def _tl_cache_keywords(names, given: dict) -> dict:
+    """run_with_cache's TransformerLens keywords checked, with defaults; ``names`` resolved."""
+    bad = sorted(set(given) - set(_TL_CACHE_KEYWORDS))
+    if bad:
+        raise TypeError(f"run_with_cache() got unexpected keyword argument(s) {bad}; it takes names, attention_mask, "
+                        f"device, hooks, padding_side, keep_kv and TransformerLens's {sorted(_TL_CACHE_KEYWORDS)}")
+    out = {**_TL_CACHE_KEYWORDS, **given, "names": names}
+    if out["names_filter"] is not None:  # TransformerLens's name for ``names``
+        if names is not None:
+            raise ValueError("run_with_cache: pass names= or names_filter= (TransformerLens's name), not both")
+        out["names"] = out["names_filter"]
+    if out["return_type"] not in ("logits", "loss", "both"):
+        raise ValueError(f"run_with_cache: return_type must be 'logits', 'loss' or 'both', got {out['return_type']!r}")
+    if out["incl_bwd"] and out["return_type"] != "loss":
+        raise ValueError(f"run_with_cache(incl_bwd=True) runs backward from a scalar: pass return_type='loss' "
+                         f"(got return_type={out['return_type']!r}); for another scalar, use hooks(bwd_hooks=...)")
+    return out
+
 
 
 def _is_text(inputs) -> bool:

@@ -158,3 +158,24 @@ def test_sae_sites_in_activation_and_attribution_patch():
         mk.activation_patch(m, task, sites="sae:blocks.1.hook_resid_pre", progress=False)
     with pytest.raises(ValueError, match="no site family 'xyz'"):
         mk.activation_patch(m, task, sites="xyz:blocks.1", progress=False)
+
+
+def test_feature_patch_refuses_equal_baselines_and_unsupported_options():
+    """Normalising by equal clean/corrupted baselines would give nan for every feature: refused, like
+    activation_patch; sweep options feature_patch does not implement are refused by name."""
+    m = linear_gpt2()
+    sae = random_sae("standard", hook="blocks.1.hook_resid_pre", scale=0.3).double()
+    task = make_task()
+    same = mk.tasks.base.PatchingTask(**{**task.__dict__, "corrupt_tokens": task.clean_tokens,
+                                         "corrupt_mask": task.clean_mask})
+    with pytest.raises(ValueError, match="clean and corrupted baselines are equal"):
+        feature_patch(m, same, sae, progress=False)
+    raw = feature_patch(m, same, sae, normalise=False, progress=False)
+    assert torch.isfinite(raw.values).all()
+    opts = mk.SweepOptions(max_batch_tokens=40, progress=False)
+    torch.testing.assert_close(feature_patch(m, task, sae, options=opts).values,
+                               feature_patch(m, task, sae, max_batch_tokens=40, progress=False).values)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        feature_patch(m, task, sae, checkpoint_dir="x", progress=False)
+    with pytest.raises(TypeError, match="feature_patch"):
+        feature_patch(m, task, sae, bogus=1)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from ..patching.sweep import SweepOptions
 from ..results import Result
 from .dictionary import SAE
 from .io import check_fits
@@ -100,20 +101,24 @@ def _check_by(by):
 
 @torch.no_grad()
 def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | None = None, by=("feature",), features=None,
-                  metric=None, mode: str = "denoise", max_batch_tokens: int = 8192, progress: bool = True,
-                  normalise: bool | None = None, skip_layers: bool = True) -> Result:
+                  metric=None, mode: str = "denoise", normalise: bool | None = None,
+                  options: SweepOptions | None = None, **sweep_options) -> Result:
     """Activation patching of dictionary features (each feature alone; all positions, or one (pos, feature)).
 
     Args:
         sae / site: the dictionary, or the hook name of one spliced around the call.
         by: ("feature",) or ("pos", "feature"). features: indices to patch (default all).
-        metric, mode, normalise, max_batch_tokens: as :func:`mechkit.patching.activation_patch`.
+        metric, mode, normalise: as :func:`mechkit.patching.activation_patch`.
+        options: :class:`~mechkit.patching.sweep.SweepOptions`, or its fields as keywords; feature
+            patching uses ``max_batch_tokens``, ``progress`` and ``skip_layers`` (the others are refused).
     Returns:
         Result over ``by`` (raw or normalised metric of each patched run, like activation_patch).
     """
-    from ..patching.metrics import as_metric, logit_diff
+    from ..patching.metrics import as_metric, check_baselines, logit_diff
 
     t0 = time.perf_counter()
+    opts = _feature_options(options, sweep_options)
+    max_batch_tokens, progress, skip_layers = opts.max_batch_tokens, opts.progress, opts.skip_layers
     sae = _sae_or_spliced(model, sae, site)
     by = _check_by(by)
     if mode not in ("denoise", "noise"):
@@ -127,6 +132,7 @@ def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | 
     k0, inj = _start_layer(model, cfg.out_hook, skip_layers)
     names = list(dict.fromkeys([cfg.hook_name, cfg.out_hook] + ([inj] if k0 else [])))
     src_cache, base_cache, m_clean, m_corrupt = _baselines(model, base, src, mode, metric, names)
+    check_baselines(m_clean, m_corrupt, normalise, metric)
     n, T = base.input_ids.shape
     xb = base_cache[cfg.hook_name]
     diff = (sae.encode(src_cache[cfg.hook_name]) - sae.encode(xb)).float()  # [n, T, d_sae]
@@ -148,6 +154,19 @@ def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | 
                 dictionary=repr(sae), seconds=time.perf_counter() - t0)
     return Result(values.reshape(shape), by, _labels(model, task, by, feats), {"clean": m_clean, "corrupt": m_corrupt},
                   meta, name="patch_features")
+
+
+def _feature_options(options: SweepOptions | None, overrides: dict) -> SweepOptions:
+    """The sweep options of :func:`feature_patch`: the ones it implements, the others refused by name."""
+    opts = SweepOptions.merge(options, overrides, "feature_patch")
+    unsupported = [name for name, default in (("max_batch_bytes", None), ("checkpoint_dir", None), ("shard", (0, 1)),
+                                              ("on_chunk", None), ("forward_overhead", None))
+                   if getattr(opts, name) != default]
+    if unsupported:
+        raise ValueError(f"feature_patch does not implement the sweep option(s) {unsupported} (it uses "
+                         f"max_batch_tokens, progress and skip_layers); drop them or patch feature sites through "
+                         f"mk.activation_patch(sites='sae:<hook>')")
+    return opts
 
 
 def _start_layer(model: HookedModel, out_name: str, skip_layers: bool) -> tuple[int, str]:
