@@ -18,10 +18,14 @@ def overhead_token_layers(d_model: int) -> int:
     """Fixed cost of one forward, per layer, in token-layers of compute.
 
     A heuristic, not measured per machine: the same fixed dispatch cost is worth more token-layers
-    of a small model than of a large one (d_model 128 -> 244, d_model >= 500 -> 16). It only shapes
-    the chunk plan; results do not depend on it.
+    of a small model than of a large one (d_model 128 -> 244), with a floor of 256 for wide models:
+    small forwards run far below a CPU's best per-token speed (one thread: a 20-token forward of a
+    768-wide layer reached 0.21 of the per-token speed of a 640-token one), so fewer, bigger chunks
+    win even when they compute more (GPT-2-small shape, resid_pre sweep: 0.36 of the best-batched
+    plain forwards at 256 against 0.41 at the former floor of 16; ``benchmarks/patching.py
+    --overheads``). It only shapes the chunk plan; results do not depend on it.
     """
-    return max(16, 4_000_000 // max(1, d_model * d_model))
+    return max(256, 4_000_000 // max(1, d_model * d_model))
 
 
 def plan_chunks(grid: torch.Tensor, pos_axis: int | None, n: int, T: int, L: int, max_batch_tokens: int,
