@@ -2,11 +2,12 @@
 # The CPU benchmarks in one script, one after another (never two at once: each measures ratios from
 # interleaved repeats inside its own run, and two runs side by side would share the cores).
 # Writes benchmarks/results/*.json and one log per benchmark under $LOGS (default /tmp/mechkit-bench).
-# Usage: bash benchmarks/cpu.sh [name ...]   (names: fingerprint patching_12l patching_bundled
+# Usage: [THREADS=2] bash benchmarks/cpu.sh [name ...]   (names: fingerprint patching_12l patching_bundled
 #        head_ablation path_patching circuits sae steering_speed; default: all, in that order)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
+THREADS=${THREADS:-2}
 LOGS=${LOGS:-/tmp/mechkit-bench}
 mkdir -p "$LOGS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -26,7 +27,7 @@ ORDER=(fingerprint patching_12l patching_bundled head_ablation path_patching cir
 for name in "${ORDER[@]}"; do
   echo "== $name: $PY ${CMD[$name]}  ($(date -u +%H:%M:%S))"
   start=$(date +%s)
-  $PY ${CMD[$name]} > "$LOGS/$name.log" 2>&1
+  $PY ${CMD[$name]} --threads "$THREADS" > "$LOGS/$name.log" 2>&1
   echo "   exit $? after $(( $(date +%s) - start )) s; log $LOGS/$name.log"
   tail -15 "$LOGS/$name.log" | grep -v '%|' | sed 's/^/   /'
 done

@@ -167,7 +167,7 @@ def quick_scores(model, tok, probe_rows: torch.Tensor, ioi_task) -> dict:
     rl = repeat_losses(model, probe_rows, 20)
     io = ioi_scores(model, ioi_task)
     model.train()
-    ind, prev = hs["induction"], hs["previous"]
+    ind, prev = hs["induction"], hs["previous_token"]
     li, hi = divmod(int(ind.argmax()), ind.shape[1])
     lp, hp = divmod(int(prev.argmax()), prev.shape[1])
     return {"induction": round(float(ind.max()), 4), "induction_head": [li, hi],
@@ -188,7 +188,7 @@ def evaluate(model, tok, seed: int = 12345) -> dict:
     rows = repeated_tokens(tok, 64, EVAL_T, seed)
     hs = head_scores(model, rows, EVAL_T)
     rl = repeat_losses(model, rows, EVAL_T)
-    ind, prev = hs["induction"], hs["previous"]
+    ind, prev = hs["induction"], hs["previous_token"]
     probe = sentiment_probe(model, tok, n=200, seed=seed)
     return {
         "ioi": {"n": 200, "accuracy": float((both > 0).float().mean()), "logit_diff": float(both.mean()),

@@ -70,7 +70,7 @@ def test_induction(name):
     assert rl["ratio"] < 0.3, rl
     hs = head_scores(model, rows, EVAL_T)
     assert hs["induction"].max() >= 0.8
-    assert hs["previous"].max() >= 0.5
+    assert hs["previous_token"].max() >= 0.5
 
 
 @pytest.mark.parametrize("name", NAMES)

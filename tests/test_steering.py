@@ -146,6 +146,9 @@ def test_gains_parameters_hard_soft_agreement_and_open_neurons(family):
         hard = m(b).argmax(-1)
     with torch.no_grad(), st.apply(m, hard=False):
         soft = m(b).argmax(-1)
+    assert st.hard  # hard=False held for that block only (it used to stick to the object)
+    with torch.no_grad(), st.apply(m):
+        assert torch.equal(m(b).argmax(-1), hard)
     real = b.attention_mask.bool()
     agree = (hard == soft)[real].float().mean().item()
     assert agree >= 0.95, agree

@@ -27,6 +27,7 @@ model the same one. 2 trainable parameters per gated neuron.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -122,9 +123,16 @@ class Gains(Steering):
             hooks += [(post_name.replace("mlp.hook_post", "mlp.hook_pre"), save_z), (post_name, gate)]
         return hooks
 
-    def apply(self, model: HookedModel, strength: float = 1.0, from_token=None, hard: bool = True):
-        self.hard = hard
-        return super().apply(model, strength, from_token)
+    @contextmanager
+    def apply(self, model: HookedModel, strength: float = 1.0, from_token=None, hard: bool = True, *,
+              multiplier: float | None = None):
+        """As :meth:`Steering.apply`; ``hard=False`` uses the soft gate at ``s_end`` inside this block only."""
+        before, self.hard = self.hard, hard
+        try:
+            with super().apply(model, strength, from_token, multiplier=multiplier) as m:
+                yield m
+        finally:
+            self.hard = before
 
     def fit(self, model: HookedModel, source: list[str] | None, target: list[str], neutral: list[str] | None = None,
             steps: int = 200, lr: float = 0.05, batch_size: int = 16, seed: int = 0, progress: bool = True):

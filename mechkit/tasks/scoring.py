@@ -44,15 +44,15 @@ def attention_patterns(model: nn.Module, tokens: torch.Tensor) -> list[torch.Ten
 def head_scores(model: nn.Module, tokens: torch.Tensor, T: int) -> dict[str, torch.Tensor]:
     """On BOS + x + x rows ``tokens`` [n, 1 + 2T]: scores [layers, heads] for
     ``induction`` (mean A[q, q-T+1] over q in the second half), ``duplicate``
-    (A[q, q-T]) and ``previous`` (mean A[q, q-1] over all q > 0)."""
+    (A[q, q-T]) and ``previous_token`` (mean A[q, q-1] over all q > 0)."""
     pats = attention_patterns(model, tokens)
     q = torch.arange(T + 1, 2 * T + 1)
     qa = torch.arange(1, tokens.shape[1])
-    res = {"induction": [], "duplicate": [], "previous": []}
+    res = {"induction": [], "duplicate": [], "previous_token": []}
     for A in pats:  # [n, H, S, S]
         res["induction"].append(A[:, :, q, q - T + 1].mean(dim=(0, 2)))
         res["duplicate"].append(A[:, :, q, q - T].mean(dim=(0, 2)))
-        res["previous"].append(A[:, :, qa, qa - 1].mean(dim=(0, 2)))
+        res["previous_token"].append(A[:, :, qa, qa - 1].mean(dim=(0, 2)))
     return {k: torch.stack(v) for k, v in res.items()}
 
 
