@@ -115,9 +115,11 @@ def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=No
     absent = absent.to(clean_b.input_ids.device)
     shifts = _Shifts(graph, A, absent, n, prefix)
     start, extra = _start(graph, absent, prefix, K)
-    senders = SenderHooks(model, graph, on_value=shifts.on_value)
+    cut = absent.any(0).cpu()  # [S, R]: edges some circuit of the chunk misses; only their ends are hooked
+    senders = SenderHooks(model, graph, on_value=shifts.on_value, needed=cut.any(1))
+    hooks = extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive, needed=cut.any(0))
     with torch.no_grad():
-        logits = run(batch, extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive), start=start)
+        logits = run(batch, hooks, start=start)
     return metric_means(metric, logits, n)
 
 

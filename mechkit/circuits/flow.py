@@ -59,9 +59,10 @@ class SenderHooks:
     ``keep_graph``: keep autograd history (for evaluation-time gradients); default detached.
     """
 
-    def __init__(self, model, graph: Graph, on_value: Callable | None = None):
+    def __init__(self, model, graph: Graph, on_value: Callable | None = None, needed: torch.Tensor | None = None):
         self.model, self.g = model, graph
         self.on_value = on_value  # fn(slice of senders, value [b, p, n, d]) called as they appear
+        self.needed = needed  # [n_senders] bool: only these senders' groups are hooked (None: all)
         self.out: torch.Tensor | None = None
         # read now: inside start_at_layer the layer list is a slice and paths would not resolve
         self.w_o = [weight_in_out(model.family_module("attn_out_proj", l)) for l in range(graph.n_layers)]
@@ -75,29 +76,44 @@ class SenderHooks:
             self.out = value.new_zeros(b, p, self.g.n_senders, d)
         self.out[:, :, s0:s0 + value.shape[2]] = value.detach()
 
+    def _wanted(self, lo: int, hi: int) -> bool:
+        return self.needed is None or bool(self.needed[lo:hi].any())
+
     def hooks(self) -> list[tuple[str, Callable]]:
         g, m = self.g, self.model
-        hs = [(point("input"), lambda x, hook: self._store(0, x.unsqueeze(2)))]
+        hs = [(point("input"), lambda x, hook: self._store(0, x.unsqueeze(2)))] if self._wanted(0, 1) else []
         for l in range(g.n_layers):
             def z_hook(z, hook, l=l):
                 w = self.w_o[l].unflatten(0, (m.cfg.n_heads, m.cfg.d_head)).to(z.dtype)  # [H, dh, d]
                 self._store(g.head_sender(l, 0), torch.einsum("bphe,hed->bphd", z, w))
-            hs.append((point("z", l), z_hook))
-            hs.append((point("mlp_out", l), lambda x, hook, l=l: self._store(g.mlp_sender(l), x.unsqueeze(2))))
+            if self._wanted(g.head_sender(l, 0), g.head_sender(l, 0) + g.n_heads):
+                hs.append((point("z", l), z_hook))
+            if self._wanted(g.mlp_sender(l), g.mlp_sender(l) + 1):
+                hs.append((point("mlp_out", l), lambda x, hook, l=l: self._store(g.mlp_sender(l), x.unsqueeze(2))))
         return hs
 
 
-def receiver_hooks(model: HookedModel, graph: Graph, fn: Callable) -> list[tuple[str, Callable]]:
+def receiver_hooks(model: HookedModel, graph: Graph, fn: Callable, needed: torch.Tensor | None = None
+                   ) -> list[tuple[str, Callable]]:
     """Hooks on every receiver input; ``fn(layer, part, x)`` returns the tensor that receiver reads.
 
     part "q"/"k"/"v": x [b, p, heads, d]; "mlp": x [b, p, d]; "logits" (layer = n_layers): x [b, p, d].
-    Each hook hands ``fn`` a view only that receiver reads.
+    Each hook hands ``fn`` a view only that receiver reads. ``needed``: [n_receivers] bool; a layer's
+    q/k/v (or MLP, or the logits) are hooked only where one of its receivers is (None: all), which
+    spares the per-head residual copies of the split points where nothing changes.
     """
+    def wanted(sl: slice) -> bool:
+        return needed is None or bool(needed[sl].any())
+
     hs = []
     for l in range(graph.n_layers):
-        for part in ("q", "k", "v"):
-            hs.append((point(part, l), lambda x, hook, l=l, part=part: fn(l, part, x)))
-        hs.append((point("mlp_in", l), lambda x, hook, l=l: fn(l, "mlp", x.view_as(x))))
+        sl = graph.layer_slice(l)
+        if wanted(slice(sl.start, sl.stop - 1)):
+            for part in ("q", "k", "v"):
+                hs.append((point(part, l), lambda x, hook, l=l, part=part: fn(l, part, x)))
+        if wanted(slice(sl.stop - 1, sl.stop)):
+            hs.append((point("mlp_in", l), lambda x, hook, l=l: fn(l, "mlp", x.view_as(x))))
     last = graph.n_layers - 1
-    hs.append((point("final", last), lambda x, hook: fn(graph.n_layers, "logits", x.view_as(x))))
+    if wanted(slice(graph.logits, graph.logits + 1)):
+        hs.append((point("final", last), lambda x, hook: fn(graph.n_layers, "logits", x.view_as(x))))
     return hs
