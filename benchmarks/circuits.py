@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--child", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "circuits.json"))
+    ap.add_argument("--only", default=None, help="comma-separated timings to run (e.g. forward_1,edges_200_fused); "
+                                                 "prints their medians, writes no JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child:
@@ -128,10 +130,15 @@ def main(argv=None) -> int:
         "forward_1": lambda: plain_forward(m, task),
         "edges_200_fused": lambda: C.edge_patching(m, task, top200),
     }
+    if args.only:
+        jobs = {k: jobs[k] for k in args.only.split(",")}
     samples = {k: [] for k in jobs}
     for _ in range(args.repeats):  # interleaved
         for k, fn in jobs.items():
             samples[k].append(timed(fn, sync))
+    if args.only:
+        print(json.dumps({k: statistics.median(v) for k, v in samples.items()}))
+        return 0
     t_sep = timed(lambda: [C.evaluate(m, task, c) for c in circuits], sync)  # 20 separate evaluations, once
     med = {k: statistics.median(v) for k, v in samples.items()}
     mem = {"fwd_bwd_MiB": peak_child("fwdbwd", args), "eap_MiB": peak_child("eap", args)}
