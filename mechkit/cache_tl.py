@@ -23,6 +23,7 @@ import torch
 from .sites import act_name
 from .weights import bias_of, weight_in_out
 
+
 def tl_key(key, n_layers: int) -> str:
     """A TransformerLens cache key -> a hook name: ``("resid_post", -1)``, ``("pattern", 0)``,
     ``("scale", 2, "ln1")``, ``("normalized", None, "ln_final")``; strings pass through
