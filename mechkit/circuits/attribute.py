@@ -138,15 +138,9 @@ def _prepare(model, task, metric, batch_size):
     if task.clean_tokens.shape != task.corrupt_tokens.shape:
         raise ValueError(f"clean and corrupted tokens differ in shape: {tuple(task.clean_tokens.shape)} vs "
                          f"{tuple(task.corrupt_tokens.shape)}; edge attribution needs aligned prompts")
-    n = len(task)
-    bs = n if batch_size is None else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"batch_size must be a positive number of prompts, got {batch_size!r}")
-    spans = [(i, min(n, i + bs)) for i in range(0, n, bs)]
-    if len(spans) > 1 and not metric.splittable:
-        raise ValueError(f"batch_size={bs} splits the {n} prompts, but the metric {metric!r} cannot be split by "
-                         "prompt (it has no .subset(rows)); use a mechkit metric or batch_size=None")
-    return metric, spans
+    from ..attribution.atp import _prompt_batches
+
+    return metric, _prompt_batches(len(task), batch_size, metric)
 
 
 def attribute(
