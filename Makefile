@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mechkit-installed
 
-.PHONY: demo test lint bench clean browser
+.PHONY: demo test lint bench clean browser installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# the venv may outlive its editable install (something ran pip uninstall): put it back before use
+installed: $(STAMP)
+	@$(BIN)/pip show -q mechkit >/dev/null 2>&1 || $(BIN)/pip install -q --no-deps -e .
+
+demo: installed
 	$(BIN)/mechkit demo --out demo_out
 
 # Debian's Chromium + ChromeDriver for the real-browser dashboard test (root: CI and these machines).
@@ -22,7 +26,7 @@ browser:
 	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
 	    || echo "chromium not installed: the browser test will be skipped"; }
 
-test: $(STAMP) browser
+test: installed browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)

@@ -110,7 +110,18 @@ def test_maps_live_in_the_top_level_hooks_folder():
     assert len(builtin_maps()) == len(list((ROOT / "hooks").glob("*.toml")))
 
 
+def _installed_mechkit() -> str | None:
+    """Where this environment's installed mechkit distribution lives (None if it has none)."""
+    import importlib.metadata as md
+
+    try:
+        return str(md.distribution("mechkit")._path)  # noqa: SLF001 (the dist-info folder)
+    except md.PackageNotFoundError:
+        return None
+
+
 def test_wheel_ships_hook_maps(tmp_path):
+    installed_before = _installed_mechkit()
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "-q"],
         capture_output=True, text=True,
@@ -128,20 +139,30 @@ def test_wheel_ships_hook_maps(tmp_path):
     where, seen = _maps_seen(sys.executable, tmp_path, {"PYTHONPATH": str(target)})
     assert where.startswith(str(target)), where
     assert "'gpt2'," in seen and "'llama'," in seen
+    assert _installed_mechkit() == installed_before, "installing the wheel elsewhere changed this environment's mechkit"
 
 
 def test_editable_install_finds_hook_maps(tmp_path):
-    """An editable install of a copy of the source tree reads that copy's top-level hooks/."""
+    """An editable install of a copy of the source tree reads that copy's top-level hooks/.
+
+    The editable wheel is built by the build backend and unpacked into a folder of its own: ``pip install
+    --prefix -e`` would first uninstall the running environment's own mechkit (pip does that whatever the
+    prefix), and every later test that starts a subprocess (torchrun, notebooks) failed to import it.
+    """
+
+    installed_before = _installed_mechkit()
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "notebooks", "tests",
                                                              "benchmarks", "demo_out", "build", "dist"))
     (src / "hooks" / "zz_extra.toml").write_bytes((src / "hooks" / "llama.toml").read_bytes().replace(
         b'name = "llama"', b'name = "zz_extra"', 1))
-    prefix = tmp_path / "prefix"
-    inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
-                           "--prefix", str(prefix), "-e", str(src)], capture_output=True, text=True)
-    assert inst.returncode == 0, inst.stderr[-2000:]
-    site_dir = next(prefix.glob("lib/python*/site-packages"))
+    wheels = tmp_path / "wheels"
+    build = subprocess.run([sys.executable, "-c", f"from hatchling.build import build_editable; build_editable({str(wheels)!r})"],
+                           capture_output=True, text=True, cwd=str(src))
+    assert build.returncode == 0, build.stderr[-2000:]
+    site_dir = tmp_path / "site"
+    zipfile.ZipFile(next(wheels.glob("mechkit-*.whl"))).extractall(site_dir)
+    assert _installed_mechkit() == installed_before, "building the editable wheel changed this environment's mechkit"
     assert list(site_dir.glob("*.pth")), "the editable install wrote no .pth file"
     # drop every other checkout of mechkit from the path, then let the new install's .pth add its copy
     code = ("import os, site, sys; "
