@@ -15,10 +15,10 @@ them; a forward hook on the projection adds the correction to that head's output
 Rotary, per-head q/k norms, GQA and the attention kernel all run as the model's own code.
 
 Values: with no hook changing a copy and no gradient needed (e.g. caching under no_grad) the
-projection output is untouched, so logits stay bit-identical. When gradients flow, the
-correction is written as ``(c - c.detach())`` so values stay exact and the gradient reaches the
-copies; the projection's own path to ``n`` is cancelled for the split part (up to rounding),
-so the residual's gradient is the sum over copies, as in TransformerLens.
+projection output is untouched, so logits stay bit-identical. When gradients flow, the split
+columns are replaced by ``out.detach() + (c - c.detach())``: the values stay out's exactly and
+the gradient reaches only the copies (the projection's own path to ``n`` carries none for the
+split part), so the residual's gradient is the sum over copies, as in TransformerLens.
 
 The map's ``[family]`` says where things are: ``attn_in_norm`` (its input is the residual the
 attention reads), ``q_proj``/``k_proj``/``v_proj`` and ``qkv_layout``: ``separate`` (own
@@ -115,8 +115,13 @@ def _proj_hook(parts, cols, state):
             idx = cols[p].to(out.device)
             Wp = W[:, idx.flatten()].unflatten(-1, idx.shape).to(split_n.dtype)  # [d_model, heads, d_head]
             c = torch.einsum("...hd,dhe->...he", split_n, Wp)
-            c_n = torch.einsum("...d,dhe->...he", n.to(split_n.dtype), Wp)
-            delta = c - c_n if changed else (c - c.detach()) - (c_n - c_n.detach())
-            out = out.index_add(out.dim() - 1, idx.flatten(), delta.flatten(-2).to(out.dtype))
+            base = out.detach()[..., idx.flatten()].unflatten(-1, idx.shape).to(split_n.dtype)
+            if changed:  # value: out - P(n)_h + P(split_h)_h
+                with torch.no_grad():
+                    base = base - torch.einsum("...d,dhe->...he", n.to(split_n.dtype), Wp)
+                new = base + c
+            else:  # the value stays out's, bit for bit; the gradient reaches only the copies
+                new = base + (c - c.detach())
+            out = out.index_copy(out.dim() - 1, idx.flatten(), new.flatten(-2).to(out.dtype))
         return out
     return hook

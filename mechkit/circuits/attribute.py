@@ -100,6 +100,8 @@ def receiver_backward(model: HookedModel, graph: Graph, batch, run, metric_fn, o
         if after_forward is not None:
             after_forward()
         torch.autograd.grad(m, [leaf["x"]], allow_unused=True)
+    if hasattr(on_grad, "flush"):  # a Scorer scores a layer once all its parts arrived: the rest now
+        on_grad.flush()
     return float(m.detach())
 
 
@@ -115,22 +117,64 @@ def _cols(graph: Graph, layer: int, part: str) -> tuple[slice, int]:
     return slice(r, r + n), graph.attn_upstream(layer)
 
 
-def scorer(scores, graph: Graph, delta, weight: float, senders: slice | None = None):
-    """An ``on_grad`` that adds ``weight * Σ_{b,p} delta · grad`` into ``scores`` [S, R] (or [P, S, R])
-    for one receiver part: one einsum. ``delta``: [b, p, S, d] or a zero-argument callable giving it;
-    ``senders``: only this block of senders (EAP-IG on activations)."""
-    spec = "bpsd,bprd->psr" if scores.dim() == 3 else "bpsd,bprd->sr"
+def sender_major(delta: torch.Tensor) -> torch.Tensor:
+    """[b, p, S, d] -> contiguous [S, b, p, d] (float32 for half types): one copy, so that each
+    receiver's scores are one matrix product over a contiguous block of senders."""
+    dt = torch.float32 if delta.dtype in (torch.float16, torch.bfloat16) else delta.dtype
+    return delta.permute(2, 0, 1, 3).to(dt).contiguous()
 
-    def on_grad(layer, part, g):
-        cols, up = _cols(graph, layer, part)
-        lo, hi = (0, up) if senders is None else (senders.start, min(senders.stop, up))
+
+class Scorer:
+    """An ``on_grad`` that adds ``weight * Σ_{b,p} delta · grad`` into ``scores`` [S, R] (or [P, S, R]).
+
+    ``delta``: sender-major [S, b, p, d] (:func:`sender_major`) or a zero-argument callable giving
+    it; ``senders``: only this block of senders (EAP-IG on activations). The gradients of one
+    layer's receivers (q, k, v, MLP) are gathered as they arrive and scored together, one matrix
+    product ``[S', b·p·d] @ [b·p·d, R_layer]``: the sender block is read once per layer, not once
+    per part. :meth:`flush` scores whatever is still gathered (called after every backward).
+    """
+
+    def __init__(self, scores, graph: Graph, delta, weight: float, senders: slice | None = None):
+        self.scores, self.g, self.delta, self.w, self.senders = scores, graph, delta, weight, senders
+        self.pending: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _rows(self, up: int) -> tuple[int, int]:
+        return (0, up) if self.senders is None else (self.senders.start, min(self.senders.stop, up))
+
+    def __call__(self, layer: int, part: str, g: torch.Tensor) -> None:
+        if self.scores.dim() == 3 or part == "logits":
+            self._score(layer, {part: g})
+            return
+        parts = self.pending.setdefault(layer, {})
+        parts[part] = g
+        if len(parts) == 4:
+            self._score(layer, self.pending.pop(layer))
+
+    def flush(self) -> None:
+        for layer in list(self.pending):
+            self._score(layer, self.pending.pop(layer))
+
+    def _score(self, layer: int, parts: dict[str, torch.Tensor]) -> None:
+        """parts: {part: grad [b, p, R_part, d]} of one layer (or the logits)."""
+        spans = {part: _cols(self.g, layer, part) for part in parts}
+        lo, hi = self._rows(max(up for _, up in spans.values()))
         if hi <= lo:
             return
-        d = delta() if callable(delta) else delta
-        dt = torch.float32 if d.dtype in (torch.float16, torch.bfloat16) else d.dtype
-        s = torch.einsum(spec, d[:, :, lo:hi].to(dt), g.to(dt))
-        scores[..., lo:hi, cols] += weight * s.to(scores.dtype)
-    return on_grad
+        d = (self.delta() if callable(self.delta) else self.delta)[lo:hi]  # [S', b, p, d]
+        order = list(parts)
+        gm = torch.cat([parts[k].permute(2, 0, 1, 3).to(d.dtype) for k in order])  # [R', b, p, d]
+        if self.scores.dim() == 3:
+            s = torch.einsum("sbpd,rbpd->psr", d, gm)
+        else:
+            s = d.reshape(d.shape[0], -1) @ gm.reshape(gm.shape[0], -1).T  # [S', R']
+        c0 = 0
+        for k in order:
+            cols, up = spans[k]
+            n = cols.stop - cols.start
+            top = min(hi, up)
+            if top > lo:
+                self.scores[..., lo:top, cols] += self.w * s[..., : top - lo, c0:c0 + n].to(self.scores.dtype)
+            c0 += n
 
 
 def _prepare(model, task, metric, batch_size):
@@ -207,11 +251,13 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
         held: dict = {}
 
         def make_delta():  # after the forward: this run's senders are known (clean - corrupted)
-            held["d"] = s_other.sub_(sh.out) if grad_on == "corrupted" else sh.out.sub_(s_other)
+            nonlocal s_other
+            held["d"] = sender_major(s_other.sub_(sh.out) if grad_on == "corrupted" else sh.out.sub_(s_other))
+            s_other = sh.out = None  # only the sender-major copy stays
 
         with (lrp.rules(model, rules) if method == "relp" else nullcontext()):
             m_grad = receiver_backward(model, graph, corr_b if grad_on == "corrupted" else clean_b, run, metric_fn,
-                                       scorer(scores, graph, lambda: held["d"], w), senders=sh,
+                                       Scorer(scores, graph, lambda: held["d"], w), senders=sh,
                                        after_forward=make_delta)
         with torch.no_grad():
             m_other = float(metric_fn(lo))
@@ -221,14 +267,14 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
     lr, s_corr, g_corr = sender_outputs(model, graph, corr_b, run)
     with torch.no_grad():
         mc, mr = float(metric_fn(lc)), float(metric_fn(lr))
-    delta = s_clean - s_corr
+    delta = sender_major(s_clean - s_corr)  # not in place: the groups hold views of s_clean
     del s_clean, s_corr
     if method == "eap-ig":
         x_c, x_r = g_clean[("input", None)], g_corr[("input", None)]
         for k in range(steps):
             a = k / steps
             hook = (point("input"), lambda x, hook, a=a: (x_r + a * (x_c - x_r)).to(x.dtype))
-            receiver_backward(model, graph, corr_b, run, metric_fn, scorer(scores, graph, delta, w / steps),
+            receiver_backward(model, graph, corr_b, run, metric_fn, Scorer(scores, graph, delta, w / steps),
                               extra_hooks=[hook])
             bar.update(1)
     else:  # eap-ig-activations: one sender group interpolated at a time, on the clean input
@@ -242,6 +288,6 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
                 a = k / steps
                 hook = (name, lambda x, hook, a=a, xc=xc, xr=xr: (xr + a * (xc - xr)).to(x.dtype))
                 receiver_backward(model, graph, clean_b, run, metric_fn,
-                                  scorer(scores, graph, delta, w / steps, senders=senders), extra_hooks=[hook])
+                                  Scorer(scores, graph, delta, w / steps, senders=senders), extra_hooks=[hook])
                 bar.update(1)
     return mc, mr
