@@ -28,7 +28,8 @@ modules), ``blocks`` (q | k | v consecutive in one output, GPT-2, Phi-3) or ``pe
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,13 +71,26 @@ def columns(layout: str, part: str, s: Sizes) -> torch.Tensor:
     raise ValueError(f"qkv_layout must be 'separate', 'blocks' or 'per_head'; got {layout!r}")
 
 
+def _check_family(hook_map, parts) -> dict:
+    fam = hook_map.family
+    missing = [k for k in ("attn_in_norm", "qkv_layout", *(f"{p}_proj" for p in parts)) if k not in fam]
+    if missing:
+        raise ValueError(f"split q/k/v inputs need {missing} in the [family] table of hook map {hook_map.source}")
+    return fam
+
+
+def _by_module(hook_map, layer: int, parts) -> dict[str, list[str]]:
+    """{projection path: the parts (q/k/v) it computes} for one layer."""
+    by_module: dict[str, list[str]] = {}
+    for part in parts:
+        by_module.setdefault(hook_map.path(hook_map.family[f"{part}_proj"], layer), []).append(part)
+    return by_module
+
+
 def install_split(stack: ExitStack, model: HookedModel, hook_map, layer: int, handlers: dict, sizes: Sizes, apply) -> None:
     """Install the split for one layer: ``handlers`` maps "q"/"k"/"v" to handler lists run by
     ``apply(handlers, x [batch, pos, head, d_model])`` (mechkit's hook runner)."""
-    fam = hook_map.family
-    missing = [k for k in ("attn_in_norm", "qkv_layout", *(f"{p}_proj" for p in handlers)) if k not in fam]
-    if missing:
-        raise ValueError(f"split q/k/v inputs need {missing} in the [family] table of hook map {hook_map.source}")
+    fam = _check_family(hook_map, handlers)
     norm = get_module(model, hook_map.path(fam["attn_in_norm"], layer))
     state: dict[str, tuple[torch.Tensor, bool]] = {}
 
@@ -94,10 +108,7 @@ def install_split(stack: ExitStack, model: HookedModel, hook_map, layer: int, ha
         return None
 
     stack.callback(norm.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
-    by_module: dict[str, list[str]] = {}
-    for part in handlers:
-        by_module.setdefault(hook_map.path(fam[f"{part}_proj"], layer), []).append(part)
-    for path, parts in by_module.items():
+    for path, parts in _by_module(hook_map, layer, handlers).items():
         proj = get_module(model, path)
         cols = {p: columns(fam["qkv_layout"], p, sizes) for p in parts}
         stack.callback(proj.register_forward_hook(_proj_hook(parts, cols, state)).remove)
@@ -124,4 +135,62 @@ def _proj_hook(parts, cols, state):
                 new = base + (c - c.detach())
             out = out.index_copy(out.dim() - 1, idx.flatten(), new.flatten(-2).to(out.dtype))
         return out
+    return hook
+
+
+@contextmanager
+def split_input_grads(model: HookedModel, on_grad: Callable, layers: Iterable[int]) -> Iterator[None]:
+    """The gradients the split input points would receive, without making the per-head copies.
+
+    While active, every backward pass calls ``on_grad(layer, part, g)`` for part "q", "k", "v" of
+    each of ``layers`` with ``g`` [batch, pos, heads, d_model]: the gradient that
+    ``blocks.{layer}.hook_{part}_input`` (head h's own residual copy) would receive. It is the
+    gradient at the projection's output columns of head h, ``G_h`` [b, p, d_head], taken back
+    through that head's weights and the attention norm at the residual ``x``:
+    ``J_norm(x)^T (G_h W_h^T)``, all heads in one batched vector-Jacobian product of the model's
+    own norm (its current forward, so LRP rules installed on it apply). Values of the forward
+    pass are untouched; what the copies cost (a norm and a projection slice per head, forward and
+    backward) is spared, which is what edge attribution needs.
+    """
+    hf, hook_map = model.hf_model, model.hook_map
+    fam = _check_family(hook_map, PARTS)
+    sizes = Sizes(model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_head)
+    with ExitStack() as stack:
+        for layer in layers:
+            norm = get_module(hf, hook_map.path(fam["attn_in_norm"], layer))
+            seen: dict[str, torch.Tensor] = {}
+
+            def pre_hook(module, args, kwargs, seen=seen):
+                seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+            stack.callback(norm.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
+            for path, parts in _by_module(hook_map, layer, PARTS).items():
+                cols = {p: columns(fam["qkv_layout"], p, sizes) for p in parts}
+                tap = _grad_tap(layer, cols, seen, norm, on_grad)
+                stack.callback(get_module(hf, path).register_forward_hook(tap).remove)
+        yield
+
+
+def _grad_tap(layer: int, cols: dict[str, torch.Tensor], seen: dict, norm, on_grad: Callable):
+    """A projection forward hook that, in the backward pass, turns the gradient at its output
+    [b, p, out_features] into each head's residual-copy gradient (see :func:`split_input_grads`)."""
+    def head_grads(G: torch.Tensor, W: torch.Tensor, x: torch.Tensor) -> None:
+        idx = torch.cat(list(cols.values())).to(G.device)  # [heads of every part, d_head]
+        Gp = G[..., idx.flatten()].unflatten(-1, idx.shape)  # [b, p, heads, d_head]
+        Wp = W[:, idx.flatten()].unflatten(-1, idx.shape).to(G.dtype)  # [d_model, heads, d_head]
+        U = torch.einsum("...he,dhe->h...d", Gp, Wp)  # [heads, b, p, d_model]
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            n = norm.forward(x_)  # .forward: the model's norm (LRP rules included), none of its hooks
+            (gx,) = torch.autograd.grad(n, x_, U.to(n.dtype), is_grads_batched=True)
+        h0 = 0
+        for part, idx in cols.items():
+            on_grad(layer, part, gx[h0:h0 + idx.shape[0]].movedim(0, 2))
+            h0 += idx.shape[0]
+
+    def hook(module, args, out):
+        if out.requires_grad:
+            W, x = weight_in_out(module), seen["x"]
+            out.register_hook(lambda G: head_grads(G, W, x))
+        return None
     return hook

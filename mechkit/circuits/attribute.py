@@ -35,6 +35,7 @@ from ..attribution.metrics import prompt_mean
 from ..hf_compat import accepts_logits_to_keep
 from ..patching.engine import start_at_layer
 from ..patching.metrics import as_metric, logit_diff
+from ..split_qkv import split_input_grads
 from .flow import SenderHooks, check_model, point, receiver_hooks
 from .graph import Graph
 from .scores import EdgeScores
@@ -92,9 +93,9 @@ def receiver_backward(model: HookedModel, graph: Graph, batch, run, metric_fn, o
         leaf["x"] = x.detach().requires_grad_(True)
         return leaf["x"]
 
-    with torch.enable_grad():
+    with torch.enable_grad(), split_input_grads(model, on_grad, range(graph.n_layers)):
         hooks = [*extra_hooks, (point("input"), grad_input), *(senders.hooks() if senders else ()),
-                 *receiver_hooks(model, graph, take)]
+                 *receiver_hooks(model, graph, take, qkv=False)]
         logits = run(batch, hooks)
         m = metric_fn(logits)
         if after_forward is not None:
@@ -132,16 +133,26 @@ class Scorer:
     layer's receivers (q, k, v, MLP) are gathered as they arrive and scored together, one matrix
     product ``[S', b·p·d] @ [b·p·d, R_layer]``: the sender block is read once per layer, not once
     per part. :meth:`flush` scores whatever is still gathered (called after every backward).
+
+    ``accumulate=True`` (several runs with the same ``delta``, as EAP-IG's steps): the gradients
+    are summed over runs, ``[b, p, R, d]`` for every receiver, and scored once by :meth:`finish`
+    (scores are linear in the gradient); memory: one more copy of every receiver's gradient.
     """
 
-    def __init__(self, scores, graph: Graph, delta, weight: float, senders: slice | None = None):
+    def __init__(self, scores, graph: Graph, delta, weight: float, senders: slice | None = None,
+                 accumulate: bool = False):
         self.scores, self.g, self.delta, self.w, self.senders = scores, graph, delta, weight, senders
         self.pending: dict[int, dict[str, torch.Tensor]] = {}
+        self.summed: dict[int, dict[str, torch.Tensor]] | None = {} if accumulate else None
 
     def _rows(self, up: int) -> tuple[int, int]:
         return (0, up) if self.senders is None else (self.senders.start, min(self.senders.stop, up))
 
     def __call__(self, layer: int, part: str, g: torch.Tensor) -> None:
+        if self.summed is not None:
+            parts = self.summed.setdefault(layer, {})
+            parts[part] = parts[part].add_(g) if part in parts else g.clone()
+            return
         if self.scores.dim() == 3 or part == "logits":
             self._score(layer, {part: g})
             return
@@ -153,6 +164,11 @@ class Scorer:
     def flush(self) -> None:
         for layer in list(self.pending):
             self._score(layer, self.pending.pop(layer))
+
+    def finish(self) -> None:
+        """Score the gradients summed over runs (``accumulate=True``)."""
+        for layer in list(self.summed or ()):
+            self._score(layer, self.summed.pop(layer))
 
     def _score(self, layer: int, parts: dict[str, torch.Tensor]) -> None:
         """parts: {part: grad [b, p, R_part, d]} of one layer (or the logits)."""
@@ -271,12 +287,13 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
     del s_clean, s_corr
     if method == "eap-ig":
         x_c, x_r = g_clean[("input", None)], g_corr[("input", None)]
+        acc = Scorer(scores, graph, delta, w / steps, accumulate=True)  # one scoring for all steps
         for k in range(steps):
             a = k / steps
             hook = (point("input"), lambda x, hook, a=a: (x_r + a * (x_c - x_r)).to(x.dtype))
-            receiver_backward(model, graph, corr_b, run, metric_fn, Scorer(scores, graph, delta, w / steps),
-                              extra_hooks=[hook])
+            receiver_backward(model, graph, corr_b, run, metric_fn, acc, extra_hooks=[hook])
             bar.update(1)
+        acc.finish()
     else:  # eap-ig-activations: one sender group interpolated at a time, on the clean input
         for key in [("input", None)] + [(kind, l) for l in range(graph.n_layers) for kind in ("attn", "mlp")]:
             kind, l = key
@@ -284,10 +301,11 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
             senders = (slice(0, 1) if kind == "input" else slice(graph.head_sender(l, 0), graph.head_sender(l, 0)
                        + graph.n_heads) if kind == "attn" else slice(graph.mlp_sender(l), graph.mlp_sender(l) + 1))
             xc, xr = g_clean[key], g_corr[key]
+            acc = Scorer(scores, graph, delta, w / steps, senders=senders, accumulate=True)
             for k in range(1, steps + 1):
                 a = k / steps
                 hook = (name, lambda x, hook, a=a, xc=xc, xr=xr: (xr + a * (xc - xr)).to(x.dtype))
-                receiver_backward(model, graph, clean_b, run, metric_fn,
-                                  Scorer(scores, graph, delta, w / steps, senders=senders), extra_hooks=[hook])
+                receiver_backward(model, graph, clean_b, run, metric_fn, acc, extra_hooks=[hook])
                 bar.update(1)
+            acc.finish()
     return mc, mr
