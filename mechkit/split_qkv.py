@@ -9,9 +9,9 @@ hook can change what one head's query, key or value reads, and a gradient taken 
 is the gradient through that head's q, k or v alone (what edge attribution needs).
 
 How, without re-implementing attention: the projection ``P`` is affine, so head ``h``'s part of
-``P(norm(x_h))`` is ``P(n)_h + (norm(x_h) - n) @ W_h`` with ``n`` what the projection actually
-received. A pre-hook on the attention norm builds the copies and runs the user's hooks on
-them; a forward hook on the projection adds the correction to that head's output columns.
+``P(norm(x_h))`` is ``norm(x_h) @ W_h + b_h``. A pre-hook on the attention norm builds the copies
+and runs the user's hooks on them; a forward hook on the projection writes each changed head's
+columns (the model's own projection runs once, on the unsplit input).
 Rotary, per-head q/k norms, GQA and the attention kernel all run as the model's own code.
 
 Values: with no hook changing a copy and no gradient needed (e.g. caching under no_grad) the
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .modpath import get_module
-from .weights import weight_in_out
+from .weights import bias_of, weight_in_out
 
 if TYPE_CHECKING:
     from .model import HookedModel
@@ -119,19 +119,17 @@ def _proj_hook(parts, cols, state):
         todo = [p for p in parts if p in state]
         if not todo:
             return None
-        n = args[0]
         W = weight_in_out(module)
         for p in todo:
             split_n, changed = state.pop(p)
             idx = cols[p].to(out.device)
             Wp = W[:, idx.flatten()].unflatten(-1, idx.shape).to(split_n.dtype)  # [d_model, heads, d_head]
             c = torch.einsum("...hd,dhe->...he", split_n, Wp)
-            base = out.detach()[..., idx.flatten()].unflatten(-1, idx.shape).to(split_n.dtype)
-            if changed:  # value: out - P(n)_h + P(split_h)_h
-                with torch.no_grad():
-                    base = base - torch.einsum("...d,dhe->...he", n.to(split_n.dtype), Wp)
-                new = base + c
+            if changed:  # P(split_h)_h: the head's columns as the projection computes them from its copy
+                b = bias_of(module)
+                new = c if b is None else c + b[idx.flatten()].view(idx.shape).to(c.dtype)
             else:  # the value stays out's, bit for bit; the gradient reaches only the copies
+                base = out.detach()[..., idx.flatten()].unflatten(-1, idx.shape).to(split_n.dtype)
                 new = base + (c - c.detach())
             out = out.index_copy(out.dim() - 1, idx.flatten(), new.flatten(-2).to(out.dtype))
         return out

@@ -187,6 +187,8 @@ def test_fused_evaluation_equals_the_hand_loop(name):
     # single-edge patching (gather path, started at the receiver's layer) equals the loop too
     edges = ["input->a0.h0<q>", "m2->logits", "a1.h2->m1", circuits[-1].graph.edge_name(*(~one_off & g.real).nonzero()[0])]
     names, eff = C.edge_patching(m, task, edges, max_tokens=1)  # one circuit per chunk: each starts at its layer
+    _, eff_fused = C.edge_patching(m, task, edges)  # all four in one chunk: row groups of one batch
+    torch.testing.assert_close(eff_fused, eff, atol=1e-5, rtol=1e-5)
     full = hand_evaluate(m, task, C.Circuit.full(g))
     for e, v in zip(edges, eff.tolist()):
         keep = g.real.clone()

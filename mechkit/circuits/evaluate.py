@@ -139,15 +139,17 @@ def _start(graph, absent, prefix, K: int) -> tuple[int, list]:
 class _Shifts:
     """The receiver shifts ``Σ (ablated_u - current_u)`` of one chunk of K circuits over n prompts.
 
-    Dense: every sender's current value is kept ([rows, p, S, d], rows = K * n) and each receiver
-    layer's shift is one einsum over the row groups' masks. Sparse (``prefix`` given; every circuit
+    Dense: every sender's current value is kept sender-major per row group ([K, S, n·p·d]) and a
+    receiver layer's shift is ``mask^T A - mask^T current``: one matrix product and one batched
+    product over the row groups' masks, with no [K, n, p, S, d] difference ever formed. Sparse (``prefix`` given; every circuit
     misses at most one edge): each row group keeps only the current value of its one removed
     edge's sender ([K, n, p, d], starting from the clean run's) and the shift is a gather."""
 
     def __init__(self, graph, A, absent, n: int, prefix=None):
         self.graph, self.A, self.absent, self.n, self.K = graph, A, absent, n, absent.shape[0]
         self.sparse = prefix is not None
-        self.buf = None  # dense: [rows, p, S, d]
+        self.buf = None  # dense: [K, S, n, p, d]
+        self.A_sm = None
         self.layer_shift: dict = {}  # the last attention layer's shift (q, k, v share it)
         if self.sparse:
             idx = absent.flatten(1).float().argmax(1)
@@ -160,47 +162,51 @@ class _Shifts:
         rows, p, c, d = value.shape
         if not self.sparse:
             if self.buf is None:
-                self.buf = value.new_zeros(rows, p, self.graph.n_senders, d)
-            self.buf[:, :, s0:s0 + c] = value
+                self.buf = value.new_zeros(self.K, self.graph.n_senders, self.n, p, d)
+            self.buf[:, s0:s0 + c] = value.view(self.K, self.n, p, c, d).permute(0, 3, 1, 2, 4)
             return
         ks = (self.has & (self.rem_s >= s0) & (self.rem_s < s0 + c)).nonzero()[:, 0]
         if len(ks):
             self.sel[ks] = value.view(self.K, self.n, p, c, d)[ks, :, :, self.rem_s[ks] - s0]
 
     def shift(self, cols: slice, up: int) -> torch.Tensor | None:
-        """[rows, p, len(cols), d] shift for receivers ``cols`` (all with ``up`` upstream senders);
-        None when no circuit misses an edge into them."""
+        """[K, n, p, len(cols), d] shift for receivers ``cols`` (all with ``up`` upstream senders;
+        rows of the batch are (K, n)); None when no circuit misses an edge into them."""
         mask = self.absent[:, :up, cols]
         if not bool(mask.any()):
             return None
         if self.sparse:
             return self._gather(cols)
         buf, K, n = self.buf, self.K, self.n
-        rows, p, _, d = buf.shape
-        D = (self.A[:, :, :up].unsqueeze(0) - buf[:, :, :up].view(K, n, p, up, d))  # [K, n, p, up, d]
-        return torch.einsum("kbpsd,ksr->kbprd", D, mask.to(D.dtype)).reshape(rows, p, -1, d)
+        _, _, _, p, d = buf.shape
+        R = mask.shape[2]
+        mt = mask.transpose(1, 2).to(buf.dtype)  # [K, R, up]
+        if self.A_sm is None:  # [S, n·p·d] (or [S, d] for means), once
+            self.A_sm = self.A.permute(2, 0, 1, 3).reshape(self.A.shape[2], -1).to(buf.dtype)
+        abl = (mt.reshape(K * R, up) @ self.A_sm[:up]).view(K, R, -1)  # [K, R, n·p·d] or [K, R, d]
+        if abl.shape[-1] != n * p * d:  # means: the same value at every prompt and position
+            abl = abl.view(K, R, 1, d).expand(K, R, n * p, d).reshape(K, R, -1)
+        out = torch.baddbmm(abl, mt, buf[:, :up].reshape(K, up, -1), alpha=-1)  # ablated - current
+        return out.view(K, R, n, p, d).permute(0, 2, 3, 1, 4)  # [K, n, p, R, d], a view
 
     def _gather(self, cols: slice) -> torch.Tensor:
-        """Sparse :meth:`shift`: [rows, p, len(cols), d], one receiver per row group."""
+        """Sparse :meth:`shift`: [K, n, p, len(cols), d], one receiver per row group."""
         A, sel, rem_s, rem_r = self.A, self.sel, self.rem_s, self.rem_r
         _, _, p, d = sel.shape
         out = sel.new_zeros(self.K, self.n, p, cols.stop - cols.start, d)
         ks = (self.has & (rem_r >= cols.start) & (rem_r < cols.stop)).nonzero()[:, 0]
         a = A[:, :, rem_s[ks]].permute(2, 0, 1, 3) if A.shape[0] > 1 else A[0, 0, rem_s[ks]][:, None, None]
         out[ks, :, :, rem_r[ks] - cols.start] = a - sel[ks]
-        return out.view(self.K * self.n, p, -1, d)
+        return out
 
     def receive(self, layer: int, part: str, x: torch.Tensor) -> torch.Tensor | None:
         """The receiver hook (:func:`receiver_hooks`): ``x`` plus its shift, or None (unchanged).
         ``x``: [rows, p, d] (logits, mlp) or [rows, p, heads, d] (q, k, v)."""
-        graph = self.graph
-        if part == "logits":
-            sh = self.shift(slice(graph.logits, graph.logits + 1), graph.n_senders)
-            return None if sh is None else x + sh[:, :, 0]
-        if part == "mlp":
-            r = graph.receiver(layer, "mlp")
-            sh = self.shift(slice(r, r + 1), graph.mlp_upstream(layer))
-            return None if sh is None else x + sh[:, :, 0]
+        graph, K, n = self.graph, self.K, self.n
+        if part in ("logits", "mlp"):
+            r = graph.logits if part == "logits" else graph.receiver(layer, "mlp")
+            sh = self.shift(slice(r, r + 1), graph.n_senders if part == "logits" else graph.mlp_upstream(layer))
+            return None if sh is None else (x.view(K, n, *x.shape[1:]) + sh[:, :, :, 0].to(x.dtype)).reshape(x.shape)
         if layer not in self.layer_shift:  # q, k, v of one layer share their upstream senders
             sl = graph.layer_slice(layer)
             self.layer_shift.clear()
@@ -210,4 +216,4 @@ class _Shifts:
             return None
         H, Hkv = graph.n_heads, graph.n_kv_heads
         lo = {"q": 0, "k": H, "v": H + Hkv}[part]
-        return x + sh[:, :, lo:lo + x.shape[2]].to(x.dtype)
+        return (x.view(K, n, *x.shape[1:]) + sh[:, :, :, lo:lo + x.shape[2]].to(x.dtype)).reshape(x.shape)
