@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -77,26 +78,47 @@ def timed(fn, sync) -> float:
 def peak_child(what: str, args) -> float:
     """Peak memory (MiB) of ``what`` in a fresh subprocess."""
     cmd = [sys.executable, __file__, "--child", what, "--threads", str(args.threads), "--device", args.device]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # big buffers mmapped: freeing them lowers the RSS
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
     return float(out)
 
 
+def _rss_mib() -> float:
+    """Current resident memory of this process (Linux /proc)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
 def child(what: str, args) -> None:
+    """Peak memory of one run of ``what`` above the memory held just before it: on CUDA the
+    allocator's peak; on the CPU the resident set sampled every millisecond by a thread (the
+    process's lifetime peak, ru_maxrss, is set by model loading and read 0 above it). The parent
+    runs this child with a fixed glibc mmap threshold, so freed tensors leave the resident set.)"""
+    import threading
+
     m, task = model_and_task(args.device)
+    fn = {"fwdbwd": lambda: fwd_bwd(m, task), "eap": lambda: C.attribute(m, task, method="eap", progress=False)}[what]
     cuda = args.device.startswith("cuda")
     if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if what == "fwdbwd":
-        fwd_bwd(m, task)
-    elif what == "eap":
-        C.attribute(m, task, method="eap", progress=False)
-    if cuda:
+        fn()
+        torch.cuda.synchronize()
         print((torch.cuda.max_memory_allocated() - base) / 2**20)
-    else:
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        return
+    base, peak, done = _rss_mib(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.001)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    fn()
+    done.set()
+    t.join()
+    print(max(peak[0], _rss_mib()) - base)
 
 
 def main(argv=None) -> int:

@@ -129,3 +129,38 @@ def make_batch(
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size - 1}]")
     mask = mask.to(ids.device)
     return Batch(ids, mask, position_ids_from_mask(mask))
+
+
+class CallPositions:
+    """Records the position ids and the attention mask of the current model call.
+
+    Installed as a keyword pre-hook on the HF model (``register_forward_pre_hook(rec.pre_hook,
+    with_kwargs=True)``). After it runs, ``pos`` [b, p] holds the position id of every token of this
+    call (the forward's ``position_ids``; else derived from a 2-D ``attention_mask``, so left padding
+    is respected; else counted from ``cache_position``, so cached generation steps continue the
+    count) and ``mask`` [b, keys] the 2-D attention mask (None if the call had none).
+    """
+
+    def __init__(self):
+        self.pos: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+
+    def pre_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        x = ids if ids is not None else kwargs.get("inputs_embeds")
+        p = x.shape[1]
+        pos, mask, cp = kwargs.get("position_ids"), kwargs.get("attention_mask"), kwargs.get("cache_position")
+        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if pos is None and self.mask is not None:
+            pos = position_ids_from_mask(self.mask)[:, -p:]
+        elif pos is None:
+            start = int(cp[0]) if cp is not None else 0
+            pos = torch.arange(start, start + p, device=x.device)[None].expand(x.shape[0], -1)
+        self.pos = pos
+        return None
+
+    def key_positions(self, n_keys: int, b: int, device) -> torch.Tensor:
+        """[b, n_keys] position ids of the keys attended to (the mask's, when it covers them)."""
+        if self.mask is not None and self.mask.shape[1] == n_keys:
+            return position_ids_from_mask(self.mask).to(device)
+        return torch.arange(n_keys, device=device)[None].expand(b, -1)

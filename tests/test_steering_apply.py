@@ -165,3 +165,18 @@ def test_other_architecture_or_width_is_refused(tmp_path):
     save_file({"a": torch.zeros(1)}, str(tmp_path / "y.safetensors"))
     with pytest.raises(ValueError, match="not a mechkit steering file"):
         mk.steering.load(tmp_path / "y.safetensors")
+
+
+def test_from_token_counts_cached_steps_without_mask_or_positions(model):
+    """A cached step called with neither ``position_ids`` nor an attention mask (a hand-written
+    decoding loop) is placed by its ``cache_position``: steered from ``from_token`` on like the
+    full sequence. The former recorder counted every call from 0, so such a step at position 4
+    went unsteered."""
+    st = random_affine(model)
+    ids = model.batch(["I think the hotel was really"]).input_ids[:, :5]
+    with torch.no_grad(), st.apply(model, from_token=3):
+        full = model.hf_model(input_ids=ids).logits
+        first = model.hf_model(input_ids=ids[:, :4], use_cache=True)
+        step = model.hf_model(input_ids=ids[:, 4:], past_key_values=first.past_key_values,
+                              cache_position=torch.tensor([4])).logits
+    torch.testing.assert_close(step[:, -1], full[:, 4], atol=1e-4, rtol=1e-4)

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..inputs import position_ids_from_mask
+from ..inputs import CallPositions
 from ..sites import act_name
 
 if TYPE_CHECKING:
@@ -65,33 +65,6 @@ def _group(items, n_layers: int, width: int, what: str) -> dict[int, torch.Tenso
             raise ValueError(f"{what} ({l}, {i}) out of range: layers 0..{n_layers - 1}, index 0..{width - 1}")
         out.setdefault(l, torch.zeros(width, dtype=torch.bool))[i] = True
     return out
-
-
-class _Positions:
-    """Records the position ids [b, p] and full attention mask of the current model call."""
-
-    def __init__(self):
-        self.pos: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None
-
-    def pre_hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        emb = kwargs.get("inputs_embeds")
-        p = (ids if ids is not None else emb).shape[1]
-        pos, mask, cp = kwargs.get("position_ids"), kwargs.get("attention_mask"), kwargs.get("cache_position")
-        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        if pos is None and self.mask is not None:
-            pos = position_ids_from_mask(self.mask)[:, -p:]
-        elif pos is None:
-            start = int(cp[0]) if cp is not None else 0
-            pos = torch.arange(start, start + p, device=(ids if ids is not None else emb).device)[None]
-        self.pos = pos
-        return None
-
-    def key_positions(self, n_keys: int, b: int, device) -> torch.Tensor:
-        if self.mask is not None and self.mask.shape[1] == n_keys:
-            return position_ids_from_mask(self.mask).to(device)
-        return torch.arange(n_keys, device=device)[None].expand(b, -1)
 
 
 class _Reference:
@@ -165,7 +138,7 @@ def ablation_hooks(model: HookedModel, heads=(), neurons=(), how: str = "zero", 
                            reference_mask, experts)
 
 
-def _ablation_hooks(model: HookedModel, positions: _Positions | None, heads, neurons, how: str, reference,
+def _ablation_hooks(model: HookedModel, positions: CallPositions | None, heads, neurons, how: str, reference,
                     per_position: bool, preserve_pattern: bool, seed: int, reference_mask, experts) -> list:
     """:func:`ablation_hooks` with a position recorder ``positions`` (None: positions 0..p-1)."""
     if how not in HOWS:
@@ -183,7 +156,7 @@ def _ablation_hooks(model: HookedModel, positions: _Positions | None, heads, neu
         raise ValueError(f"how='{how}' needs reference= prompts or token ids to take values from")
     site = _sites(head_masks, neuron_masks, preserve_pattern)
     values = _Replacements(model, how, reference, list(site), per_position, seed, reference_mask,
-                           positions or _Positions())
+                           positions or CallPositions())
     hooks = []
     for name, (kind, l) in site.items():
         if kind == "neuron":
@@ -220,7 +193,7 @@ class _Replacements:
     (recorded once, at the points ``names``) at the current call's position ids."""
 
     def __init__(self, model: HookedModel, how: str, reference, names: list[str], per_position: bool, seed: int,
-                 reference_mask, positions: _Positions):
+                 reference_mask, positions: CallPositions):
         self.how, self.per_position, self.positions = how, per_position, positions
         self.refs: dict[str, _Reference] = {}
         self.n_ref = 1
@@ -318,7 +291,7 @@ def ablate(model: HookedModel, heads=(), neurons=(), how: str = "zero", referenc
     ``reference``: prompts (text, list of text) or ids [n, pos] the mean/resample values come
     from (recorded once, on entry, without ablation). Yields the model.
     """
-    positions = _Positions()
+    positions = CallPositions()
     hooks = _ablation_hooks(model, positions, heads, neurons, how, reference, per_position, preserve_pattern, seed,
                             reference_mask, experts)
     handle = model.hf_model.register_forward_pre_hook(positions.pre_hook, with_kwargs=True)

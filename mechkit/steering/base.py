@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..inputs import position_ids_from_mask
+from ..inputs import CallPositions
 from ..sites import layer_point
 from ..weights import bias_of, weight_in_out
 from .conventions import SteeringAlgebra, as_hooked, pick_strength
@@ -318,22 +318,13 @@ class Steering(SteeringAlgebra):
         if from_token is None:
             yield everywhere
             return
-        state: dict[str, torch.Tensor] = {}
-
-        def grab(module, args, kwargs):
-            pos = kwargs.get("position_ids")
-            if pos is None and kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 2:
-                pos = position_ids_from_mask(kwargs["attention_mask"])
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if pos is None:
-                pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-            state["pos"] = pos
+        rec = CallPositions()
 
         def where(x: torch.Tensor) -> torch.Tensor:
-            pos = state["pos"][:, -x.shape[1]:]
+            pos = rec.pos[:, -x.shape[1]:]
             return (pos >= from_token).reshape(*pos.shape, *([1] * (x.dim() - 2)))
 
-        handle = model.hf_model.register_forward_pre_hook(grab, with_kwargs=True)
+        handle = model.hf_model.register_forward_pre_hook(rec.pre_hook, with_kwargs=True)
         try:
             yield where
         finally:
