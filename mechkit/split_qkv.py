@@ -192,3 +192,48 @@ def _grad_tap(layer: int, cols: dict[str, torch.Tensor], seen: dict, norm, on_gr
             out.register_hook(lambda G: head_grads(G, W, x))
         return None
     return hook
+
+
+@contextmanager
+def shifted_heads(model: HookedModel, layer: int, shifts: dict) -> Iterator[None]:
+    """A few heads read a shifted residual, exactly as if their split input point returned ``x + delta``.
+
+    ``shifts[part]`` = (rows [m] long, heads [m] long, delta [m, pos, d_model]): in every forward inside
+    the block, row ``rows[i]``'s head ``heads[i]`` of that part ("q", "k" or "v") reads
+    ``x[rows[i]] + delta[i]``, x being the residual the attention norm receives. Costs m rows of the
+    norm and one head's projection columns each, where the split points build batch x heads copies
+    (what single-edge patching needs: one changed head per row).
+    """
+    hf, hook_map = model.hf_model, model.hook_map
+    fam = _check_family(hook_map, shifts)
+    sizes = Sizes(model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_head)
+    norm = get_module(hf, hook_map.path(fam["attn_in_norm"], layer))
+    seen: dict[str, torch.Tensor] = {}
+
+    def pre_hook(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    with ExitStack() as stack:
+        stack.callback(norm.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
+        for path, parts in _by_module(hook_map, layer, shifts).items():
+            cols = {p: columns(fam["qkv_layout"], p, sizes) for p in parts}
+            tap = _shift_tap({p: shifts[p] for p in parts}, cols, seen, norm)
+            stack.callback(get_module(hf, path).register_forward_hook(tap).remove)
+        yield
+
+
+def _shift_tap(shifts: dict, cols: dict[str, torch.Tensor], seen: dict, norm):
+    def hook(module, args, out):
+        W, bias = weight_in_out(module), bias_of(module)
+        out = out.clone()
+        pos = torch.arange(out.shape[1], device=out.device)
+        for part, (rows, heads, delta) in shifts.items():
+            x = seen["x"]
+            n = norm.forward(x[rows] + delta.to(x.dtype))  # [m, pos, d_model]
+            idx = cols[part].to(out.device)[heads]  # [m, d_head] output columns of each row's head
+            c = torch.bmm(n.to(W.dtype), W[:, idx].permute(1, 0, 2))  # [m, pos, d_head]
+            if bias is not None:
+                c = c + bias[idx][:, None, :]
+            out[rows[:, None, None], pos[None, :, None], idx[:, None, :]] = c.to(out.dtype)
+        return out
+    return hook

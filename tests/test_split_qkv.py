@@ -177,3 +177,30 @@ def test_split_input_grads_without_copies_equal_the_reference(family):
         torch.testing.assert_close(got[(LAYER, p)], want, atol=1e-5, rtol=1e-4)
     assert not has_mechkit_hooks(m.hf_model) and not any(
         mod._forward_hooks or mod._forward_pre_hooks for mod in m.hf_model.modules())
+
+
+@pytest.mark.parametrize("family", list(FAMS))
+def test_shifted_heads_equal_the_reference(family):
+    """``shifted_heads`` (single-edge patching: a few (row, head) pairs read a shifted residual) gives
+    the genuinely split reference's logits, on every layout, with rows shifting different heads."""
+    from mechkit.split_qkv import shifted_heads
+
+    m = mk.load(random_hf_model(family))
+    toks = random_tokens(3, 6)
+    s = S(m)
+    g = torch.Generator().manual_seed(1)
+    deltas = {p: torch.zeros(3, 6, s.H if p == "q" else s.Hkv, s.d) for p in "qkv"}
+    picks = {"q": ([0, 2], [1, 0]), "k": ([1], [s.Hkv - 1]), "v": ([0], [0])}
+    shifts = {}
+    for p, (rows, heads) in picks.items():
+        d = torch.randn(len(rows), 6, s.d, generator=g)
+        deltas[p][rows, :, heads] = d
+        shifts[p] = (torch.tensor(rows), torch.tensor(heads), d)
+    with torch.no_grad():
+        want = reference(m, family, toks, deltas)
+        with shifted_heads(m, LAYER, shifts):
+            got = m.hf_model(input_ids=toks, use_cache=False).logits
+        plain = m.hf_model(input_ids=toks, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-3
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.hf_model.modules())

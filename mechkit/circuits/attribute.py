@@ -58,7 +58,7 @@ def _runner(model, metric) -> Callable:
 
 
 def sender_outputs(model: HookedModel, graph: Graph, batch, run) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(logits, senders [b, p, S, d], {group: output}) of a plain run (no grad); groups are
+    """(logits, senders [S, b, p, d], {group: output}) of a plain run (no grad); groups are
     ("attn", l) -> attn_out and ("mlp", l) -> mlp_out, for interpolation."""
     sh = SenderHooks(model, graph)
     groups: dict = {}
@@ -71,7 +71,7 @@ def sender_outputs(model: HookedModel, graph: Graph, batch, run) -> tuple[torch.
     extra += [(point("mlp_out", l), keep(("mlp", l))) for l in range(graph.n_layers)]
     with torch.no_grad():
         logits = run(batch, sh.hooks() + extra)
-    groups[("input", None)] = sh.out[:, :, 0]
+    groups[("input", None)] = sh.out[0]
     return logits, sh.out, groups
 
 
@@ -118,17 +118,15 @@ def _cols(graph: Graph, layer: int, part: str) -> tuple[slice, int]:
     return slice(r, r + n), graph.attn_upstream(layer)
 
 
-def sender_major(delta: torch.Tensor) -> torch.Tensor:
-    """[b, p, S, d] -> contiguous [S, b, p, d] (float32 for half types): one copy, so that each
-    receiver's scores are one matrix product over a contiguous block of senders."""
-    dt = torch.float32 if delta.dtype in (torch.float16, torch.bfloat16) else delta.dtype
-    return delta.permute(2, 0, 1, 3).to(dt).contiguous()
+def scoring_dtype(delta: torch.Tensor) -> torch.Tensor:
+    """Sender differences [S, b, p, d] in the dtype scores are summed in (float32 for half types)."""
+    return delta.float() if delta.dtype in (torch.float16, torch.bfloat16) else delta
 
 
 class Scorer:
     """An ``on_grad`` that adds ``weight * Σ_{b,p} delta · grad`` into ``scores`` [S, R] (or [P, S, R]).
 
-    ``delta``: sender-major [S, b, p, d] (:func:`sender_major`) or a zero-argument callable giving
+    ``delta``: sender-major [S, b, p, d] (:func:`scoring_dtype`) or a zero-argument callable giving
     it; ``senders``: only this block of senders (EAP-IG on activations). The gradients of one
     layer's receivers (q, k, v, MLP) are gathered as they arrive and scored together, one matrix
     product ``[S', b·p·d] @ [b·p·d, R_layer]``: the sender block is read once per layer, not once
@@ -268,8 +266,8 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
 
         def make_delta():  # after the forward: this run's senders are known (clean - corrupted)
             nonlocal s_other
-            held["d"] = sender_major(s_other.sub_(sh.out) if grad_on == "corrupted" else sh.out.sub_(s_other))
-            s_other = sh.out = None  # only the sender-major copy stays
+            held["d"] = scoring_dtype(s_other.sub_(sh.out) if grad_on == "corrupted" else sh.out.sub_(s_other))
+            s_other = sh.out = None  # only the difference stays
 
         with (lrp.rules(model, rules) if method == "relp" else nullcontext()):
             m_grad = receiver_backward(model, graph, corr_b if grad_on == "corrupted" else clean_b, run, metric_fn,
@@ -283,7 +281,7 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
     lr, s_corr, g_corr = sender_outputs(model, graph, corr_b, run)
     with torch.no_grad():
         mc, mr = float(metric_fn(lc)), float(metric_fn(lr))
-    delta = sender_major(s_clean - s_corr)  # not in place: the groups hold views of s_clean
+    delta = scoring_dtype(s_clean - s_corr)  # not in place: the groups hold views of s_clean
     del s_clean, s_corr
     if method == "eap-ig":
         x_c, x_r = g_clean[("input", None)], g_corr[("input", None)]

@@ -14,6 +14,7 @@ the shift is a gather instead. Chunks of circuits are sized by ``max_bytes``.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..patching.metrics import as_metric, logit_diff
 from ..patching.metrics import evaluate as metric_means
+from ..split_qkv import shifted_heads
 from .attribute import _runner, sender_outputs
 from .circuit import Circuit
 from .flow import SenderHooks, check_model, point, receiver_hooks
@@ -32,7 +34,7 @@ ABLATIONS = ("corrupted", "mean")
 
 
 def ablated_values(model: HookedModel, graph, task, ablation: str, metric, reference=None) -> torch.Tensor:
-    """[n, p, S, d] (corrupted) or [1, 1, S, d] (mean over real tokens of ``reference``, default
+    """[S, n, p, d] (corrupted) or [S, 1, 1, d] (mean over real tokens of ``reference``, default
     the task's clean prompts)."""
     run = _runner(model, metric)
     if ablation == "corrupted":
@@ -41,8 +43,8 @@ def ablated_values(model: HookedModel, graph, task, ablation: str, metric, refer
     ref = task if reference is None else reference
     b = model.batch(ref.clean_tokens, attention_mask=ref.clean_mask)
     s = sender_outputs(model, graph, b, run)[1]
-    w = b.attention_mask.to(s.dtype)[:, :, None, None]
-    return ((s * w).sum((0, 1)) / w.sum()).view(1, 1, *s.shape[2:])
+    w = b.attention_mask.to(s.dtype)[None, :, :, None]
+    return ((s * w).sum((1, 2)) / w.sum()).view(s.shape[0], 1, 1, s.shape[-1])
 
 
 def evaluate(model: HookedModel, task, circuits, ablation: str = "corrupted", metric=None, reference=None,
@@ -92,7 +94,7 @@ def _receiver_layer(graph, absent) -> torch.Tensor:
 
 
 def _clean_prefix(model, graph, clean_b, run) -> dict:
-    """The clean run's sender outputs [n, p, S, d] and each layer's input [n, p, d]."""
+    """The clean run's sender outputs [S, n, p, d] and each layer's input [n, p, d]."""
     sh = SenderHooks(model, graph)
     resid = {}
 
@@ -107,7 +109,7 @@ def _clean_prefix(model, graph, clean_b, run) -> dict:
 
 def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=None) -> torch.Tensor:
     """The metric means of the K circuits missing ``absent`` [K, S, R], run as row groups of one
-    batch of K * n rows. ``A``: ablated values [n, p, S, d] or [1, 1, S, d]; ``prefix``: the clean
+    batch of K * n rows. ``A``: ablated values [S, n, p, d] or [S, 1, 1, d]; ``prefix``: the clean
     run's senders and layer inputs (:func:`_clean_prefix`), given for single-edge patching."""
     K = absent.shape[0]
     n = clean_b.input_ids.shape[0]
@@ -117,8 +119,11 @@ def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=No
     start, extra = _start(graph, absent, prefix, K)
     cut = absent.any(0).cpu()  # [S, R]: edges some circuit of the chunk misses; only their ends are hooked
     senders = SenderHooks(model, graph, on_value=shifts.on_value, needed=cut.any(1))
-    hooks = extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive, needed=cut.any(0))
-    with torch.no_grad():
+    sparse = prefix is not None  # q/k/v receivers: only the one changed head of each row group is recomputed
+    hooks = extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive, needed=cut.any(0), qkv=not sparse)
+    with torch.no_grad(), ExitStack() as stack:
+        for layer, parts in (shifts.head_shifts() if sparse else {}).items():
+            stack.enter_context(shifted_heads(model, layer, parts))
         logits = run(batch, hooks, start=start)
     return metric_means(metric, logits, n)
 
@@ -149,13 +154,12 @@ class _Shifts:
         self.graph, self.A, self.absent, self.n, self.K = graph, A, absent, n, absent.shape[0]
         self.sparse = prefix is not None
         self.buf = None  # dense: [K, S, n, p, d]
-        self.A_sm = None
         self.layer_shift: dict = {}  # the last attention layer's shift (q, k, v share it)
         if self.sparse:
             idx = absent.flatten(1).float().argmax(1)
             self.has = absent.flatten(1).any(1)
             self.rem_s, self.rem_r = idx // graph.n_receivers, idx % graph.n_receivers
-            self.sel = prefix["senders"][:, :, self.rem_s].permute(2, 0, 1, 3).contiguous()
+            self.sel = prefix["senders"][self.rem_s]  # [K, n, p, d]
 
     def on_value(self, s0: int, value: torch.Tensor) -> None:
         """Keep the current values [rows, p, c, d] of senders ``s0 .. s0 + c``."""
@@ -181,9 +185,8 @@ class _Shifts:
         _, _, _, p, d = buf.shape
         R = mask.shape[2]
         mt = mask.transpose(1, 2).to(buf.dtype)  # [K, R, up]
-        if self.A_sm is None:  # [S, n·p·d] (or [S, d] for means), once
-            self.A_sm = self.A.permute(2, 0, 1, 3).reshape(self.A.shape[2], -1).to(buf.dtype)
-        abl = (mt.reshape(K * R, up) @ self.A_sm[:up]).view(K, R, -1)  # [K, R, n·p·d] or [K, R, d]
+        A_sm = self.A[:up].reshape(up, -1).to(buf.dtype)  # [up, n·p·d] (or [up, d] for means)
+        abl = (mt.reshape(K * R, up) @ A_sm).view(K, R, -1)  # [K, R, n·p·d] or [K, R, d]
         if abl.shape[-1] != n * p * d:  # means: the same value at every prompt and position
             abl = abl.view(K, R, 1, d).expand(K, R, n * p, d).reshape(K, R, -1)
         out = torch.baddbmm(abl, mt, buf[:, :up].reshape(K, up, -1), alpha=-1)  # ablated - current
@@ -195,9 +198,29 @@ class _Shifts:
         _, _, p, d = sel.shape
         out = sel.new_zeros(self.K, self.n, p, cols.stop - cols.start, d)
         ks = (self.has & (rem_r >= cols.start) & (rem_r < cols.stop)).nonzero()[:, 0]
-        a = A[:, :, rem_s[ks]].permute(2, 0, 1, 3) if A.shape[0] > 1 else A[0, 0, rem_s[ks]][:, None, None]
+        a = A[rem_s[ks]]  # [m, n, p, d] or [m, 1, 1, d]
         out[ks, :, :, rem_r[ks] - cols.start] = a - sel[ks]
         return out
+
+    def head_shifts(self) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Sparse: {layer: {part: (rows [m], heads [m], delta [m, p, d])}} for the row groups whose
+        removed edge ends in a query, key or value (:func:`mechkit.split_qkv.shifted_heads`). The
+        sender's current value is its clean one: nothing upstream of the receiver changes in its row."""
+        g, n = self.graph, self.n
+        H, Hkv = g.n_heads, g.n_kv_heads
+        out: dict = {}
+        for k in self.has.nonzero()[:, 0].tolist():
+            r = int(self.rem_r[k])
+            if r == g.logits:
+                continue
+            layer, j = divmod(r, g.per_layer)
+            if j >= H + 2 * Hkv:  # the MLP
+                continue
+            part, head = ("q", j) if j < H else ("k", j - H) if j < H + Hkv else ("v", j - H - Hkv)
+            delta = (self.A[int(self.rem_s[k])] - self.sel[k]).expand_as(self.sel[k])  # [n, p, d]
+            rows = torch.arange(k * n, (k + 1) * n, device=delta.device)
+            out.setdefault(layer, {}).setdefault(part, []).append((rows, torch.full_like(rows, head), delta))
+        return {l: {p: tuple(torch.cat(t) for t in zip(*v)) for p, v in parts.items()} for l, parts in out.items()}
 
     def receive(self, layer: int, part: str, x: torch.Tensor) -> torch.Tensor | None:
         """The receiver hook (:func:`receiver_hooks`): ``x`` plus its shift, or None (unchanged).

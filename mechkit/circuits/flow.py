@@ -8,7 +8,8 @@ KV head), ``hook_mlp_in`` (the MLP's own copy of the residual) and the last laye
 ``hook_resid_post`` (what the final norm reads). Every receiver hook returns a tensor that
 only that receiver reads, so a gradient taken there flows through that receiver alone.
 
-Shapes: sender outputs ``[batch, pos, senders, d_model]``; per-layer receiver inputs
+Shapes: sender outputs ``[senders, batch, pos, d_model]`` (sender-major: a block of senders is one
+contiguous matrix for the products of attribution and evaluation); per-layer receiver inputs
 ``[batch, pos, receivers_of_layer, d_model]`` (queries, keys, values, the MLP).
 """
 
@@ -51,7 +52,7 @@ def check_model(model: HookedModel) -> Graph:
 
 
 class SenderHooks:
-    """Hooks that write every sender's output of one forward into ``self.out`` [b, p, S, d].
+    """Hooks that write every sender's output of one forward into ``self.out`` [S, b, p, d].
 
     ``transform``: optional ``fn(group, value) -> value`` applied to a sender group's output
     before the model uses it (group: ``("input", None)``, ``("attn", l)``, ``("mlp", l)``; value:
@@ -73,8 +74,8 @@ class SenderHooks:
             return
         if self.out is None:
             b, p, _, d = value.shape
-            self.out = value.new_zeros(b, p, self.g.n_senders, d)
-        self.out[:, :, s0:s0 + value.shape[2]] = value.detach()
+            self.out = value.new_zeros(self.g.n_senders, b, p, d)
+        self.out[s0:s0 + value.shape[2]] = value.detach().permute(2, 0, 1, 3)
 
     def _wanted(self, lo: int, hi: int) -> bool:
         return self.needed is None or bool(self.needed[lo:hi].any())
