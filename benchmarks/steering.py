@@ -102,7 +102,7 @@ def main(argv=None):
         "linear_act_mlp": (LinearAcT(point="hook_mlp_out"), {}),
         "lineas_mlp": (LinEAS(point="hook_mlp_out"), lin),
         "lineas_attn": (LinEAS(point="hook_attn_out"), lin),
-        "gains_target_loss_only": (Gains(kl=0.0, g_max=None), dict(steps=a.gains_steps)),
+        "gains_target_loss_only": (Gains(kl=0.0, g_max=None, holdout=0.0), dict(steps=a.gains_steps)),
     }
     if a.only:
         methods = {k: v for k, v in methods.items() if k in a.only.split(",")}

@@ -69,5 +69,27 @@ def test_gains_default_changes_the_concept_and_little_else(setting):
     assert ev.perplexity(model, text, st, 1.0) - ppl0 <= 0.5
     stats = st.gate_stats(model, text[:20])
     assert stats["soft_hard_agreement"] >= 0.99 and 0.05 < stats["open_fraction"] < 0.99, stats
-    old = Gains(kl=0.0, g_max=None).fit(model, data.negative, data.positive, progress=False)
+    old = Gains(kl=0.0, g_max=None, holdout=0.0).fit(model, data.negative, data.positive, progress=False)
     assert ev.perplexity(model, text, old, 1.0) - ppl0 > 5.0
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_gains_default_is_a_mode_at_strength_one_on_both_bundled_models(name):
+    """Issue 19's Gains target, with a weaker bound: at strength 1 the default fit turns >= 0.75 of
+    100 neutral prompts' continuations positive (measured: tiny-gpt2 0.86, tiny-llama 1.00) for
+    <= +0.5 perplexity on other text. Trained to the last step instead (holdout=0), tiny-llama's
+    gates memorise the 24 training reviews: 0.67 at strength 1 (steering benchmark)."""
+    import random
+
+    from mechkit.tasks.corpus import filler_sentence
+
+    if name not in mk.list_models():
+        pytest.skip(f"bundled {name} absent")
+    model = mk.load(name)
+    data = sentiment(model.tokenizer, 32, seed=0)
+    text = [filler_sentence(r) for r in [random.Random(11)] for _ in range(100)]
+    st = Gains().fit(model, data.negative, data.positive, progress=False)
+    rate = ev.concept_rate(model, neutral_prompts(100), vocab.POSITIVE_ADJECTIVES, st, 1.0)["rate"]
+    assert rate >= 0.75, (name, rate, st.best_step)
+    assert ev.perplexity(model, text, st, 1.0) - ev.perplexity(model, text) <= 0.5
+    assert st.best_step is not None and st.val_history and len(st.history) <= 200

@@ -54,14 +54,59 @@ def _default_neutral() -> list[str]:
     return [filler_sentence(rng) for _ in range(64)]
 
 
+EVAL_EVERY, PATIENCE = 5, 5  # held-out checks: every 5 steps; stop after 5 checks without improvement
+
+
+def _holdout(texts: list, frac: float, seed: int) -> tuple[list, list]:
+    """(kept, held out): ``frac`` of ``texts`` (at least one, never all) drawn with ``seed``."""
+    if frac <= 0 or len(texts) < 2:
+        return texts, []
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = min(len(texts) - 1, max(1, round(frac * len(texts))))
+    return [texts[i] for i in order[n:]], [texts[i] for i in order[:n]]
+
+
+class _EarlyStop:
+    """Keeps the gate tensors with the lowest held-out objective (next-token loss on held-out target
+    text + ``kl`` x KL on held-out neutral text, hard gates), checked every ``EVAL_EVERY`` steps."""
+
+    def __init__(self, st, model, val_target: list, val_neutral: list):
+        self.st, self.model = st, model
+        self.b = model.batch(val_target) if val_target else None
+        self.nb = model.batch(val_neutral) if val_neutral else None
+        self.best, self.best_step, self.history, self.since = math.inf, None, [], 0
+        self.kept: dict | None = None
+
+    def __call__(self, step: int, T: dict, G: dict, last: bool) -> bool:
+        """Check after ``step`` (when due); True when training should stop."""
+        if self.b is None or not ((step + 1) % EVAL_EVERY == 0 or last):
+            return False
+        with torch.no_grad():
+            v = self.st._loss(self.model, T, G, None, self.b, self.nb).item()
+        self.history.append((step + 1, v))
+        if v < self.best:
+            self.best, self.best_step, self.since = v, step + 1, 0
+            self.kept = {p: (T[p].detach().clone(), G[p].detach().clone()) for p in T}
+        else:
+            self.since += 1
+        return self.since >= PATIENCE
+
+    def tensors(self, T: dict, G: dict) -> dict:
+        src = self.kept if self.kept is not None else {p: (T[p], G[p]) for p in T}
+        return {p: {"tau": t.detach().clone(), "g": g.detach().clone()} for p, (t, g) in src.items()}
+
+
 class Gains(Steering):
     """``Gains(layers="all", tau_init=-3.0, s_start=1.0, s_end=50.0, sparsity=0.0, kl=10.0, g_max=2.0)``.
 
     Tensors per gated point (``blocks.{l}.mlp.hook_post``): ``tau``, ``g`` [d_mlp].
     ``apply(model, strength, hard=True)``; ``hard=False`` uses the soft gate at ``s_end``.
     ``kl``: weight of the KL-to-base term on neutral text; ``g_max``: gains are kept in
-    ``[0, g_max]`` (``None``: unbounded, the former behaviour). :meth:`gate_stats` reports the
-    open-gate fraction and how often the soft gate agrees with the hard one.
+    ``[0, g_max]`` (``None``: unbounded, the former behaviour). ``holdout``: share of the target
+    and neutral texts held out; the fit keeps the gates whose held-out objective (hard gates) is
+    lowest, checked every 5 steps, and stops after 5 checks without improvement (0: the last
+    step's gates, the former behaviour). :meth:`gate_stats` reports the open-gate fraction and
+    how often the soft gate agrees with the hard one.
     """
 
     method = "gains"
@@ -70,11 +115,14 @@ class Gains(Steering):
 
     def __init__(self, layers="all", tau_init: float = -3.0, s_start: float = 1.0, s_end: float = 50.0,
                  sparsity: float = 0.0, kl: float = 10.0, g_max: float | None = 2.0,
-                 support_threshold: float = 1e-3):
+                 support_threshold: float = 1e-3, holdout: float = 0.25):
         if kl < 0 or (g_max is not None and g_max <= 0):
             raise ValueError(f"Gains needs kl >= 0 and g_max > 0 (or None); got kl={kl!r}, g_max={g_max!r}")
+        if not 0.0 <= holdout < 1.0:
+            raise ValueError(f"Gains needs 0 <= holdout < 1 (the share of target and neutral text held out); "
+                             f"got holdout={holdout!r}")
         super().__init__(layers=layers, tau_init=tau_init, s_start=s_start, s_end=s_end, sparsity=sparsity,
-                         kl=kl, g_max=g_max, support_threshold=support_threshold)
+                         kl=kl, g_max=g_max, support_threshold=support_threshold, holdout=holdout)
         self.hard = True
 
     def _gate_hooks(self, taus, gains, s, strength, where, record=None, straight_through=False):
@@ -143,7 +191,11 @@ class Gains(Steering):
         English words, any tokenizer); pass text from your model's own domain for a real model.
         ``source`` is not used (it is often the concept's opposite, e.g. negative reviews for a
         positive mode: as the KL text it fights the mode; +2.9 perplexity vs +0.9 with filler text,
-        kl 1, on tiny-gpt2).
+        kl 1, on tiny-gpt2). With ``holdout`` > 0 (default 0.25) that share of ``target`` and
+        ``neutral`` is held out and the gates with the lowest held-out objective are kept
+        (``best_step``, ``val_history``): trained to the end on 24 short reviews, the gates memorise
+        them (tiny-llama: positive rate 0.92 at strength 0.5 but 0.67 at 1, continuations drifting
+        into unrelated words); kept at the held-out optimum, 1.00 at strength 1.
         """
         check_texts(**({"target": target} if source is None else {"source": source, "target": target}))
         if neutral is not None:
@@ -152,6 +204,9 @@ class Gains(Steering):
         neutral = _default_neutral() if neutral is None else list(neutral)
         if hp["kl"] > 0 and not neutral:
             raise ValueError("Gains.fit: kl > 0 needs neutral text; got an empty neutral= list")
+        target, val_target = _holdout(list(target), hp.get("holdout", 0.0), seed)
+        neutral, val_neutral = _holdout(neutral, hp.get("holdout", 0.0) if hp["kl"] > 0 else 0.0, seed + 1)
+        stop = _EarlyStop(self, model, val_target, val_neutral)
         pts = resolve_points(model, hp["layers"], "mlp.hook_post")
         dev, d = model.device, model.cfg.d_mlp
         T = {p: torch.full((d,), float(hp["tau_init"]), device=dev, requires_grad=True) for p in pts}
@@ -179,7 +234,9 @@ class Gains(Steering):
                             g.clamp_(0.0, float(hp["g_max"]))
                 self.history.append(loss.item())
                 bar.set_postfix(loss=f"{self.history[-1]:.4g}", s=f"{s:.3g}")
-        self.tensors = {p: {"tau": T[p].detach().clone(), "g": G[p].detach().clone()} for p in pts}
+                if stop(step, T, G, last=step == steps - 1):
+                    break
+        self.tensors, self.best_step, self.val_history = stop.tensors(T, G), stop.best_step, stop.history
         self.info = model_info(model)
         return self
 
