@@ -153,6 +153,7 @@ def _warn_if_diverged(history: list[float], steps: int, optimizer: str, lr: floa
     away from the target: steering "works" by breaking the model); attributed to the frame that
     called ``fit`` itself (stacklevel 3: the raw-model wrapper of :class:`mechkit.steering.base.Steering`)."""
     if len(history) > 1 and not history[-1] <= history[0]:
+        hint = "a smaller lr" if optimizer == "adam" else "a smaller lr or optimizer='adam'"
         warnings.warn(f"LinEAS diverged: the loss rose from {history[0]:.4g} to {history[-1]:.4g} "
-                      f"in {steps} steps ({optimizer}, lr {lr}); try a smaller lr or optimizer='adam' "
-                      "(lr 0.01 converges on both bundled models)", RuntimeWarning, stacklevel=3)
+                      f"in {steps} steps ({optimizer}, lr {lr}); try {hint} "
+                      "(adam at lr 0.01 converges on both bundled models)", RuntimeWarning, stacklevel=3)
