@@ -245,6 +245,14 @@ def test_attribute_batches_bad_input_and_no_hooks_left():
         C.attribute(m, task, method="acdc")
     with pytest.raises(ValueError, match="ablation must be"):
         C.evaluate(m, task, C.Circuit.full(C.Graph.from_model(m)), ablation="zero")
+    # the sender buffer is not zero-filled: a forward that skipped some senders' hooks is refused
+    from mechkit.circuits.flow import SenderHooks
+
+    sh = SenderHooks(m, C.Graph.from_model(m))
+    with torch.no_grad(), m.hooks(sh.hooks()[1:]):  # the input's hook left out
+        m(task.clean_tokens)
+    with pytest.raises(RuntimeError, match=r"\['input'\] \(1 of .*not recorded"):
+        sh.complete()
     assert not has_mechkit_hooks(m.hf_model)
 
 

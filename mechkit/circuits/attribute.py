@@ -71,8 +71,9 @@ def sender_outputs(model: HookedModel, graph: Graph, batch, run) -> tuple[torch.
     extra += [(point("mlp_out", l), keep(("mlp", l))) for l in range(graph.n_layers)]
     with torch.no_grad():
         logits = run(batch, sh.hooks() + extra)
-    groups[("input", None)] = sh.out[0]
-    return logits, sh.out, groups
+    out = sh.complete()
+    groups[("input", None)] = out[0]
+    return logits, out, groups
 
 
 def receiver_backward(model: HookedModel, graph: Graph, batch, run, metric_fn, on_grad, extra_hooks=(), senders=None,
@@ -266,7 +267,8 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
 
         def make_delta():  # after the forward: this run's senders are known (clean - corrupted)
             nonlocal s_other
-            held["d"] = scoring_dtype(s_other.sub_(sh.out) if grad_on == "corrupted" else sh.out.sub_(s_other))
+            held["d"] = scoring_dtype(s_other.sub_(sh.complete()) if grad_on == "corrupted"
+                                      else sh.complete().sub_(s_other))
             s_other = sh.out = None  # only the difference stays
 
         with (lrp.rules(model, rules) if method == "relp" else nullcontext()):

@@ -104,7 +104,7 @@ def _clean_prefix(model, graph, clean_b, run) -> dict:
         return fn
     with torch.no_grad():
         run(clean_b, sh.hooks() + [(point("resid_pre", l), keep(l)) for l in range(graph.n_layers)])
-    return {"senders": sh.out, "resid": resid}
+    return {"senders": sh.complete(), "resid": resid}
 
 
 def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=None) -> torch.Tensor:

@@ -52,12 +52,11 @@ def check_model(model: HookedModel) -> Graph:
 
 
 class SenderHooks:
-    """Hooks that write every sender's output of one forward into ``self.out`` [S, b, p, d].
+    """Hooks that write every sender's output of one forward into ``self.out`` [S, b, p, d] (detached);
+    read it with :meth:`complete`, which refuses a buffer some sender's hook did not fill.
 
-    ``transform``: optional ``fn(group, value) -> value`` applied to a sender group's output
-    before the model uses it (group: ``("input", None)``, ``("attn", l)``, ``("mlp", l)``; value:
-    resid_pre [b, p, d], attn_out [b, p, d] or mlp_out [b, p, d]) — used to interpolate one node.
-    ``keep_graph``: keep autograd history (for evaluation-time gradients); default detached.
+    ``on_value``: ``fn(s0, value [b, p, n, d])`` called for senders ``s0 .. s0 + n`` as they appear,
+    instead of storing them; ``needed``: [S] bool, only these senders' groups are hooked (None: all).
     """
 
     def __init__(self, model, graph: Graph, on_value: Callable | None = None, needed: torch.Tensor | None = None):
@@ -72,10 +71,21 @@ class SenderHooks:
         if self.on_value is not None:
             self.on_value(s0, value)
             return
-        if self.out is None:
+        if self.out is None:  # not zero-filled: complete() checks that every sender was written
             b, p, _, d = value.shape
-            self.out = value.new_zeros(self.g.n_senders, b, p, d)
+            self.out = value.new_empty(self.g.n_senders, b, p, d)
+            self.written = torch.zeros(self.g.n_senders, dtype=torch.bool)
         self.out[s0:s0 + value.shape[2]] = value.detach().permute(2, 0, 1, 3)
+        self.written[s0:s0 + value.shape[2]] = True
+
+    def complete(self) -> torch.Tensor:
+        """``out`` [S, b, p, d] when every sender was written by the forward; an error otherwise."""
+        missing = list(range(self.g.n_senders)) if self.out is None else (~self.written).nonzero()[:, 0].tolist()
+        if missing:
+            names = [self.g.sender_names[i] for i in missing]
+            raise RuntimeError(f"sender outputs of {names[:6]}{' ...' if len(names) > 6 else ''} ({len(names)} of "
+                               f"{self.g.n_senders}) were not recorded: their hook points did not run in this forward")
+        return self.out
 
     def _wanted(self, lo: int, hi: int) -> bool:
         return self.needed is None or bool(self.needed[lo:hi].any())
