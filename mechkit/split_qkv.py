@@ -79,19 +79,30 @@ def _check_family(hook_map, parts) -> dict:
     return fam
 
 
-def _by_module(hook_map, layer: int, parts) -> dict[str, list[str]]:
-    """{projection path: the parts (q/k/v) it computes} for one layer."""
-    by_module: dict[str, list[str]] = {}
+def _layer_modules(root, hook_map, layer: int, parts, sizes: Sizes) -> tuple:
+    """(the attention norm, [(projection module, {part: output columns [heads, d_head]})]) of one
+    layer of ``root`` (the HF model), for the q/k/v ``parts``."""
+    fam = _check_family(hook_map, parts)
+    norm = get_module(root, hook_map.path(fam["attn_in_norm"], layer))
+    by_path: dict[str, list[str]] = {}
     for part in parts:
-        by_module.setdefault(hook_map.path(hook_map.family[f"{part}_proj"], layer), []).append(part)
-    return by_module
+        by_path.setdefault(hook_map.path(fam[f"{part}_proj"], layer), []).append(part)
+    projs = [(get_module(root, path), {q: columns(fam["qkv_layout"], q, sizes) for q in ps})
+             for path, ps in by_path.items()]
+    return norm, projs
+
+
+def _record_input(seen: dict):
+    """A keyword pre-hook that keeps the module's input (the residual the attention norm reads) in ``seen["x"]``."""
+    def pre_hook(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+    return pre_hook
 
 
 def install_split(stack: ExitStack, model: HookedModel, hook_map, layer: int, handlers: dict, sizes: Sizes, apply) -> None:
     """Install the split for one layer: ``handlers`` maps "q"/"k"/"v" to handler lists run by
     ``apply(handlers, x [batch, pos, head, d_model])`` (mechkit's hook runner)."""
-    fam = _check_family(hook_map, handlers)
-    norm = get_module(model, hook_map.path(fam["attn_in_norm"], layer))
+    norm, projs = _layer_modules(model, hook_map, layer, handlers, sizes)
     state: dict[str, tuple[torch.Tensor, bool]] = {}
 
     def pre_hook(module, args, kwargs):
@@ -108,10 +119,8 @@ def install_split(stack: ExitStack, model: HookedModel, hook_map, layer: int, ha
         return None
 
     stack.callback(norm.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
-    for path, parts in _by_module(hook_map, layer, handlers).items():
-        proj = get_module(model, path)
-        cols = {p: columns(fam["qkv_layout"], p, sizes) for p in parts}
-        stack.callback(proj.register_forward_hook(_proj_hook(parts, cols, state)).remove)
+    for proj, cols in projs:
+        stack.callback(proj.register_forward_hook(_proj_hook(list(cols), cols, state)).remove)
 
 
 def _proj_hook(parts, cols, state):
@@ -150,22 +159,14 @@ def split_input_grads(model: HookedModel, on_grad: Callable, layers: Iterable[in
     pass are untouched; what the copies cost (a norm and a projection slice per head, forward and
     backward) is spared, which is what edge attribution needs.
     """
-    hf, hook_map = model.hf_model, model.hook_map
-    fam = _check_family(hook_map, PARTS)
     sizes = Sizes(model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_head)
     with ExitStack() as stack:
         for layer in layers:
-            norm = get_module(hf, hook_map.path(fam["attn_in_norm"], layer))
+            norm, projs = _layer_modules(model.hf_model, model.hook_map, layer, PARTS, sizes)
             seen: dict[str, torch.Tensor] = {}
-
-            def pre_hook(module, args, kwargs, seen=seen):
-                seen["x"] = args[0] if args else kwargs["hidden_states"]
-
-            stack.callback(norm.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
-            for path, parts in _by_module(hook_map, layer, PARTS).items():
-                cols = {p: columns(fam["qkv_layout"], p, sizes) for p in parts}
-                tap = _grad_tap(layer, cols, seen, norm, on_grad)
-                stack.callback(get_module(hf, path).register_forward_hook(tap).remove)
+            stack.callback(norm.register_forward_pre_hook(_record_input(seen), with_kwargs=True).remove)
+            for proj, cols in projs:
+                stack.callback(proj.register_forward_hook(_grad_tap(layer, cols, seen, norm, on_grad)).remove)
         yield
 
 
@@ -204,25 +205,20 @@ def shifted_heads(model: HookedModel, layer: int, shifts: dict) -> Iterator[None
     norm and one head's projection columns each, where the split points build batch x heads copies
     (what single-edge patching needs: one changed head per row).
     """
-    hf, hook_map = model.hf_model, model.hook_map
-    fam = _check_family(hook_map, shifts)
     sizes = Sizes(model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_head)
-    norm = get_module(hf, hook_map.path(fam["attn_in_norm"], layer))
+    norm, projs = _layer_modules(model.hf_model, model.hook_map, layer, shifts, sizes)
     seen: dict[str, torch.Tensor] = {}
-
-    def pre_hook(module, args, kwargs):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-
     with ExitStack() as stack:
-        stack.callback(norm.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
-        for path, parts in _by_module(hook_map, layer, shifts).items():
-            cols = {p: columns(fam["qkv_layout"], p, sizes) for p in parts}
-            tap = _shift_tap({p: shifts[p] for p in parts}, cols, seen, norm)
-            stack.callback(get_module(hf, path).register_forward_hook(tap).remove)
+        stack.callback(norm.register_forward_pre_hook(_record_input(seen), with_kwargs=True).remove)
+        for proj, cols in projs:
+            tap = _shift_tap({p: shifts[p] for p in cols}, cols, seen, norm)
+            stack.callback(proj.register_forward_hook(tap).remove)
         yield
 
 
 def _shift_tap(shifts: dict, cols: dict[str, torch.Tensor], seen: dict, norm):
+    """A projection forward hook writing each shifted (row, head)'s columns: ``norm(x + delta) @ W_h + b_h``
+    (see :func:`shifted_heads`)."""
     def hook(module, args, out):
         W, bias = weight_in_out(module), bias_of(module)
         out = out.clone()
