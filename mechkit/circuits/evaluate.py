@@ -146,9 +146,11 @@ class _Shifts:
 
     Dense: every sender's current value is kept sender-major per row group ([K, S, n·p·d]) and a
     receiver layer's shift is ``mask^T A - mask^T current``: one matrix product and one batched
-    product over the row groups' masks, with no [K, n, p, S, d] difference ever formed. Sparse (``prefix`` given; every circuit
-    misses at most one edge): each row group keeps only the current value of its one removed
-    edge's sender ([K, n, p, d], starting from the clean run's) and the shift is a gather."""
+    product over the row groups' masks, with no [K, n, p, S, d] difference ever formed.
+    Sparse (``prefix`` given; every circuit misses at most one edge): each row group keeps only the
+    current value of its one removed edge's sender ([K, n, p, d], starting from the clean run's);
+    the shift into an MLP or the logits is a gather, into a query, key or value the one changed
+    head is recomputed (:meth:`head_shifts`)."""
 
     def __init__(self, graph, A, absent, n: int, prefix=None):
         self.graph, self.A, self.absent, self.n, self.K = graph, A, absent, n, absent.shape[0]
