@@ -120,12 +120,14 @@ def install_split(stack: ExitStack, model: HookedModel, hook_map, layer: int, ha
 
     stack.callback(norm.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
     for proj, cols in projs:
-        stack.callback(proj.register_forward_hook(_proj_hook(list(cols), cols, state)).remove)
+        stack.callback(proj.register_forward_hook(_proj_hook(cols, state)).remove)
 
 
-def _proj_hook(parts, cols, state):
+def _proj_hook(cols: dict[str, torch.Tensor], state: dict):
+    """A projection forward hook writing the columns of every part in ``state`` (split copies run
+    through the norm, see :func:`install_split`); ``cols``: {part: output columns [heads, d_head]}."""
     def hook(module, args, out):
-        todo = [p for p in parts if p in state]
+        todo = [p for p in cols if p in state]
         if not todo:
             return None
         W = weight_in_out(module)

@@ -124,6 +124,9 @@ def scoring_dtype(delta: torch.Tensor) -> torch.Tensor:
     return delta.float() if delta.dtype in (torch.float16, torch.bfloat16) else delta
 
 
+LAYER_PARTS = ("q", "k", "v", "mlp")  # the receiver parts of one layer, scored together
+
+
 class Scorer:
     """An ``on_grad`` that adds ``weight * Σ_{b,p} delta · grad`` into ``scores`` [S, R] (or [P, S, R]).
 
@@ -157,7 +160,7 @@ class Scorer:
             return
         parts = self.pending.setdefault(layer, {})
         parts[part] = g
-        if len(parts) == 4:
+        if len(parts) == len(LAYER_PARTS):
             self._score(layer, self.pending.pop(layer))
 
     def flush(self) -> None:
