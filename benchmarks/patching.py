@@ -69,14 +69,17 @@ def gpt2_small_random(seed: int = 0):
     return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)).eval()
 
 
-def work_fraction(grid: torch.Tensor, pos_col, n: int, T: int, L: int, max_batch_tokens: int, overhead: int) -> float:
-    """Token-layers the chunk plan computes / token-layers of plain forwards of the same rows."""
-    order, spans = plan_chunks(grid, pos_col, n, T, L, max_batch_tokens, overhead)
+def work_fraction(grid: torch.Tensor, pos_col, n: int, T: int, L: int, max_batch_tokens: int, overhead: int,
+                  grows: bool = True) -> float:
+    """Token-layers the chunk plan computes / token-layers of plain forwards of the same rows (with
+    ``grows`` each patch's rows run from its own layer up, as the engine does on hand-written maps)."""
+    order, spans = plan_chunks(grid, pos_col, n, T, L, max_batch_tokens, overhead, grows=grows)
     done = 0
     for s, e in spans:
         items = grid[order[s:e]]
         p0 = int(items[:, pos_col].min()) if pos_col is not None else 0
-        done += (e - s) * n * (T - p0) * (L - int(items[:, 0].min()))
+        depth = (L - items[:, 0]).sum() if grows else (e - s) * (L - items[:, 0].min())
+        done += n * (T - p0) * int(depth)
     return done / (len(grid) * n * T * L)
 
 

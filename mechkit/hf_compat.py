@@ -14,7 +14,8 @@ What is here:
   ``keys``/``values``), and a cache layer that shares one prefix over many row groups.
 - forward signatures: whether a model's ``forward`` takes ``logits_to_keep`` / ``cache``.
 - layer slicing: running a slice of the decoder layers (``ModuleList`` swap and
-  ``config.layer_types``), and running a module on the last position only.
+  ``config.layer_types``), running a module on the last position only, and adding rows to the
+  batch before a decoder layer (its per-row arguments grown with it).
 - modules: activation modules recognised by their defining module, mechkit's own torch hooks
   recognised by their closure names, instance ``forward`` replacement, children by name.
 """
@@ -120,21 +121,25 @@ def output_kv(out) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
 
 class PrefixLayer(DynamicLayer):
     """One decoder layer's cache: the base prefix ``keys/values [n, kv_heads, T, d_head]`` (first
-    ``p0`` positions used) repeated over ``k`` row groups, filled lazily.
+    ``p0`` positions used) repeated over the row groups of the call, filled lazily. The number of
+    groups is read from the new keys (``rows // n``), so layers of one forward may hold different
+    numbers of rows (a batch grown between layers by :func:`append_rows`).
 
     Relies on ``cache_utils.DynamicLayer``: ``update(key_states, value_states, ...)`` returning the
     full keys/values, and its attributes ``keys``, ``values``, ``device``, ``is_initialized``.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, k: int, p0: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, p0: int):
         super().__init__()
-        self._prefix, self._k, self._p0 = (keys, values), k, p0
+        self._prefix, self._p0 = (keys, values), p0
 
     def _fill(self, prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         n, h, _, dh = prefix.shape
-        q = new.shape[-2]
-        buf = new.new_empty((self._k * n, h, self._p0 + q, dh))
-        buf.view(self._k, n, h, self._p0 + q, dh)[:, :, :, :self._p0] = prefix[:, :, :self._p0].to(new.device, new.dtype)
+        rows, q = new.shape[0], new.shape[-2]
+        if rows % n:
+            raise ValueError(f"a prefix cache of {n} prompts got keys for {rows} rows (not a multiple of {n})")
+        buf = new.new_empty((rows, h, self._p0 + q, dh))
+        buf.view(rows // n, n, h, self._p0 + q, dh)[:, :, :, :self._p0] = prefix[:, :, :self._p0].to(new.device, new.dtype)
         buf[:, :, self._p0:] = new
         return buf
 
@@ -199,6 +204,62 @@ def run_on_last_position(module: nn.Module):
     adds it to the residual stream.
     """
     return module.register_forward_pre_hook(_last_position, with_kwargs=True)
+
+
+# What a transformers 5.x decoder layer receives with the batch on dim 0 besides the hidden states
+# (the mask, rotary cos/sin, position ids; verified on the GPT-2, Llama, Gemma, NeoX and Phi-3 layers).
+# A [1, ...] one is a broadcast and stays. Non-tensor arguments (the cache, flags) stay.
+PER_ROW_ARGS = frozenset({"attention_mask", "position_ids", "position_embeddings"})
+
+
+def _grow(value, in_rows: int, rows: int, period: int, name: str, layer: str):
+    if isinstance(value, tuple):
+        return tuple(_grow(v, in_rows, rows, period, name, layer) for v in value)
+    if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != in_rows or rows == in_rows:
+        return value
+    if name not in PER_ROW_ARGS:
+        raise RuntimeError(f"cannot add rows to the batch before {layer}: its argument {name!r} has the batch "
+                           f"({in_rows} rows) on dim 0 and is not a known per-row argument ({sorted(PER_ROW_ARGS)})")
+    reps = (rows - in_rows) // period
+    return torch.cat([value, value[:period].repeat((reps,) + (1,) * (value.dim() - 1))])
+
+
+def append_rows(layer: nn.Module, new_rows: Callable[[torch.Tensor], torch.Tensor | None], period: int, in_rows: int):
+    """Before ``layer`` (a decoder layer) runs, append ``new_rows(hidden)`` ``[m * period, q, d]`` (or
+    None: no rows) to its hidden states ``[rows, q, d]``; returns the hook handle (``.remove()`` it).
+
+    Install it on every layer from the first that adds rows up: the decoder hands each layer the
+    per-row arguments of its input batch (``in_rows`` rows: the mask, rotary cos/sin, position ids,
+    :data:`PER_ROW_ARGS`), and this grows them to the layer's hidden rows. The batch's rows are copies
+    of ``period`` prompts (row ``g * period + i`` is prompt i), so they grow by repeating their first
+    ``period`` rows. Another tensor argument with ``in_rows`` on dim 0 raises (a layer this was not
+    verified on), never a silent mix. Registered first among the layer's pre-hooks, so hook points on
+    the layer's input see the new rows.
+
+    Relies on: the decoder passing the hidden states as the layer's first argument and the layer's
+    other per-row inputs by the names above (transformers 5.x); the final norm and head taking the
+    batch from the hidden states; caches whose layers size themselves from the keys they are given
+    (:class:`PrefixLayer`, ``DynamicLayer``).
+    """
+    names = list(inspect.signature(layer.forward).parameters)
+    where = type(layer).__name__
+
+    def pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        add = new_rows(hidden)
+        if add is not None:
+            hidden = torch.cat([hidden, add.to(hidden.dtype)])
+        rows = hidden.shape[0]
+        if rows % period or in_rows % period:
+            raise RuntimeError(f"append_rows before {where}: {in_rows} -> {rows} rows are not whole copies "
+                               f"of {period} prompts")
+        new_args = tuple(_grow(a, in_rows, rows, period, names[i], where) for i, a in enumerate(args[1:], 1))
+        new_kwargs = {k: _grow(v, in_rows, rows, period, k, where) for k, v in kwargs.items() if k != "hidden_states"}
+        if args:
+            return (hidden,) + new_args, new_kwargs
+        return new_args, dict(new_kwargs, hidden_states=hidden)
+
+    return layer.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
 
 
 # --------------------------------------------------------------------------- modules

@@ -311,7 +311,7 @@ def test_prefix_cache_is_the_repeated_base_prefix_then_the_new_keys():
     g = torch.Generator().manual_seed(0)
     n, h, T, d, k, p0 = 3, 2, 7, 4, 4, 5
     past = [(torch.randn(n, h, T, d, generator=g), torch.randn(n, h, T, d, generator=g)) for _ in range(2)]
-    cache = prefix_cache(past, k, p0)
+    cache = prefix_cache(past, p0)
     assert cache.get_seq_length() == p0  # before a layer runs: the prefix length (positions/masks use it)
     new_k, new_v = torch.randn(2, k * n, h, T - p0, d, generator=g)
     keys, values = cache.update(new_k, new_v, 1)
@@ -395,3 +395,49 @@ def test_memory_budget_bounds_cuda_peak():
     # held once per sweep: both runs' logits, the base residuals, the source activations, the base KV cache
     cached = 4 * n * T * (2 * c.d_vocab + 2 * c.n_layers * c.d_model + 2 * c.n_layers * c.n_kv_heads * c.d_head)
     assert torch.cuda.max_memory_allocated() - base <= budget + cached
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rows_join_at_their_own_layer_and_equal_the_reference(family):
+    """A chunk holding patches of every layer runs one forward whose batch grows layer by layer: a patch's
+    rows join at its own layer (fewer rows below), and the values still equal the reference loop."""
+    from mechkit.hookpoints import get_module
+
+    m = HookedModel(random_hf_model(family))
+    task = make_task(m.cfg.d_vocab)
+    n, T = task.clean_tokens.shape
+    L = m.cfg.n_layers
+    rows = {}
+    mods = get_module(m.hf_model, m.hook_map.family["layers"])
+    handles = [mod.register_forward_hook(lambda mod, a, out, l=l: rows.setdefault(l, []).append(
+        (out[0] if isinstance(out, tuple) else out).shape[0])) for l, mod in enumerate(mods)]
+    try:
+        res = activation_patch(m, task, sites="resid_pre", by=("layer", "pos"), max_batch_tokens=10 ** 6,
+                               progress=False, normalise=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert res.meta["n_chunks"] < T  # chunks span layers: fewer forwards than positions x layers
+    last = rows[L - 1][-len(rows[0]):]  # the forwards that ran every layer
+    assert any(r0 < rl for r0, rl in zip(rows[0], last))  # ... with fewer rows at layer 0 than at the top
+    ref = reference_patch(m, task, "resid_pre", ("layer", "pos"), logit_diff(task), normalise=False)
+    torch.testing.assert_close(res.values, ref, atol=1e-5, rtol=0)
+
+
+def test_append_rows_refuses_an_unknown_per_row_argument():
+    """A layer argument with the batch on dim 0 that is not a known per-row input is an error, not left
+    at the old batch size."""
+    from mechkit.hf_compat import append_rows
+
+    class Layer(torch.nn.Module):
+        def forward(self, hidden_states, scale=None):
+            return hidden_states * scale
+
+    layer = Layer()
+    h = append_rows(layer, lambda x: x[:2].clone(), period=2, in_rows=2)
+    try:
+        with pytest.raises(RuntimeError, match="'scale'.*not a known per-row argument"):
+            layer(torch.ones(2, 3, 4), scale=torch.ones(2, 1, 1))
+    finally:
+        h.remove()
+    assert not layer._forward_pre_hooks

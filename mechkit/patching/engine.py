@@ -5,7 +5,10 @@ patch g). For each hook point the chunk touches, one hook writes the source acti
 the rows of the patches at that point, at their index (a boolean mask, no Python loop over
 rows). Layers below the lowest patched layer of a chunk cannot change: they are not run; the
 base run's cached ``blocks.{k0}.hook_resid_pre`` is injected at the first remaining layer (the
-decoder layer list is replaced by its slice for the call and restored in ``finally``).
+decoder layer list is replaced by its slice for the call and restored in ``finally``). The batch
+grows as the forward goes up: a patch's rows join at its own layer, carrying the base run's
+``hook_resid_pre`` there (:func:`mechkit.hf_compat.append_rows`), so no patch pays for the layers
+below its own and one forward can hold patches of every layer (row groups are ordered by layer).
 Positions before the earliest patched position of a chunk cannot change either (every site
 is causal in position): they are not run; the base run's keys and values for them are passed
 as a KV cache (:mod:`.prefix_cache`: one shared prefix, no per-layer copies for skipped layers)
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..hf_compat import accepts_logits_to_keep, cache_kwarg, layers_sliced, run_on_last_position
+from ..hf_compat import accepts_logits_to_keep, append_rows, cache_kwarg, layers_sliced, run_on_last_position
 from ..hookpoints import get_module, has_mechkit_hooks
 from ..inputs import Batch
 from ..sites import act_name
@@ -108,10 +111,40 @@ def inject_hook(k: int, resid: torch.Tensor):
     """A hook writing ``resid`` [n, T, d_model] (its last positions, as many as the activation has)
     repeated over ``k`` row groups: the base run's residual stream injected at a chunk's first layer."""
     def hook(x: torch.Tensor, h) -> torch.Tensor:
-        r = resid[:, resid.shape[1] - x.shape[1]:]
-        return r.to(x.device, x.dtype).repeat((k,) + (1,) * (r.dim() - 1))
+        return repeat_last(resid, x.shape[1], k).to(x.device, x.dtype)
 
     return hook
+
+
+def repeat_last(resid: torch.Tensor, q: int, k: int) -> torch.Tensor:
+    """``resid`` [n, T, ...]: its last ``q`` positions repeated over ``k`` row groups -> [k * n, q, ...]."""
+    r = resid[:, resid.shape[1] - q:]
+    return r.repeat((k,) + (1,) * (r.dim() - 1))
+
+
+@contextmanager
+def rows_join_at_their_layer(model: HookedModel, layers: torch.Tensor, resid_pre: dict, n: int) -> Iterator[None]:
+    """Before each decoder layer ``l`` above the first of ``layers`` (sorted [k], one per row group),
+    the row groups of the patches at ``l`` join the batch with the base run's ``resid_pre[l]`` [n, T, d];
+    every layer from the first join up grows its per-row arguments to match (see ``append_rows``)."""
+    mods = get_module(model.hf_model, model.hook_map.family["layers"])
+    first = int(layers[0])
+    joins = {int(layer): int(m) for layer, m in zip(*torch.unique(layers, return_counts=True)) if int(layer) > first}
+    in_rows = (len(layers) - sum(joins.values())) * n
+    handles = []
+
+    def new_rows(layer):
+        if layer not in joins:
+            return lambda x: None
+        return lambda x: repeat_last(resid_pre[layer], x.shape[1], joins[layer]).to(x.device)
+
+    try:
+        for layer in range(min(joins, default=len(mods)), len(mods)):
+            handles.append(append_rows(mods[layer], new_rows(layer), n, in_rows))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class FusedRunner:
@@ -131,7 +164,9 @@ class FusedRunner:
             them for the positions that were not run (they cannot change).
 
     With a last-position metric the last layer's MLP (and its attention output projection where nothing
-    patched sits after it) runs on the last position only (see :func:`last_position_tail`).
+    patched sits after it) runs on the last position only (see :func:`last_position_tail`). With
+    ``skip_layers`` on a hand-written map with no other mechkit hooks on the model, each patch's rows join
+    at its own layer (``grows``).
     Implements the sweep driver's :class:`~mechkit.patching.sweep.Runner` protocol.
     """
 
@@ -149,8 +184,10 @@ class FusedRunner:
         self.last_only = as_metric(metric).last_only and accepts_logits_to_keep(model.hf_model)
         # other hooks on the model might read positions the shortcut leaves stale (checked once per sweep)
         self.mlp_last_ok = not has_mechkit_hooks(model.hf_model)
+        # ... or keep per-call state sized by the input batch (ablation's recorded positions): then no growth
+        self.grows = skip_layers and fast_paths(model) and self.mlp_last_ok
 
-    def _patch_hook(self, k: int, groups: torch.Tensor, idx: torch.Tensor, src: torch.Tensor):
+    def _patch_hook(self, groups: torch.Tensor, idx: torch.Tensor, src: torch.Tensor):
         kind, by, n = self.kind, self.by, self.n
 
         def hook(x: torch.Tensor, h) -> torch.Tensor:
@@ -164,6 +201,7 @@ class FusedRunner:
                     if "pos" in by:
                         ix = idx.clone()
                         ix[:, by.index("pos") - 1] -= off
+            k = x.shape[0] // n  # the row groups in the batch at this point (it grows with the layers)
             mask = torch.zeros((k, 1) + tuple(1 if (d not in by) else rest[i] for i, d in enumerate(kind.dims)),
                                dtype=torch.bool, device=x.device)
             mask[groups.to(x.device)] = patch_mask(kind, by, ix.to(x.device), rest)
@@ -177,24 +215,26 @@ class FusedRunner:
         """Prompt-mean raw metric for each patch of ``items`` (LongTensor [k, len(by)]) -> [k] float32."""
         items = items.to(self.model.device)
         k = items.shape[0]
+        order = torch.argsort(items[:, 0], stable=True) if self.grows else torch.arange(k, device=items.device)
+        items = items[order]  # grows: row groups by layer, each joining the batch at its own layer
         layers = items[:, 0]
         k0 = int(layers.min()) if self.skip_layers else 0
+        k_in = int((layers == k0).sum()) if self.grows else k  # row groups in the forward's input
         hooks = []
         if k0 > 0:
-            hooks.append((act_name("resid_pre", k0), inject_hook(k, self.base_resid_pre[k0])))
+            hooks.append((act_name("resid_pre", k0), inject_hook(k_in, self.base_resid_pre[k0])))
         for layer in torch.unique(layers).tolist():
             sel = layers == layer
             groups = sel.nonzero()[:, 0]
-            hooks.append((self.kind.hook_name(layer),
-                          self._patch_hook(k, groups, items[sel, 1:], self.source[layer])))
+            hooks.append((self.kind.hook_name(layer), self._patch_hook(groups, items[sel, 1:], self.source[layer])))
         b = self.base
         p0 = int(items[:, self.by.index("pos")].min()) if self.base_past is not None else 0
         if not self.last_only and self.base_logits is None:
             p0 = 0
-        kw = dict(input_ids=b.input_ids[:, p0:].repeat(k, 1), attention_mask=b.attention_mask.repeat(k, 1),
-                  position_ids=b.position_ids[:, p0:].repeat(k, 1), use_cache=p0 > 0)
+        kw = dict(input_ids=b.input_ids[:, p0:].repeat(k_in, 1), attention_mask=b.attention_mask.repeat(k_in, 1),
+                  position_ids=b.position_ids[:, p0:].repeat(k_in, 1), use_cache=p0 > 0)
         if p0 > 0:
-            kw[self.cache_kw] = prefix_cache(self.base_past, k, p0)
+            kw[self.cache_kw] = prefix_cache(self.base_past, p0)
         if self.last_only:
             kw["logits_to_keep"] = 1
         last = self.model.cfg.n_layers - 1
@@ -203,9 +243,11 @@ class FusedRunner:
         below_last = int(layers.max()) < last
         mlp_last = self.last_only and self.mlp_last_ok and (self.kind.name in PRE_MLP_KINDS or below_last)
         attn_last = mlp_last and (self.kind.name in PRE_ATTN_OUT_KINDS or below_last)
+        grow = rows_join_at_their_layer(self.model, layers, self.base_resid_pre, self.n) if self.grows else nullcontext()
         with (last_position_tail(self.model, last, attn_last) if mlp_last else nullcontext()):
-            with self.model.hooks(hooks), start_at_layer(self.model, k0):
+            with self.model.hooks(hooks), grow, start_at_layer(self.model, k0):
                 logits = self.model.hf_model(**kw).logits
         if p0 > 0 and not self.last_only:
             logits = torch.cat([self.base_logits[:, :p0].to(logits.dtype).repeat(k, 1, 1), logits], 1)
-        return evaluate(self.metric, logits, self.n)
+        values = evaluate(self.metric, logits, self.n)
+        return torch.empty_like(values).index_copy_(0, order.to(values.device), values)

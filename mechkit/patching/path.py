@@ -70,6 +70,7 @@ class _PathRunner:
     :class:`~mechkit.patching.sweep.Runner` protocol (items: (layer, head) of senders)."""
 
     pos_column = None  # every position runs: a sender's z is replaced at all of them
+    grows = False  # every row group runs from the chunk's lowest sender layer
 
     def __init__(self, model, clean, clean_z, corrupt_z, clean_mlp, corrupt_mlp, clean_resid, receivers, metric):
         self.model, self.clean, self.metric = model, clean, metric

@@ -6,6 +6,11 @@ forward. Patches are ordered by (layer, position, other axes) and cut into conse
 by dynamic programming over that cost, with at most ``max_batch_tokens`` rows x computed
 positions per forward. Versus cutting the layer-major grid into equal chunks this keeps late
 positions and high layers together, so each chunk skips more.
+
+When the runner *grows* its batch (each patch's rows join the forward at its own layer, see
+:func:`mechkit.hf_compat.append_rows`), a chunk costs ``n * (T - p0) * sum_i (L - layer_i)`` token-layers:
+no patch pays for the layers below its own, so patches are ordered by position first and a chunk may
+span every layer of a few positions (one forward per position band instead of one per layer).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def overhead_token_layers(d_model: int) -> int:
 
 
 def plan_chunks(grid: torch.Tensor, pos_axis: int | None, n: int, T: int, L: int, max_batch_tokens: int,
-                overhead: int, skip_layers: bool = True) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+                overhead: int, skip_layers: bool = True, grows: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Order and cut a sweep's patch list.
 
     Args:
@@ -37,6 +42,9 @@ def plan_chunks(grid: torch.Tensor, pos_axis: int | None, n: int, T: int, L: int
         pos_axis: column of the position in ``grid`` (None: no position axis / no prefix reuse).
         n, T, L: prompts, positions, model layers. max_batch_tokens: rows x computed positions per forward.
         overhead: fixed cost per forward and layer, in token-layers.
+        skip_layers: a chunk's layers below its lowest patched layer are not run.
+        grows: the runner adds each patch's rows at its own layer (implies ``skip_layers``): a patch
+            costs only the layers from its own up.
 
     Returns:
         (order [N] long: grid rows in execution order, spans: [(start, end)] into ``order``).
@@ -45,9 +53,11 @@ def plan_chunks(grid: torch.Tensor, pos_axis: int | None, n: int, T: int, L: int
     layer = grid[:, 0].numpy()
     pos = grid[:, pos_axis].numpy() if pos_axis is not None else np.zeros(N, dtype=np.int64)
     rest = [grid[:, j].numpy() for j in range(grid.shape[1] - 1, 0, -1) if j != pos_axis]
-    order = np.lexsort(rest + [pos, layer]) if N else np.zeros(0, dtype=np.int64)  # last key is primary
+    keys = rest + ([layer, pos] if grows else [pos, layer])  # the last key is the primary one
+    order = np.lexsort(keys) if N else np.zeros(0, dtype=np.int64)
     lay, p = layer[order], pos[order]
-    k0 = lay if skip_layers else np.zeros_like(lay)
+    k0 = lay if skip_layers or grows else np.zeros_like(lay)
+    span = np.concatenate([[0], np.cumsum(L - lay)])  # grows: sum of (L - layer) over order[:i]
     best = np.full(N + 1, np.inf)
     best[0] = 0.0
     cut = np.zeros(N + 1, dtype=np.int64)
@@ -59,8 +69,13 @@ def plan_chunks(grid: torch.Tensor, pos_axis: int | None, n: int, T: int, L: int
         k = e - s
         fits = (k * n * (T - p0) <= max_batch_tokens) | (k == 1)
         s, p0, k = s[fits], p0[fits], k[fits]
-        layers_run = L - k0[s]  # order is layer-major: the chunk's lowest layer is its first item's
-        cost = best[s] + k * n * (T - p0) * layers_run + overhead * layers_run
+        if grows:  # position-major order: the chunk's lowest layer is a running min
+            layers_run = L - np.minimum.accumulate(k0[lo:e][::-1])[fits.nonzero()[0]]
+            work = n * (T - p0) * (span[e] - span[s])
+        else:  # layer-major order: the chunk's lowest layer is its first item's
+            layers_run = L - k0[s]
+            work = k * n * (T - p0) * layers_run
+        cost = best[s] + work + overhead * layers_run
         j = int(np.argmin(cost))
         best[e], cut[e] = cost[j], s[j]
     spans = []

@@ -4,7 +4,7 @@ Every row group of a chunk (one patch per group) shares the same prefix: positio
 the base run. HF's ``DynamicCache(ddp_cache_data=...)`` needs them repeated per group and then
 concatenates them once when filling and again when a layer appends its new keys (three copies of
 the prefix per layer, and a cache entry even for layers the chunk does not run). Here each layer
-allocates ``[k * n, kv_heads, p0 + q, d_head]`` on its first ``update`` and writes the shared prefix
+allocates ``[rows, kv_heads, p0 + q, d_head]`` on its first ``update`` and writes the shared prefix
 into it by one broadcast copy and the new keys after it; layers that never run allocate nothing.
 """
 
@@ -15,11 +15,12 @@ import torch
 from ..hf_compat import PrefixLayer, cache_of_layers
 
 
-def prefix_cache(past: list[tuple[torch.Tensor, torch.Tensor]], k: int, p0: int):
-    """A cache for ``k`` row groups whose first ``p0`` positions are the base run's.
+def prefix_cache(past: list[tuple[torch.Tensor, torch.Tensor]], p0: int):
+    """A cache for row groups whose first ``p0`` positions are the base run's (each layer takes the
+    number of groups from the keys it is given: ``rows // n``).
 
     Args:
         past: [(keys, values)] per layer, each [n, kv_heads, T, d_head] (the base run's cache).
-        k: row groups (patches) of the chunk. p0: positions already in the cache.
+        p0: positions already in the cache.
     """
-    return cache_of_layers([PrefixLayer(kk, vv, k, p0) for kk, vv in past])
+    return cache_of_layers([PrefixLayer(kk, vv, p0) for kk, vv in past])

@@ -102,12 +102,15 @@ class Runner(Protocol):
 
     ``n``: rows (prompts) per item; ``T``: positions per row; ``pos_column``: the grid column
     holding each item's position when the runner skips the positions before a chunk's earliest
-    one (None otherwise); ``model``: the HookedModel (its ``cfg.n_layers``/``d_model`` size the plan).
+    one (None otherwise); ``grows``: whether each item's rows join the forward at the item's own
+    layer (the plan then charges no item for the layers below its own); ``model``: the HookedModel
+    (its ``cfg.n_layers``/``d_model`` size the plan).
     """
 
     n: int
     T: int
     pos_column: int | None
+    grows: bool
 
     def run(self, items: torch.Tensor) -> torch.Tensor:
         """items: LongTensor [k, d] on the CPU (rows of the grid) -> [k] float values."""
@@ -133,7 +136,7 @@ def run_sweep(runner: Runner, grid: torch.Tensor, options: SweepOptions, key: Ma
     cfg = runner.model.cfg
     overhead = options.forward_overhead if options.forward_overhead is not None else overhead_token_layers(cfg.d_model)
     order, spans = plan_chunks(grid, runner.pos_column, runner.n, runner.T, cfg.n_layers, options.max_batch_tokens,
-                               overhead, options.skip_layers)
+                               overhead, options.skip_layers, runner.grows)
     store_key = None
     if options.checkpoint_dir is not None:  # the weights, task, metric and options the chunks depend on
         parts = dict(key)
