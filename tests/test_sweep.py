@@ -26,7 +26,7 @@ class ToyModel:
 class ToyRunner:
     """value of item (layer, x) = 100 * layer + x; records the chunk sizes it saw."""
 
-    n, T, pos_column, model = 2, 5, None, ToyModel()
+    n, T, pos_column, grows, model = 2, 5, None, False, ToyModel()
 
     def __init__(self):
         self.calls = []
