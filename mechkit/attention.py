@@ -12,8 +12,10 @@ Shapes seen by hooks (TransformerLens convention):
 ``hook_q``: [batch, q_pos, n_heads, d_head]; ``hook_k``/``hook_v``: [batch, k_pos, n_kv_heads,
 d_head] (grouped-query models keep their KV heads); ``hook_pattern``: [batch, n_heads, q_pos,
 k_pos]; ``hook_attn_scores``: [batch, n_heads, q_pos, k_pos], scaled, soft-capped and masked (masked
-entries hold the mask's large negative value), the input of the softmax. For rotary models q and k
-are after the rotation (what the pattern is computed from; also named ``hook_rot_q``/``hook_rot_k``).
+entries hold the mask's large negative value), the input of the softmax. For rotary models the q and
+k seen here are after the rotation (what the pattern is computed from): the maps name them
+``hook_rot_q``/``hook_rot_k``, and ``hook_q``/``hook_k`` there are the rotation's inputs (the
+``rotary`` side of a map, :func:`mechkit.hf_compat.rotary_inputs`).
 
 Handled: grouped-query attention (KV heads repeated after the hooks), logit soft-capping
 (``softcap``, Gemma 2), sliding windows (in the mask transformers builds), the scaling passed

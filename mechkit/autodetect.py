@@ -35,12 +35,13 @@ write a TOML map to get it.
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .hf_compat import attn_implementation
+from .hf_compat import attn_implementation, has_rotary_inputs, rotary_inputs
 from .hookpoints import HookMap, PointTable, get_module, installed, plan
 from .sites import act_name, layer_point
 
@@ -88,6 +89,7 @@ class _Seen:
     calls: dict[str, int] = field(default_factory=dict)
     order: dict[str, int] = field(default_factory=dict)
     attn: dict[str, list] = field(default_factory=dict)  # path -> [(q shape, k shape, z)]
+    rotary: dict[str, list] = field(default_factory=dict)  # attention path -> [(q shape, k shape)] handed to the rotation
     args: dict[str, list] = field(default_factory=dict)  # path -> positional inputs (tensors or None)
 
 
@@ -346,7 +348,24 @@ def _observe_model(hf: nn.Module, layers_path: str, embed: nn.Module, cfg) -> tu
         seen, logits = _observe(hf, layers_path, ids, False)
     if not per_head_ok:
         seen.attn.clear()
+    seen.rotary = _observe_rotary(hf, ids, list(seen.attn))
     return seen, logits
+
+
+@torch.no_grad()
+def _observe_rotary(hf: nn.Module, ids: torch.Tensor, paths: list[str]) -> dict[str, list]:
+    """For the attention modules ``paths`` whose file has ``apply_rotary_pos_emb``: the (q, k) shapes of
+    each call they make to it in one forward (where hook_q/k can be the rotation's inputs)."""
+    rec: dict[str, list] = {}
+    with ExitStack() as stack:
+        for p in paths:
+            mod = get_module(hf, p)
+            if has_rotary_inputs(mod):
+                rec[p] = []
+                stack.enter_context(rotary_inputs(mod, lambda q, k, r=rec[p]: (r.append((tuple(q.shape), tuple(k.shape))), (q, k))[1]))
+        if rec:
+            hf(input_ids=ids, use_cache=False)
+    return rec
 
 
 def _layer_points(hf: nn.Module, seen: _Seen, layers_path: str, l: int, emb_out: torch.Tensor, fam: dict,
@@ -495,6 +514,12 @@ def _attention_points(hf: nn.Module, seen: _Seen, pl: str, block: str, a: str, f
     qs, ks, vs, z = seen.attn[a][0]
     for t in ("q", "k", "v", "pattern"):
         points[pl + f"attn.hook_{t}"] = {"module": a, "side": "attention", "tensor": t}
+    if a in seen.rotary:  # a rotary model: hook_q/k are the rotation's inputs, hook_rot_q/k what the pattern reads
+        for t in ("q", "k"):
+            points[pl + f"attn.hook_rot_{t}"] = points[pl + f"attn.hook_{t}"]
+            points[pl + f"attn.hook_{t}"] = {"module": a, "side": "rotary", "tensor": t} if seen.rotary[a] == [(qs, ks)] \
+                else {"unavailable": f"{a} did not hand its query and key to apply_rotary_pos_emb once per call: the "
+                                     f"pre-rotary q/k cannot be hooked; attn.hook_rot_{t} is the rotated one"}
     zf = z.flatten(-2)
     o_proj = [p for p in seen.inp if p.startswith(a + ".") and _is_proj(get_module(hf, p))
               and seen.calls[p] == 1 and seen.inp[p].shape == zf.shape and torch.equal(seen.inp[p], zf)]

@@ -9,7 +9,8 @@ was verified on; ``tests/test_hf_compat.py`` fails with a clear message outside 
 What is here:
 
 - attention: registering mechkit's attention function together with its mask function;
-  reading and switching a model's attention implementation.
+  reading and switching a model's attention implementation; the query and key an attention
+  module hands to its modeling file's ``apply_rotary_pos_emb`` (the pre-rotary q and k).
 - caches: the KV cache of a run (``out.cache`` vs ``out.past_key_values``, per-layer
   ``keys``/``values``), and a cache layer that shares one prefix over many row groups.
 - forward signatures: whether a model's ``forward`` takes ``logits_to_keep`` / ``cache``.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 import types
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -260,6 +262,81 @@ def append_rows(layer: nn.Module, new_rows: Callable[[torch.Tensor], torch.Tenso
         return new_args, dict(new_kwargs, hidden_states=hidden)
 
     return layer.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
+
+
+# --------------------------------------------------------------------------- rotary inputs
+_ROTARY_FN = "apply_rotary_pos_emb"
+_rotary_patched: dict[str, list] = {}  # modeling module name -> [original function, installs]
+_rotary_fns: dict[int, list[Callable]] = {}  # id(attention module) -> fns, innermost last
+_attention_calls: list[nn.Module] = []  # the attention modules whose forward is running, innermost last
+
+
+def has_rotary_inputs(attn: nn.Module) -> bool:
+    """Whether ``attn``'s modeling file defines the module-level ``apply_rotary_pos_emb``."""
+    return callable(getattr(sys.modules.get(type(attn).__module__), _ROTARY_FN, None))
+
+
+def _rotary_wrapper(original: Callable) -> Callable:
+    def apply_rotary_pos_emb(*args, **kwargs):
+        fns = _rotary_fns.get(id(_attention_calls[-1])) if _attention_calls else None
+        if fns and len(args) >= 2 and torch.is_tensor(args[0]) and torch.is_tensor(args[1]):  # (q, k, cos, sin, ...)
+            q, k = args[0], args[1]
+            for fn in fns:
+                q, k = fn(q, k)
+            args = (q, k) + tuple(args[2:])
+        return original(*args, **kwargs)  # other call forms (e.g. one tensor, keyword cos/sin) pass through
+
+    apply_rotary_pos_emb.__wrapped__ = original
+    return apply_rotary_pos_emb
+
+
+def _enter_attention(module, args, kwargs):
+    _attention_calls.append(module)
+
+
+def _leave_attention(module, args, kwargs, output):
+    if _attention_calls and _attention_calls[-1] is module:
+        _attention_calls.pop()
+
+
+@contextmanager
+def rotary_inputs(attn: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], tuple]) -> Iterator[None]:
+    """While active, ``fn(q, k) -> (q, k)`` sees (and may replace) the query ``[batch, heads, pos, d_head]``
+    and key ``[batch, kv_heads, pos, d_head]`` that ``attn`` passes to the rotation, before it is applied.
+
+    Relies on: the attention module's forward calling its modeling file's module-level
+    ``apply_rotary_pos_emb(q, k, cos, sin, ...)`` (q and k positional) by its global name, once per call (transformers 5.x
+    rotary decoders: Llama, Mistral, Qwen, Gemma, Phi-3, GPT-NeoX, ...). The function is replaced in
+    that module while any ``rotary_inputs`` of its models is active (calls from modules without one
+    pass through unchanged) and restored after the last; the running attention module is tracked by
+    a forward pre-hook and an always-called forward hook. A module whose file has no such function is
+    refused (ValueError); one that never calls it leaves its points unfired (mechkit raises for those).
+    """
+    name = type(attn).__module__
+    mdl = sys.modules.get(name)
+    if not has_rotary_inputs(attn):
+        raise ValueError(f"{type(attn).__name__} ({name}) has no module-level {_ROTARY_FN}: its pre-rotary q and k "
+                         f"cannot be hooked")
+    state = _rotary_patched.setdefault(name, [getattr(mdl, _ROTARY_FN), 0])
+    if state[1] == 0:
+        setattr(mdl, _ROTARY_FN, _rotary_wrapper(state[0]))
+    state[1] += 1
+    _rotary_fns.setdefault(id(attn), []).append(fn)
+    handles = [attn.register_forward_pre_hook(_enter_attention, with_kwargs=True),
+               attn.register_forward_hook(_leave_attention, with_kwargs=True, always_call=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        fns = _rotary_fns[id(attn)]
+        fns.remove(fn)
+        if not fns:
+            del _rotary_fns[id(attn)]
+        state[1] -= 1
+        if state[1] == 0:
+            setattr(mdl, _ROTARY_FN, state[0])
+            del _rotary_patched[name]
 
 
 # --------------------------------------------------------------------------- modules

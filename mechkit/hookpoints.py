@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hf_compat import made_by, torch_hooks
+from .hf_compat import made_by, rotary_inputs, torch_hooks
 from .modpath import get_module
 
 HookFn = Callable[[torch.Tensor, "Hook"], "torch.Tensor | None"]
@@ -90,8 +90,9 @@ class Hook:
 class PointSpec:
     """One canonical point, concrete for one layer.
 
-    side: "input" | "output" | "attention" | "virtual" | "split"; module: dotted path (None for
-    virtual and split); tensor: q/k/v/pattern for attention points, q/k/v for split inputs;
+    side: "input" | "output" | "attention" | "rotary" | "virtual" | "split"; module: dotted path (None
+    for virtual and split); tensor: q/k/v/pattern for attention points, q/k for rotary points (the
+    query and key handed to the rotation, before it), q/k/v for split inputs;
     reshape: None | "heads"; of/write: for virtual sums, the component points and the one
     written through; optin: left out of the default list of names (asked for by name only).
     """
@@ -166,7 +167,7 @@ class HookMap:
                 if spec["virtual"] != "sum" or not isinstance(spec.get("of"), list) or not isinstance(spec.get("write"), str):
                     raise ValueError(f"{where}: a virtual point needs virtual = \"sum\", of = [names] and write = name")
                 continue
-            if spec.get("side", "output") not in ("input", "output", "attention"):
+            if spec.get("side", "output") not in ("input", "output", "attention", "rotary"):
                 continue  # other kinds (split, derived...) are checked by the point table
             if not isinstance(spec.get("module"), str):
                 raise ValueError(f"{where} lacks a module path (module = \"...\")")
@@ -265,7 +266,7 @@ class PointTable:
         side = spec.get("side", "output")
         if side == "split":
             return PointSpec(name, layer, "split", tensor=spec["tensor"], optin=bool(spec.get("optin", False)))
-        if side not in ("input", "output", "attention"):
+        if side not in ("input", "output", "attention", "rotary"):
             raise ValueError(f"{self.map.source}: point {name} has side '{side}'")
         return PointSpec(
             name, layer, side, module=self.map.path(spec["module"], layer),
@@ -378,6 +379,7 @@ class Installation:
     outputs: dict[str, list[_Handler]] = field(default_factory=lambda: defaultdict(list))
     attention: dict[str, dict[str, list[_Handler]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     split: dict[int, dict[str, list[_Handler]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    rotary: dict[str, dict[str, list[_Handler]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     hook_map: HookMap | None = None
 
     @property
@@ -399,6 +401,8 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
             inst.attention[spec.module][spec.tensor].append(handler)
         elif spec.side == "split":
             inst.split[spec.layer][spec.tensor].append(handler)
+        elif spec.side == "rotary":
+            inst.rotary[spec.module][spec.tensor].append(handler)
         else:
             raise AssertionError(spec)
 
@@ -461,6 +465,8 @@ def installed(model: nn.Module, inst: Installation, n_heads: int, sizes=None):
                 raise ValueError("split q/k/v input points need the model's head sizes (installed(sizes=...))")
             install_split(split_stack, model, inst.hook_map, layer, dict(by_part),
                           sizes, lambda hs, x: _apply(hs, x, 0))
+        for path, by_tensor in inst.rotary.items():
+            split_stack.enter_context(rotary_inputs(get_module(model, path), _rotary_handlers(dict(by_tensor))))
         handles.append(model.register_forward_pre_hook(_record_tokens, with_kwargs=True))
         for path, handlers in inst.inputs.items():
             handles.append(get_module(model, path).register_forward_pre_hook(
@@ -486,6 +492,18 @@ def installed(model: nn.Module, inst: Installation, n_heads: int, sizes=None):
                     break
             if not stack:
                 mod.__dict__.pop("_mechkit_attn", None)
+
+
+def _rotary_handlers(by_tensor: dict[str, list[_Handler]]):
+    """``fn(q, k)`` for :func:`mechkit.hf_compat.rotary_inputs`: the "q" / "k" handlers on q [b, H, p, dh]
+    and k [b, Hkv, p, dh], seen by hooks as [b, p, heads, dh]."""
+    def run(tensor: str, x: torch.Tensor) -> torch.Tensor:
+        hs = by_tensor.get(tensor)
+        return _apply(hs, x.transpose(1, 2), 0).transpose(1, 2) if hs else x
+
+    def fn(q: torch.Tensor, k: torch.Tensor):
+        return run("q", q), run("k", k)
+    return fn
 
 
 def _record_tokens(module, args, kwargs):
@@ -543,7 +561,8 @@ def has_mechkit_hooks(model: nn.Module) -> bool:
     for m in model.modules():
         if "_mechkit_attn" in m.__dict__:
             return True
-        if any(made_by(fn, "_make_pre_hook", "_make_post_hook", "install_split", "_proj_hook", "_record_tokens")
+        if any(made_by(fn, "_make_pre_hook", "_make_post_hook", "install_split", "_proj_hook", "_record_tokens",
+                       "_enter_attention")
                for fn in torch_hooks(m)):
             return True
     return False

@@ -1,5 +1,5 @@
 """TransformerLens's missing hook points on every mapped family (issue 16): ln1/ln2/ln_final hook_scale and
-hook_normalized, attn.hook_attn_scores, opt-in attn.hook_result, hook_rot_q/k; caching them keeps logits
+hook_normalized, attn.hook_attn_scores, opt-in attn.hook_result, pre-rotary hook_q/k and hook_rot_q/k; caching them keeps logits
 bit-identical and they satisfy their identities."""
 
 from __future__ import annotations
@@ -70,13 +70,58 @@ def test_new_points_keep_logits_bit_identical_and_satisfy_identities(fam_model):
         # pre-softmax scores -> pattern by softmax
         torch.testing.assert_close(cache_a[f"blocks.{l}.attn.hook_attn_scores"].softmax(-1),
                                    cache_a[f"blocks.{l}.attn.hook_pattern"], atol=1e-6, rtol=1e-5)
-    if "blocks.0.attn.hook_rot_q" in cache_a:
-        assert torch.equal(cache_a["blocks.0.attn.hook_rot_q"], cache_a["blocks.0.attn.hook_q"])
-        assert torch.equal(cache_a["blocks.0.attn.hook_rot_k"], cache_a["blocks.0.attn.hook_k"])
     fin = cache[f"blocks.{c.n_layers - 1}.hook_resid_post"]
     fin = fin - fin.mean(-1, keepdim=True) if center else fin
     torch.testing.assert_close(cache["ln_final.hook_scale"], (fin.float().pow(2).mean(-1, keepdim=True)
                                                               + (1e-5 if center else _eps(m))).sqrt(), atol=1e-5, rtol=1e-4)
+
+
+def _attention_module(m, l):
+    return m.module(m.hook_map.path(m.hook_map.family["attn_out_proj"], l).rpartition(".")[0])
+
+
+def test_rotary_q_k_are_before_the_rotation_and_rot_q_k_after(fam_model):
+    """On rotary models attn.hook_q/k are what the rotation is applied to (TransformerLens's hook_q/k) and
+    hook_rot_q/k its result: rot = apply_rotary_pos_emb(q, k, cos, sin) of the model's own file, equal at
+    position 0, norms kept per head. Caching them keeps logits bit-identical; writing q is rotated after."""
+    import sys
+
+    family, m = fam_model
+    if "blocks.0.attn.hook_rot_q" not in m.hook_names():
+        pytest.skip(f"{family} has no rotary embedding")
+    c = m.cfg
+    seen = {}
+    handles = [_attention_module(m, l).register_forward_pre_hook(
+        lambda mod, a, kw, l=l: seen.__setitem__(l, kw["position_embeddings"]), with_kwargs=True)
+        for l in range(c.n_layers)]
+    try:
+        plain = m(TOKS)
+        logits_pre, _ = m.run_with_cache(TOKS, names=lambda n: n.endswith(("hook_q", "hook_k")))
+        logits, cache = m.run_with_cache(TOKS, names=lambda n: n.endswith(("hook_q", "hook_k", "rot_q", "rot_k")))
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(logits_pre, plain)  # pre-rotary points keep the model's own attention function
+    assert torch.equal(logits, m.run_with_cache(TOKS, names=["blocks.0.attn.hook_pattern"])[0])
+    assert not has_mechkit_hooks(m.hf_model)
+    for l in range(c.n_layers):
+        attn = _attention_module(m, l)
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        assert not hasattr(rotate, "__wrapped__")  # the model's file is restored
+        q, k = (cache[f"blocks.{l}.attn.hook_{x}"] for x in "qk")
+        assert q.shape == (*TOKS.shape, c.n_heads, c.d_head) and k.shape == (*TOKS.shape, c.n_kv_heads, c.d_head)
+        rq, rk = rotate(q.transpose(1, 2), k.transpose(1, 2), *seen[l])
+        torch.testing.assert_close(cache[f"blocks.{l}.attn.hook_rot_q"], rq.transpose(1, 2), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(cache[f"blocks.{l}.attn.hook_rot_k"], rk.transpose(1, 2), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(cache[f"blocks.{l}.attn.hook_rot_q"][:, 0], q[:, 0])
+        torch.testing.assert_close(cache[f"blocks.{l}.attn.hook_rot_q"].norm(dim=-1), q.norm(dim=-1))
+        assert not torch.allclose(cache[f"blocks.{l}.attn.hook_rot_q"][:, 1:], q[:, 1:])
+    # writing: scaling the pre-rotary query of layer 1 is scaling its rotated query (the rotation is linear)
+    pre = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.attn.hook_q", lambda x, hook: 10 * x)])
+    post = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.attn.hook_rot_q", lambda x, hook: 10 * x)])
+    torch.testing.assert_close(pre, post, atol=1e-5, rtol=1e-5)
+    assert (pre - plain).abs().max() > 1e-4
+    assert not has_mechkit_hooks(m.hf_model)
 
 
 def _eps(m):
@@ -156,3 +201,22 @@ def test_new_points_equal_transformer_lens(word_tokenizer):
         a, b = ours[f"blocks.{l}.attn.hook_attn_scores"], tl[f"blocks.{l}.attn.hook_attn_scores"].detach()
         torch.testing.assert_close(a[..., causal], b[..., causal], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours["ln_final.hook_scale"], tl["ln_final.hook_scale"].detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_q_k_equal_transformer_lens_on_llama(word_tokenizer):
+    """Llama (GQA): mechkit's hook_q/k (before the rotation) and hook_rot_q/k (after) equal the Bridge's
+    points of the same names on a copy of the same weights; the Bridge repeats k over query groups."""
+    bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
+    m = HookedModel(random_hf_model("llama"), word_tokenizer)
+    bridge = bridge_mod.TransformerBridge.boot_transformers("llama", hf_model=random_hf_model("llama"),
+                                                            tokenizer=word_tokenizer, device="cpu")
+    _, tl = bridge.run_with_cache(TOKS)
+    _, ours = m.run_with_cache(TOKS, names=lambda n: n.endswith(("hook_q", "hook_k", "rot_q", "rot_k")))
+    group = m.cfg.n_heads // m.cfg.n_kv_heads
+    for l in range(m.cfg.n_layers):
+        for p in ("hook_q", "hook_k", "hook_rot_q", "hook_rot_k"):
+            a, b = ours[f"blocks.{l}.attn.{p}"], tl[f"blocks.{l}.attn.{p}"].detach()
+            if a.shape[-2] != b.shape[-2]:  # TransformerLens repeats the KV heads over their query groups
+                a = a.repeat_interleave(group, dim=-2)
+            torch.testing.assert_close(a, b.reshape(a.shape), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours["blocks.1.attn.hook_q"], ours["blocks.1.attn.hook_rot_q"])
