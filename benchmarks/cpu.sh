@@ -14,7 +14,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 R=benchmarks/results
 declare -A CMD=(
   [fingerprint]="benchmarks/fingerprint.py --repeats 3"
-  [patching_12l]="benchmarks/patching.py --skip-llama --sweeps resid_pre --repeats 3 --overheads 64,256 --cost-model --out $R/patching.json"
+  [patching_12l]="benchmarks/patching.py --skip-llama --sweeps resid_pre --repeats 3 --overheads 64,256 --plain-rows 32,64,128 --cost-model --out $R/patching.json"
   [patching_bundled]="benchmarks/patching.py --prompts 16 --plain-reps 6 --tl-patches 40 --skip-random --repeats 5 --out $R/patching_bundled.json"
   [head_ablation]="benchmarks/head_ablation.py --skip-random"
   [path_patching]="benchmarks/path_patching.py"
