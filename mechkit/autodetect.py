@@ -514,12 +514,13 @@ def _attention_points(hf: nn.Module, seen: _Seen, pl: str, block: str, a: str, f
     qs, ks, vs, z = seen.attn[a][0]
     for t in ("q", "k", "v", "pattern"):
         points[pl + f"attn.hook_{t}"] = {"module": a, "side": "attention", "tensor": t}
-    if a in seen.rotary:  # a rotary model: hook_q/k are the rotation's inputs, hook_rot_q/k what the pattern reads
+    if seen.rotary.get(a):  # it rotates q and k: hook_q/k are the rotation's inputs, hook_rot_q/k what the pattern reads
         for t in ("q", "k"):
             points[pl + f"attn.hook_rot_{t}"] = points[pl + f"attn.hook_{t}"]
             points[pl + f"attn.hook_{t}"] = {"module": a, "side": "rotary", "tensor": t} if seen.rotary[a] == [(qs, ks)] \
-                else {"unavailable": f"{a} did not hand its query and key to apply_rotary_pos_emb once per call: the "
-                                     f"pre-rotary q/k cannot be hooked; attn.hook_rot_{t} is the rotated one"}
+                else {"unavailable": f"{a} hands apply_rotary_pos_emb only part of its query and key (partial rotary "
+                                     f"or a separate rotary part): the pre-rotary q/k cannot be hooked; "
+                                     f"attn.hook_rot_{t} is the query/key the pattern is computed from"}
     zf = z.flatten(-2)
     o_proj = [p for p in seen.inp if p.startswith(a + ".") and _is_proj(get_module(hf, p))
               and seen.calls[p] == 1 and seen.inp[p].shape == zf.shape and torch.equal(seen.inp[p], zf)]
