@@ -49,6 +49,9 @@ FIXES: dict[str, dict] = {
     "gpt_neo": {"attention_types": [[["global", "local"], 2]]},
     "zaya": {"num_experts_per_tok": 1},
     "dots3_note_text": {"num_key_value_heads": 4},
+    # its default config leaves the per-layer-type rotary parameters empty
+    "cohere_compass_text": {"rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0}
+                                                for t in ("full_attention", "sliding_attention")}},
     "gemma3n_text": {"num_kv_shared_layers": 0},
     "bamba": {"attn_layer_indices": [1, 3]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"] * 2},
@@ -77,6 +80,9 @@ def _shrink_types(values: list, n: int) -> list:
     return [values[i] for i in sorted(keep)]
 
 
+NESTED = ("text_config", "decoder", "attn_config", "ffn_config")  # sub-configs: shrunk, then a fix merges into them
+
+
 def _overrides(d: dict, fixes: dict) -> dict:
     """Constructor arguments that shrink a config whose defaults are ``d``."""
     out = {}
@@ -93,11 +99,11 @@ def _overrides(d: dict, fixes: dict) -> dict:
             out[k] = [SIZES[k]] * N_LAYERS
         elif isinstance(v, list) and len(v) > N_LAYERS and (k.endswith("layer_types") or "block_type" in k):
             out[k] = _shrink_types(v, N_LAYERS)
-        elif isinstance(v, dict) and k in ("text_config", "decoder", "attn_config", "ffn_config"):
+        elif isinstance(v, dict) and k in NESTED:
             out[k] = {**v, **_overrides(v, fixes.get(k, {}))}
     if "qk_rope_head_dim" in d:  # multi-head latent attention: the rotary part sets head_dim
         out["head_dim"] = out["qk_rope_head_dim"]
-    out.update({k: v for k, v in fixes.items() if not isinstance(v, dict)})
+    out.update({k: v for k, v in fixes.items() if not isinstance(v, dict) or k not in NESTED})  # others replace
     return out
 
 
