@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .hf_compat import attn_implementation, has_rotary_inputs, rotary_inputs
+from .hf_compat import attn_implementation, config_get, has_rotary_inputs, rotary_inputs
 from .hookpoints import HookMap, PointTable, get_module, installed, plan
 from .sites import act_name, layer_point
 
@@ -166,7 +166,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
 
 def _snap(value: float, cfg) -> float:
     """A fitted residual scale replaced by the config value it equals (exact arithmetic), if any."""
-    n = getattr(cfg, "num_hidden_layers", None) or 1
+    n = config_get(cfg, "num_hidden_layers", None) or 1
     for _k, v in sorted(vars(cfg).items()):
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in (0, 1):
             for cand in (float(v), v / math.sqrt(n)):
@@ -598,7 +598,7 @@ def _mlp_points(hf, seen, pl, block, term, post, fam, points, cfg) -> None:
                 points[pl + "mlp.hook_pre_linear"] = {"module": up[0], "side": "output"}
         elif len(up) == 1:
             points[pl + "mlp.hook_pre"] = {"module": up[0], "side": "output"}
-    n_exp = next((getattr(cfg, k) for k in EXPERT_KEYS if isinstance(getattr(cfg, k, None), int)), None)
+    n_exp = next((config_get(cfg, k) for k in EXPERT_KEYS if isinstance(config_get(cfg, k), int)), None)
     if n_exp:
         mlp_root = term if term_in is None or term_in.shape != post.shape else term
         routers = [p for p in seen.out if p.startswith(mlp_root.rsplit(".", 1)[0] + ".") and seen.calls[p] == 1
@@ -697,7 +697,7 @@ def verify(hf: nn.Module, hook_map: HookMap, tol: float = 1e-5) -> None:
     cfg = _text_config(hf.config)
     vocab = min(hf.get_input_embeddings().num_embeddings, int(cfg.vocab_size))
     ids = torch.randint(1, vocab, (1, 8), generator=torch.Generator().manual_seed(1)).to(next(hf.parameters()).device)
-    n_heads = int(hook_map.family.get("n_heads") or getattr(cfg, "num_attention_heads", 1) or 1)
+    n_heads = int(hook_map.family.get("n_heads") or config_get(cfg, "num_attention_heads", 1) or 1)
     with installed(hf, plan(table, pairs), n_heads):
         logits = hf(input_ids=ids, use_cache=False).logits
     for l in range(n_layers):

@@ -264,6 +264,23 @@ def append_rows(layer: nn.Module, new_rows: Callable[[torch.Tensor], torch.Tenso
     return layer.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
 
 
+# --------------------------------------------------------------------------- configs
+def config_get(config, name: str, default=None):
+    """``getattr(config, name, default)``, and ``default`` where the attribute differs per layer.
+
+    Relies on: transformers' heterogeneous (per-layer) configs raising
+    ``AmbiguousGlobalPerLayerAttributeError`` (a RuntimeError, matched by name) when such an attribute
+    is read globally (e.g. ``num_attention_heads`` of dots3_note); per-layer values are then read
+    from the modules themselves.
+    """
+    try:
+        return getattr(config, name, default)
+    except RuntimeError as e:
+        if type(e).__name__ == "AmbiguousGlobalPerLayerAttributeError":
+            return default
+        raise
+
+
 # --------------------------------------------------------------------------- rotary inputs
 _ROTARY_FN = "apply_rotary_pos_emb"
 _rotary_patched: dict[str, list] = {}  # modeling module name -> [original function, installs]

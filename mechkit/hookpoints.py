@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hf_compat import made_by, rotary_inputs, torch_hooks
+from .hf_compat import config_get, made_by, rotary_inputs, torch_hooks
 from .modpath import get_module
 
 HookFn = Callable[[torch.Tensor, "Hook"], "torch.Tensor | None"]
@@ -233,7 +233,7 @@ class PointTable:
         self.n_layers = n_layers
         self.points: dict[str, PointSpec] = {}
         self.unavailable: dict[str, str] = {}
-        self.n_heads = int(getattr(hf_config, "num_attention_heads", 0) or 0)
+        self.n_heads = int(config_get(hf_config, "num_attention_heads", 0) or 0)
         self.owner = None  # the HookedModel, set by it: Hook objects reach add_hook through it
         self._hook_objects: dict[str, Hook] = {}
         for template, spec in hook_map.templates.items():
@@ -247,7 +247,7 @@ class PointTable:
                     self.unavailable[name] = spec["unavailable"]
                     continue
                 cond = spec.get("unavailable_if")
-                if cond and bool(getattr(hf_config, cond, False)):
+                if cond and bool(config_get(hf_config, cond, False)):
                     self.unavailable[name] = spec.get("reason", f"unavailable because config.{cond} is set")
                     continue
                 self.points[name] = self._concrete(name, layer, spec)

@@ -18,7 +18,7 @@ from torch import nn
 from . import attention
 from .cache import ActivationCache
 from .compat_tl import TLSurface, tl_config_fields  # issue 16
-from .hf_compat import attn_implementation, output_kv
+from .hf_compat import attn_implementation, config_get, output_kv
 from .hookpoints import (
     HookFn,
     HookMap,
@@ -107,19 +107,23 @@ class HookedModel(TLSurface, nn.Module):
     def _make_cfg(self, n_layers: int) -> ModelConfig:
         hf, fam = self.hf_model, self.hook_map.family
         c = getattr(hf.config, "text_config", None) or hf.config
-        n_heads = int(fam.get("n_heads") or c.num_attention_heads)
-        n_kv = int(fam.get("n_kv_heads") or getattr(c, "num_key_value_heads", None) or n_heads)
+        n_heads = fam.get("n_heads") or config_get(c, "num_attention_heads")
+        if n_heads is None:
+            raise ValueError(f"{type(hf).__name__}: the number of attention heads differs per layer in its config and "
+                             f"no attention call showed it (set n_heads in the hook map's [family] table)")
+        n_heads = int(n_heads)
+        n_kv = int(fam.get("n_kv_heads") or config_get(c, "num_key_value_heads") or n_heads)
         embed = hf.get_input_embeddings()
         d_model = int(embed.weight.shape[-1])
         if "attn_out_proj" in fam:
             o_proj = get_module(hf, self.hook_map.path(fam["attn_out_proj"], self._first_layer("attn_out_proj")))
             d_model, d_head = out_features(o_proj), in_features(o_proj) // n_heads
         else:
-            d_head = int(fam.get("d_head") or getattr(c, "head_dim", None) or d_model // n_heads)
+            d_head = int(fam.get("d_head") or config_get(c, "head_dim") or d_model // n_heads)
         if "mlp_down_proj" in fam:
             d_mlp = in_features(get_module(hf, self.hook_map.path(fam["mlp_down_proj"], self._first_layer("mlp_down_proj"))))
         else:
-            d_mlp = int(fam.get("d_mlp") or getattr(c, "intermediate_size", 0) or 0)
+            d_mlp = int(fam.get("d_mlp") or config_get(c, "intermediate_size", 0) or 0)
         p = next(hf.parameters())
         return ModelConfig(
             family=self.hook_map.name, model_type=hf.config.model_type, n_layers=n_layers,

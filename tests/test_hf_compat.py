@@ -7,6 +7,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import transformers
 
 from mechkit import hf_compat
@@ -70,3 +71,29 @@ def test_detector_sees_internal_imports(tmp_path):
     f.write_text("from transformers.cache_utils import DynamicLayer\nimport transformers\n"
                  "from transformers import AutoTokenizer, DynamicCache\nm.config._attn_implementation\n")
     assert len(_violations(f)) == 4
+
+
+def test_config_get_reads_per_layer_attributes_as_absent():
+    """A heterogeneous (per-layer) config raises transformers' AmbiguousGlobalPerLayerAttributeError when a
+    per-layer attribute is read globally: config_get gives the default instead; other errors propagate."""
+    from mechkit.hf_compat import config_get
+
+    class AmbiguousGlobalPerLayerAttributeError(RuntimeError):
+        pass
+
+    class Config:
+        hidden_size = 64
+
+        @property
+        def num_attention_heads(self):
+            raise AmbiguousGlobalPerLayerAttributeError("differs per layer")
+
+        @property
+        def broken(self):
+            raise RuntimeError("something else")
+
+    c = Config()
+    assert config_get(c, "hidden_size") == 64 and config_get(c, "missing", 3) == 3
+    assert config_get(c, "num_attention_heads", 0) == 0
+    with pytest.raises(RuntimeError, match="something else"):
+        config_get(c, "broken")
