@@ -54,6 +54,8 @@ FIXES: dict[str, dict] = {
                                                 for t in ("full_attention", "sliding_attention")}},
     "gemma3n_text": {"num_kv_shared_layers": 0},
     "bamba": {"attn_layer_indices": [1, 3]},
+    # its shared attention block is tied from the first hybrid layer to the others: keep two
+    "zamba": {"layers_block_type": ["linear_attention", "hybrid", "linear_attention", "hybrid"]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"] * 2},
     "falcon_h1": {"mamba_d_ssm": 128},
     "opt": {"do_layer_norm_before": True},  # the default (OPT-350m) is post-LN, refused; other OPTs are pre-LN
