@@ -352,6 +352,14 @@ def _observe_model(hf: nn.Module, layers_path: str, embed: nn.Module, cfg) -> tu
     return seen, logits
 
 
+def _shape_recorder(calls: list):
+    """A :func:`rotary_inputs` function that appends each call's (q shape, k shape) and changes nothing."""
+    def record(q: torch.Tensor, k: torch.Tensor):
+        calls.append((tuple(q.shape), tuple(k.shape)))
+        return q, k
+    return record
+
+
 @torch.no_grad()
 def _observe_rotary(hf: nn.Module, ids: torch.Tensor, paths: list[str]) -> dict[str, list]:
     """For the attention modules ``paths`` whose file has ``apply_rotary_pos_emb``: the (q, k) shapes of
@@ -362,7 +370,7 @@ def _observe_rotary(hf: nn.Module, ids: torch.Tensor, paths: list[str]) -> dict[
             mod = get_module(hf, p)
             if has_rotary_inputs(mod):
                 rec[p] = []
-                stack.enter_context(rotary_inputs(mod, lambda q, k, r=rec[p]: (r.append((tuple(q.shape), tuple(k.shape))), (q, k))[1]))
+                stack.enter_context(rotary_inputs(mod, _shape_recorder(rec[p])))
         if rec:
             hf(input_ids=ids, use_cache=False)
     return rec

@@ -129,7 +129,8 @@ def rows_join_at_their_layer(model: HookedModel, layers: torch.Tensor, resid_pre
     every layer from the first join up grows its per-row arguments to match (see ``append_rows``)."""
     mods = get_module(model.hf_model, model.hook_map.family["layers"])
     first = int(layers[0])
-    joins = {int(layer): int(m) for layer, m in zip(*torch.unique(layers, return_counts=True)) if int(layer) > first}
+    uniq, counts = torch.unique(layers, return_counts=True)
+    joins = {layer: m for layer, m in zip(uniq.tolist(), counts.tolist()) if layer > first}
     in_rows = (len(layers) - sum(joins.values())) * n
     handles = []
 
