@@ -3,9 +3,11 @@ on the bundled models and on a random-weight GPT-2 of GPT-2 small's shape (12 la
 
 Speed does not depend on the fitted values, so the trained methods take a few steps only
 (``--steps``); the concept rates are in ``benchmarks/steering.py``. For each method: ``ratio`` =
-unsteered time / steered time (>= 1: steering costs nothing), best of ``--reps`` runs, the plain
-and steered runs interleaved so that load from other processes hits both alike; affine maps on
-sublayer outputs also merged into the producing layers (``merged``).
+unsteered time / steered time (>= 1: steering costs nothing) as the median over ``--reps`` repeats of
+the ratio within a repeat (every variant runs once per repeat, in a rotated order, so that load from
+other processes hits all alike; the machine drifts by more than the effect between repeats);
+``best_ratio`` is the ratio of best times. Affine maps on sublayer outputs are also merged into the
+producing layers (``merged``).
 
     .venv/bin/python benchmarks/steering_speed.py [--models tiny-gpt2,tiny-llama,gpt2-12x768]
 """
@@ -13,11 +15,13 @@ sublayer outputs also merged into the producing layers (``merged``).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,23 +59,30 @@ def timed(model, prompts, st, new, merged=False):
 
 
 def ratios(model, prompts, fitted, reps, new):
-    """{method: {"ratio": .., "merged": ..}}: best-of-reps times, all variants interleaved per repeat."""
+    """{method: {"ratio", "best_ratio", "merged", ...}}: every variant timed once per repeat, in a rotated
+    order; ``ratio`` is the median over repeats of plain / steered time within the repeat (the pairs
+    share the machine's state of the moment, which drifts by more than the effect on a shared VM);
+    ``best_ratio`` compares the best times instead."""
     variants = [("plain", None, False)]
     for k, st in fitted.items():
         variants.append((k, st, False))
         if k in ("diffmean", "lineas"):
             variants.append((k + "+merge", st, True))
-    best = {v[0]: float("inf") for v in variants}
+    times = {v[0]: [] for v in variants}
     timed(model, prompts, None, new)  # warm-up
-    for _ in range(reps):
-        for name, st, merged in variants:
-            best[name] = min(best[name], timed(model, prompts, st, new, merged))
+    for r in tqdm(range(reps), desc="repeats", leave=False):
+        for name, st, merged in variants[r % len(variants):] + variants[:r % len(variants)]:
+            times[name].append(timed(model, prompts, st, new, merged))
+    plain = times["plain"]
+
+    def paired(name):
+        return statistics.median(p / t for p, t in zip(plain, times[name]))
     out = {}
     for k in fitted:
-        out[k] = {"ratio": best["plain"] / best[k], "seconds": best[k]}
-        if k + "+merge" in best:
-            out[k]["merged"] = best["plain"] / best[k + "+merge"]
-    out["plain_seconds"] = best["plain"]
+        out[k] = {"ratio": paired(k), "best_ratio": min(plain) / min(times[k]), "seconds": min(times[k])}
+        if k + "+merge" in times:
+            out[k]["merged"] = paired(k + "+merge")
+    out["plain_seconds"] = min(plain)
     return out
 
 
@@ -79,7 +90,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="tiny-gpt2,tiny-llama,gpt2-12x768")
     ap.add_argument("--steps", type=int, default=3, help="training steps of LinEAS / Gains (speed only)")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
@@ -87,7 +98,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     res = {"notes": f"CPU, {a.threads} threads, machine shared with other jobs; greedy, {a.prompts} prompts x "
-                    f"{a.new_tokens} new tokens in one batch; best of {a.reps} interleaved runs; default points "
+                    f"{a.new_tokens} new tokens in one batch; {a.reps} repeats, every variant once per repeat in a rotated order, ratio = median of the per-repeat ratios; default points "
                     "(both sublayers' outputs at every layer; Gains: every MLP's neurons)", "models": {}}
     for name in a.models.split(","):
         model = gpt2_small_shape() if name == "gpt2-12x768" else mk.load(name)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hf_compat import config_get, made_by, rotary_inputs, torch_hooks
+from .hf_compat import config_get, has_output_taps, made_by, output_tap, rotary_inputs, torch_hooks
 from .modpath import get_module
 
 HookFn = Callable[[torch.Tensor, "Hook"], "torch.Tensor | None"]
@@ -467,12 +467,15 @@ def installed(model: nn.Module, inst: Installation, n_heads: int, sizes=None):
                           sizes, lambda hs, x: _apply(hs, x, 0))
         for path, by_tensor in inst.rotary.items():
             split_stack.enter_context(rotary_inputs(get_module(model, path), _rotary_handlers(dict(by_tensor))))
-        handles.append(model.register_forward_pre_hook(_record_tokens, with_kwargs=True))
+        if any(h.reshape == "tokens" for hs in (*inst.inputs.values(), *inst.outputs.values()) for h in hs):
+            handles.append(model.register_forward_pre_hook(_record_tokens, with_kwargs=True))
         for path, handlers in inst.inputs.items():
             handles.append(get_module(model, path).register_forward_pre_hook(
                 _make_pre_hook(handlers, n_heads), with_kwargs=True))
         for path, handlers in inst.outputs.items():
-            handles.append(get_module(model, path).register_forward_hook(_make_post_hook(handlers, n_heads)))
+            mod, post_hook = get_module(model, path), _make_post_hook(handlers, n_heads)
+            if not output_tap(split_stack, mod, post_hook):  # a torch hook only where a tap would change the order
+                handles.append(mod.register_forward_hook(post_hook))
         for path, by_tensor in inst.attention.items():
             mod = get_module(model, path)
             stack = mod.__dict__.setdefault("_mechkit_attn", [])
@@ -559,7 +562,7 @@ def run_attention_handlers(module: nn.Module, tensor: str, x: torch.Tensor) -> t
 def has_mechkit_hooks(model: nn.Module) -> bool:
     """True if any torch hook or attention handler installed by mechkit remains on ``model``."""
     for m in model.modules():
-        if "_mechkit_attn" in m.__dict__:
+        if "_mechkit_attn" in m.__dict__ or has_output_taps(m):
             return True
         if any(made_by(fn, "_make_pre_hook", "_make_post_hook", "install_split", "_proj_hook", "_record_tokens",
                        "_enter_attention")

@@ -261,3 +261,85 @@ def test_run_with_cache_keeps_kv_on_request(family_model):
     past = out.cache if "cache" in out else out.past_key_values
     for (k, v), layer in zip(cache_kv.kv, past.layers):
         assert torch.equal(k, layer.keys) and torch.equal(v, layer.values)
+
+
+# --------------------------------------------------------------------------- output taps
+def _taps_of(mod):
+    taps = mod.__dict__.get("_mechkit_taps")
+    return [] if taps is None else taps.entries
+
+
+def test_output_points_run_as_taps_in_the_order_of_torch_hooks():
+    """Output-side handlers run inside the module's own forward (no torch hook: the module keeps torch's
+    fast call path) exactly where a torch hook registered at that moment would run: after handlers and
+    torch hooks registered before, before those registered after; nested contexts may close in any
+    order; nothing is left behind."""
+    import inspect
+    from contextlib import ExitStack
+
+    m = wrap("gpt2")
+    mod = m.hf_model.transformer.h[1].mlp
+    sig = inspect.signature(mod.forward)
+    seen = []
+
+    def raw(tag):
+        def hook(module, args, out):
+            seen.append((tag, float(out[0, 0, 0])))
+            return out + 1.0
+        return hook
+
+    def mk_hook(tag):
+        def hook(x, h):
+            seen.append((tag, float(x.detach()[0, 0, 0])))
+            return x + 1.0
+        return hook
+
+    base = m.run_with_cache(TOKS, names=["blocks.1.hook_mlp_out"])[1]["blocks.1.hook_mlp_out"][0, 0, 0].item()
+    first, second = ExitStack(), ExitStack()
+    first.enter_context(m.hooks({"blocks.1.hook_mlp_out": mk_hook("a")}))
+    assert not mod._forward_hooks and len(_taps_of(mod)) == 1  # a tap, not a torch hook
+    assert inspect.signature(mod.forward) == sig  # HF reads some forwards' parameters
+    late = mod.register_forward_hook(raw("raw"))
+    second.enter_context(m.hooks({"blocks.1.hook_mlp_out": mk_hook("b")}))  # after a torch hook: a torch hook
+    assert len(_taps_of(mod)) == 1 and len(mod._forward_hooks) == 2
+    m(TOKS)
+    assert [t for t, _ in seen] == ["a", "raw", "b"]
+    assert [v for _, v in seen] == pytest.approx([base, base + 1, base + 2], abs=1e-5)
+    late.remove()
+    first.close()  # out of order: b stays and still runs
+    seen.clear()
+    m(TOKS)
+    assert [t for t, _ in seen] == ["b"] and not _taps_of(mod)
+    second.close()
+    assert "forward" not in mod.__dict__ and "_mechkit_taps" not in mod.__dict__ and not has_mechkit_hooks(m.hf_model)
+    assert torch.equal(m(TOKS), m.hf_model(input_ids=TOKS).logits)
+
+
+def test_output_taps_follow_a_replaced_forward_and_are_seen_as_hooks():
+    """A forward replaced under taps (as the LRP rules replace norms' forwards) runs before the taps,
+    which see its output as a torch hook would; both are undone in any order."""
+    from contextlib import ExitStack
+
+    from mechkit.hf_compat import inner_forward, replace_forward
+
+    m = wrap("gpt2")
+    mod = m.hf_model.transformer.h[0].mlp
+    outer = ExitStack()
+    got = {}
+    outer.enter_context(m.hooks({"blocks.0.hook_mlp_out": lambda x, h: got.setdefault("x", x.clone())}))
+    assert has_mechkit_hooks(m.hf_model)
+    plain = m.run_with_cache(TOKS, names=["blocks.0.hook_mlp_out"])[1]["blocks.0.hook_mlp_out"]
+    got.clear()
+    inner = ExitStack()
+    orig = inner_forward(mod)
+    replace_forward(inner, mod, lambda self, x: orig(x) * 2.0)
+    m(TOKS)
+    torch.testing.assert_close(got["x"], 2.0 * plain)
+    outer.close()  # the taps' context closes first: the replacement keeps working, alone
+    assert not has_mechkit_hooks(m.hf_model)
+    got.clear()
+    y = mod(torch.ones(1, 2, m.cfg.d_model))
+    inner.close()
+    torch.testing.assert_close(y, 2.0 * mod(torch.ones(1, 2, m.cfg.d_model)))
+    assert "forward" not in mod.__dict__ and "_mechkit_taps" not in mod.__dict__
+    assert torch.equal(m(TOKS), m.hf_model(input_ids=TOKS).logits)

@@ -180,3 +180,42 @@ def test_from_token_counts_cached_steps_without_mask_or_positions(model):
         step = model.hf_model(input_ids=ids[:, 4:], past_key_values=first.past_key_values,
                               cache_position=torch.tensor([4])).logits
     torch.testing.assert_close(step[:, -1], full[:, 4], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, 2.0])
+def test_range_and_gate_maps_equal_their_definitions_bit_for_bit(model, strength):
+    """Linear-AcT's range-limited map and Gains' hard gate are computed with float 0/1 masks (``eq_``,
+    ``gt_``, ``lerp``) for speed; they must equal the definitions written with bool masks and
+    ``torch.where`` exactly, values and gradients."""
+    g = torch.Generator().manual_seed(1)
+    d, dm, n = model.cfg.d_model, model.cfg.d_mlp, model.cfg.n_layers
+    act = LinearAcT(point="hook_mlp_out")
+    act.tensors = {f"blocks.{l}.hook_mlp_out": {"w": 1 + torch.randn(d, generator=g), "b": torch.randn(d, generator=g),
+                                                "lo": -torch.rand(d, generator=g), "hi": torch.rand(d, generator=g)}
+                   for l in range(n)}
+    gains = Gains()
+    gains.tensors = {f"blocks.{l}.mlp.hook_post": {"g": 2 * torch.rand(dm, generator=g),
+                                                    "tau": 0.1 * torch.randn(dm, generator=g)} for l in range(n)}
+    act.info = gains.info = model_info(model)
+    s = strength
+
+    def act_ref(d):
+        w, b = (d["w"], d["b"]) if s == 1 else (1 + s * (d["w"] - 1), s * d["b"])
+        return lambda x, h: torch.where((x >= d["lo"]) & (x <= d["hi"]), torch.addcmul(b, x, w), x)
+
+    gate_refs = []
+    for p, d in gains.tensors.items():
+        box = {}
+        gate_refs += [(p.replace("hook_post", "hook_pre"), lambda x, h, box=box: box.update(z=x)),
+                      (p, lambda x, h, box=box, d=d: x * torch.where(box.pop("z") > d["tau"], 1 - s + s * d["g"], 1 - s))]
+    ids = model.batch(PROMPTS).input_ids
+    for st, ref in ((act, [(p, act_ref(d)) for p, d in act.tensors.items()]), (gains, gate_refs)):
+        grads = []
+        for ctx in (lambda: model.hooks(ref), lambda: st.apply(model, strength)):
+            emb = model.hf_model.get_input_embeddings()(ids).detach().requires_grad_()
+            with ctx():
+                out = model.hf_model(inputs_embeds=emb).logits
+            grads.append((out, torch.autograd.grad(out.square().sum(), emb)[0]))
+        assert torch.equal(grads[0][0], grads[1][0]), (st.method, (grads[0][0] - grads[1][0]).abs().max())
+        assert torch.equal(grads[0][1], grads[1][1]), st.method
+    assert not has_mechkit_hooks(model.hf_model)

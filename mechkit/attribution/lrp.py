@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..hf_compat import is_activation_module, replace_forward
+from ..hf_compat import inner_forward, is_activation_module, replace_forward
 from ..sites import act_name
 from ..weights import out_features
 
@@ -153,7 +153,7 @@ _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> pr
 
 
 def _install_norm(stack: ExitStack, mod: nn.Module) -> None:
-    orig = mod.forward
+    orig = inner_forward(mod)
     if mod not in _PROBED:
         _PROBED[mod] = _probe_norm(mod, orig)
     kind, offset = _PROBED[mod]
@@ -196,7 +196,7 @@ def _probe_gate(act: nn.Module):
 
 
 def _install_identity(stack: ExitStack, mod: nn.Module) -> None:
-    orig = mod.forward
+    orig = inner_forward(mod)
     if mod not in _PROBED:
         _PROBED[mod] = _probe_gate(mod)
     gate = _PROBED[mod]

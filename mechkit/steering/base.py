@@ -306,8 +306,8 @@ class Steering(SteeringAlgebra):
                 exp = f"({width},)" if width is not None else "one dimension [width]"
                 raise ValueError(f"{at}tensor {name} has shape {tuple(t.shape)}, expected {exp}")
             shapes.add(tuple(t.shape))
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
+            if not bool(torch.isfinite(t).all()):  # the count only on failure (apply validates every time)
+                bad = int((~torch.isfinite(t)).sum())
                 raise ValueError(f"{at}tensor {name} has {bad} non-finite values (nan/inf) of {t.numel()}")
         if len(shapes) > 1:
             raise ValueError(f"{at}the tensors at '{p}' differ in shape: {sorted(shapes)}")
