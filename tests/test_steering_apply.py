@@ -211,7 +211,7 @@ def test_range_and_gate_maps_equal_their_definitions_bit_for_bit(model, strength
     ids = model.batch(PROMPTS).input_ids
     for st, ref in ((act, [(p, act_ref(d)) for p, d in act.tensors.items()]), (gains, gate_refs)):
         grads = []
-        for ctx in (lambda: model.hooks(ref), lambda: st.apply(model, strength)):
+        for ctx in (lambda ref=ref: model.hooks(ref), lambda st=st: st.apply(model, strength)):
             emb = model.hf_model.get_input_embeddings()(ids).detach().requires_grad_()
             with ctx():
                 out = model.hf_model(inputs_embeds=emb).logits
