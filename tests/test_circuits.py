@@ -277,6 +277,18 @@ def test_faithfulness_curve_and_cli(tmp_path):
     assert "faithfulness curves" in html and "circuit (eap" in html
 
 
+def test_tiny_llama_induction_circuit_within_ten_percent_of_edges():
+    """Issue 15's faithfulness answer on the one (model, task) where 5 IG steps fall short: tiny-llama's
+    induction circuit is recovered (f >= 0.8) with 10% of its edges by EAP-IG with 20 steps (5 steps
+    reach 0.69 there: its induction attention is near-saturated, and the integral needs more points)."""
+    m = mk.load("tiny-llama")
+    task = mk.tasks.induction_task(m.tokenizer, n=12, T=8, seed=3)
+    s = C.attribute(m, task, method="eap-ig", ig_steps=20, progress=False)
+    curve = C.faithfulness_curve(m, task, s, fractions=(0.05, 0.07, 0.1))
+    assert curve.smallest(0.8) is not None and curve.smallest(0.8)[0] <= 0.1, curve.faithfulness
+    assert not has_mechkit_hooks(m.hf_model)
+
+
 def test_unsupported_families_say_why():
     from factories import random_hf_model
 
