@@ -175,19 +175,26 @@ def split_input_grads(model: HookedModel, on_grad: Callable, layers: Iterable[in
 def _grad_tap(layer: int, cols: dict[str, torch.Tensor], seen: dict, norm, on_grad: Callable):
     """A projection forward hook that, in the backward pass, turns the gradient at its output
     [b, p, out_features] into each head's residual-copy gradient (see :func:`split_input_grads`)."""
+    idx = torch.cat(list(cols.values()))  # [heads of every part, d_head]
+    # q|k|v filling the projection's columns in order (GPT-2's c_attn, a fused qkv): views, no gather
+    in_order = bool(torch.equal(idx.flatten(), torch.arange(idx.numel())))
+
     def head_grads(G: torch.Tensor, W: torch.Tensor, x: torch.Tensor) -> None:
-        idx = torch.cat(list(cols.values())).to(G.device)  # [heads of every part, d_head]
-        Gp = G[..., idx.flatten()].unflatten(-1, idx.shape)  # [b, p, heads, d_head]
-        Wp = W[:, idx.flatten()].unflatten(-1, idx.shape).to(G.dtype)  # [d_model, heads, d_head]
+        if in_order and G.shape[-1] == idx.numel():
+            Gp, Wp = G.unflatten(-1, idx.shape), W.unflatten(-1, idx.shape).to(G.dtype)
+        else:
+            i = idx.to(G.device)
+            Gp = G[..., i.flatten()].unflatten(-1, i.shape)  # [b, p, heads, d_head]
+            Wp = W[:, i.flatten()].unflatten(-1, i.shape).to(G.dtype)  # [d_model, heads, d_head]
         U = torch.einsum("...he,dhe->h...d", Gp, Wp)  # [heads, b, p, d_model]
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
             n = norm.forward(x_)  # .forward: the model's norm (LRP rules included), none of its hooks
             (gx,) = torch.autograd.grad(n, x_, U.to(n.dtype), is_grads_batched=True)
         h0 = 0
-        for part, idx in cols.items():
-            on_grad(layer, part, gx[h0:h0 + idx.shape[0]].movedim(0, 2))
-            h0 += idx.shape[0]
+        for part, c in cols.items():
+            on_grad(layer, part, gx[h0:h0 + c.shape[0]].movedim(0, 2))
+            h0 += c.shape[0]
 
     def hook(module, args, out):
         if out.requires_grad:

@@ -257,14 +257,18 @@ def attribute(
 
 
 def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores, w, bar):
-    metric.bind_clean(_runner(model, metric)(model.batch(task.clean_tokens, attention_mask=task.clean_mask)))
     run = _runner(model, metric)
     metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
     corr_b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
     if method in ("eap", "relp"):  # the gradient run also records its own senders: one forward fewer
         other_b = clean_b if grad_on == "corrupted" else corr_b
+        if grad_on == "clean":  # the metric is bound to the clean logits before the clean gradient run
+            with torch.no_grad():
+                metric.bind_clean(run(clean_b))
         lo, s_other, _ = sender_outputs(model, graph, other_b, run)
+        if grad_on == "corrupted":  # the sender run is the clean run (its hooks only record)
+            metric.bind_clean(lo)
         sh = SenderHooks(model, graph)
         held: dict = {}
 
@@ -283,6 +287,7 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
         bar.update(1)
         return (m_other, m_grad) if grad_on == "corrupted" else (m_grad, m_other)
     lc, s_clean, g_clean = sender_outputs(model, graph, clean_b, run)
+    metric.bind_clean(lc)
     lr, s_corr, g_corr = sender_outputs(model, graph, corr_b, run)
     with torch.no_grad():
         mc, mr = float(metric_fn(lc)), float(metric_fn(lr))
