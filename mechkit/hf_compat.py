@@ -371,6 +371,15 @@ def is_activation_module(mod: nn.Module) -> bool:
     return origin.startswith("transformers.activations") or origin.startswith("torch.nn.modules.activation")
 
 
+def tensor_state(t: torch.Tensor) -> tuple[int, int]:
+    """(where its data lives, how many in-place changes it has seen): equal while a tensor's values
+    cannot have changed, so it keys a cache of something computed from them.
+
+    Relies on torch's ``Tensor._version`` (the autograd version counter, bumped by in-place ops).
+    """
+    return t.data_ptr(), t._version
+
+
 def torch_hooks(mod: nn.Module) -> Iterator[Callable]:
     """Every forward hook and forward pre-hook registered on ``mod`` (not recursive).
 

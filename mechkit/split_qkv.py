@@ -28,6 +28,7 @@ modules), ``blocks`` (q | k | v consecutive in one output, GPT-2, Phi-3) or ``pe
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .hf_compat import tensor_state
 from .modpath import get_module
 from .weights import bias_of, weight_in_out
 
@@ -147,59 +149,175 @@ def _proj_hook(cols: dict[str, torch.Tensor], state: dict):
     return hook
 
 
+@dataclass
+class FactoredGrad:
+    """The gradient every head's residual copy receives at one layer and part, kept factored:
+    ``grad[b, p, h] = G[b, p, h] @ W[:, h]^T - a[b, p, h] - Σ_k c_k[b, p, h] * xhat_k[b, p]``
+    (``G`` [b, p, h, e]: the gradient at the head's projection columns times the norm's 1/σ; ``W``
+    [d, h, e]: those columns times the norm's weight; ``a``: the mean term of a LayerNorm, ``c``/``xhat``:
+    the normaliser's own term, one pair per accumulated run; None where the norm has no such term).
+    Gradients of several runs with the same weights add by adding ``G``, ``a`` and listing the pairs,
+    so a sum over runs costs one [b, p, h, d] product instead of one per run (EAP-IG's steps)."""
+
+    G: torch.Tensor
+    W: torch.Tensor
+    a: torch.Tensor | None
+    c: list[torch.Tensor]
+    xhat: list[torch.Tensor]
+
+    def add_(self, other: FactoredGrad) -> FactoredGrad:
+        same = other.W is self.W or (other.W.data_ptr() == self.W.data_ptr() and other.W.shape == self.W.shape
+                                     and other.W.stride() == self.W.stride())  # views of one cached tensor
+        if not same:
+            raise ValueError("factored gradients add only over runs with the same weights")
+        self.G = self.G.add_(other.G)
+        if self.a is not None:
+            self.a = self.a.add_(other.a)
+        self.c += other.c
+        self.xhat += other.xhat
+        return self
+
+    def clone(self) -> FactoredGrad:
+        return FactoredGrad(self.G.clone(), self.W, None if self.a is None else self.a.clone(), list(self.c),
+                            list(self.xhat))
+
+    def materialize(self) -> torch.Tensor:
+        """The gradient as a tensor [b, p, h, d]."""
+        out = torch.einsum("bphe,dhe->bphd", self.G, self.W)
+        if self.a is not None:
+            out.sub_(self.a.unsqueeze(-1))
+        if self.c:
+            b, p, h, d = out.shape
+            C = torch.stack(self.c, -1).reshape(b * p, h, -1)  # [b p, h, runs]
+            X = torch.stack(self.xhat, -2).reshape(b * p, -1, d)  # [b p, runs, d]
+            out.view(b * p, h, d).baddbmm_(C, X, alpha=-1)
+        return out
+
+
 @contextmanager
-def split_input_grads(model: HookedModel, on_grad: Callable, layers: Iterable[int]) -> Iterator[None]:
+def split_input_grads(model: HookedModel, on_grad: Callable, layers: Iterable[int], factored: bool = False
+                      ) -> Iterator[None]:
     """The gradients the split input points would receive, without making the per-head copies.
 
     While active, every backward pass calls ``on_grad(layer, part, g)`` for part "q", "k", "v" of
     each of ``layers`` with ``g`` [batch, pos, heads, d_model]: the gradient that
     ``blocks.{layer}.hook_{part}_input`` (head h's own residual copy) would receive. It is the
     gradient at the projection's output columns of head h, ``G_h`` [b, p, d_head], taken back
-    through that head's weights and the attention norm at the residual ``x``:
-    ``J_norm(x)^T (G_h W_h^T)``, all heads in one batched vector-Jacobian product of the model's
-    own norm (its current forward, so LRP rules installed on it apply). Values of the forward
-    pass are untouched; what the copies cost (a norm and a projection slice per head, forward and
-    backward) is spared, which is what edge attribution needs.
+    through that head's weights and the attention norm at the residual ``x``: ``J_norm(x)^T (G_h W_h^T)``.
+    For a LayerNorm or RMSNorm (probed, as the LN rule does; the LN rule's form when it is installed)
+    that product is taken in closed form, ``(1/σ) (ĝ - mean(ĝ) - x̂ mean(ĝ x̂))`` with ``ĝ = γ G_h W_h^T``,
+    and with ``factored=True`` ``g`` is a :class:`FactoredGrad` (no [b, p, heads, d] tensor until the
+    caller materialises one; the sum over runs is one product). Other norms: one batched
+    vector-Jacobian product of the norm's own forward. Values of the forward pass are untouched; what
+    the copies cost (a norm and a projection slice per head, forward and backward) is spared, which is
+    what edge attribution needs.
     """
+    from .attribution.lrp import norm_form
+
     sizes = Sizes(model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_head)
     with ExitStack() as stack:
         for layer in layers:
             norm, projs = _layer_modules(model.hf_model, model.hook_map, layer, PARTS, sizes)
             seen: dict[str, torch.Tensor] = {}
+            form = norm_form(norm)
             stack.callback(norm.register_forward_pre_hook(_record_input(seen), with_kwargs=True).remove)
             for proj, cols in projs:
-                stack.callback(proj.register_forward_hook(_grad_tap(layer, cols, seen, norm, on_grad)).remove)
+                tap = _grad_tap(layer, cols, seen, norm, on_grad, form, factored)
+                stack.callback(proj.register_forward_hook(tap).remove)
         yield
 
 
-def _grad_tap(layer: int, cols: dict[str, torch.Tensor], seen: dict, norm, on_grad: Callable):
+# projection module -> its head columns (and times the attention norm's weight) while the weights are unchanged
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _norm_stats(x: torch.Tensor, kind: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1/σ [b, p, 1], x̂ [b, p, d]) of a LayerNorm or RMSNorm at ``x``."""
+    if kind == "layernorm":
+        xc = x - x.mean(-1, keepdim=True)
+        r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+        return r, xc * r
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return r, x * r
+
+
+def _grad_tap(layer: int, cols: dict[str, torch.Tensor], seen: dict, norm, on_grad: Callable, form=None,
+              factored: bool = False):
     """A projection forward hook that, in the backward pass, turns the gradient at its output
     [b, p, out_features] into each head's residual-copy gradient (see :func:`split_input_grads`)."""
+    from .attribution.lrp import norm_form
+
     idx = torch.cat(list(cols.values()))  # [heads of every part, d_head]
     # q|k|v filling the projection's columns in order (GPT-2's c_attn, a fused qkv): views, no gather
     in_order = bool(torch.equal(idx.flatten(), torch.arange(idx.numel())))
 
-    def head_grads(G: torch.Tensor, W: torch.Tensor, x: torch.Tensor) -> None:
-        if in_order and G.shape[-1] == idx.numel():
-            Gp, Wp = G.unflatten(-1, idx.shape), W.unflatten(-1, idx.shape).to(G.dtype)
-        else:
-            i = idx.to(G.device)
-            Gp = G[..., i.flatten()].unflatten(-1, i.shape)  # [b, p, heads, d_head]
-            Wp = W[:, i.flatten()].unflatten(-1, i.shape).to(G.dtype)  # [d_model, heads, d_head]
+    def columns_of(t: torch.Tensor) -> torch.Tensor:  # [..., out_features] -> [..., heads, d_head]
+        if in_order and t.shape[-1] == idx.numel():
+            return t.unflatten(-1, idx.shape)
+        i = idx.to(t.device)
+        return t[..., i.flatten()].unflatten(-1, i.shape)
+
+    def deliver(gx_of_part) -> None:
+        h0 = 0
+        for part, c in cols.items():
+            on_grad(layer, part, gx_of_part(h0, h0 + c.shape[0]))
+            h0 += c.shape[0]
+
+    def autograd_grads(G: torch.Tensor, W: torch.Tensor, x: torch.Tensor) -> None:
+        Gp, Wp = columns_of(G), columns_of(W).to(G.dtype)  # [b, p, heads, d_head], [d_model, heads, d_head]
         U = torch.einsum("...he,dhe->h...d", Gp, Wp)  # [heads, b, p, d_model]
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
             n = norm.forward(x_)  # .forward: the model's norm (LRP rules included), none of its hooks
             (gx,) = torch.autograd.grad(n, x_, U.to(n.dtype), is_grads_batched=True)
-        h0 = 0
-        for part, c in cols.items():
-            on_grad(layer, part, gx[h0:h0 + c.shape[0]].movedim(0, 2))
-            h0 += c.shape[0]
+        deliver(lambda h0, h1: gx[h0:h1].movedim(0, 2))
+
+    def closed_form(module, out: torch.Tensor, x: torch.Tensor, kind: str, offset: float, eps: float, rule: bool):
+        """Read in the forward pass what the closed-form product needs; returns the backward hook."""
+        dt = out.dtype
+        W, w = weight_in_out(module), getattr(norm, "weight", None)
+        key = (dt, offset, tensor_state(W), tensor_state(w) if isinstance(w, torch.Tensor) else None)
+        weights = _WEIGHTS.setdefault(module, {})  # one W̃ while the weights stay (FactoredGrad sums need it)
+        if weights.get("key") != key:
+            Wp = columns_of(W).detach().to(dt)  # [d, heads, e]
+            Wt = Wp if not isinstance(w, torch.Tensor) else Wp * (w.detach().to(dt) + offset)[:, None, None]
+            weights.update(key=key, Wp=Wp, Wt=Wt)
+        Wp, Wt = weights["Wp"], weights["Wt"]
+        r, xhat = _norm_stats(x.detach().to(dt), kind, eps)  # [b, p, 1], [b, p, d]
+        d = x.shape[-1]
+        s_t = Wt.sum(0) / d if kind == "layernorm" else None  # [heads, e]: the mean term's weights
+        Z = None
+        if not rule:  # the normaliser's own term needs x̂ W̃ = out - bias - β W (the projection of the norm)
+            Z = columns_of(out.detach())
+            b = bias_of(module)
+            if b is not None:
+                Z = Z - columns_of(b.detach().to(dt))
+            beta = getattr(norm, "bias", None)
+            if isinstance(beta, torch.Tensor):
+                Z = Z - torch.einsum("d,dhe->he", beta.detach().to(dt), Wp)
+
+        def backward(G: torch.Tensor) -> None:
+            Gt = columns_of(G) * r.unsqueeze(-1)  # [b, p, heads, e]
+            a = None if s_t is None else torch.einsum("bphe,he->bph", Gt, s_t)
+            c = None if Z is None else (Gt * Z).sum(-1) / d  # [b, p, heads]
+
+            def part(h0: int, h1: int):
+                f = FactoredGrad(Gt[:, :, h0:h1], Wt[:, h0:h1], None if a is None else a[..., h0:h1],
+                                 [] if c is None else [c[..., h0:h1]], [] if c is None else [xhat])
+                return f if factored else f.materialize()
+            deliver(part)
+        return backward
 
     def hook(module, args, out):
-        if out.requires_grad:
-            W, x = weight_in_out(module), seen["x"]
-            out.register_hook(lambda G: head_grads(G, W, x))
+        if not out.requires_grad:
+            return None
+        x = seen["x"]
+        f = norm_form(norm) if form is not None else None  # the LN rule may have been installed since
+        if f is not None and out.dtype in (torch.float32, torch.float64):
+            out.register_hook(closed_form(module, out, x, *f))
+        else:
+            W = weight_in_out(module)
+            out.register_hook(lambda G: autograd_grads(G, W, x))
         return None
     return hook
 

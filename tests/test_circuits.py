@@ -100,8 +100,9 @@ def test_eap_equals_exact_edge_patching_on_a_linearised_model(grad_on):
     assert e[qk].abs().max() < 1e-9  # frozen patterns: queries and keys carry nothing
     assert e.abs().max() > 0.1 and bool((e[~qk].abs() > 1e-4).all())  # every other edge matters
     torch.testing.assert_close(a.double(), e.double(), atol=1e-5, rtol=0)
-    ig = C.attribute(m, task, method="eap-ig", ig_steps=3, progress=False)  # constant gradients: IG = EAP
-    torch.testing.assert_close(ig.edge_values()[1].double(), e.double(), atol=1e-5, rtol=0)
+    for method in ("eap-ig", "eap-ig-activations"):  # constant gradients: IG (inputs or activations) = EAP
+        ig = C.attribute(m, task, method=method, ig_steps=3, progress=False)
+        torch.testing.assert_close(ig.edge_values()[1].double(), e.double(), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- evaluation vs a hand loop

@@ -204,3 +204,47 @@ def test_shifted_heads_equal_the_reference(family):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-3
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.hf_model.modules())
+
+
+@pytest.mark.parametrize("family", list(FAMS))
+@pytest.mark.parametrize("ln_rule", [False, True])
+def test_closed_form_head_grads_equal_the_norms_own_vector_jacobian_product(family, ln_rule, monkeypatch):
+    """The closed-form gradient through the attention norm (LayerNorm or RMSNorm; the LN rule's form
+    when it is installed, as RelP does) equals the batched vector-Jacobian product of the norm's own
+    forward, materialised at once or kept factored and summed over two runs (EAP-IG's steps)."""
+    from contextlib import ExitStack
+
+    import mechkit.attribution.lrp as lrp
+    from mechkit.split_qkv import split_input_grads
+
+    m = mk.load(random_hf_model(family))
+    norm = m.hf_model.get_submodule(FAMS[family][0])
+    assert lrp.norm_form(norm) is not None  # the closed form applies to every family here
+    runs = [random_tokens(2, 6, seed=s) for s in (0, 1)]
+
+    def summed(factored: bool, closed: bool):
+        got = {}
+
+        def on_grad(l, part, g):
+            if factored:
+                got[(l, part)] = got[(l, part)].add_(g) if (l, part) in got else g.clone()
+            else:
+                got[(l, part)] = got[(l, part)] + g if (l, part) in got else g.clone()
+        with ExitStack() as st:
+            if not closed:
+                st.enter_context(monkeypatch.context()).setattr(lrp, "norm_form", lambda mod: None)
+            if ln_rule:
+                st.enter_context(lrp.rules(m, ("ln",)))
+            for toks in runs:
+                with torch.enable_grad(), m.hooks({"hook_embed": lambda x, hook: x.detach().requires_grad_(True)}), \
+                        split_input_grads(m, on_grad, layers=range(m.cfg.n_layers), factored=factored):
+                    m(toks)[:, -1, 3].sum().backward()
+        return {k: v.materialize() if factored else v for k, v in got.items()}
+
+    want = summed(factored=False, closed=False)
+    for factored in (False, True):
+        got = summed(factored=factored, closed=True)
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
+    assert not has_mechkit_hooks(m.hf_model)

@@ -152,11 +152,33 @@ def _probe_norm(mod: nn.Module, orig_forward) -> tuple[str, float]:
 _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> probe result (per instance)
 
 
+_RULED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # norm -> how many LN rules are installed on it
+
+
+def norm_form(mod: nn.Module) -> tuple[str, float, float, bool] | None:
+    """``(kind, weight offset, eps, ln_rule)`` of a norm whose forward is a LayerNorm ("layernorm") or
+    an RMSNorm ("rmsnorm") with weight ``w + offset`` (probed once, as the LN rule does), and whether
+    the LN rule (normaliser held constant in the backward pass) is installed on it now; None for a norm
+    of another form. Lets callers take the norm's vector-Jacobian product in closed form."""
+    try:
+        if mod not in _PROBED:
+            _PROBED[mod] = _probe_norm(mod, inner_forward(mod))
+    except (ValueError, RuntimeError, TypeError, StopIteration):
+        return None
+    kind, offset = _PROBED[mod]
+    return kind, offset, _norm_eps(mod), _RULED.get(mod, 0) > 0
+
+
 def _install_norm(stack: ExitStack, mod: nn.Module) -> None:
     orig = inner_forward(mod)
     if mod not in _PROBED:
         _PROBED[mod] = _probe_norm(mod, orig)
     kind, offset = _PROBED[mod]
+    _RULED[mod] = _RULED.get(mod, 0) + 1
+
+    def unrule():
+        _RULED[mod] -= 1
+    stack.callback(unrule)
 
     def forward(self, x, *args, **kwargs):
         exact = orig(x, *args, **kwargs)

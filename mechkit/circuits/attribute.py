@@ -35,7 +35,7 @@ from ..attribution.metrics import prompt_mean
 from ..hf_compat import accepts_logits_to_keep
 from ..patching.engine import start_at_layer
 from ..patching.metrics import as_metric, logit_diff
-from ..split_qkv import split_input_grads
+from ..split_qkv import FactoredGrad, split_input_grads
 from .flow import SenderHooks, check_model, point, receiver_hooks
 from .graph import Graph
 from .scores import EdgeScores
@@ -94,7 +94,8 @@ def receiver_backward(model: HookedModel, graph: Graph, batch, run, metric_fn, o
         leaf["x"] = x.detach().requires_grad_(True)
         return leaf["x"]
 
-    with torch.enable_grad(), split_input_grads(model, on_grad, range(graph.n_layers)):
+    factored = bool(getattr(on_grad, "sums_runs", False))  # q/k/v gradients kept factored until scored
+    with torch.enable_grad(), split_input_grads(model, on_grad, range(graph.n_layers), factored=factored):
         hooks = [*extra_hooks, (point("input"), grad_input), *(senders.hooks() if senders else ()),
                  *receiver_hooks(model, graph, take, qkv=False)]
         logits = run(batch, hooks)
@@ -137,8 +138,9 @@ class Scorer:
     per part. :meth:`flush` scores whatever is still gathered (called after every backward).
 
     ``accumulate=True`` (several runs with the same ``delta``, as EAP-IG's steps): the gradients
-    are summed over runs, ``[b, p, R, d]`` for every receiver, and scored once by :meth:`finish`
-    (scores are linear in the gradient); memory: one more copy of every receiver's gradient.
+    are summed over runs and scored once by :meth:`finish` (scores are linear in the gradient); q/k/v
+    gradients are summed in factored form (:class:`mechkit.split_qkv.FactoredGrad`: per head
+    ``[b, p, d_head]`` and per-position terms, one ``[b, p, heads, d]`` product per layer at the end).
     """
 
     def __init__(self, scores, graph: Graph, delta, weight: float, senders: slice | None = None,
@@ -150,11 +152,18 @@ class Scorer:
     def _rows(self, up: int) -> tuple[int, int]:
         return (0, up) if self.senders is None else (self.senders.start, min(self.senders.stop, up))
 
-    def __call__(self, layer: int, part: str, g: torch.Tensor) -> None:
-        if self.summed is not None:
+    @property
+    def sums_runs(self) -> bool:
+        """Whether gradients are summed over runs (then q/k/v ones may come as :class:`FactoredGrad`)."""
+        return self.summed is not None
+
+    def __call__(self, layer: int, part: str, g) -> None:
+        if self.summed is not None:  # a tensor or a FactoredGrad (one product per layer at finish)
             parts = self.summed.setdefault(layer, {})
             parts[part] = parts[part].add_(g) if part in parts else g.clone()
             return
+        if isinstance(g, FactoredGrad):
+            g = g.materialize()
         if self.scores.dim() == 3 or part == "logits":
             self._score(layer, {part: g})
             return
@@ -170,7 +179,8 @@ class Scorer:
     def finish(self) -> None:
         """Score the gradients summed over runs (``accumulate=True``)."""
         for layer in list(self.summed or ()):
-            self._score(layer, self.summed.pop(layer))
+            parts = self.summed.pop(layer)
+            self._score(layer, {k: g.materialize() if isinstance(g, FactoredGrad) else g for k, g in parts.items()})
 
     def _score(self, layer: int, parts: dict[str, torch.Tensor]) -> None:
         """parts: {part: grad [b, p, R_part, d]} of one layer (or the logits)."""
