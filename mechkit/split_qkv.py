@@ -241,21 +241,70 @@ def _norm_stats(x: torch.Tensor, kind: str, eps: float) -> tuple[torch.Tensor, t
     return r, x * r
 
 
+class _Columns:
+    """The output columns of the heads one projection holds (its parts in order), and reading them:
+    ``of(t)`` [..., out_features] -> [..., heads, d_head] (a view where q|k|v fill the columns in order,
+    as GPT-2's fused c_attn; a gather otherwise)."""
+
+    def __init__(self, cols: dict[str, torch.Tensor]):
+        self.idx = torch.cat(list(cols.values()))  # [heads of every part, d_head]
+        self.in_order = bool(torch.equal(self.idx.flatten(), torch.arange(self.idx.numel())))
+
+    def of(self, t: torch.Tensor) -> torch.Tensor:
+        if self.in_order and t.shape[-1] == self.idx.numel():
+            return t.unflatten(-1, self.idx.shape)
+        i = self.idx.to(t.device)
+        return t[..., i.flatten()].unflatten(-1, i.shape)
+
+
+def _closed_form(norm, columns: _Columns, module, out: torch.Tensor, x: torch.Tensor, form, deliver: Callable,
+                 factored: bool) -> Callable[[torch.Tensor], None]:
+    """Read in the forward pass what the closed-form gradient through ``norm`` (``form``: kind, weight
+    offset, eps, LN rule, from :func:`mechkit.attribution.lrp.norm_form`) needs; returns the backward
+    hook on the projection's output, which hands ``deliver`` each part's gradient."""
+    kind, offset, eps, rule = form
+    dt = out.dtype
+    W, w = weight_in_out(module), getattr(norm, "weight", None)
+    key = (dt, offset, tensor_state(W), tensor_state(w) if isinstance(w, torch.Tensor) else None)
+    weights = _WEIGHTS.setdefault(module, {})  # one W̃ while the weights stay (FactoredGrad sums need it)
+    if weights.get("key") != key:
+        Wp = columns.of(W).detach().to(dt)  # [d, heads, e]
+        Wt = Wp if not isinstance(w, torch.Tensor) else Wp * (w.detach().to(dt) + offset)[:, None, None]
+        weights.update(key=key, Wp=Wp, Wt=Wt)
+    Wp, Wt = weights["Wp"], weights["Wt"]
+    r, xhat = _norm_stats(x.detach().to(dt), kind, eps)  # [b, p, 1], [b, p, d]
+    d = x.shape[-1]
+    s_t = Wt.sum(0) / d if kind == "layernorm" else None  # [heads, e]: the mean term's weights
+    Z = None
+    if not rule:  # the normaliser's own term needs x̂ W̃ = out - bias - β W (the projection of the norm)
+        Z = columns.of(out.detach())
+        b = bias_of(module)
+        if b is not None:
+            Z = Z - columns.of(b.detach().to(dt))
+        beta = getattr(norm, "bias", None)
+        if isinstance(beta, torch.Tensor):
+            Z = Z - torch.einsum("d,dhe->he", beta.detach().to(dt), Wp)
+
+    def backward(G: torch.Tensor) -> None:
+        Gt = columns.of(G) * r.unsqueeze(-1)  # [b, p, heads, e]
+        a = None if s_t is None else torch.einsum("bphe,he->bph", Gt, s_t)
+        c = None if Z is None else (Gt * Z).sum(-1) / d  # [b, p, heads]
+
+        def part(h0: int, h1: int):
+            f = FactoredGrad(Gt[:, :, h0:h1], Wt[:, h0:h1], None if a is None else a[..., h0:h1],
+                             [] if c is None else [c[..., h0:h1]], [] if c is None else [xhat])
+            return f if factored else f.materialize()
+        deliver(part)
+    return backward
+
+
 def _grad_tap(layer: int, cols: dict[str, torch.Tensor], seen: dict, norm, on_grad: Callable, form=None,
               factored: bool = False):
     """A projection forward hook that, in the backward pass, turns the gradient at its output
     [b, p, out_features] into each head's residual-copy gradient (see :func:`split_input_grads`)."""
     from .attribution.lrp import norm_form
 
-    idx = torch.cat(list(cols.values()))  # [heads of every part, d_head]
-    # q|k|v filling the projection's columns in order (GPT-2's c_attn, a fused qkv): views, no gather
-    in_order = bool(torch.equal(idx.flatten(), torch.arange(idx.numel())))
-
-    def columns_of(t: torch.Tensor) -> torch.Tensor:  # [..., out_features] -> [..., heads, d_head]
-        if in_order and t.shape[-1] == idx.numel():
-            return t.unflatten(-1, idx.shape)
-        i = idx.to(t.device)
-        return t[..., i.flatten()].unflatten(-1, i.shape)
+    columns = _Columns(cols)
 
     def deliver(gx_of_part) -> None:
         h0 = 0
@@ -264,7 +313,7 @@ def _grad_tap(layer: int, cols: dict[str, torch.Tensor], seen: dict, norm, on_gr
             h0 += c.shape[0]
 
     def autograd_grads(G: torch.Tensor, W: torch.Tensor, x: torch.Tensor) -> None:
-        Gp, Wp = columns_of(G), columns_of(W).to(G.dtype)  # [b, p, heads, d_head], [d_model, heads, d_head]
+        Gp, Wp = columns.of(G), columns.of(W).to(G.dtype)  # [b, p, heads, d_head], [d_model, heads, d_head]
         U = torch.einsum("...he,dhe->h...d", Gp, Wp)  # [heads, b, p, d_model]
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
@@ -272,49 +321,13 @@ def _grad_tap(layer: int, cols: dict[str, torch.Tensor], seen: dict, norm, on_gr
             (gx,) = torch.autograd.grad(n, x_, U.to(n.dtype), is_grads_batched=True)
         deliver(lambda h0, h1: gx[h0:h1].movedim(0, 2))
 
-    def closed_form(module, out: torch.Tensor, x: torch.Tensor, kind: str, offset: float, eps: float, rule: bool):
-        """Read in the forward pass what the closed-form product needs; returns the backward hook."""
-        dt = out.dtype
-        W, w = weight_in_out(module), getattr(norm, "weight", None)
-        key = (dt, offset, tensor_state(W), tensor_state(w) if isinstance(w, torch.Tensor) else None)
-        weights = _WEIGHTS.setdefault(module, {})  # one W̃ while the weights stay (FactoredGrad sums need it)
-        if weights.get("key") != key:
-            Wp = columns_of(W).detach().to(dt)  # [d, heads, e]
-            Wt = Wp if not isinstance(w, torch.Tensor) else Wp * (w.detach().to(dt) + offset)[:, None, None]
-            weights.update(key=key, Wp=Wp, Wt=Wt)
-        Wp, Wt = weights["Wp"], weights["Wt"]
-        r, xhat = _norm_stats(x.detach().to(dt), kind, eps)  # [b, p, 1], [b, p, d]
-        d = x.shape[-1]
-        s_t = Wt.sum(0) / d if kind == "layernorm" else None  # [heads, e]: the mean term's weights
-        Z = None
-        if not rule:  # the normaliser's own term needs x̂ W̃ = out - bias - β W (the projection of the norm)
-            Z = columns_of(out.detach())
-            b = bias_of(module)
-            if b is not None:
-                Z = Z - columns_of(b.detach().to(dt))
-            beta = getattr(norm, "bias", None)
-            if isinstance(beta, torch.Tensor):
-                Z = Z - torch.einsum("d,dhe->he", beta.detach().to(dt), Wp)
-
-        def backward(G: torch.Tensor) -> None:
-            Gt = columns_of(G) * r.unsqueeze(-1)  # [b, p, heads, e]
-            a = None if s_t is None else torch.einsum("bphe,he->bph", Gt, s_t)
-            c = None if Z is None else (Gt * Z).sum(-1) / d  # [b, p, heads]
-
-            def part(h0: int, h1: int):
-                f = FactoredGrad(Gt[:, :, h0:h1], Wt[:, h0:h1], None if a is None else a[..., h0:h1],
-                                 [] if c is None else [c[..., h0:h1]], [] if c is None else [xhat])
-                return f if factored else f.materialize()
-            deliver(part)
-        return backward
-
     def hook(module, args, out):
         if not out.requires_grad:
             return None
         x = seen["x"]
         f = norm_form(norm) if form is not None else None  # the LN rule may have been installed since
         if f is not None and out.dtype in (torch.float32, torch.float64):
-            out.register_hook(closed_form(module, out, x, *f))
+            out.register_hook(_closed_form(norm, columns, module, out, x, f, deliver, factored))
         else:
             W = weight_in_out(module)
             out.register_hook(lambda G: autograd_grads(G, W, x))

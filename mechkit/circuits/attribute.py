@@ -266,6 +266,11 @@ def attribute(
     return EdgeScores(scores.float().cpu(), graph, {"clean": clean_m, "corrupt": corr_m}, meta)
 
 
+@torch.no_grad()
+def _plain_logits(run, batch) -> torch.Tensor:
+    return run(batch)
+
+
 def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores, w, bar):
     run = _runner(model, metric)
     metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
@@ -273,12 +278,8 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
     corr_b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
     if method in ("eap", "relp"):  # the gradient run also records its own senders: one forward fewer
         other_b = clean_b if grad_on == "corrupted" else corr_b
-        if grad_on == "clean":  # the metric is bound to the clean logits before the clean gradient run
-            with torch.no_grad():
-                metric.bind_clean(run(clean_b))
         lo, s_other, _ = sender_outputs(model, graph, other_b, run)
-        if grad_on == "corrupted":  # the sender run is the clean run (its hooks only record)
-            metric.bind_clean(lo)
+        metric.bind_clean(lo if grad_on == "corrupted" else _plain_logits(run, clean_b))  # sender hooks only record
         sh = SenderHooks(model, graph)
         held: dict = {}
 
