@@ -28,7 +28,6 @@ modules), ``blocks`` (q | k | v consecutive in one output, GPT-2, Phi-3) or ``pe
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -152,23 +151,24 @@ def _proj_hook(cols: dict[str, torch.Tensor], state: dict):
 @dataclass
 class FactoredGrad:
     """The gradient every head's residual copy receives at one layer and part, kept factored:
-    ``grad[b, p, h] = G[b, p, h] @ W[:, h]^T - a[b, p, h] - Σ_k c_k[b, p, h] * xhat_k[b, p]``
+    ``grad[b, p, h] = scale * (G[b, p, h] @ W[:, h]^T) - a[b, p, h] - Σ_k c_k[b, p, h] * xhat_k[b, p]``
     (``G`` [b, p, h, e]: the gradient at the head's projection columns times the norm's 1/σ; ``W``
-    [d, h, e]: those columns times the norm's weight; ``a``: the mean term of a LayerNorm, ``c``/``xhat``:
-    the normaliser's own term, one pair per accumulated run; None where the norm has no such term).
+    [d, h, e]: those columns of the projection's weight (a view where they are in order); ``scale`` [d]:
+    the norm's weight, or None; ``a``: the mean term of a LayerNorm, ``c``/``xhat``: the normaliser's
+    own term, one pair per accumulated run; None / empty where the norm has no such term).
     Gradients of several runs with the same weights add by adding ``G``, ``a`` and listing the pairs,
-    so a sum over runs costs one [b, p, h, d] product instead of one per run (EAP-IG's steps)."""
+    so a sum over runs costs one [b, p, h, d] product instead of one per run (EAP-IG's steps), and
+    nothing the size of the weights is kept."""
 
     G: torch.Tensor
     W: torch.Tensor
+    scale: torch.Tensor | None
     a: torch.Tensor | None
     c: list[torch.Tensor]
     xhat: list[torch.Tensor]
 
     def add_(self, other: FactoredGrad) -> FactoredGrad:
-        same = other.W is self.W or (other.W.data_ptr() == self.W.data_ptr() and other.W.shape == self.W.shape
-                                     and other.W.stride() == self.W.stride())  # views of one cached tensor
-        if not same:
+        if not (_same(other.W, self.W) and _same(other.scale, self.scale)):
             raise ValueError("factored gradients add only over runs with the same weights")
         self.G = self.G.add_(other.G)
         if self.a is not None:
@@ -178,12 +178,14 @@ class FactoredGrad:
         return self
 
     def clone(self) -> FactoredGrad:
-        return FactoredGrad(self.G.clone(), self.W, None if self.a is None else self.a.clone(), list(self.c),
-                            list(self.xhat))
+        return FactoredGrad(self.G.clone(), self.W, self.scale, None if self.a is None else self.a.clone(),
+                            list(self.c), list(self.xhat))
 
     def materialize(self) -> torch.Tensor:
         """The gradient as a tensor [b, p, h, d]."""
         out = torch.einsum("bphe,dhe->bphd", self.G, self.W)
+        if self.scale is not None:
+            out.mul_(self.scale)
         if self.a is not None:
             out.sub_(self.a.unsqueeze(-1))
         if self.c:
@@ -192,6 +194,15 @@ class FactoredGrad:
             X = torch.stack(self.xhat, -2).reshape(b * p, -1, d)  # [b p, runs, d]
             out.view(b * p, h, d).baddbmm_(C, X, alpha=-1)
         return out
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """The same values: the same tensor or view (cheap), else compared."""
+    if a is None or b is None:
+        return a is b
+    if a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()):
+        return True
+    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 @contextmanager
@@ -227,10 +238,6 @@ def split_input_grads(model: HookedModel, on_grad: Callable, layers: Iterable[in
         yield
 
 
-# projection module -> its head columns (and times the attention norm's weight) while the weights are unchanged
-_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _norm_stats(x: torch.Tensor, kind: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(1/σ [b, p, 1], x̂ [b, p, d]) of a LayerNorm or RMSNorm at ``x``."""
     if kind == "layernorm":
@@ -261,37 +268,39 @@ def _closed_form(norm, columns: _Columns, module, out: torch.Tensor, x: torch.Te
                  factored: bool) -> Callable[[torch.Tensor], None]:
     """Read in the forward pass what the closed-form gradient through ``norm`` (``form``: kind, weight
     offset, eps, LN rule, from :func:`mechkit.attribution.lrp.norm_form`) needs; returns the backward
-    hook on the projection's output, which hands ``deliver`` each part's gradient."""
+    hook on the projection's output, which hands ``deliver`` each part's gradient. Holds the norm's
+    statistics [b, p, d] and the projection's output (which attention keeps for its own backward)."""
     kind, offset, eps, rule = form
     dt = out.dtype
-    W, w = weight_in_out(module), getattr(norm, "weight", None)
-    key = (dt, offset, tensor_state(W), tensor_state(w) if isinstance(w, torch.Tensor) else None)
-    weights = _WEIGHTS.setdefault(module, {})  # one W̃ while the weights stay (FactoredGrad sums need it)
-    if weights.get("key") != key:
-        Wp = columns.of(W).detach().to(dt)  # [d, heads, e]
-        Wt = Wp if not isinstance(w, torch.Tensor) else Wp * (w.detach().to(dt) + offset)[:, None, None]
-        weights.update(key=key, Wp=Wp, Wt=Wt)
-    Wp, Wt = weights["Wp"], weights["Wt"]
+    w = getattr(norm, "weight", None)
+    scale = None if not isinstance(w, torch.Tensor) else w.detach().to(dt) + offset  # [d]
     r, xhat = _norm_stats(x.detach().to(dt), kind, eps)  # [b, p, 1], [b, p, d]
     d = x.shape[-1]
-    s_t = Wt.sum(0) / d if kind == "layernorm" else None  # [heads, e]: the mean term's weights
-    Z = None
-    if not rule:  # the normaliser's own term needs x̂ W̃ = out - bias - β W (the projection of the norm)
-        Z = columns.of(out.detach())
-        b = bias_of(module)
-        if b is not None:
-            Z = Z - columns.of(b.detach().to(dt))
-        beta = getattr(norm, "bias", None)
-        if isinstance(beta, torch.Tensor):
-            Z = Z - torch.einsum("d,dhe->he", beta.detach().to(dt), Wp)
+    kept = out.detach()  # shares out's version counter, not its graph (the hook must not hold out: a cycle)
+    state = tensor_state(kept)
 
     def backward(G: torch.Tensor) -> None:
+        Wp = columns.of(weight_in_out(module)).detach().to(dt)  # [d, heads, e]
         Gt = columns.of(G) * r.unsqueeze(-1)  # [b, p, heads, e]
-        a = None if s_t is None else torch.einsum("bphe,he->bph", Gt, s_t)
-        c = None if Z is None else (Gt * Z).sum(-1) / d  # [b, p, heads]
+        a = c = None
+        if kind == "layernorm":  # the mean term: mean_d(γ ⊙ G W^T) / σ
+            s_t = Wp.sum(0) if scale is None else torch.einsum("d,dhe->he", scale, Wp)  # [heads, e]
+            a = torch.einsum("bphe,he->bph", Gt, s_t) / d
+        if not rule:  # the normaliser's own term needs x̂ W̃ = out - bias - β W (the projection of the norm)
+            if tensor_state(kept) != state:
+                raise RuntimeError(f"the output of {type(module).__name__} changed in place between the forward and "
+                                   f"the backward pass; the split q/k/v gradients would be wrong")
+            Z = columns.of(kept)
+            b = bias_of(module)
+            if b is not None:
+                Z = Z - columns.of(b.detach().to(dt))
+            beta = getattr(norm, "bias", None)
+            if isinstance(beta, torch.Tensor):
+                Z = Z - torch.einsum("d,dhe->he", beta.detach().to(dt), Wp)
+            c = (Gt * Z).sum(-1) / d  # [b, p, heads]
 
         def part(h0: int, h1: int):
-            f = FactoredGrad(Gt[:, :, h0:h1], Wt[:, h0:h1], None if a is None else a[..., h0:h1],
+            f = FactoredGrad(Gt[:, :, h0:h1], Wp[:, h0:h1], scale, None if a is None else a[..., h0:h1],
                              [] if c is None else [c[..., h0:h1]], [] if c is None else [xhat])
             return f if factored else f.materialize()
         deliver(part)

@@ -297,6 +297,8 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
             m_other = float(metric_fn(lo))
         bar.update(1)
         return (m_other, m_grad) if grad_on == "corrupted" else (m_grad, m_other)
+    if method == "eap-ig":
+        return _eap_ig_inputs(model, graph, clean_b, corr_b, run, metric, metric_fn, steps, scores, w, bar)
     lc, s_clean, g_clean = sender_outputs(model, graph, clean_b, run)
     metric.bind_clean(lc)
     lr, s_corr, g_corr = sender_outputs(model, graph, corr_b, run)
@@ -304,27 +306,47 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
         mc, mr = float(metric_fn(lc)), float(metric_fn(lr))
     delta = scoring_dtype(s_clean - s_corr)  # not in place: the groups hold views of s_clean
     del s_clean, s_corr
-    if method == "eap-ig":
-        x_c, x_r = g_clean[("input", None)], g_corr[("input", None)]
-        acc = Scorer(scores, graph, delta, w / steps, accumulate=True)  # one scoring for all steps
-        for k in range(steps):
+    # eap-ig-activations: one sender group interpolated at a time, on the clean input
+    for key in [("input", None)] + [(kind, l) for l in range(graph.n_layers) for kind in ("attn", "mlp")]:
+        kind, l = key
+        name = point("input") if kind == "input" else point("attn_out" if kind == "attn" else "mlp_out", l)
+        senders = (slice(0, 1) if kind == "input" else slice(graph.head_sender(l, 0), graph.head_sender(l, 0)
+                   + graph.n_heads) if kind == "attn" else slice(graph.mlp_sender(l), graph.mlp_sender(l) + 1))
+        xc, xr = g_clean[key], g_corr[key]
+        acc = Scorer(scores, graph, delta, w / steps, senders=senders, accumulate=True)
+        for k in range(1, steps + 1):
             a = k / steps
-            hook = (point("input"), lambda x, hook, a=a: (x_r + a * (x_c - x_r)).to(x.dtype))
-            receiver_backward(model, graph, corr_b, run, metric_fn, acc, extra_hooks=[hook])
+            hook = (name, lambda x, hook, a=a, xc=xc, xr=xr: (xr + a * (xc - xr)).to(x.dtype))
+            receiver_backward(model, graph, clean_b, run, metric_fn, acc, extra_hooks=[hook])
             bar.update(1)
         acc.finish()
-    else:  # eap-ig-activations: one sender group interpolated at a time, on the clean input
-        for key in [("input", None)] + [(kind, l) for l in range(graph.n_layers) for kind in ("attn", "mlp")]:
-            kind, l = key
-            name = point("input") if kind == "input" else point("attn_out" if kind == "attn" else "mlp_out", l)
-            senders = (slice(0, 1) if kind == "input" else slice(graph.head_sender(l, 0), graph.head_sender(l, 0)
-                       + graph.n_heads) if kind == "attn" else slice(graph.mlp_sender(l), graph.mlp_sender(l) + 1))
-            xc, xr = g_clean[key], g_corr[key]
-            acc = Scorer(scores, graph, delta, w / steps, senders=senders, accumulate=True)
-            for k in range(1, steps + 1):
-                a = k / steps
-                hook = (name, lambda x, hook, a=a, xc=xc, xr=xr: (xr + a * (xc - xr)).to(x.dtype))
-                receiver_backward(model, graph, clean_b, run, metric_fn, acc, extra_hooks=[hook])
-                bar.update(1)
-            acc.finish()
+    return mc, mr
+
+
+def _eap_ig_inputs(model, graph, clean_b, corr_b, run, metric, metric_fn, steps, scores, w, bar):
+    """EAP-IG on the inputs for one batch; returns (clean metric, corrupted metric). Its first step
+    (α = 0) is the corrupted run itself, which also records the corrupted senders: one forward fewer."""
+    lc, s_clean, _ = sender_outputs(model, graph, clean_b, run)
+    metric.bind_clean(lc)
+    with torch.no_grad():
+        mc = float(metric_fn(lc))
+    x_c = s_clean[0].clone()  # [b, p, d]: the clean input (sender 0)
+    sh, held = SenderHooks(model, graph), {"clean": s_clean}
+    del s_clean
+
+    def make_delta():  # after step 0's forward: the corrupted senders are known
+        s_corr = sh.complete()
+        held["x_r"] = s_corr[0].clone()
+        held["d"] = scoring_dtype(held.pop("clean").sub_(s_corr))
+        sh.out = None
+    acc = Scorer(scores, graph, lambda: held["d"], w / steps, accumulate=True)  # one scoring for all steps
+    mr = receiver_backward(model, graph, corr_b, run, metric_fn, acc, senders=sh, after_forward=make_delta)
+    bar.update(1)
+    x_r = held["x_r"]
+    for k in range(1, steps):
+        a = k / steps
+        hook = (point("input"), lambda x, hook, a=a: (x_r + a * (x_c - x_r)).to(x.dtype))
+        receiver_backward(model, graph, corr_b, run, metric_fn, acc, extra_hooks=[hook])
+        bar.update(1)
+    acc.finish()
     return mc, mr
