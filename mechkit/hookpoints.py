@@ -407,7 +407,9 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
             raise AssertionError(spec)
 
     def wrap(fn: HookFn, hook: Hook) -> Callable[[torch.Tensor], torch.Tensor | None]:
-        return lambda x: fn(x, hook)
+        run = lambda x: fn(x, hook)  # noqa: E731
+        run.pure = getattr(fn, "pure", False)  # mechkit's own: never edits its input in place
+        return run
 
     for name, fn in hooks:
         spec = table.resolve(name)

@@ -111,10 +111,11 @@ def install_split(stack: ExitStack, model: HookedModel, hook_map, layer: int, ha
         state.clear()
         for part, hs in handlers.items():
             shared = x.unsqueeze(-2).expand(*x.shape[:-1], sizes.heads(part), x.shape[-1])
-            copies = shared.clone()
+            pure = all(getattr(h.run, "pure", False) for h in hs)  # mechkit's own hooks read, never edit
+            copies = shared if pure else shared.clone()
             new = apply(hs, copies)
             # a new tensor, or the copies edited in place (returned or not): compare values, not identity
-            changed = new is not copies or not torch.equal(copies, shared)
+            changed = new is not copies or (not pure and not torch.equal(copies, shared))
             if changed or (torch.is_grad_enabled() and new.requires_grad):
                 state[part] = (module.forward(new), changed)  # .forward: this norm's own hooks must not rerun
         return None

@@ -120,7 +120,8 @@ def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=No
     cut = absent.any(0).cpu()  # [S, R]: edges some circuit of the chunk misses; only their ends are hooked
     senders = SenderHooks(model, graph, on_value=shifts.on_value, needed=cut.any(1))
     sparse = prefix is not None  # q/k/v receivers: only the one changed head of each row group is recomputed
-    hooks = extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive, needed=cut.any(0), qkv=not sparse)
+    hooks = extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive, needed=cut.any(0), qkv=not sparse,
+                                                     pure=True)
     with torch.no_grad(), ExitStack() as stack:
         for layer, parts in (shifts.head_shifts() if sparse else {}).items():
             stack.enter_context(shifted_heads(model, layer, parts))
@@ -191,7 +192,7 @@ class _Shifts:
         abl = (mt.reshape(K * R, up) @ A_sm).view(K, R, -1)  # [K, R, n·p·d] or [K, R, d]
         if abl.shape[-1] != n * p * d:  # means: the same value at every prompt and position
             abl = abl.view(K, R, 1, d).expand(K, R, n * p, d).reshape(K, R, -1)
-        out = torch.baddbmm(abl, mt, buf[:, :up].reshape(K, up, -1), alpha=-1)  # ablated - current
+        out = abl.baddbmm_(mt, buf[:, :up].reshape(K, up, -1), alpha=-1)  # ablated - current (abl is ours)
         return out.view(K, R, n, p, d).permute(0, 2, 3, 1, 4)  # [K, n, p, R, d], a view
 
     def _gather(self, cols: slice) -> torch.Tensor:
