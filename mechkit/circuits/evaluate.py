@@ -115,9 +115,9 @@ def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=No
     n = clean_b.input_ids.shape[0]
     batch = type(clean_b)(*(t.repeat(K, 1) for t in (clean_b.input_ids, clean_b.attention_mask, clean_b.position_ids)))
     absent = absent.to(clean_b.input_ids.device)
-    shifts = _Shifts(graph, A, absent, n, prefix)
     start, extra = _start(graph, absent, prefix, K)
     cut = absent.any(0).cpu()  # [S, R]: edges some circuit of the chunk misses; only their ends are hooked
+    shifts = _Shifts(graph, A, absent, n, prefix, needed=cut.any(1))
     senders = SenderHooks(model, graph, on_value=shifts.on_value, needed=cut.any(1))
     sparse = prefix is not None  # q/k/v receivers: only the one changed head of each row group is recomputed
     hooks = extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive, needed=cut.any(0), qkv=not sparse,
@@ -153,8 +153,9 @@ class _Shifts:
     the shift into an MLP or the logits is a gather, into a query, key or value the one changed
     head is recomputed (:meth:`head_shifts`)."""
 
-    def __init__(self, graph, A, absent, n: int, prefix=None):
+    def __init__(self, graph, A, absent, n: int, prefix=None, needed: torch.Tensor | None = None):
         self.graph, self.A, self.absent, self.n, self.K = graph, A, absent, n, absent.shape[0]
+        self.needed = needed  # [S] bool: the senders whose values arrive (the others' rows are zeroed)
         self.sparse = prefix is not None
         self.buf = None  # dense: [K, S, n, p, d]
         self.layer_shift: dict = {}  # the last attention layer's shift (q, k, v share it)
@@ -168,8 +169,11 @@ class _Shifts:
         """Keep the current values [rows, p, c, d] of senders ``s0 .. s0 + c``."""
         rows, p, c, d = value.shape
         if not self.sparse:
-            if self.buf is None:
-                self.buf = value.new_zeros(self.K, self.graph.n_senders, self.n, p, d)
+            if self.buf is None:  # zeroed only where no value will arrive (masks multiply those rows by 0)
+                self.buf = value.new_empty(self.K, self.graph.n_senders, self.n, p, d)
+                idle = torch.ones(self.graph.n_senders, dtype=torch.bool) if self.needed is None else ~self.needed
+                if bool(idle.any()):
+                    self.buf[:, idle.to(self.buf.device)] = 0
             self.buf[:, s0:s0 + c] = value.view(self.K, self.n, p, c, d).permute(0, 3, 1, 2, 4)
             return
         ks = (self.has & (self.rem_s >= s0) & (self.rem_s < s0 + c)).nonzero()[:, 0]
@@ -232,7 +236,7 @@ class _Shifts:
         if part in ("logits", "mlp"):
             r = graph.logits if part == "logits" else graph.receiver(layer, "mlp")
             sh = self.shift(slice(r, r + 1), graph.n_senders if part == "logits" else graph.mlp_upstream(layer))
-            return None if sh is None else (x.view(K, n, *x.shape[1:]) + sh[:, :, :, 0].to(x.dtype)).reshape(x.shape)
+            return None if sh is None else _plus(x, sh[:, :, :, 0], K, n)
         if layer not in self.layer_shift:  # q, k, v of one layer share their upstream senders
             sl = graph.layer_slice(layer)
             self.layer_shift.clear()
@@ -242,4 +246,13 @@ class _Shifts:
             return None
         H, Hkv = graph.n_heads, graph.n_kv_heads
         lo = {"q": 0, "k": H, "v": H + Hkv}[part]
-        return (x.view(K, n, *x.shape[1:]) + sh[:, :, :, lo:lo + x.shape[2]].to(x.dtype)).reshape(x.shape)
+        return _plus(x, sh[:, :, :, lo:lo + x.shape[2]], K, n)
+
+
+def _plus(x: torch.Tensor, shift: torch.Tensor, K: int, n: int) -> torch.Tensor:
+    """``x`` [K n, ...] plus ``shift`` [K, n, ...] (a strided view), laid out contiguously like ``x``:
+    written into a fresh tensor (a plain ``+`` follows the shift's strides, and reshaping that result
+    back to ``x``'s shape was a full copy)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.add(x.view(K, n, *x.shape[1:]), shift.to(x.dtype), out=out.view(K, n, *x.shape[1:]))
+    return out
