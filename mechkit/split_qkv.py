@@ -240,13 +240,11 @@ def split_input_grads(model: HookedModel, on_grad: Callable, layers: Iterable[in
 
 
 def _norm_stats(x: torch.Tensor, kind: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1/σ [b, p, 1], x̂ [b, p, d]) of a LayerNorm or RMSNorm at ``x``."""
-    if kind == "layernorm":
-        xc = x - x.mean(-1, keepdim=True)
-        r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
-        return r, xc * r
-    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return r, x * r
+    """(1/σ [b, p, 1], x̂ [b, p, d]) of a LayerNorm or RMSNorm at ``x`` (as the LN rule computes them)."""
+    from .attribution.lrp import norm_parts
+
+    xc, r = norm_parts(x, kind, eps)
+    return r, xc * r
 
 
 class _Columns:

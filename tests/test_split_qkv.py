@@ -248,3 +248,20 @@ def test_closed_form_head_grads_equal_the_norms_own_vector_jacobian_product(fami
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
     assert not has_mechkit_hooks(m.hf_model)
+
+
+def test_norm_form_refuses_a_norm_whose_eps_it_cannot_read():
+    """The closed form needs the norm's eps; a LayerNorm-shaped module that keeps it under another name
+    gets None (the caller then takes the norm's own vector-Jacobian product), not a guessed eps."""
+    from mechkit.attribution.lrp import norm_form
+
+    class OddNorm(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight, self.bias, self.tiny = torch.nn.Parameter(torch.ones(d)), torch.nn.Parameter(torch.zeros(d)), 1e-5
+
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.tiny)
+
+    assert norm_form(torch.nn.LayerNorm(8))[:3] == ("layernorm", 0.0, 1e-5)
+    assert norm_form(OddNorm(8)) is None

@@ -96,24 +96,28 @@ def is_gated(model: HookedModel) -> bool:
 
 
 # --------------------------------------------------------------------------- norm rule
-def _norm_eps(mod: nn.Module) -> float:
+def _norm_eps(mod: nn.Module, default: float | None = 1e-6) -> float | None:
+    """The norm's epsilon from its ``eps`` / ``variance_epsilon`` / ``epsilon`` attribute, else ``default``."""
     for attr in ("eps", "variance_epsilon", "epsilon"):
         v = getattr(mod, attr, None)
         if isinstance(v, (int, float)):
             return float(v)
-    return 1e-6
+    return default
+
+
+def norm_parts(x: torch.Tensor, kind: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centred input [..., d], 1/σ [..., 1]) of a LayerNorm ("layernorm": x − mean) or an RMSNorm
+    ("rmsnorm": x itself) at ``x``; the normalised input is their product."""
+    xc = x - x.mean(-1, keepdim=True) if kind == "layernorm" else x
+    return xc, torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def _lin_norm(mod: nn.Module, x: torch.Tensor, kind: str, offset: float) -> torch.Tensor:
     """The LN-rule surrogate: normaliser detached, computed in fp32 (fp64 stays fp64)."""
     dt = x.dtype
     xf = x.float() if dt in (torch.float16, torch.bfloat16) else x
-    eps = _norm_eps(mod)
-    if kind == "layernorm":
-        xc = xf - xf.mean(-1, keepdim=True)
-        n = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps).detach()
-    else:
-        n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach()
+    xc, r = norm_parts(xf, kind, _norm_eps(mod))
+    n = xc * r.detach()
     w = getattr(mod, "weight", None)
     if isinstance(w, torch.Tensor):
         n = n * (w.to(n.dtype) + offset)
@@ -165,8 +169,11 @@ def norm_form(mod: nn.Module) -> tuple[str, float, float, bool] | None:
             _PROBED[mod] = _probe_norm(mod, inner_forward(mod))
     except (ValueError, RuntimeError, TypeError, StopIteration):
         return None
+    eps = _norm_eps(mod, None)
+    if eps is None:
+        return None  # its eps is unknown: a closed form with a guessed one would be plausibly wrong
     kind, offset = _PROBED[mod]
-    return kind, offset, _norm_eps(mod), _RULED.get(mod, 0) > 0
+    return kind, offset, eps, _RULED.get(mod, 0) > 0
 
 
 def _install_norm(stack: ExitStack, mod: nn.Module) -> None:
