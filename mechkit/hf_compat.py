@@ -398,26 +398,36 @@ def made_by(fn: Callable, *factories: str) -> bool:
 class _OutputTaps:
     """mechkit's output handlers on one module, run right after its forward inside the module's own
     ``forward`` (an instance attribute), so that calling the module keeps torch's hook-free fast path.
-    ``inner``: the forward they follow (the class's, or one :func:`replace_forward` put under them)."""
+    ``inner``: the forward they follow (the class's, or one :func:`replace_forward` put under them).
+    ``starts`` / ``finals``: observers (:func:`observer_tap`) run on the input the forward receives
+    (after every pre-hook) and on the output after every tap's edit."""
 
-    __slots__ = ("mod", "inner", "entries", "replaced", "forward")
+    __slots__ = ("mod", "inner", "entries", "starts", "finals", "replaced", "forward")
 
     def __init__(self, mod: nn.Module):
         self.mod, self.inner, self.entries, self.replaced = mod, mod.forward, [], 0
+        self.starts, self.finals = [], []
         taps = self
 
         @functools.wraps(self.inner)  # signature inspection (HF reads some forwards' parameters) sees the real one
         def forward(*args, **kwargs):
+            for fn in taps.starts:
+                fn(taps.mod, args, kwargs)
             out = taps.inner(*args, **kwargs)
             for fn in taps.entries:
                 new = fn(taps.mod, args, out)
                 if new is not None:
                     out = new
+            for fn in taps.finals:
+                fn(taps.mod, args, out)
             return out
         self.forward = forward
 
+    def in_use(self) -> bool:
+        return bool(self.entries or self.starts or self.finals)
+
     def drop_if_unused(self) -> None:
-        if not self.entries and not self.replaced and self.mod.__dict__.get("forward") is self.forward:
+        if not self.in_use() and not self.replaced and self.mod.__dict__.get("forward") is self.forward:
             del self.mod.forward
             del self.mod.__dict__["_mechkit_taps"]
 
@@ -434,19 +444,38 @@ def output_tap(stack: ExitStack, mod: nn.Module, fn: Callable) -> bool:
     Relies on ``nn.Module.__call__`` looking ``forward`` up on the instance first, and calling it
     without hooks when the module has none (torch 2.x).
     """
+    if mod._forward_hooks:
+        return False
+    return _add_tap(stack, mod, fn, "entries")
+
+
+def observer_tap(stack: ExitStack, mod: nn.Module, fn: Callable, side: str) -> bool:
+    """Run observer ``fn`` until ``stack`` closes on the tensors ``mod`` really uses: ``side="input"``:
+    ``fn(module, args, kwargs)`` at the start of its forward, after every pre-hook (of any
+    installation, registered before or after); ``side="output"``: ``fn(module, args, output)`` after
+    every output tap's edit. A stash that a later hook at the same place could make stale (the read
+    part of a virtual point) is taken this way. False where ``mod`` has a foreign instance ``forward``
+    (or, for outputs, a torch forward hook): then the caller registers a torch hook."""
+    if side == "output" and mod._forward_hooks:
+        return False
+    return _add_tap(stack, mod, fn, "starts" if side == "input" else "finals")
+
+
+def _add_tap(stack: ExitStack, mod: nn.Module, fn: Callable, kind: str) -> bool:
     taps = mod.__dict__.get("_mechkit_taps")
-    if mod._forward_hooks or (taps is None and "forward" in mod.__dict__):
+    if taps is None and "forward" in mod.__dict__:
         return False
     if taps is None:
         taps = mod.__dict__["_mechkit_taps"] = _OutputTaps(mod)
         mod.forward = taps.forward
     entry = functools.partial(fn)  # a distinct object per tap, so removal takes this one
-    taps.entries.append(entry)
+    entries = getattr(taps, kind)
+    entries.append(entry)
 
     def remove():
-        for i in range(len(taps.entries) - 1, -1, -1):
-            if taps.entries[i] is entry:
-                del taps.entries[i]
+        for i in range(len(entries) - 1, -1, -1):
+            if entries[i] is entry:
+                del entries[i]
                 break
         taps.drop_if_unused()
     stack.callback(remove)
@@ -455,7 +484,7 @@ def output_tap(stack: ExitStack, mod: nn.Module, fn: Callable) -> bool:
 
 def has_output_taps(mod: nn.Module) -> bool:
     taps = mod.__dict__.get("_mechkit_taps")
-    return taps is not None and bool(taps.entries)
+    return taps is not None and taps.in_use()
 
 
 def inner_forward(mod: nn.Module):

@@ -39,7 +39,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hf_compat import config_get, has_output_taps, made_by, output_tap, rotary_inputs, torch_hooks
+from .hf_compat import (
+    config_get,
+    has_output_taps,
+    made_by,
+    observer_tap,
+    output_tap,
+    rotary_inputs,
+    torch_hooks,
+)
 from .modpath import get_module
 
 HookFn = Callable[[torch.Tensor, "Hook"], "torch.Tensor | None"]
@@ -332,6 +340,7 @@ class _Handler:
     scale: float | None = None  # the point is scale * the module's tensor (a scaled residual branch)
     arg: int = 0  # which positional input an input point reads (0: the first, or hidden_states=)
     name: str = "?"  # the hook point, for error messages
+    keeper: bool = False  # stashes the read part of a virtual / derived point: runs on the value the model uses
 
 
 _TOKENS: dict[str, tuple[int, int]] = {}  # [batch, pos] of the forward being hooked ("tokens" reshape)
@@ -418,7 +427,7 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
             from .derived_points import handlers as derived_handlers
 
             keep, through = derived_handlers(spec.tensor, fn, hook, table.map.family, table.n_heads)
-            inst.inputs[spec.module].append(_Handler(keep))
+            inst.inputs[spec.module].append(_Handler(keep, keeper=True))
             through.with_module = True  # _apply passes the module (derived points read its weights)
             inst.outputs[spec.module].append(_Handler(through))
             continue
@@ -430,7 +439,7 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
         target = table.resolve(spec.write)
         keepers, through = _virtual_handlers(fn, hook, [p.name for p in parts])
         for p, keep in zip(parts, keepers):
-            add(p, _Handler(keep, p.reshape, p.heads, p.scale, name=name))
+            add(p, _Handler(keep, p.reshape, p.heads, p.scale, name=name, keeper=True))
         add(target, _Handler(through, target.reshape, target.heads, target.scale, name=name))
     return inst
 
@@ -472,12 +481,22 @@ def installed(model: nn.Module, inst: Installation, n_heads: int, sizes=None):
         if any(h.reshape == "tokens" for hs in (*inst.inputs.values(), *inst.outputs.values()) for h in hs):
             handles.append(model.register_forward_pre_hook(_record_tokens, with_kwargs=True))
         for path, handlers in inst.inputs.items():
-            handles.append(get_module(model, path).register_forward_pre_hook(
-                _make_pre_hook(handlers, n_heads), with_kwargs=True))
+            mod, (edits, keepers) = get_module(model, path), _split_keepers(handlers)
+            if edits:
+                handles.append(mod.register_forward_pre_hook(_make_pre_hook(edits, n_heads), with_kwargs=True))
+            if keepers:
+                pre_hook = _make_pre_hook(keepers, n_heads)
+                if not observer_tap(split_stack, mod, pre_hook, "input"):
+                    handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
         for path, handlers in inst.outputs.items():
-            mod, post_hook = get_module(model, path), _make_post_hook(handlers, n_heads)
-            if not output_tap(split_stack, mod, post_hook):  # a torch hook only where a tap would change the order
+            mod, (edits, keepers) = get_module(model, path), _split_keepers(handlers)
+            post_hook = _make_post_hook(edits, n_heads)
+            if edits and not output_tap(split_stack, mod, post_hook):  # a torch hook only where a tap would change the order
                 handles.append(mod.register_forward_hook(post_hook))
+            if keepers:
+                post_hook = _make_post_hook(keepers, n_heads)
+                if not observer_tap(split_stack, mod, post_hook, "output"):
+                    handles.append(mod.register_forward_hook(post_hook))
         for path, by_tensor in inst.attention.items():
             mod = get_module(model, path)
             stack = mod.__dict__.setdefault("_mechkit_attn", [])
@@ -497,6 +516,12 @@ def installed(model: nn.Module, inst: Installation, n_heads: int, sizes=None):
                     break
             if not stack:
                 mod.__dict__.pop("_mechkit_attn", None)
+
+
+def _split_keepers(handlers: list[_Handler]) -> tuple[list[_Handler], list[_Handler]]:
+    """(handlers that may edit, stashes of virtual / derived points' read parts): the stashes run on
+    the value the module really receives or returns, after every edit at that place."""
+    return [h for h in handlers if not h.keeper], [h for h in handlers if h.keeper]
 
 
 def _rotary_handlers(by_tensor: dict[str, list[_Handler]]):

@@ -106,6 +106,26 @@ def test_resid_mid_write_is_seen_downstream():
         )
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_virtual_point_reads_its_parts_as_the_model_uses_them(nested):
+    """resid_mid (= resid_pre + attn_out) hooked before a patch of resid_pre, in the same call or
+    an outer one, still reads the patched stream: the stash of its read part is the value the block
+    actually receives, not the one before later hooks at the same place."""
+    m = wrap("gpt2")
+    rec = {}
+    keep = lambda k: (lambda x, h: rec.__setitem__(k, x.detach().clone()))  # noqa: E731
+    observe = [("blocks.1.hook_resid_mid", keep("mid")), ("blocks.1.hook_attn_out", keep("a"))]
+    patch = [("blocks.1.hook_resid_pre", lambda x, h: x + 1.0), ("blocks.1.hook_resid_pre", keep("pre"))]
+    with torch.no_grad():
+        if nested:
+            with m.hooks(observe), m.hooks(patch):
+                m(TOKS)
+        else:
+            with m.hooks(observe[:1] + patch + observe[1:]):
+                m(TOKS)
+    torch.testing.assert_close(rec["mid"], rec["pre"] + rec["a"], atol=1e-5, rtol=0)
+
+
 def test_pattern_write_matches_z():
     """Setting a head's pattern to attend only to BOS makes its z equal v at position 0."""
     m = wrap("llama")
