@@ -4,7 +4,9 @@ A *hook point* is a canonical TransformerLens name (``blocks.3.hook_resid_pre``)
 place in an HF model: the input or the output of a module, a tensor inside mechkit's
 attention function (q, k, v, pattern), or a *virtual* point that is the sum of two others and
 is written through one of them (``resid_mid = resid_pre + attn_out``, written as
-``attn_out' = new - resid_pre``).
+``attn_out' = new - resid_pre``), or their difference (``attn_out = resid_mid - resid_pre``,
+written as ``resid_mid' = resid_pre + new``: blocks that rescale or normalise the residual stream
+themselves, whose terms are the stream's increments).
 
 Every architecture difference is data in the TOML map. This module never branches on the
 architecture.
@@ -50,6 +52,7 @@ from .hf_compat import (
 )
 from .modpath import get_module
 
+VIRTUAL_KINDS = ("sum", "difference")
 HookFn = Callable[[torch.Tensor, "Hook"], "torch.Tensor | None"]
 # [family] entries every map must have (module paths): the model's sizes are read from them
 FAMILY_KEYS = ("layers", "block", "final_norm", "unembed", "attn_out_proj", "mlp_down_proj")
@@ -100,9 +103,9 @@ class PointSpec:
 
     side: "input" | "output" | "attention" | "rotary" | "virtual" | "split"; module: dotted path (None
     for virtual and split); tensor: q/k/v/pattern for attention points, q/k for rotary points (the
-    query and key handed to the rotation, before it), q/k/v for split inputs;
-    reshape: None | "heads"; of/write: for virtual sums, the component points and the one
-    written through; optin: left out of the default list of names (asked for by name only).
+    query and key handed to the rotation, before it), q/k/v for split inputs, "sum" / "difference"
+    for virtual points; reshape: None | "heads"; of/write: for virtual points, the component points
+    and the one written through; optin: left out of the default list of names (asked for by name only).
     """
 
     name: str
@@ -172,8 +175,11 @@ class HookMap:
             if not isinstance(spec, dict):
                 raise ValueError(f"{where} must be a table like {{ module = ..., side = ... }}, got {spec!r}")
             if spec.get("virtual") is not None:
-                if spec["virtual"] != "sum" or not isinstance(spec.get("of"), list) or not isinstance(spec.get("write"), str):
-                    raise ValueError(f"{where}: a virtual point needs virtual = \"sum\", of = [names] and write = name")
+                if spec["virtual"] not in VIRTUAL_KINDS or not isinstance(spec.get("of"), list) \
+                        or not isinstance(spec.get("write"), str) \
+                        or (spec["virtual"] == "difference" and (len(spec["of"]) != 2 or spec["of"][0] != spec["write"])):
+                    raise ValueError(f"{where}: a virtual point needs virtual = \"sum\", of = [names] and write = name, "
+                                     f"or virtual = \"difference\", of = [a, b] and write = a (the point is a - b)")
                 continue
             if spec.get("side", "output") not in ("input", "output", "attention", "rotary"):
                 continue  # other kinds (split, derived...) are checked by the point table
@@ -265,9 +271,10 @@ class PointTable:
             return s.replace("{l}", str(layer)) if layer is not None else s
 
         if spec.get("virtual"):
-            if spec["virtual"] != "sum":
+            if spec["virtual"] not in VIRTUAL_KINDS:
                 raise ValueError(f"{self.map.source}: virtual point kind '{spec['virtual']}' is not supported")
-            return PointSpec(name, layer, "virtual", of=tuple(sub(o) for o in spec["of"]), write=sub(spec["write"]))
+            return PointSpec(name, layer, "virtual", of=tuple(sub(o) for o in spec["of"]), write=sub(spec["write"]),
+                             tensor=spec["virtual"])
         if spec.get("derived"):  # computed from a module's input and output (mechkit/derived_points.py)
             return PointSpec(name, layer, "derived", module=self.map.path(spec["module"], layer),
                              tensor=spec["derived"], optin=bool(spec.get("optin", False)))
@@ -434,18 +441,20 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
         if spec.side != "virtual":
             add(spec, _Handler(wrap(fn, hook), spec.reshape, spec.heads, spec.scale, spec.arg, name))
             continue
-        # virtual sum: v = sum(read parts) + written part; write: written' = v_new - sum(read parts)
+        # sum: v = sum(read parts) + written part; written' = v_new - sum(read parts)
+        # difference (of = [written, read]): v = written - read; written' = v_new + read
         parts = [table.resolve(p) for p in spec.of if p != spec.write]
         target = table.resolve(spec.write)
-        keepers, through = _virtual_handlers(fn, hook, [p.name for p in parts])
+        keepers, through = _virtual_handlers(fn, hook, [p.name for p in parts], -1.0 if spec.tensor == "difference" else 1.0)
         for p, keep in zip(parts, keepers):
             add(p, _Handler(keep, p.reshape, p.heads, p.scale, name=name, keeper=True))
         add(target, _Handler(through, target.reshape, target.heads, target.scale, name=name))
     return inst
 
 
-def _virtual_handlers(fn: HookFn, hook: Hook, part_names: list[str]):
-    """Handlers of one virtual sum point: a stash per read-only part, and the write-through."""
+def _virtual_handlers(fn: HookFn, hook: Hook, part_names: list[str], sign: float = 1.0):
+    """Handlers of one virtual point ``x + sign * sum(read parts)`` (x: the written part's value): a
+    stash per read-only part, and the write-through."""
     stash: dict[str, torch.Tensor] = {}
 
     def keeper(name: str):
@@ -455,6 +464,8 @@ def _virtual_handlers(fn: HookFn, hook: Hook, part_names: list[str]):
 
     def through(x: torch.Tensor) -> torch.Tensor | None:
         base = sum(stash[p] for p in part_names)
+        if sign < 0:
+            base = -base
         new = fn(base + x, hook)
         return new - base if isinstance(new, torch.Tensor) and new.shape == x.shape else new  # others: refused by _apply
 

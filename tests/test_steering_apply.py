@@ -219,3 +219,27 @@ def test_range_and_gate_maps_equal_their_definitions_bit_for_bit(model, strength
         assert torch.equal(grads[0][0], grads[1][0]), (st.method, (grads[0][0] - grads[1][0]).abs().max())
         assert torch.equal(grads[0][1], grads[1][1]), st.method
     assert not has_mechkit_hooks(model.hf_model)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_merge_refuses_points_that_are_not_the_layers_plain_output(family):
+    """Gemma's hook_attn_out is its post-norm's output and Granite's a scaled o_proj output: folding a
+    shift into o_proj's bias would not add it to the point, so merge must refuse (not differ silently)."""
+    from factories import random_hf_model
+
+    if family == "granite":
+        import transformers as tf
+
+        torch.manual_seed(0)
+        hf = tf.GraniteForCausalLM(tf.GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4,
+                                                    residual_multiplier=0.25)).eval()
+    else:
+        hf = random_hf_model(family)
+    m = mk.load(hf)
+    sd = {k: v.clone() for k, v in m.hf_model.state_dict().items()}
+    for point in ("hook_attn_out", "hook_mlp_out"):
+        st = random_affine(m, point=point)
+        with pytest.raises(ValueError, match="cannot be merged"):
+            st.merge(m)
+    assert all(torch.equal(v, sd[k]) for k, v in m.hf_model.state_dict().items())

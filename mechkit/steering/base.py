@@ -43,6 +43,21 @@ INFO_KEYS = ("family", "n_layers", "d_model", "d_mlp")
 MERGE_TARGETS = {"hook_mlp_out": "mlp_down_proj", "hook_attn_out": "attn_out_proj"}
 
 
+def _not_plain_output(model: HookedModel, point: str, key: str, layer: int) -> str | None:
+    """Why ``point`` is not the output of the family's ``key`` linear at ``layer`` (read at that linear
+    or at the sublayer module holding it: a post-norm, a residual scale, a mixture of experts or a
+    stream increment in between), or None where a map on it folds into that layer's weight and bias."""
+    spec = model.points.resolve(point)
+    fam = model.hook_map.family
+    if key not in fam:
+        return f"this model has no single {key} layer"
+    target = model.hook_map.path(fam[key], layer)
+    inside = spec.module is not None and (spec.module == target or target.startswith(spec.module + "."))
+    if spec.side != "output" or not inside or spec.scale not in (None, 1.0) or spec.reshape is not None:
+        return f"{point} is not the plain output of {target} (a norm, scale or sum comes between them)"
+    return None
+
+
 def model_info(model: HookedModel) -> dict[str, Any]:
     c = model.cfg
     return {"family": c.family, "model_type": c.model_type, "n_layers": c.n_layers, "d_model": c.d_model,
@@ -386,7 +401,11 @@ class Steering(SteeringAlgebra):
             if aff is None or suffix not in MERGE_TARGETS:
                 raise ValueError(f"{self.method} map at {p} cannot be merged: merging needs an affine map on one of "
                                  f"{sorted(MERGE_TARGETS)}; use apply/attach instead")
-            plans.append((model.family_module(MERGE_TARGETS[suffix], int(p.split(".")[1])), aff))
+            layer = int(p.split(".")[1])
+            why = _not_plain_output(model, p, MERGE_TARGETS[suffix], layer)
+            if why:
+                raise ValueError(f"{self.method} map at {p} cannot be merged: {why}; use apply/attach instead")
+            plans.append((model.family_module(MERGE_TARGETS[suffix], layer), aff))
         saved = []
         with torch.no_grad():
             for mod, (scale, shift) in plans:
