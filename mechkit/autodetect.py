@@ -34,7 +34,9 @@ write a TOML map to get it.
 
 from __future__ import annotations
 
+import functools
 import math
+import tomllib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 
 from .hf_compat import attn_implementation, config_get, has_rotary_inputs, rotary_inputs
-from .hookpoints import HookMap, PointTable, get_module, installed, plan
+from .hookpoints import HookMap, PointTable, get_module, installed, maps_dir, plan
 from .sites import act_name, layer_point
 
 HOW_TO = ("pass hook_map= (a TOML path or a dict with [family] and [points], see hooks/llama.toml in mechkit's repository) "
@@ -382,6 +384,9 @@ def _layer_points(hf: nn.Module, seen: _Seen, layers_path: str, l: int, emb_out:
     kind: "attn", "mixer" or "mlp_only". ``emb_out``: the embedding's output [batch, pos, d_model]."""
     block = f"{layers_path}.{l}"
     pre, post = _block_io(seen, block, l, emb_out)
+    hint = increments_hints().get(cfg.model_type)
+    if hint is not None:
+        return _increment_points(hf, seen, layer_point(l, ""), block, l, post, hint, fam, points, cfg)
     terms, scales, tokens = _block_terms(hf, seen, block, l, pre, post, cfg)
     called = [p for p in seen.attn if p.startswith(block + ".")]
     attn_mods = [p for p in called if len(seen.attn[p]) == 1]  # per-head points need one call per forward
@@ -393,6 +398,47 @@ def _layer_points(hf: nn.Module, seen: _Seen, layers_path: str, l: int, emb_out:
         _attention_points(hf, seen, pl, block, attn_mods[0], fam, points)
     if mlp_term is not None:
         _mlp_points(hf, seen, pl, block, mlp_term, post, fam, points, cfg)
+    return kind
+
+
+@functools.cache
+def increments_hints() -> dict[str, dict]:
+    """``hooks/detect/increments.toml``: model type -> where its stream is between attention and MLP."""
+    with (maps_dir() / "detect" / "increments.toml").open("rb") as f:
+        return tomllib.load(f)
+
+
+def _increment_points(hf: nn.Module, seen: _Seen, pl: str, block: str, l: int, post: torch.Tensor, hint: dict,
+                      fam: dict, points: dict, cfg) -> str:
+    """Points of a layer that rescales or normalises its own residual stream (see
+    ``hooks/detect/increments.toml``): ``resid_mid`` where the hint puts it, ``hook_attn_out`` =
+    resid_mid - resid_pre and ``hook_mlp_out`` = resid_post - resid_mid (virtual differences).
+    Returns the layer's kind ("attn", or "mixer" for a token mixer that is not softmax attention)."""
+    sub = lambda s: s.replace("{block}", block)  # noqa: E731
+    mid, attn, mlp = dict(hint["resid_mid"]), sub(hint["attn"]), sub(hint["mlp"])
+    mid["module"] = sub(mid["module"])
+    x = (seen.inp if mid["side"] == "input" else seen.out).get(mid["module"])
+    fired = all(seen.calls.get(p) == 1 for p in (attn, mlp, mid["module"]))
+    if x is None or x.shape != post.shape or not fired or not seen.order[attn] < seen.order[mid["module"]] \
+            or not seen.order[attn] < seen.order[mlp]:
+        raise _fail(f"layer {l}: the residual stream between attention and MLP is not at the {mid['side']} of "
+                    f"{mid['module']} (hooks/detect/increments.toml for {cfg.model_type}), or {attn} and {mlp} "
+                    f"do not run once each, in that order")
+    fam["residual"] = "increments"
+    names = {k: pl + f"hook_{k}" for k in ("resid_pre", "resid_mid", "resid_post")}
+    called = [p for p in seen.attn if (p == attn or p.startswith(attn + ".")) and len(seen.attn[p]) == 1]
+    kind = "attn" if called or not any(w in type(get_module(hf, attn)).__name__.lower() for w in MIXER_WORDS) \
+        else "mixer"
+    points[names["resid_pre"]] = {"module": block, "side": "input"}
+    points[names["resid_post"]] = {"module": block, "side": "output"}
+    points[names["resid_mid"]] = mid  # {module, side} and, where writing there would not reach the residual add, readonly
+    points[pl + ("hook_attn_out" if kind == "attn" else "hook_mixer_out")] = {
+        "virtual": "difference", "of": [names["resid_mid"], names["resid_pre"]], "write": names["resid_mid"]}
+    points[pl + "hook_mlp_out"] = {"virtual": "difference", "of": [names["resid_post"], names["resid_mid"]],
+                                   "write": names["resid_post"]}
+    if len(called) == 1:
+        _attention_points(hf, seen, pl, block, called[0], fam, points)
+    _mlp_points(hf, seen, pl, block, mlp, post, fam, points, cfg)
     return kind
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .hookpoints import terms_not_linear
 from .sites import act_name
 from .weights import bias_of, weight_in_out
 
@@ -207,6 +208,8 @@ class ResidualHelpers:
     def _head_results(self, l: int, pos_slice=None) -> torch.Tensor:
         """Heads' outputs of layer ``l`` in d_model: [head, batch, pos, d_model] (bias not included)."""
         m, fam = self.model, self.model.hook_map.family
+        if fam.get("residual") == "increments":
+            raise ValueError(f"per-head results: {terms_not_linear(fam)}; use decompose_resid")
         name = act_name("result", l)
         if name in self:  # cached with use_attn_result: [batch, pos, head, d_model]
             return slice_dim(self[name], pos_slice, -3).movedim(-2, 0)
@@ -262,9 +265,9 @@ class ResidualHelpers:
         """Each neuron's contribution below ``layer``: [layer * d_mlp, batch, pos, d_model], labels
         ``L{l}N{n}``. Memory grows as d_mlp * d_model per position: slice first on real models.
         Families whose MLP output goes through a post-norm (Gemma) are refused (no linear split)."""
-        if "attn_post_norm" in self.model.hook_map.family:
-            raise ValueError(f"stack_neuron_results: family '{self.model.hook_map.name}' normalises the MLP output "
-                             "before the residual, so neurons do not add up linearly; use decompose_resid")
+        why = terms_not_linear(self.model.hook_map.family)
+        if why:
+            raise ValueError(f"stack_neuron_results: {why}, so neurons do not add up linearly; use decompose_resid")
         layer = self._layer(layer)
         parts, labels = [], []
         for l in range(layer):
@@ -307,9 +310,10 @@ class ResidualHelpers:
         ``expand_neurons=False``), the embeddings and the summed biases (``bias``), in TransformerLens's
         order: heads, neurons / MLPs, ``embed`` (``pos_embed``), ``bias``. The rows sum to the residual.
         Returns [component, batch, pos, d_model]."""
-        if "attn_post_norm" in self.model.hook_map.family:
-            raise ValueError(f"get_full_resid_decomposition: family '{self.model.hook_map.name}' normalises sublayer "
-                             "outputs before the residual, so biases do not add up linearly; use decompose_resid")
+        why = terms_not_linear(self.model.hook_map.family)
+        if why:
+            raise ValueError(f"get_full_resid_decomposition: {why}, so heads, neurons and biases do not add up "
+                             "linearly; use decompose_resid")
         layer = self._layer(layer)
         heads, labels = self.stack_head_results(layer + (1 if mlp_input else 0), pos_slice=pos_slice,
                                                 return_labels=True)

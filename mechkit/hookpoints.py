@@ -120,6 +120,7 @@ class PointSpec:
     heads: int | None = None
     scale: float | None = None
     arg: int = 0
+    readonly: str | None = None  # why a hook on this point may not return a new value (then it raises)
 
 
 class HookNameError(KeyError):
@@ -232,6 +233,19 @@ def builtin_maps() -> list[HookMap]:
     return maps
 
 
+def terms_not_linear(family: dict) -> str | None:
+    """Why a family's ``hook_attn_out`` / ``hook_mlp_out`` are not sums of per-head / per-neuron
+    outputs (a norm after the sublayer, or terms that are the stream's increments), or None."""
+    if family.get("residual") == "increments":
+        return (f"family '{family.get('name')}' rescales or normalises its residual stream inside each block, so "
+                f"hook_attn_out / hook_mlp_out are the stream's increments (resid_mid - resid_pre, resid_post - "
+                f"resid_mid), not sums of heads' or neurons' outputs")
+    if "attn_post_norm" in family:
+        return (f"family '{family.get('name')}' normalises the attention (and MLP) output before adding it to the "
+                f"residual stream (attn_post_norm)")
+    return None
+
+
 def map_for_model_type(model_type: str) -> HookMap | None:
     for m in builtin_maps():
         if model_type in m.family.get("model_types", []):
@@ -274,7 +288,7 @@ class PointTable:
             if spec["virtual"] not in VIRTUAL_KINDS:
                 raise ValueError(f"{self.map.source}: virtual point kind '{spec['virtual']}' is not supported")
             return PointSpec(name, layer, "virtual", of=tuple(sub(o) for o in spec["of"]), write=sub(spec["write"]),
-                             tensor=spec["virtual"])
+                             tensor=spec["virtual"], readonly=spec.get("readonly"))
         if spec.get("derived"):  # computed from a module's input and output (mechkit/derived_points.py)
             return PointSpec(name, layer, "derived", module=self.map.path(spec["module"], layer),
                              tensor=spec["derived"], optin=bool(spec.get("optin", False)))
@@ -286,7 +300,7 @@ class PointTable:
         return PointSpec(
             name, layer, side, module=self.map.path(spec["module"], layer),
             tensor=spec.get("tensor"), reshape=spec.get("reshape"), heads=spec.get("heads"),
-            scale=spec.get("scale"), arg=int(spec.get("arg", 0)),
+            scale=spec.get("scale"), arg=int(spec.get("arg", 0)), readonly=spec.get("readonly"),
         )
 
     def names(self, include_optin: bool = False) -> list[str]:
@@ -330,10 +344,13 @@ class PointTable:
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _replace_first(output: Any, new: torch.Tensor) -> Any:
+    """``output`` with its first tensor replaced (a tuple, a list (GPT-1's blocks) or a tensor)."""
+    if isinstance(output, list):
+        return [new, *output[1:]]
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
@@ -430,6 +447,8 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
     for name, fn in hooks:
         spec = table.resolve(name)
         hook = table.hook_object(name)  # one per point, so hook.ctx persists between calls
+        if spec.readonly or (spec.side == "virtual" and table.resolve(spec.write).readonly):
+            fn = _read_only(fn, name, spec.readonly or table.resolve(spec.write).readonly)
         if spec.side == "derived":
             from .derived_points import handlers as derived_handlers
 
@@ -527,6 +546,16 @@ def installed(model: nn.Module, inst: Installation, n_heads: int, sizes=None):
                     break
             if not stack:
                 mod.__dict__.pop("_mechkit_attn", None)
+
+
+def _read_only(fn: HookFn, name: str, why: str) -> HookFn:
+    """``fn`` on a point that cannot be written: returning a tensor raises (the model is left clean)."""
+    def run(x: torch.Tensor, hook: Hook):
+        new = fn(x, hook)
+        if new is not None:
+            raise ValueError(f"hook on '{name}' returned a new value, but this point can only be read: {why}")
+        return None
+    return run
 
 
 def _split_keepers(handlers: list[_Handler]) -> tuple[list[_Handler], list[_Handler]]:

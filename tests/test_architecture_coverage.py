@@ -39,7 +39,7 @@ from mechkit.tasks.base import PatchingTask
 from mechkit.weights import bias_of, weight_in_out
 
 # What the acceptance asks; FLOOR is what this transformers measures today (raise it, never lower it).
-FLOOR = {"decoder": 105, "hybrid": 18}
+FLOOR = {"decoder": 108, "hybrid": 20}
 
 # Real checkpoints' settings (the defaults of 1.0 hid failures): variant -> (type, config overrides)
 VARIANTS = {
@@ -59,17 +59,12 @@ VARIANTS = {
 # type -> why it is not covered (a clear error at load, or the zoo cannot build it)
 NOT_COVERED: dict[str, str] = {
     # refused at load: the residual stream is not a sum of the layers' outputs
-    "openai-gpt": "post-LN: each block normalises the residual stream itself (GPT-1)",
-    "beam": "each residual add rescales the stream itself (depth-scaled residual: sqrt((i-1)/i) * resid)",
-    "minimax": "the residual is taken after the input norm and mixed with alpha/beta factors",
-    "inkling2_text": "the residual update is not one or two module outputs (three-way / scaled stream)",
-    "inkling2_loop_text": "the residual update is not one or two module outputs (looped stack)",
-    "gpt_neox_japanese": "the last layer adds its attention bias as a function, outside any module",
+    "inkling2_text": "attention residuals: a layer reads a learned mixture of earlier blocks' states, not one stream",
+    "inkling2_loop_text": "attention residuals across blocks (as inkling2_text) in a looped stack",
     "deepseek_v4": "hyper-connections: a residual of 4 streams [batch, pos, 4, d]",
     "hy_v4": "hyper-connections: a residual of 4 streams [batch, pos, 4, d]",
     "qwen4_exp_text": "hyper-connections: the residual holds 4 streams side by side",
     "cpmant": "prepends prompt positions to the residual stream; the unembedding reads a slice of it",
-    "zaya": "the residual update is not one, two or three module outputs",
     "gemma3n_text": "AltUp: the residual is 4 streams [4, batch, pos, d] mixed by learned predictions",
     "longcat_flash": "two attention and two MLP sublayers per layer plus a shortcut MoE: more terms than attn + mlp",
     "dory": "looped stack: each decoder layer runs twice per forward",

@@ -13,6 +13,8 @@ from mechkit.autodetect import HookMapDetectionError
 from mechkit.hookpoints import builtin_maps, has_mechkit_hooks
 from mechkit.interventions import ablate
 from mechkit.patching import activation_patch
+from mechkit.steering import LinEAS
+from mechkit.steering.base import model_info
 from mechkit.tasks.base import PatchingTask
 
 IDS = torch.randint(1, 200, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -170,3 +172,77 @@ def test_points_a_layer_lacks_say_why():
     with pytest.raises(HookNameError, match="mixture of experts.*hook_router_logits"):
         m.run_with_cache(IDS, names=["blocks.1.mlp.hook_post"])
     assert not has_mechkit_hooks(m.hf_model)
+
+
+def _stream_run(hf, ids, replace_mid=None):
+    """GPT-1 by hand: logits, and per layer (x, n) with n = ln_1(x + attn(x)) the stream between
+    attention and MLP; ``replace_mid``: {layer: fn(x) -> new n} (a plain torch hook on ln_1)."""
+    seen, handles = {}, []
+    for l, block in enumerate(hf.transformer.h):
+        handles.append(block.register_forward_pre_hook(lambda mod, a, l=l: seen.__setitem__(l, [a[0]])))
+        if replace_mid and l in replace_mid:
+            handles.append(block.ln_1.register_forward_hook(lambda mod, a, out, l=l: replace_mid[l](seen[l][0])))
+        handles.append(block.mlp.register_forward_pre_hook(lambda mod, a, l=l: seen[l].append(a[0])))
+    try:
+        with torch.no_grad():
+            logits = hf(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, seen
+
+
+def test_post_ln_terms_are_the_streams_increments_and_write_through():
+    """GPT-1 (post-LN) has no module output that is the term a layer adds: attn_out and mlp_out are the
+    stream's increments n - x and h - n (checked against a hand-run forward), and patching attn_out
+    from another prompt equals setting the stream below the MLP to x_corrupt + (n - x)_clean by hand."""
+    hf = build("openai-gpt")
+    m = mk.load(hf)
+    assert m.hook_map.family["residual"] == "increments"
+    clean, corrupt = IDS[:1], IDS[1:]
+    ref, seen = _stream_run(hf, clean)
+    logits, cache = m.run_with_cache(clean)
+    torch.testing.assert_close(logits, ref, atol=0, rtol=0)
+    for l, (x, n) in seen.items():
+        torch.testing.assert_close(cache[f"blocks.{l}.hook_resid_mid"], n, atol=0, rtol=0)
+        torch.testing.assert_close(cache[f"blocks.{l}.hook_attn_out"], n - x, atol=1e-6, rtol=0)
+        nxt = seen[l + 1][0] if l + 1 in seen else cache[f"blocks.{l}.hook_resid_post"]
+        torch.testing.assert_close(cache[f"blocks.{l}.hook_mlp_out"], nxt - n, atol=1e-6, rtol=0)
+    delta = cache["blocks.1.hook_attn_out"]
+    want, _ = _stream_run(hf, corrupt, {1: lambda x: x + delta})
+    with torch.no_grad():
+        got = m.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.hook_attn_out", lambda x, h: delta)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(want, _stream_run(hf, corrupt)[0], atol=1e-3)  # the patch changes the logits
+
+
+@pytest.mark.parametrize("model_type", ["beam", "gpt_neox_japanese"])
+def test_scaled_stream_terms_sum_to_the_stream_and_refuse_linear_splits(model_type):
+    """Beam's depth-scaled residual (x' = s x + f / sqrt(i)) and NeoX-Japanese's last-layer bias added
+    outside any module: the increments decompose every layer; what needs heads or neurons to add
+    linearly into the stream (edge circuits, neuron stacks, steering merge) is refused with the reason."""
+    from mechkit.circuits.flow import check_model
+
+    m = mk.load(build(model_type))
+    _, cache = m.run_with_cache(IDS)
+    for l in range(m.cfg.n_layers):
+        post = cache[f"blocks.{l}.hook_resid_post"]
+        total = cache[f"blocks.{l}.hook_resid_pre"] + cache[f"blocks.{l}.hook_attn_out"] + cache[f"blocks.{l}.hook_mlp_out"]
+        torch.testing.assert_close(total, post, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="increments"):
+        check_model(m)
+    for split in (cache.stack_neuron_results, cache.stack_head_results, cache.get_full_resid_decomposition):
+        with pytest.raises(ValueError, match="increments"):
+            split(1)
+    for name in ("blocks.1.hook_attn_out", "blocks.1.hook_resid_mid"):  # the stream there is a local variable
+        with pytest.raises(ValueError, match=f"'{name}' returned a new value, but this point can only be read"):
+            m.run_with_hooks(IDS, fwd_hooks=[(name, lambda x, h: x + 1)])
+        assert not has_mechkit_hooks(m.hf_model)
+    patched = m.run_with_hooks(IDS, fwd_hooks=[("blocks.0.hook_mlp_out", lambda x, h: x + 1)])  # written at the output
+    torch.testing.assert_close(m.run_with_hooks(IDS, fwd_hooks=[("blocks.1.hook_resid_pre", lambda x, h: x + 1)]),
+                               patched, atol=1e-5, rtol=0)
+    st = LinEAS(point="hook_attn_out")
+    st.tensors = {"blocks.0.hook_attn_out": {"w": torch.ones(m.cfg.d_model), "b": torch.ones(m.cfg.d_model)}}
+    st.info = model_info(m)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        st.merge(m)

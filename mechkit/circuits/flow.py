@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..hookpoints import terms_not_linear
 from ..sites import act_name
 from ..weights import weight_in_out
 from .graph import Graph
@@ -40,10 +41,10 @@ def point(kind: str, layer: int | None = None) -> str:
 def check_model(model: HookedModel) -> Graph:
     """The model's graph, or a clear error where heads do not add linearly into the residual."""
     fam = model.hook_map.family
-    if "attn_post_norm" in fam:
+    why = terms_not_linear(fam)
+    if why:
         raise ValueError(f"edge-level circuits need each head's output to add linearly into the residual stream; "
-                         f"family '{model.hook_map.name}' normalises the attention output before adding it "
-                         f"(attn_post_norm), which is not supported yet")
+                         f"{why}, which is not supported yet")
     missing = [p for p in (point("q", 0), point("mlp_in", 0)) if p not in model.points.points]
     if missing:
         raise ValueError(f"edge-level circuits need the hook points {missing}, which hook map "
