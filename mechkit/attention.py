@@ -46,7 +46,9 @@ def mechkit_attention(
     s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """query [b, H, q, dh], key/value [b, Hkv, k, dh], additive mask [b, 1, q, >=k].
+    """query [b, H, q, dh], key/value [b, Hkv, k, dh], additive mask [b, 1, q, >=k]; ``indices``
+    [b, q, topk] (DeepSeek-V3.2-style sparse attention hands its indexer's choice to attention
+    functions other than eager/SDPA): keys outside each query's top-k are masked, as eager does.
 
     Returns (z [b, q, H, dh], pattern [b, H, q, k]) like every HF attention function.
     """
@@ -64,6 +66,10 @@ def mechkit_attention(
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+    indices = kwargs.get("indices")
+    if indices is not None:  # sparse attention: each query sees only its indexer's top-k keys [b, q, topk]
+        keep = torch.zeros(scores.shape[0], scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device)
+        scores = scores.masked_fill(~keep.scatter_(-1, indices.long(), True)[:, None], torch.finfo(scores.dtype).min)
     scores = run_attention_handlers(module, "scores", scores)
     if s_aux is not None:
         sinks = s_aux.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[-2], 1)

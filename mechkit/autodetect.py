@@ -685,10 +685,13 @@ def _reasons(points: dict, kinds: list[str]) -> None:
         points.setdefault(pl + "hook_resid_mid", {"unavailable": "a detected map has no resid_mid (whether the block is "
                                                   "sequential is not verified): use hook_resid_pre, hook_attn_out or "
                                                   "hook_mlp_out, or write a TOML map"})
-        if kind != "attn":
-            for t in ("q", "k", "v", "pattern", "z"):
-                points.setdefault(pl + f"attn.hook_{t}", {"unavailable": f"layer {l} is a {kind} layer (no softmax "
-                                                          f"attention); its output is {act_name('mixer_out', l)}"})
+        for t in ("q", "k", "v", "pattern", "z"):
+            why = (f"layer {l} is a {kind} layer (no softmax attention); its output is {act_name('mixer_out', l)}"
+                   if kind != "attn" else
+                   f"layer {l}'s attention does not call transformers' attention interface once per forward, or "
+                   f"mechkit's attention function does not reproduce this model's logits, so per-head tensors cannot "
+                   f"be hooked; {act_name('attn_out', l)} can")
+            points.setdefault(pl + f"attn.hook_{t}", {"unavailable": why})
         moe = pl + "mlp.hook_expert_weights" in points or pl + "mlp.hook_router_logits" in points
         for t in ("post", "pre"):
             if pl + f"mlp.hook_{t}" not in points:

@@ -48,7 +48,9 @@ FIXES: dict[str, dict] = {
     "dbrx": {"attn_config": {"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 8.0}},
     "gpt_neo": {"attention_types": [[["global", "local"], 2]]},
     "zaya": {"num_experts_per_tok": 1},
-    "dots3_note_text": {"num_key_value_heads": 4},
+    # MLA with full-size heads (its validator: head_dim = nope + rope); layers 2-3 keep their own head counts
+    "dots3_note_text": {"num_key_value_heads": 4, "head_dim": 16, "per_layer_config": {
+        f"0{l}": {"num_attention_heads": 2, "num_key_value_heads": 2} for l in (2, 3)}},
     # its default config leaves the per-layer-type rotary parameters empty
     "cohere_compass_text": {"rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0}
                                                 for t in ("full_attention", "sliding_attention")}},

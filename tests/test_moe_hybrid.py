@@ -246,3 +246,27 @@ def test_scaled_stream_terms_sum_to_the_stream_and_refuse_linear_splits(model_ty
     st.info = model_info(m)
     with pytest.raises(ValueError, match="cannot be merged"):
         st.merge(m)
+
+
+def test_sparse_attention_patterns_keep_only_the_indexers_keys():
+    """DeepSeek-V3.2-style sparse attention hands the indexer's top-k keys to attention functions other
+    than eager/SDPA as ``indices``: mechkit's attention masks the other keys (before: ignored, so the
+    hooked model attended to every key and detection silently dropped the per-head points)."""
+    hf = build("deepseek_v32")
+    m = mk.load(hf)
+    ids = torch.randint(1, 200, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, use_cache=False).logits
+    logits, cache = m.run_with_cache(ids, names=["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"])
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    topk = hf.config.index_topk
+    for l in (0, 1):
+        seen = (cache[f"blocks.{l}.attn.hook_pattern"] > 0).sum(-1)  # [b, heads, q]: keys each query attends to
+        assert int(seen.max()) == topk < ids.shape[1]
+        torch.testing.assert_close(cache[f"blocks.{l}.attn.hook_pattern"].sum(-1), torch.ones_like(seen, dtype=torch.float))
+
+
+def test_per_layer_head_counts_give_per_layer_patterns():
+    m = mk.load(build("dots3_note_text"))  # layers 0-1: 4 heads, layers 2-3: 2 (the config's per_layer_config)
+    _, cache = m.run_with_cache(IDS, names=[f"blocks.{l}.attn.hook_pattern" for l in range(4)])
+    assert [cache[f"blocks.{l}.attn.hook_pattern"].shape[1] for l in range(4)] == [4, 4, 2, 2]
