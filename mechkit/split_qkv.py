@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .hf_compat import tensor_state
+from .hf_compat import inner_forward, tensor_state
 from .modpath import get_module
 from .weights import bias_of, weight_in_out
 
@@ -117,7 +117,7 @@ def install_split(stack: ExitStack, model: HookedModel, hook_map, layer: int, ha
             # a new tensor, or the copies edited in place (returned or not): compare values, not identity
             changed = new is not copies or (not pure and not torch.equal(copies, shared))
             if changed or (torch.is_grad_enabled() and new.requires_grad):
-                state[part] = (module.forward(new), changed)  # .forward: this norm's own hooks must not rerun
+                state[part] = (inner_forward(module)(new), changed)  # this norm's own hooks and taps must not rerun
         return None
 
     stack.callback(norm.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
@@ -325,7 +325,7 @@ def _grad_tap(layer: int, cols: dict[str, torch.Tensor], seen: dict, norm, on_gr
         U = torch.einsum("...he,dhe->h...d", Gp, Wp)  # [heads, b, p, d_model]
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
-            n = norm.forward(x_)  # .forward: the model's norm (LRP rules included), none of its hooks
+            n = inner_forward(norm)(x_)  # the model's norm (LRP rules included), none of its hooks or taps
             (gx,) = torch.autograd.grad(n, x_, U.to(n.dtype), is_grads_batched=True)
         deliver(lambda h0, h1: gx[h0:h1].movedim(0, 2))
 
@@ -373,7 +373,7 @@ def _shift_tap(shifts: dict, cols: dict[str, torch.Tensor], seen: dict, norm):
         pos = torch.arange(out.shape[1], device=out.device)
         for part, (rows, heads, delta) in shifts.items():
             x = seen["x"]
-            n = norm.forward(x[rows] + delta.to(x.dtype))  # [m, pos, d_model]
+            n = inner_forward(norm)(x[rows] + delta.to(x.dtype))  # [m, pos, d_model]
             idx = cols[part].to(out.device)[heads]  # [m, d_head] output columns of each row's head
             c = torch.bmm(n.to(W.dtype), W[:, idx].permute(1, 0, 2))  # [m, pos, d_head]
             if bias is not None:

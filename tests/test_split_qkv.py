@@ -265,3 +265,14 @@ def test_norm_form_refuses_a_norm_whose_eps_it_cannot_read():
 
     assert norm_form(torch.nn.LayerNorm(8))[:3] == ("layernorm", 0.0, 1e-5)
     assert norm_form(OddNorm(8)) is None
+
+
+def test_split_copies_do_not_run_the_norms_own_hook_points():
+    """A hook on the attention norm (ln1.hook_scale: an output tap on the norm) runs once per forward on
+    the residual, not again on the split copies a changed q/k/v input sends through the norm."""
+    m = mk.load(random_hf_model("gpt2"))
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    shapes = []
+    m.run_with_hooks(ids, fwd_hooks=[("blocks.0.ln1.hook_scale", lambda x, h: shapes.append(tuple(x.shape))),
+                                     ("blocks.0.hook_q_input", lambda x, h: x * 1.0)])
+    assert shapes == [(2, 5, 1)]
