@@ -344,6 +344,39 @@ def _grad_tap(layer: int, cols: dict[str, torch.Tensor], seen: dict, norm, on_gr
 
 
 @contextmanager
+def shared_inputs(model: HookedModel, layer: int, provide: Callable) -> Iterator[None]:
+    """Every q/k/v head reads one of a few shared inputs, exactly as if its split input point returned it.
+
+    ``provide(x)`` (x [rows, pos, d_model]: the residual the attention norm receives) returns None (no
+    head changes) or ``(inputs [rows, pos, D, d_model], index)`` with ``index[part]`` [rows, heads] long:
+    row r's head h of ``part`` reads ``inputs[r, :, index[part][r, h]]``; parts not in ``index`` are
+    unchanged. The norm runs once per distinct input (D per row, where split points run it on every
+    head of every part), then each head's normalised input is gathered for its projection columns.
+    Circuit evaluation: most heads of a row group read the same residual (all or none of their
+    incoming edges ablated)."""
+    sizes = Sizes(model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_head)
+    norm, projs = _layer_modules(model.hf_model, model.hook_map, layer, PARTS, sizes)
+    state: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    def pre_hook(module, args, kwargs):
+        state.clear()
+        got = provide(args[0] if args else kwargs["hidden_states"])
+        if got is not None:
+            inputs, index = got
+            normed = inner_forward(module)(inputs)  # [rows, pos, D, d_model]
+            for part, idx in index.items():
+                at = idx[:, None, :, None].expand(-1, normed.shape[1], -1, normed.shape[-1])
+                state[part] = (normed.gather(2, at), True)  # [rows, pos, heads, d_model]
+        return None
+
+    with ExitStack() as stack:
+        stack.callback(norm.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
+        for proj, cols in projs:
+            stack.callback(proj.register_forward_hook(_proj_hook(cols, state)).remove)
+        yield
+
+
+@contextmanager
 def shifted_heads(model: HookedModel, layer: int, shifts: dict) -> Iterator[None]:
     """A few heads read a shifted residual, exactly as if their split input point returned ``x + delta``.
 

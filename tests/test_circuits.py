@@ -177,7 +177,8 @@ def test_fused_evaluation_equals_the_hand_loop(name):
     assert (task.clean_mask == 0).any()  # padded prompts
     g = C.Graph.from_model(m)
     gen = torch.Generator().manual_seed(0)
-    circuits = [C.Circuit(g, torch.rand(g.real.shape, generator=gen) < p) for p in (0.3, 0.9)]
+    # a small circuit (most heads read the same fully ablated input), a middling and a large one
+    circuits = [C.Circuit(g, torch.rand(g.real.shape, generator=gen) < p) for p in (0.02, 0.3, 0.9)]
     one_off = g.real.clone()
     one_off[g.edge_index("a0.h1->a3.h5<v>" if name == "tiny-gpt2" else "input->a0.kv1<v>")] = False
     circuits.append(C.Circuit(g, one_off))

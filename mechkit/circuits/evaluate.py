@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..patching.metrics import as_metric, logit_diff
 from ..patching.metrics import evaluate as metric_means
-from ..split_qkv import shifted_heads
+from ..split_qkv import shared_inputs, shifted_heads
 from .attribute import _runner, sender_outputs
 from .circuit import Circuit
 from .flow import SenderHooks, check_model, point, receiver_hooks
@@ -120,13 +120,21 @@ def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=No
     shifts = _Shifts(graph, A, absent, n, prefix, needed=cut.any(1))
     senders = SenderHooks(model, graph, on_value=shifts.on_value, needed=cut.any(1))
     sparse = prefix is not None  # q/k/v receivers: only the one changed head of each row group is recomputed
-    hooks = extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive, needed=cut.any(0), qkv=not sparse,
-                                                     pure=True)
+    hooks = extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive, needed=cut.any(0), qkv=False)
     with torch.no_grad(), ExitStack() as stack:
         for layer, parts in (shifts.head_shifts() if sparse else {}).items():
             stack.enter_context(shifted_heads(model, layer, parts))
+        for layer in ([] if sparse else _qkv_layers(graph, cut)):  # q/k/v: the norm once per distinct input
+            stack.enter_context(shared_inputs(model, layer, lambda x, layer=layer: shifts.shared(layer, x)))
         logits = run(batch, hooks, start=start)
     return metric_means(metric, logits, n)
+
+
+def _qkv_layers(graph, cut: torch.Tensor) -> list[int]:
+    """The layers with a query, key or value receiver that some circuit of the chunk cuts (``cut`` [S, R])."""
+    into = cut.any(0)
+    return [l for l in range(graph.n_layers)
+            if bool(into[graph.layer_slice(l).start:graph.layer_slice(l).stop - 1].any())]
 
 
 def _start(graph, absent, prefix, K: int) -> tuple[int, list]:
@@ -158,7 +166,6 @@ class _Shifts:
         self.needed = needed  # [S] bool: the senders whose values arrive (the others' rows are zeroed)
         self.sparse = prefix is not None
         self.buf = None  # dense: [K, S, n, p, d]
-        self.layer_shift: dict = {}  # the last attention layer's shift (q, k, v share it)
         if self.sparse:
             idx = absent.flatten(1).float().argmax(1)
             self.has = absent.flatten(1).any(1)
@@ -186,9 +193,12 @@ class _Shifts:
         mask = self.absent[:, :up, cols]
         if not bool(mask.any()):
             return None
-        if self.sparse:
-            return self._gather(cols)
+        return self._gather(cols) if self.sparse else self._dense(mask)
+
+    def _dense(self, mask: torch.Tensor) -> torch.Tensor:
+        """[K, n, p, R, d] shift of receivers whose absent upstream edges are ``mask`` [K, up, R]."""
         buf, K, n = self.buf, self.K, self.n
+        up = mask.shape[1]
         _, _, _, p, d = buf.shape
         R = mask.shape[2]
         mt = mask.transpose(1, 2).to(buf.dtype)  # [K, R, up]
@@ -230,23 +240,51 @@ class _Shifts:
         return {l: {p: tuple(torch.cat(t) for t in zip(*v)) for p, v in parts.items()} for l, parts in out.items()}
 
     def receive(self, layer: int, part: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The receiver hook (:func:`receiver_hooks`): ``x`` plus its shift, or None (unchanged).
-        ``x``: [rows, p, d] (logits, mlp) or [rows, p, heads, d] (q, k, v)."""
-        graph, K, n = self.graph, self.K, self.n
-        if part in ("logits", "mlp"):
-            r = graph.logits if part == "logits" else graph.receiver(layer, "mlp")
-            sh = self.shift(slice(r, r + 1), graph.n_senders if part == "logits" else graph.mlp_upstream(layer))
-            return None if sh is None else _plus(x, sh[:, :, :, 0], K, n)
-        if layer not in self.layer_shift:  # q, k, v of one layer share their upstream senders
-            sl = graph.layer_slice(layer)
-            self.layer_shift.clear()
-            self.layer_shift[layer] = self.shift(slice(sl.start, sl.stop - 1), graph.attn_upstream(layer))
-        sh = self.layer_shift[layer]
-        if sh is None:
+        """The MLP / logits receiver hook (:func:`receiver_hooks`): ``x`` [rows, p, d] plus its shift, or
+        None (unchanged). Queries, keys and values: :meth:`shared`."""
+        graph = self.graph
+        r = graph.logits if part == "logits" else graph.receiver(layer, "mlp")
+        sh = self.shift(slice(r, r + 1), graph.n_senders if part == "logits" else graph.mlp_upstream(layer))
+        return None if sh is None else _plus(x, sh[:, :, :, 0], self.K, self.n)
+
+    def shared(self, layer: int, x: torch.Tensor):
+        """Dense q/k/v inputs of ``layer`` for :func:`mechkit.split_qkv.shared_inputs`: each row group's
+        distinct receiver inputs ``x + shift`` [K n, p, D, d] (receivers whose absent upstream edges are
+        the same read the same input) and which one each head reads, {part: [K n, heads]}; None where
+        no circuit of the chunk misses an edge into the layer's heads. ``x``: [K n, p, d]."""
+        g, K, n = self.graph, self.K, self.n
+        sl = g.layer_slice(layer)
+        mask = self.absent[:, :g.attn_upstream(layer), sl.start:sl.stop - 1]  # [K, up, R]
+        if not bool(mask.any()):
             return None
-        H, Hkv = graph.n_heads, graph.n_kv_heads
-        lo = {"q": 0, "k": H, "v": H + Hkv}[part]
-        return _plus(x, sh[:, :, :, lo:lo + x.shape[2]], K, n)
+        cols, index = _distinct_columns(mask)  # [K, up, D], [K, R]
+        sh = self._dense(cols)  # [K, n, p, D, d]
+        _, _, p, D, d = sh.shape
+        inputs = torch.empty(K * n, p, D, d, dtype=x.dtype, device=x.device)
+        torch.add(x.view(K, n, p, 1, d), sh.to(x.dtype), out=inputs.view(K, n, p, D, d))
+        moved = cols.any(1).gather(1, index)  # [K, R]: the receiver's input is shifted
+        H, Hkv = g.n_heads, g.n_kv_heads
+        parts = {}
+        for part, lo, hi in (("q", 0, H), ("k", H, H + Hkv), ("v", H + Hkv, H + 2 * Hkv)):
+            if bool(moved[:, lo:hi].any()):
+                parts[part] = index[:, lo:hi].repeat_interleave(n, 0)  # [K n, heads]
+        return inputs, parts
+
+
+def _distinct_columns(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row group's distinct columns of ``mask`` [K, up, R] bool: (columns [K, up, D] bool, D the
+    most any row group has, padded with all-False columns; index [K, R] long: receiver r of row group
+    k is column ``index[k, r]`` of its group)."""
+    K, up, R = mask.shape
+    group = torch.arange(K, device=mask.device).repeat_interleave(R)[:, None]
+    rows = torch.cat([group, mask.transpose(1, 2).reshape(K * R, up).long()], 1)  # [K R, 1 + up]
+    uniq, inv = torch.unique(rows, dim=0, return_inverse=True)  # sorted by row group first
+    k_of = uniq[:, 0]
+    counts = torch.bincount(k_of, minlength=K)
+    local = torch.arange(len(uniq), device=mask.device) - (counts.cumsum(0) - counts)[k_of]
+    cols = torch.zeros(K, int(counts.max()), up, dtype=torch.bool, device=mask.device)
+    cols[k_of, local] = uniq[:, 1:].bool()
+    return cols.transpose(1, 2), local[inv].view(K, R)
 
 
 def _plus(x: torch.Tensor, shift: torch.Tensor, K: int, n: int) -> torch.Tensor:
