@@ -117,7 +117,8 @@ def install_split(stack: ExitStack, model: HookedModel, hook_map, layer: int, ha
             # a new tensor, or the copies edited in place (returned or not): compare values, not identity
             changed = new is not copies or (not pure and not torch.equal(copies, shared))
             if changed or (torch.is_grad_enabled() and new.requires_grad):
-                state[part] = (inner_forward(module)(new), changed)  # this norm's own hooks and taps must not rerun
+                normed = inner_forward(module)(new)  # this norm's own hooks and taps must not rerun
+                state[part] = (_per_head(normed), changed)
         return None
 
     stack.callback(norm.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
@@ -125,24 +126,48 @@ def install_split(stack: ExitStack, model: HookedModel, hook_map, layer: int, ha
         stack.callback(proj.register_forward_hook(_proj_hook(cols, state)).remove)
 
 
+def _per_head(normed: torch.Tensor) -> Callable:
+    """Each head's projection of its own normalised copy ``normed`` [..., heads, d_model]:
+    ``fn(W_p [d_model, heads, d_head]) -> [..., heads, d_head]``."""
+    return lambda Wp: torch.einsum("...hd,dhe->...he", normed, Wp.to(normed.dtype))
+
+
+def _shared(normed: torch.Tensor, which: torch.Tensor) -> Callable:
+    """Heads reading one of D shared normalised inputs ``normed`` [rows, pos, D, d_model], head h of row
+    r reading ``which[r, h]``: ``fn(W_p) -> [rows, pos, heads, d_head]``. Few inputs: every head's
+    columns of every input, then a gather of the small results; many: the inputs gathered per head."""
+    rows, pos, D, d = normed.shape
+    if D > SHARED_PROJECT_ALL:
+        return _per_head(normed.gather(2, which[:, None, :, None].expand(rows, pos, -1, d)))
+
+    def project(Wp: torch.Tensor) -> torch.Tensor:
+        c = torch.einsum("rpDd,dhe->rpDhe", normed, Wp.to(normed.dtype))  # [rows, pos, D, heads, d_head]
+        at = which[:, None, None, :, None].expand(rows, pos, 1, -1, c.shape[-1])
+        return c.gather(2, at).squeeze(2)
+    return project
+
+
+SHARED_PROJECT_ALL = 4  # up to this many shared inputs, project each with every head (cheaper than copies)
+
+
 def _proj_hook(cols: dict[str, torch.Tensor], state: dict):
     """A projection forward hook writing the columns of every part in ``state`` (split copies run
-    through the norm, see :func:`install_split`); ``cols``: {part: output columns [heads, d_head]}."""
+    through the norm, see :func:`install_split`): ``state[part] = (project, changed)``, ``project(W_p
+    [d_model, heads, d_head]) -> [..., heads, d_head]``; ``cols``: {part: output columns [heads, d_head]}."""
     def hook(module, args, out):
         todo = [p for p in cols if p in state]
         if not todo:
             return None
         W = weight_in_out(module)
         for p in todo:
-            split_n, changed = state.pop(p)
+            project, changed = state.pop(p)
             idx = cols[p].to(out.device)
-            Wp = W[:, idx.flatten()].unflatten(-1, idx.shape).to(split_n.dtype)  # [d_model, heads, d_head]
-            c = torch.einsum("...hd,dhe->...he", split_n, Wp)
+            c = project(W[:, idx.flatten()].unflatten(-1, idx.shape))  # W_p: [d_model, heads, d_head]
             if changed:  # P(split_h)_h: the head's columns as the projection computes them from its copy
                 b = bias_of(module)
                 new = c if b is None else c + b[idx.flatten()].view(idx.shape).to(c.dtype)
             else:  # the value stays out's, bit for bit; the gradient reaches only the copies
-                base = out.detach()[..., idx.flatten()].unflatten(-1, idx.shape).to(split_n.dtype)
+                base = out.detach()[..., idx.flatten()].unflatten(-1, idx.shape).to(c.dtype)
                 new = base + (c - c.detach())
             out = out.index_copy(out.dim() - 1, idx.flatten(), new.flatten(-2).to(out.dtype))
         return out
@@ -364,9 +389,8 @@ def shared_inputs(model: HookedModel, layer: int, provide: Callable) -> Iterator
         if got is not None:
             inputs, index = got
             normed = inner_forward(module)(inputs)  # [rows, pos, D, d_model]
-            for part, idx in index.items():
-                at = idx[:, None, :, None].expand(-1, normed.shape[1], -1, normed.shape[-1])
-                state[part] = (normed.gather(2, at), True)  # [rows, pos, heads, d_model]
+            for part, which in index.items():
+                state[part] = (_shared(normed, which), True)
         return None
 
     with ExitStack() as stack:
