@@ -270,3 +270,26 @@ def test_per_layer_head_counts_give_per_layer_patterns():
     m = mk.load(build("dots3_note_text"))  # layers 0-1: 4 heads, layers 2-3: 2 (the config's per_layer_config)
     _, cache = m.run_with_cache(IDS, names=[f"blocks.{l}.attn.hook_pattern" for l in range(4)])
     assert [cache[f"blocks.{l}.attn.hook_pattern"].shape[1] for l in range(4)] == [4, 4, 2, 2]
+
+
+@pytest.mark.parametrize("model_type", ["openai-gpt", "zaya"])
+def test_fused_patching_of_stream_increments_equals_hooked_forwards(model_type):
+    """activation_patch at attn_out / mlp_out (virtual differences written through the stream) on the
+    fused engine equals patching each position by hand with hooks."""
+    m = mk.load(build(model_type))
+    clean, corrupt = IDS, torch.randint(1, 200, IDS.shape, generator=torch.Generator().manual_seed(9))
+    ones = torch.ones_like(clean)
+    task = PatchingTask(clean, corrupt, ones, ones, clean[:, 0], corrupt[:, 0], ["c"] * 2, ["x"] * 2)
+    for site in ("attn_out", "mlp_out"):
+        res = activation_patch(m, task, sites=site, layers=[1], progress=False, normalise=False)
+        name = f"blocks.1.hook_{site}"
+        _, src = m.run_with_cache(clean, names=[name])
+        for pos in (0, 4):
+            def put(x, hook, pos=pos, value=src[name]):
+                x = x.clone()
+                x[:, pos] = value[:, pos]
+                return x
+            with torch.no_grad(), m.hooks({name: put}):
+                last = m(corrupt)[:, -1].float()
+            want = (last.gather(1, clean[:, :1]) - last.gather(1, corrupt[:, :1]))[:, 0].mean()
+            assert abs(float(res.values[0, pos] - want)) <= 1e-4 * (1 + abs(float(want))), (site, pos)
