@@ -43,7 +43,8 @@ def table(data: dict, reasons: bool) -> str:
         lines.append(f"- {kind}s: **{len(ok)} of {len(rows)}** pass every check")
     lines += ["", f"Measured on transformers {data['transformers']}, torch {data['torch']} "
               f"(tests/test_architecture_coverage.py, {data['seconds']:.0f} s for the sweep).", "",
-              "<details><summary>Every type: route (hand-written map or detected), layer kinds, points</summary>",
+              "<details><summary>Every type: route (hand-written map or detected; \"increments\": attn_out / "
+              "mlp_out are the stream's increments, see docs/architectures.md), layer kinds, points</summary>",
               "", "| type | kind | route | layers | points besides resid/attn_out/mlp_out | status |",
               "|---|---|---|---|---|---|"]
     for t, r in sorted(types.items()):

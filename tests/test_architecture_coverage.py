@@ -94,6 +94,8 @@ def check(model_type: str, **overrides) -> dict:
     except Exception as e:  # noqa: BLE001
         return {**r, "status": "load-crash", "error": f"{type(e).__name__}: {str(e)[:300]}"}
     fam = m.hook_map.family
+    if fam.get("residual") == "increments":  # attn_out / mlp_out are the stream's increments
+        r["route"] += ", increments"
     r["kinds"] = fam.get("layer_kinds")
     r["points"] = sorted({n.split(".", 2)[-1] if n.startswith("blocks.") else n for n in m.hook_names()})
     step = "start"
