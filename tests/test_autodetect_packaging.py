@@ -131,6 +131,7 @@ def test_wheel_ships_hook_maps(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for fam in FAMILIES:
         assert f"mechkit/hooks/{fam}.toml" in names
+    assert "mechkit/hooks/detect/increments.toml" in names  # the detector's data for streams it cannot see
     # the installed (non-editable) package finds its hook maps
     target = tmp_path / "site"
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
@@ -139,6 +140,9 @@ def test_wheel_ships_hook_maps(tmp_path):
     where, seen = _maps_seen(sys.executable, tmp_path, {"PYTHONPATH": str(target)})
     assert where.startswith(str(target)), where
     assert "'gpt2'," in seen and "'llama'," in seen
+    hints = subprocess.run([sys.executable, "-c", "import mechkit.autodetect as a; print(sorted(a.increments_hints()))"],
+                           capture_output=True, text=True, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(target)})
+    assert hints.returncode == 0 and "'openai-gpt'" in hints.stdout, hints.stderr[-2000:]
     assert _installed_mechkit() == installed_before, "installing the wheel elsewhere changed this environment's mechkit"
 
 
