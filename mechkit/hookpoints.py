@@ -440,9 +440,7 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
             raise AssertionError(spec)
 
     def wrap(fn: HookFn, hook: Hook) -> Callable[[torch.Tensor], torch.Tensor | None]:
-        run = lambda x: fn(x, hook)  # noqa: E731
-        run.pure = getattr(fn, "pure", False)  # mechkit's own: never edits its input in place
-        return run
+        return lambda x: fn(x, hook)
 
     for name, fn in hooks:
         spec = table.resolve(name)

@@ -104,18 +104,17 @@ def install_split(stack: ExitStack, model: HookedModel, hook_map, layer: int, ha
     """Install the split for one layer: ``handlers`` maps "q"/"k"/"v" to handler lists run by
     ``apply(handlers, x [batch, pos, head, d_model])`` (mechkit's hook runner)."""
     norm, projs = _layer_modules(model, hook_map, layer, handlers, sizes)
-    state: dict[str, tuple[torch.Tensor, bool]] = {}
+    state: dict[str, tuple[Callable, bool]] = {}  # part -> (project, changed), read by _proj_hook
 
     def pre_hook(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
         state.clear()
         for part, hs in handlers.items():
             shared = x.unsqueeze(-2).expand(*x.shape[:-1], sizes.heads(part), x.shape[-1])
-            pure = all(getattr(h.run, "pure", False) for h in hs)  # mechkit's own hooks read, never edit
-            copies = shared if pure else shared.clone()
+            copies = shared.clone()
             new = apply(hs, copies)
             # a new tensor, or the copies edited in place (returned or not): compare values, not identity
-            changed = new is not copies or (not pure and not torch.equal(copies, shared))
+            changed = new is not copies or not torch.equal(copies, shared)
             if changed or (torch.is_grad_enabled() and new.requires_grad):
                 normed = inner_forward(module)(new)  # this norm's own hooks and taps must not rerun
                 state[part] = (_per_head(normed), changed)
@@ -381,7 +380,7 @@ def shared_inputs(model: HookedModel, layer: int, provide: Callable) -> Iterator
     incoming edges ablated)."""
     sizes = Sizes(model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_head)
     norm, projs = _layer_modules(model.hf_model, model.hook_map, layer, PARTS, sizes)
-    state: dict[str, tuple[torch.Tensor, bool]] = {}
+    state: dict[str, tuple[Callable, bool]] = {}  # part -> (project, changed), read by _proj_hook
 
     def pre_hook(module, args, kwargs):
         state.clear()

@@ -106,7 +106,7 @@ class SenderHooks:
 
 
 def receiver_hooks(model: HookedModel, graph: Graph, fn: Callable, needed: torch.Tensor | None = None,
-                   qkv: bool = True, pure: bool = False) -> list[tuple[str, Callable]]:
+                   qkv: bool = True) -> list[tuple[str, Callable]]:
     """Hooks on every receiver input; ``fn(layer, part, x)`` returns the tensor that receiver reads.
 
     part "q"/"k"/"v": x [b, p, heads, d]; "mlp": x [b, p, d]; "logits" (layer = n_layers): x [b, p, d].
@@ -114,8 +114,6 @@ def receiver_hooks(model: HookedModel, graph: Graph, fn: Callable, needed: torch
     q/k/v (or MLP, or the logits) are hooked only where one of its receivers is (None: all), which
     spares the per-head residual copies of the split points where nothing changes. ``qkv=False``:
     the MLP and logits receivers only (gradients of q/k/v: :func:`mechkit.split_qkv.split_input_grads`).
-    ``pure=True``: ``fn`` never edits ``x`` in place, so the q/k/v split points hand it the residual
-    broadcast over the heads without copying it first.
     """
     def wanted(sl: slice) -> bool:
         return needed is None or bool(needed[sl].any())
@@ -125,9 +123,7 @@ def receiver_hooks(model: HookedModel, graph: Graph, fn: Callable, needed: torch
         sl = graph.layer_slice(l)
         if qkv and wanted(slice(sl.start, sl.stop - 1)):
             for part in ("q", "k", "v"):
-                h = lambda x, hook, l=l, part=part: fn(l, part, x)  # noqa: E731
-                h.pure = pure
-                hs.append((point(part, l), h))
+                hs.append((point(part, l), lambda x, hook, l=l, part=part: fn(l, part, x)))
         if wanted(slice(sl.stop - 1, sl.stop)):
             hs.append((point("mlp_in", l), lambda x, hook, l=l: fn(l, "mlp", x.view_as(x))))
     last = graph.n_layers - 1
