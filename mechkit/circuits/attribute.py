@@ -97,7 +97,7 @@ def receiver_backward(model: HookedModel, graph: Graph, batch, run, metric_fn, o
     factored = bool(getattr(on_grad, "sums_runs", False))  # q/k/v gradients kept factored until scored
     with torch.enable_grad(), split_input_grads(model, on_grad, range(graph.n_layers), factored=factored):
         hooks = [*extra_hooks, (point("input"), grad_input), *(senders.hooks() if senders else ()),
-                 *receiver_hooks(model, graph, take, qkv=False)]
+                 *receiver_hooks(model, graph, take)]
         logits = run(batch, hooks)
         m = metric_fn(logits)
         if after_forward is not None:

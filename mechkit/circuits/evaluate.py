@@ -120,7 +120,7 @@ def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=No
     shifts = _Shifts(graph, A, absent, n, prefix, needed=cut.any(1))
     senders = SenderHooks(model, graph, on_value=shifts.on_value, needed=cut.any(1))
     sparse = prefix is not None  # q/k/v receivers: only the one changed head of each row group is recomputed
-    hooks = extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive, needed=cut.any(0), qkv=False)
+    hooks = extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive, needed=cut.any(0))
     with torch.no_grad(), ExitStack() as stack:
         for layer, parts in (shifts.head_shifts() if sparse else {}).items():
             stack.enter_context(shifted_heads(model, layer, parts))

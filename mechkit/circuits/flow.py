@@ -105,15 +105,14 @@ class SenderHooks:
         return hs
 
 
-def receiver_hooks(model: HookedModel, graph: Graph, fn: Callable, needed: torch.Tensor | None = None,
-                   qkv: bool = True) -> list[tuple[str, Callable]]:
-    """Hooks on every receiver input; ``fn(layer, part, x)`` returns the tensor that receiver reads.
-
-    part "q"/"k"/"v": x [b, p, heads, d]; "mlp": x [b, p, d]; "logits" (layer = n_layers): x [b, p, d].
-    Each hook hands ``fn`` a view only that receiver reads. ``needed``: [n_receivers] bool; a layer's
-    q/k/v (or MLP, or the logits) are hooked only where one of its receivers is (None: all), which
-    spares the per-head residual copies of the split points where nothing changes. ``qkv=False``:
-    the MLP and logits receivers only (gradients of q/k/v: :func:`mechkit.split_qkv.split_input_grads`).
+def receiver_hooks(model: HookedModel, graph: Graph, fn: Callable,
+                   needed: torch.Tensor | None = None) -> list[tuple[str, Callable]]:
+    """Hooks on the MLP and logits receivers' inputs; ``fn(layer, part, x)`` returns the tensor that
+    receiver reads: part "mlp": x [b, p, d]; "logits" (layer = n_layers): x [b, p, d]. ``needed``:
+    [n_receivers] bool; a layer's MLP (or the logits) is hooked only where its receiver is (None: all).
+    Queries, keys and values are reached without split points: their gradients by
+    :func:`mechkit.split_qkv.split_input_grads`, their shifted inputs by
+    :func:`mechkit.split_qkv.shared_inputs` / :func:`~mechkit.split_qkv.shifted_heads`.
     """
     def wanted(sl: slice) -> bool:
         return needed is None or bool(needed[sl].any())
@@ -121,9 +120,6 @@ def receiver_hooks(model: HookedModel, graph: Graph, fn: Callable, needed: torch
     hs = []
     for l in range(graph.n_layers):
         sl = graph.layer_slice(l)
-        if qkv and wanted(slice(sl.start, sl.stop - 1)):
-            for part in ("q", "k", "v"):
-                hs.append((point(part, l), lambda x, hook, l=l, part=part: fn(l, part, x)))
         if wanted(slice(sl.stop - 1, sl.stop)):
             hs.append((point("mlp_in", l), lambda x, hook, l=l: fn(l, "mlp", x.view_as(x))))
     last = graph.n_layers - 1
