@@ -115,7 +115,8 @@ def _probe_attention():
         z, pattern = mechkit_attention(module, query, key, value, attention_mask, **kw)
         rec = module.__dict__.get("_mechkit_probe")
         if rec is not None:
-            rec.append((tuple(query.shape), tuple(key.shape), tuple(value.shape), z.detach().clone()))
+            rec.append((tuple(query.shape), tuple(key.shape), tuple(value.shape), z.detach().clone(),
+                        value.detach().clone()))
         return z, pattern
 
     register_attention(PROBE, probe)
@@ -306,6 +307,7 @@ def detect_map(hf: nn.Module) -> HookMap:
                  "block": f"{layers_path}.{{l}}", "embed": emb_path, "unembed": names[unembed], "fast_paths": False}
     points: dict[str, dict] = {"hook_embed": {"module": emb_path, "side": "output"}}
     kinds = [_layer_points(hf, seen, layers_path, l, emb_out, fam, points, cfg) for l in range(len(layers))]
+    _keep_if_everywhere(points, fam, len(layers))
     _reasons(points, kinds)
     if "attn" not in kinds:
         raise _fail("no layer holds attention (a pure state-space or recurrent model)")
@@ -398,7 +400,46 @@ def _layer_points(hf: nn.Module, seen: _Seen, layers_path: str, l: int, emb_out:
         _attention_points(hf, seen, pl, block, attn_mods[0], fam, points)
     if mlp_term is not None:
         _mlp_points(hf, seen, pl, block, mlp_term, post, fam, points, cfg)
+        _mlp_in_point(hf, seen, pl, block, mlp_term, pre, fam, points)
     return kind
+
+
+def _mlp_in_point(hf: nn.Module, seen: _Seen, pl: str, block: str, mlp: str, pre: torch.Tensor, fam: dict,
+                  points: dict) -> None:
+    """``hook_mlp_in`` (the residual the MLP reads: its norm's input) and ``mlp_in_norm``, where one norm
+    of the block turns a residual-shaped tensor into the MLP's input; a norm reading ``resid_pre``
+    marks the block parallel (attention and MLP read the same residual)."""
+    x = seen.inp.get(mlp)
+    feeds = [x] if x is not None and x.shape == pre.shape else []  # the MLP's input, or its first linear's
+    lin = [p for p in seen.inp if p.startswith(block + ".") and seen.calls[p] == 1 and _is_proj(get_module(hf, p))
+           and seen.inp[p].shape == pre.shape and seen.order[p] <= seen.order[mlp]]
+    if lin:  # an MLP of loose linears in the block (OPT's fc1/fc2): the last d_model-input linear before its output
+        feeds.append(seen.inp[max(lin, key=lambda p: seen.order[p])])
+    norms = [p for p in seen.out if p.startswith(block + ".") and not p.startswith(mlp + ".") and seen.calls[p] == 1
+             and p in seen.inp and seen.inp[p].shape == pre.shape and any(torch.equal(seen.out[p], f) for f in feeds)
+             and "norm" in type(get_module(hf, p)).__name__.lower()]
+    tmpl = norms[-1].replace(block, "{block}", 1) if len(norms) == 1 else None
+    parallel = tmpl is not None and torch.equal(seen.inp[norms[-1]], pre)
+    if tmpl is None or fam.get("mlp_in_norm", tmpl) != tmpl or fam.get("parallel_residual", parallel) != parallel:
+        fam["mlp_in_norm"] = None  # not the same everywhere: dropped at the end
+        return
+    fam["mlp_in_norm"], fam["parallel_residual"] = tmpl, parallel
+    points[pl + "hook_mlp_in"] = {"module": norms[-1], "side": "input"}
+
+
+def _keep_if_everywhere(points: dict, fam: dict, n_layers: int) -> None:
+    """Split q/k/v inputs and hook_mlp_in only where every layer has them (one map for all layers)."""
+    for suffixes, keys, ok in (
+            (("hook_q_input", "hook_k_input", "hook_v_input"), ("attn_in_norm", "q_proj", "k_proj", "v_proj",
+                                                                 "qkv_layout"), fam.pop("split_qkv", True)),
+            (("hook_mlp_in",), ("mlp_in_norm", "parallel_residual"), fam.get("mlp_in_norm") is not None)):
+        ok = ok and all(layer_point(l, suffixes[0]) in points for l in range(n_layers))
+        if not ok:
+            for l in range(n_layers):
+                for sfx in suffixes:
+                    points.pop(layer_point(l, sfx), None)
+            for k in keys:
+                fam.pop(k, None)
 
 
 @functools.cache
@@ -565,7 +606,7 @@ def _residual_points(seen: _Seen, pl: str, block: str, kind: str, assigned: tupl
 def _attention_points(hf: nn.Module, seen: _Seen, pl: str, block: str, a: str, fam: dict, points: dict) -> None:
     """Per-head points of attention module ``a`` (q, k, v, pattern from its one attention call;
     z as the input [batch, pos, heads * d_head] of the projection reading the heads) and its sizes."""
-    qs, ks, vs, z = seen.attn[a][0]
+    qs, ks, vs, z, v = seen.attn[a][0]
     for t in ("q", "k", "v", "pattern"):
         points[pl + f"attn.hook_{t}"] = {"module": a, "side": "attention", "tensor": t}
     if seen.rotary.get(a):  # it rotates q and k: hook_q/k are the rotation's inputs, hook_rot_q/k what the pattern reads
@@ -584,6 +625,78 @@ def _attention_points(hf: nn.Module, seen: _Seen, pl: str, block: str, a: str, f
     fam.setdefault("n_heads", qs[1])
     fam.setdefault("n_kv_heads", ks[1])
     fam.setdefault("d_head", vs[-1])
+    _split_points(hf, seen, pl, block, a, (qs[1], ks[1], vs[-1]), v, fam, points)
+
+
+def _split_points(hf: nn.Module, seen: _Seen, pl: str, block: str, a: str, sizes: tuple, v: torch.Tensor, fam: dict,
+                  points: dict) -> None:
+    """Split q/k/v input points (``hook_q/k/v_input``, opt-in) and the family keys they need, where
+    attention ``a`` reads one norm of the block's input through linear q/k/v projections: separate
+    modules (q and k told apart by size or name) or one fused module whose value columns are found
+    where the attention call's value ``v`` [b, Hkv, p, dh] is (q|k|v blocks, or [q, k, v] per head).
+    The same keys must hold on every layer (else none are kept). Nothing is added otherwise."""
+    H, Hkv, dh = sizes
+    if (fam.get("n_heads"), fam.get("n_kv_heads"), fam.get("d_head")) != sizes:  # per-layer sizes: no split
+        return _drop_split(fam)
+    pre, x = seen.inp[block], seen.inp.get(a)  # the attention reads x = norm(pre)
+    projs = [p for p in seen.inp if p.startswith(a + ".") and seen.calls[p] == 1 and _is_proj(get_module(hf, p))
+             and x is not None and x.shape == pre.shape and torch.equal(seen.inp[p], x) and p in seen.out]
+    if not projs:
+        return _drop_split(fam)
+    mixing = [p for p in seen.inp if p.startswith(a + ".") and "norm" in type(get_module(hf, p)).__name__.lower()
+              and seen.inp[p].shape[-1] in (H * dh, Hkv * dh) and max(H, Hkv) > 1]
+    if mixing:  # a q/k norm over all heads at once (OLMoE): a change to one head's input reaches every head
+        return _drop_split(fam)
+    norms = [p for p in seen.out if p.startswith(block + ".") and not p.startswith(a + ".") and seen.calls[p] == 1
+             and p in seen.inp and torch.equal(seen.inp[p], pre) and torch.equal(seen.out[p], seen.inp[projs[0]])]
+    vt = v.transpose(1, 2).flatten(-2)  # [b, p, Hkv * dh]
+    keys = _qkv_keys(projs, {p: seen.out[p] for p in projs}, vt, H, Hkv, dh) if len(norms) == 1 else None
+    if keys is None:
+        return _drop_split(fam)
+    keys["attn_in_norm"] = norms[0]
+    tmpl = {k: val.replace(block, "{block}", 1) if k != "qkv_layout" else val for k, val in keys.items()}
+    if any(fam.get(k, tmpl[k]) != tmpl[k] for k in tmpl) or fam.get("split_qkv") is False:
+        return _drop_split(fam)
+    fam.update(tmpl)
+    for t in ("q", "k", "v"):
+        points[pl + f"hook_{t}_input"] = {"side": "split", "tensor": t, "optin": True}
+
+
+def _qkv_keys(projs: list[str], outs: dict, vt: torch.Tensor, H: int, Hkv: int, dh: int) -> dict | None:
+    """{q_proj, k_proj, v_proj, qkv_layout} from the projections' outputs, or None where unsure."""
+    if len(projs) == 1:
+        o = outs[projs[0]]
+        if o.shape[-1] != (H + 2 * Hkv) * dh:
+            return None
+        if torch.equal(o[..., (H + Hkv) * dh:], vt):
+            layout = "blocks"
+        elif H == Hkv and torch.equal(o.unflatten(-1, (H, 3, dh))[..., 2, :].flatten(-2), vt):
+            layout = "per_head"
+        else:
+            return None
+        return {"q_proj": projs[0], "k_proj": projs[0], "v_proj": projs[0], "qkv_layout": layout}
+    if len(projs) != 3:
+        return None
+    vs = [p for p in projs if torch.equal(outs[p], vt)]
+    rest = [p for p in projs if p not in vs]
+    if len(vs) != 1:
+        return None
+    if H != Hkv:
+        qs = [p for p in rest if outs[p].shape[-1] == H * dh]
+    else:
+        qs = [p for p in rest if any(w in p.rsplit(".", 1)[-1].lower() for w in ("q_", "query")) or
+              p.rsplit(".", 1)[-1].lower() in ("q", "wq")]
+    if len(qs) != 1 or outs[[p for p in rest if p != qs[0]][0]].shape[-1] != Hkv * dh:
+        return None
+    k = [p for p in rest if p != qs[0]][0]
+    return {"q_proj": qs[0], "k_proj": k, "v_proj": vs[0], "qkv_layout": "separate"}
+
+
+def _drop_split(fam: dict) -> None:
+    """A layer without detectable split q/k/v inputs: the model gets none (the keys must hold everywhere)."""
+    for k in ("attn_in_norm", "q_proj", "k_proj", "v_proj", "qkv_layout"):
+        fam.pop(k, None)
+    fam["split_qkv"] = False
 
 
 def _final_norm(hf: nn.Module, seen: _Seen, last_block: str, layers_path: str, un_path: str, fam: dict,

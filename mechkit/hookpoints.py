@@ -138,6 +138,7 @@ class HookMap:
     templates: dict[str, dict[str, Any]]
     source: str = "<dict>"
     verified: bool = field(default=False, compare=False)  # shipped maps (tested) and maps checked by autodetect.verify
+    shipped: bool = field(default=False, compare=False)  # one of mechkit's hooks/*.toml (weight processing is tested on these)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> HookMap:
@@ -229,7 +230,7 @@ def builtin_maps() -> list[HookMap]:
         if entry.name.endswith(".toml"):
             with entry.open("rb") as f:
                 maps.append(HookMap.from_dict(tomllib.load(f), source=f"hooks/{entry.name}"))
-                maps[-1].verified = True
+                maps[-1].verified = maps[-1].shipped = True
     return maps
 
 

@@ -409,7 +409,7 @@ def _resolve_config_values(hook_map: HookMap, config) -> HookMap:
         fam["logit_transform"] = {"kind": t["kind"], "value": float(value)}
     else:
         fam.pop("logit_transform")
-    return HookMap(fam, hook_map.templates, hook_map.source, verified=hook_map.verified)
+    return HookMap(fam, hook_map.templates, hook_map.source, verified=hook_map.verified, shipped=hook_map.shipped)
 
 
 # HF forward arguments model() passes through on purpose; any other keyword is refused

@@ -110,6 +110,13 @@ def process_weights(model: HookedModel, options: ProcessingOptions | None = None
     from .model import HookedModel
 
     options = _options(options, flags)
+    structural = [k for k in ("fold_ln", "center_writing_weights", "fold_value_biases") if getattr(options, k)]
+    if structural and not model.hook_map.shipped:
+        raise ValueError(f"process_weights: {', '.join(structural)} are verified on the hand-written maps (hooks/*.toml) "
+                         f"only; this model's map ({model.hook_map.source}) is auto-detected or your own, and "
+                         f"folding needs every reader of each norm named (a norm shared by attention and MLP, an "
+                         f"MLP whose input projections the map does not name, a post-norm...); pass fold_ln=False, "
+                         f"center_writing_weights=False, fold_value_biases=False (center_unembed alone is exact)")
     hf = copy.deepcopy(model.hf_model)
     out = HookedModel(hf, model.tokenizer, model.hook_map)
     out.name = f"{model.name} (processed)"

@@ -41,6 +41,9 @@ def table(data: dict, reasons: bool) -> str:
         rows = [r for r in types.values() if r["kind"] == kind]
         ok = [r for r in rows if r["status"] == "ok"]
         lines.append(f"- {kind}s: **{len(ok)} of {len(rows)}** pass every check")
+    edges = [t for t, r in types.items() if r.get("edges") and r["kind"] in ("decoder", "hybrid")]
+    lines.append(f"- edge-level circuits (split q/k/v inputs and the MLP's input found, the empty circuit equal to the "
+                 f"corrupted run): **{len(edges)}** of them")
     lines += ["", f"Measured on transformers {data['transformers']}, torch {data['torch']} "
               f"(tests/test_architecture_coverage.py, {data['seconds']:.0f} s for the sweep).", "",
               "<details><summary>Every type: route (hand-written map or detected; \"increments\": attn_out / "
@@ -51,7 +54,7 @@ def table(data: dict, reasons: bool) -> str:
         if r["kind"] not in ("decoder", "hybrid"):
             continue
         pts = r.get("points", [])
-        shown = ", ".join(label for key, label in SHOWN if key in pts)
+        shown = ", ".join([label for key, label in SHOWN if key in pts] + (["edges"] if r.get("edges") else []))
         kinds = r.get("kinds") or []
         layers = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) if kinds else ""
         status = "ok" if r["status"] == "ok" else r["status"] + (f" ({r['step']})" if r.get("step") else "")

@@ -161,6 +161,10 @@ def check(model_type: str, **overrides) -> dict:
         r["expert_layers"] = len(weights)
         step = "fused resid_pre patch = hooked forward"
         _check_patch(m, ids)
+        step = "split q/k/v inputs reach their own head's q/k/v"
+        r["split_qkv"] = _check_split(m, ids)
+        step = "edge graph: the empty circuit is the corrupted run"
+        r["edges"] = _check_edges(m, ids)
         assert not has_mechkit_hooks(hf)
     except Exception as e:  # noqa: BLE001
         return {**r, "status": "failed", "step": step, "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -188,6 +192,52 @@ def _check_patch(m, clean: torch.Tensor) -> None:
     want = (last.gather(1, clean[:, :1]) - last.gather(1, corrupt[:, :1]))[:, 0].mean()
     got = res.values[0, pos]
     assert abs(float(got - want)) <= 1e-4 * (1 + abs(float(want))), f"fused {float(got):.6g} vs hooked {float(want):.6g}"
+
+
+def _check_split(m, ids: torch.Tensor) -> bool:
+    """Where the map has split q/k/v inputs: a change to head 0's copy of one part moves that head's
+    query / key / value and nothing else of layer 0 (a q/k swap or a wrong layout would not)."""
+    if "blocks.0.hook_q_input" not in m.hook_names(include_optin=True):
+        return False
+    seen = {t: next((f"blocks.0.attn.hook_{n}" for n in (f"rot_{t}", t) if f"blocks.0.attn.hook_{n}" in m.hook_names()),
+                    None) for t in ("q", "k", "v")}
+    if None in seen.values():
+        return True  # no per-head point to look at (the edge check below still runs)
+    _, base = m.run_with_cache(ids, names=list(seen.values()))
+    push = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(0))  # not constant: a norm keeps it
+    for part in ("q", "k", "v"):
+        def bump(x, hook):
+            x = x.clone()
+            x[:, :, 0] += push.to(x.dtype) * x.abs().mean()
+            return x
+        _, got = m.run_with_cache(ids, names=list(seen.values()), hooks={f"blocks.0.hook_{part}_input": bump})
+        for t, name in seen.items():
+            moved = (got[name] - base[name]).abs().amax(dim=(0, 1, 3)) > 1e-4 * (1 + float(base[name].abs().max()))
+            assert bool(moved[0]) == (t == part) and not bool(moved[1:].any()), (part, t, moved.tolist())
+    return True
+
+
+def _check_edges(m, ids: torch.Tensor) -> bool:
+    """Where the edge graph applies: evaluating the full circuit gives the clean run's metric and the
+    empty circuit (every edge carries its corrupted value) the corrupted run's, exactly; this holds only
+    if the senders' outputs add up to the residual and every receiver's input is rebuilt right."""
+    from mechkit import circuits as C
+
+    try:
+        g = C.flow.check_model(m)
+    except ValueError:
+        return False
+    corrupt = _ids(m.cfg.d_vocab, 1)
+    ones = torch.ones_like(ids)
+    task = PatchingTask(ids, corrupt, ones, ones, ids[:, 0], corrupt[:, 0], ["c"] * 2, ["x"] * 2)
+    vals = C.evaluate(m, task, [C.Circuit.full(g), C.Circuit(g, torch.zeros_like(g.real))],
+                      metric=mk.patching.metrics.logit_diff(task, normalise=False))
+    with torch.no_grad():
+        last = [m(t)[:, -1].float() for t in (ids, corrupt)]
+    want = [float((x.gather(1, ids[:, :1]) - x.gather(1, corrupt[:, :1])).mean()) for x in last]
+    tol = 1e-4 * (1 + max(abs(w) for w in want))
+    assert abs(float(vals[0]) - want[0]) <= tol and abs(float(vals[1]) - want[1]) <= tol, (vals.tolist(), want)
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +286,15 @@ def test_coverage_floor(sweep, kind):
     bad = {t: (r["status"], r.get("step"), r.get("error", "")[:160]) for t, r in sweep.items()
            if r["kind"] == kind and r["status"] != "ok"}
     assert len(ok) >= FLOOR[kind], f"{len(ok)} {kind}s covered, floor {FLOOR[kind]}; failing: {json.dumps(bad, indent=1)}"
+
+
+EDGE_FLOOR = 72  # types (variants aside) whose edge graph passes the empty/full-circuit and split checks
+
+
+def test_edge_circuits_floor(sweep):
+    """Edge circuits on detected maps: split q/k/v inputs and hook_mlp_in found by detection."""
+    edges = sorted(t for t, r in sweep.items() if r.get("edges") and r["kind"] != "variant")
+    assert len(edges) >= EDGE_FLOOR, f"{len(edges)} types with edge circuits, floor {EDGE_FLOOR}"
 
 
 def test_not_covered_list_is_exact_and_refusals_are_clear(sweep):

@@ -304,3 +304,29 @@ def test_unsupported_families_say_why():
     assert g.parallel and g.n_edges == C.Graph(3, 4, 4, parallel=True).n_edges
     s = C.attribute(par, random_task(2, 5, 200), method="eap", progress=False)
     assert s.matrix.abs().sum() > 0 and not has_mechkit_hooks(par.hf_model)
+
+
+@pytest.mark.parametrize("model_type", ["olmo", "gptj"])  # detected maps: sequential with GQA; a parallel block
+def test_detected_maps_get_edges_equal_to_the_hand_loop(model_type):
+    """Detection finds the split q/k/v inputs (one norm read by linear q/k/v projections) and the MLP's
+    input norm, so edge circuits run on architectures without a hand-written map: the fused evaluation
+    equals the hand-written loop, and EAP, EAP-IG and RelP score every edge."""
+    from arch_zoo import build
+
+    from mechkit.tasks.base import PatchingTask
+
+    m = mk.load(build(model_type))
+    g = C.flow.check_model(m)
+    assert g.parallel == (model_type == "gptj")
+    gen = torch.Generator().manual_seed(0)
+    clean, corrupt = (torch.randint(1, 200, (3, 7), generator=gen) for _ in range(2))
+    ones = torch.ones_like(clean)
+    task = PatchingTask(clean, corrupt, ones, ones, clean[:, 0], corrupt[:, 0], ["c"] * 3, ["x"] * 3)
+    circuits = [C.Circuit(g, torch.rand(g.real.shape, generator=gen) < p) for p in (0.05, 0.5)]
+    fused = C.evaluate(m, task, circuits)
+    loop = torch.tensor([hand_evaluate(m, task, c) for c in circuits])
+    torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
+    for method in ("eap", "eap-ig", "relp"):
+        s = C.attribute(m, task, method=method, ig_steps=2, progress=False)
+        assert bool(torch.isfinite(s.values).all()) and bool((s.values[g.real] != 0).any())
+    assert not has_mechkit_hooks(m.hf_model)

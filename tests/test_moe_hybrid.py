@@ -293,3 +293,20 @@ def test_fused_patching_of_stream_increments_equals_hooked_forwards(model_type):
                 last = m(corrupt)[:, -1].float()
             want = (last.gather(1, clean[:, :1]) - last.gather(1, corrupt[:, :1]))[:, 0].mean()
             assert abs(float(res.values[0, pos] - want)) <= 1e-4 * (1 + abs(float(want))), (site, pos)
+
+
+@pytest.mark.parametrize("model_type", ["arcee", "gptj", "glm4"])
+def test_weight_processing_on_detected_maps_is_refused_or_exact(model_type):
+    """Folding and centring are verified on the hand-written maps only: on an auto-detected map they are
+    refused with the reason (folding a norm into readers the map does not name changed the logits
+    silently: arcee's MLP norm, gptj's shared attention/MLP norm, glm4's post-norms); centring the
+    unembedding alone is exact in log-probabilities."""
+    m = mk.load(build(model_type))
+    sd = {k: v.clone() for k, v in m.hf_model.state_dict().items()}
+    with pytest.raises(ValueError, match="auto-detected.*fold_ln=False"):
+        mk.process_weights(m)
+    p = mk.process_weights(m, fold_ln=False, center_writing_weights=False, fold_value_biases=False)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.log_softmax(p(IDS).double(), -1), torch.log_softmax(m(IDS).double(), -1),
+                                   atol=1e-5, rtol=0)
+    assert all(torch.equal(v, sd[k]) for k, v in m.hf_model.state_dict().items())

@@ -130,23 +130,25 @@ def _lin_norm(mod: nn.Module, x: torch.Tensor, kind: str, offset: float) -> torc
 def _probe_norm(mod: nn.Module, orig_forward) -> tuple[str, float]:
     """Which surrogate reproduces this norm's forward: (kind, weight offset)."""
     w = getattr(mod, "weight", None)
-    d = w.shape[-1] if isinstance(w, torch.Tensor) else None
+    shape = getattr(mod, "normalized_shape", None)  # a norm without weight (OLMo) may still say its width
+    d = w.shape[-1] if isinstance(w, torch.Tensor) else int(shape[-1]) if shape else None
     if d is None:
         raise ValueError(f"LN rule: cannot tell the width of norm {type(mod).__name__} (no weight)")
-    p = next(iter(mod.parameters()))
+    like = next(iter(mod.parameters()), None)
+    device, dtype = (like.device, like.dtype) if like is not None else (torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(3, d, generator=g, dtype=torch.float32) * 2 + 0.5).to(p.device, torch.float32)
+    x = (torch.randn(3, d, generator=g, dtype=torch.float32) * 2 + 0.5).to(device, torch.float32)
     with torch.no_grad():
-        ref = orig_forward(x.to(p.dtype)).float()
+        ref = orig_forward(x.to(dtype)).float()
         best, err = None, math.inf
         kinds = ("layernorm", "rmsnorm") if "RMS" not in type(mod).__name__ else ("rmsnorm",)
         for kind in kinds:
             for offset in (0.0, 1.0):
-                e = (_lin_norm(mod, x.to(p.dtype), kind, offset).float() - ref).abs().max().item()
+                e = (_lin_norm(mod, x.to(dtype), kind, offset).float() - ref).abs().max().item()
                 if e < err:
                     best, err = (kind, offset), e
     scale = ref.abs().max().item() + 1.0
-    tol = 1e-4 if p.dtype in (torch.float32, torch.float64) else 5e-2
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
     if err > tol * scale:
         raise ValueError(f"LN rule: norm {type(mod).__name__} matches no LayerNorm/RMSNorm form "
                          f"(best {best}, max error {err:.3g})")

@@ -45,10 +45,27 @@ def check_model(model: HookedModel) -> Graph:
     if why:
         raise ValueError(f"edge-level circuits need each head's output to add linearly into the residual stream; "
                          f"{why}, which is not supported yet")
-    missing = [p for p in (point("q", 0), point("mlp_in", 0)) if p not in model.points.points]
-    if missing:
-        raise ValueError(f"edge-level circuits need the hook points {missing}, which hook map "
-                         f"{model.hook_map.source} does not define (see hooks/gpt2.toml: attn_in_norm, q_proj, ...)")
+    kinds = set(fam.get("layer_kinds") or ["attn"])
+    if kinds != {"attn"}:
+        raise ValueError(f"edge-level circuits need attention and an MLP in every layer; this model's layers are "
+                         f"{sorted(kinds)} (mixer layers are not graph nodes yet)")
+    extra = [n for n in model.points.points if n.endswith(".hook_mixer_out")]
+    if extra:
+        raise ValueError(f"edge-level circuits need every residual term to be a head or an MLP; this model's layers "
+                         f"also add {extra[0]} (a token mixer beside attention), which is not a graph node yet")
+    scaled = [n for n in (point("attn_out", 0), point("mlp_out", 0))
+              if n in model.points.points and model.points.points[n].scale not in (None, 1.0)]
+    if scaled:
+        raise ValueError(f"edge-level circuits need each sender's output to be the term added to the residual; "
+                         f"{scaled} are scaled module outputs (a residual multiplier), which is not supported yet")
+    needed = [point(k, l) for l in range(model.cfg.n_layers) for k in ("q", "k", "v", "mlp_in", "z")]
+    missing = [p for p in needed if p not in model.points.points]
+    if missing or "attn_out_proj" not in fam:
+        raise ValueError(f"edge-level circuits need the hook points {missing[:4] or ['attn_out_proj']}, which hook "
+                         f"map {model.hook_map.source} does not define (detection adds split q/k/v inputs where one "
+                         f"norm of the residual feeds linear q/k/v projections of separate heads, and hook_mlp_in "
+                         f"where one norm feeds the MLP; a map names attn_in_norm, q_proj, ... as hooks/gpt2.toml "
+                         f"does)")
     return Graph.from_model(model)
 
 

@@ -39,8 +39,9 @@ class Graph:
 
     @classmethod
     def from_model(cls, model: HookedModel) -> Graph:
-        cond = model.hook_map.family.get("parallel_residual_if")
-        parallel = bool(cond and getattr(model.hf_model.config, cond, False))
+        fam = model.hook_map.family
+        cond = fam.get("parallel_residual_if")  # a map's config switch, or what detection measured
+        parallel = bool(fam.get("parallel_residual")) or bool(cond and getattr(model.hf_model.config, cond, False))
         return cls(model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads, parallel)
 
     # ------------------------------------------------------------------ sizes
