@@ -84,7 +84,8 @@ class ResidualHelpers:
         if key not in self.model.hook_map.family:
             raise ValueError(f"family '{self.model.hook_map.name}' names no '{key}' norm in its hook map")
         norm = self.model.module(self.model.hook_map.path(self.model.hook_map.family[key], layer))
-        total = act_name("resid_mid", layer) if mlp_input else act_name("resid_pre", layer)
+        parallel = self.model.cfg.parallel_attn_mlp  # the MLP reads the layer's input, like the attention
+        total = act_name("resid_mid", layer) if mlp_input and not parallel else act_name("resid_pre", layer)
         return norm, total
 
     # norms ---------------------------------------------------------------------

@@ -23,7 +23,8 @@ def tl_config_fields(hf_config: Any, family: dict[str, Any]) -> dict[str, Any]:
     pos = "standard" if "pos_embed" in family else family.get("positional_embedding_type", "rotary")
     par = family.get("parallel_residual_if")
     return dict(n_ctx=None if n_ctx is None else int(n_ctx), act_fn=act, normalization_type=norm,
-                positional_embedding_type=pos, parallel_attn_mlp=bool(par and getattr(hf_config, par, False)),
+                positional_embedding_type=pos,
+                parallel_attn_mlp=bool(family.get("parallel_residual")) or bool(par and getattr(hf_config, par, False)),
                 gated_mlp="mlp_gate_proj" in family or "mlp_gate_up_proj" in family)
 
 

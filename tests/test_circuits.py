@@ -317,7 +317,7 @@ def test_detected_maps_get_edges_equal_to_the_hand_loop(model_type):
 
     m = mk.load(build(model_type))
     g = C.flow.check_model(m)
-    assert g.parallel == (model_type == "gptj")
+    assert g.parallel == m.cfg.parallel_attn_mlp == (model_type == "gptj")
     gen = torch.Generator().manual_seed(0)
     clean, corrupt = (torch.randint(1, 200, (3, 7), generator=gen) for _ in range(2))
     ones = torch.ones_like(clean)
