@@ -398,10 +398,27 @@ def _layer_points(hf: nn.Module, seen: _Seen, layers_path: str, l: int, emb_out:
     mlp_term = _residual_points(seen, pl, block, kind, (attn_term, mlp_term, mlp_parts), scale, tokens, post, points)
     if len(attn_mods) == 1:
         _attention_points(hf, seen, pl, block, attn_mods[0], fam, points)
+        if attn_term is not None and kind == "attn":
+            _attn_term_form(hf, seen, block, attn_term, fam)
     if mlp_term is not None:
         _mlp_points(hf, seen, pl, block, mlp_term, post, fam, points, cfg)
         _mlp_in_point(hf, seen, pl, block, mlp_term, pre, fam, points)
     return kind
+
+
+def _attn_term_form(hf: nn.Module, seen: _Seen, block: str, term: str, fam: dict) -> None:
+    """Whether the attention's residual term is its output projection's output (heads add linearly
+    into the residual: ``Σ_h z_h W_O[h] + b_O``). A norm applied to that output before the add (OLMo 2,
+    GLM-4, EXAONE 4: post-norms) is named ``attn_post_norm`` as in Gemma's map; anything else between
+    them is recorded in ``heads_not_linear`` (per-head and edge decompositions refuse with it)."""
+    o = fam.get("attn_out_proj", "").replace("{block}", block, 1)
+    if o not in seen.out or term not in seen.out or torch.equal(seen.out[o], seen.out[term]):
+        return
+    if "norm" in type(get_module(hf, term)).__name__.lower() and torch.equal(seen.inp.get(term), seen.out[o]):
+        fam.setdefault("attn_post_norm", term.replace(block, "{block}", 1))
+    else:
+        fam["heads_not_linear"] = (f"the attention's residual term ({term}) is not its output projection's output "
+                                   f"({o}): heads do not add linearly into the residual")
 
 
 def _mlp_in_point(hf: nn.Module, seen: _Seen, pl: str, block: str, mlp: str, pre: torch.Tensor, fam: dict,

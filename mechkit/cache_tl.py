@@ -209,7 +209,7 @@ class ResidualHelpers:
     def _head_results(self, l: int, pos_slice=None) -> torch.Tensor:
         """Heads' outputs of layer ``l`` in d_model: [head, batch, pos, d_model] (bias not included)."""
         m, fam = self.model, self.model.hook_map.family
-        if fam.get("residual") == "increments":
+        if fam.get("residual") == "increments" or fam.get("heads_not_linear"):
             raise ValueError(f"per-head results: {terms_not_linear(fam)}; use decompose_resid")
         name = act_name("result", l)
         if name in self:  # cached with use_attn_result: [batch, pos, head, d_model]
@@ -221,7 +221,7 @@ class ResidualHelpers:
         if "attn_post_norm" in fam:
             b = bias_of(o_proj)
             total = res.sum(0) + (b if b is not None else 0)
-            res = self._frozen_norm(m.family_module("attn_post_norm", l), total, res, center=False)
+            res = self._frozen_norm(m.family_module("attn_post_norm", l), total, res)  # centred if a LayerNorm
         return res
 
     def stack_head_results(self, layer: int | None = None, return_labels: bool = False, incl_remainder: bool = False,

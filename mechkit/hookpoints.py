@@ -244,6 +244,8 @@ def terms_not_linear(family: dict) -> str | None:
     if "attn_post_norm" in family:
         return (f"family '{family.get('name')}' normalises the attention (and MLP) output before adding it to the "
                 f"residual stream (attn_post_norm)")
+    if family.get("heads_not_linear"):
+        return f"in family '{family.get('name')}' {family['heads_not_linear']}"
     return None
 
 

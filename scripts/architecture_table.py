@@ -42,8 +42,8 @@ def table(data: dict, reasons: bool) -> str:
         ok = [r for r in rows if r["status"] == "ok"]
         lines.append(f"- {kind}s: **{len(ok)} of {len(rows)}** pass every check")
     edges = [t for t, r in types.items() if r.get("edges") and r["kind"] in ("decoder", "hybrid")]
-    lines.append(f"- edge-level circuits (split q/k/v inputs and the MLP's input found, the empty circuit equal to the "
-                 f"corrupted run): **{len(edges)}** of them")
+    lines.append(f"- edge-level circuits (split q/k/v inputs and the MLP's input found, heads summing to attn_out, the "
+                 f"empty circuit equal to the corrupted run): **{len(edges)}** of them")
     lines += ["", f"Measured on transformers {data['transformers']}, torch {data['torch']} "
               f"(tests/test_architecture_coverage.py, {data['seconds']:.0f} s for the sweep).", "",
               "<details><summary>Every type: route (hand-written map or detected; \"increments\": attn_out / "

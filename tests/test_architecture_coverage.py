@@ -218,15 +218,21 @@ def _check_split(m, ids: torch.Tensor) -> bool:
 
 
 def _check_edges(m, ids: torch.Tensor) -> bool:
-    """Where the edge graph applies: evaluating the full circuit gives the clean run's metric and the
-    empty circuit (every edge carries its corrupted value) the corrupted run's, exactly; this holds only
-    if the senders' outputs add up to the residual and every receiver's input is rebuilt right."""
+    """Where the edge graph applies: the heads' outputs ``z_h @ W_O[h]`` (the graph's senders) plus the
+    output bias add up to ``hook_attn_out`` on every layer, and evaluating the full circuit gives the
+    clean run's metric and the empty circuit (every edge carries its corrupted value) the corrupted
+    run's (the receivers' inputs are rebuilt right)."""
     from mechkit import circuits as C
 
     try:
         g = C.flow.check_model(m)
     except ValueError:
         return False
+    _, cache = m.run_with_cache(ids, names=lambda n: n.endswith(("attn.hook_z", "hook_attn_out")))
+    for l in range(m.cfg.n_layers):
+        out = torch.einsum("bphd,hdm->bpm", cache[f"blocks.{l}.attn.hook_z"], m.W_O[l]) + m.b_O[l]
+        want = cache[f"blocks.{l}.hook_attn_out"]
+        assert (out - want).abs().max() <= 1e-4 * (1 + float(want.abs().max())), f"layer {l}: heads do not sum to attn_out"
     corrupt = _ids(m.cfg.d_vocab, 1)
     ones = torch.ones_like(ids)
     task = PatchingTask(ids, corrupt, ones, ones, ids[:, 0], corrupt[:, 0], ["c"] * 2, ["x"] * 2)
@@ -288,7 +294,7 @@ def test_coverage_floor(sweep, kind):
     assert len(ok) >= FLOOR[kind], f"{len(ok)} {kind}s covered, floor {FLOOR[kind]}; failing: {json.dumps(bad, indent=1)}"
 
 
-EDGE_FLOOR = 72  # types (variants aside) whose edge graph passes the empty/full-circuit and split checks
+EDGE_FLOOR = 69  # types (variants aside) whose heads sum to attn_out and whose empty circuit is the corrupted run
 
 
 def test_edge_circuits_floor(sweep):
