@@ -155,8 +155,15 @@ class WeightViews:
     @property
     def W_O(self) -> torch.Tensor:
         c = self.cfg
-        return self._stack(lambda l: weight_in_out(self.family_module("attn_out_proj", l)).reshape(
-            c.n_heads, c.d_head, c.d_model))
+
+        def per_layer(l: int) -> torch.Tensor:
+            w = weight_in_out(self.family_module("attn_out_proj", l))
+            if w.shape != (c.n_heads * c.d_head, c.d_model):
+                raise ValueError(f"W_O: layer {l}'s output projection maps {w.shape[0]} inputs to {w.shape[1]}, not "
+                                 f"n_heads x d_head = {c.n_heads} x {c.d_head} to d_model {c.d_model} (head counts or "
+                                 f"sizes differ per layer): read the projection module itself")
+            return w.reshape(c.n_heads, c.d_head, c.d_model)
+        return self._stack(per_layer)
 
     @property
     def b_O(self) -> torch.Tensor:

@@ -310,3 +310,11 @@ def test_weight_processing_on_detected_maps_is_refused_or_exact(model_type):
         torch.testing.assert_close(torch.log_softmax(p(IDS).double(), -1), torch.log_softmax(m(IDS).double(), -1),
                                    atol=1e-5, rtol=0)
     assert all(torch.equal(v, sd[k]) for k, v in m.hf_model.state_dict().items())
+
+
+def test_weight_views_say_when_heads_differ_per_layer():
+    """gemma4_text's layers have different head sizes: the stacked W_O cannot exist, and says why
+    (it was a reshape error)."""
+    m = mk.load(build("gemma4_text"))
+    with pytest.raises(ValueError, match="W_O: layer .* n_heads x d_head"):
+        m.W_O  # noqa: B018
