@@ -78,6 +78,27 @@ def linearised_gpt2():
     return hf
 
 
+def linearised_gptj():
+    """A random GPT-J (no hand-written map: detected; parallel attention and MLP reading one norm; rotary)
+    made affine like :func:`linearised_gpt2`: frozen LayerNorm scales, identity MLP activation, zero query
+    and key weights."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GPTJConfig(n_layer=3, n_embd=32, n_head=4, rotary_dim=4, n_inner=48, vocab_size=50, n_positions=32,
+                        activation_function="linear", bos_token_id=0, eos_token_id=0)
+    hf = tf.GPTJForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+        for b in hf.transformer.h:
+            b.attn.q_proj.weight.zero_()
+            b.attn.k_proj.weight.zero_()
+            b.ln_1 = FrozenLayerNorm(b.ln_1, 0.7)
+        hf.transformer.ln_f = FrozenLayerNorm(hf.transformer.ln_f, 0.9)
+    return hf
+
+
 def random_task(n, T, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     ct, xt = torch.randint(1, vocab, (n, T), generator=g), torch.randint(1, vocab, (n, T), generator=g)
@@ -87,9 +108,10 @@ def random_task(n, T, vocab, seed=0):
     return mk.tasks.PatchingTask(ct, xt, mask, mask.clone(), ans, wrong, [""] * n, [""] * n)
 
 
-@pytest.mark.parametrize("grad_on", ["corrupted", "clean"])
-def test_eap_equals_exact_edge_patching_on_a_linearised_model(grad_on):
-    m = mk.load(linearised_gpt2())
+@pytest.mark.parametrize("grad_on,build", [("corrupted", "gpt2"), ("clean", "gpt2"), ("corrupted", "gptj")])
+def test_eap_equals_exact_edge_patching_on_a_linearised_model(grad_on, build):
+    m = mk.load(linearised_gpt2() if build == "gpt2" else linearised_gptj())  # gptj: a detected, parallel map
+    assert C.Graph.from_model(m).parallel == (build == "gptj") == m.hook_map.source.startswith("auto-detected")
     task = random_task(4, 7, 50)
     exact = C.edge_patching_scores(m, task)
     eap = C.attribute(m, task, method="eap", grad_on=grad_on, progress=False)
