@@ -58,6 +58,15 @@ class FrozenLayerNorm(torch.nn.Module):
         return (x - x.mean(-1, keepdim=True)) / self.scale * self.weight + self.bias
 
 
+def _random_double(cls, cfg):
+    """``cls(cfg)`` in float64, eval mode, every parameter drawn from N(0, 0.3^2) (seeded by the caller)."""
+    hf = cls(cfg).double().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    return hf
+
+
 def linearised_gpt2():
     """A random GPT-2 made affine in its input: LayerNorm scales frozen, identity MLP activation,
     attention patterns frozen (query and key weights zero: uniform causal attention)."""
@@ -66,10 +75,8 @@ def linearised_gpt2():
     torch.manual_seed(0)
     cfg = tf.GPT2Config(n_layer=3, n_embd=32, n_head=4, n_inner=48, vocab_size=50, n_positions=32,
                         activation_function="linear", bos_token_id=0, eos_token_id=0)
-    hf = tf.GPT2LMHeadModel(cfg).double().eval()
+    hf = _random_double(tf.GPT2LMHeadModel, cfg)
     with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.3)
         for b in hf.transformer.h:
             b.attn.c_attn.weight[:, :2 * 32] = 0
             b.attn.c_attn.bias[:2 * 32] = 0
@@ -87,10 +94,8 @@ def linearised_gptj():
     torch.manual_seed(0)
     cfg = tf.GPTJConfig(n_layer=3, n_embd=32, n_head=4, rotary_dim=4, n_inner=48, vocab_size=50, n_positions=32,
                         activation_function="linear", bos_token_id=0, eos_token_id=0)
-    hf = tf.GPTJForCausalLM(cfg).double().eval()
+    hf = _random_double(tf.GPTJForCausalLM, cfg)
     with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.3)
         for b in hf.transformer.h:
             b.attn.q_proj.weight.zero_()
             b.attn.k_proj.weight.zero_()
