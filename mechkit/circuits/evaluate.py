@@ -8,8 +8,12 @@ result is the metric of that run (a prompt mean).
 
 Several circuits run as row groups of one batch: rows ``k * n .. (k + 1) * n`` are circuit k on
 the n prompts, and the shift of each receiver layer is one batched einsum over the row groups'
-masks. When every circuit misses at most one edge of the full graph (single-edge patching),
-the shift is a gather instead. Chunks of circuits are sized by ``max_bytes``.
+masks. Queries, keys and values of a row group whose absent upstream edges are the same read the
+same input, so their shift and the attention norm are computed once per distinct input
+(:func:`mechkit.split_qkv.shared_inputs`): in small circuits most heads read the fully ablated
+residual, in large ones the current one. When every circuit misses at most one edge of the full
+graph (single-edge patching), the shift is a gather instead. Chunks of circuits are sized by
+``max_bytes``.
 """
 
 from __future__ import annotations
