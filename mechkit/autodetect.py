@@ -426,22 +426,28 @@ def _mlp_in_point(hf: nn.Module, seen: _Seen, pl: str, block: str, mlp: str, pre
     """``hook_mlp_in`` (the residual the MLP reads: its norm's input) and ``mlp_in_norm``, where one norm
     of the block turns a residual-shaped tensor into the MLP's input; a norm reading ``resid_pre``
     marks the block parallel (attention and MLP read the same residual)."""
-    x = seen.inp.get(mlp)
-    feeds = [x] if x is not None and x.shape == pre.shape else []  # the MLP's input, or its first linear's
+    def resid(t):  # [batch, pos, d] as it is, or viewed from [batch * pos, d] (OPT runs its MLP per token)
+        if t is not None and t.dim() == 2 and tuple(t.shape) == (pre.shape[:-1].numel(), pre.shape[-1]):
+            return t.view(pre.shape)
+        return t if t is not None and t.shape == pre.shape else None
+
+    feeds = [resid(seen.inp.get(mlp))]  # the MLP's input, or its first linear's
     lin = [p for p in seen.inp if p.startswith(block + ".") and seen.calls[p] == 1 and _is_proj(get_module(hf, p))
-           and seen.inp[p].shape == pre.shape and seen.order[p] <= seen.order[mlp]]
+           and resid(seen.inp[p]) is not None and seen.order[p] <= seen.order[mlp]]
     if lin:  # an MLP of loose linears in the block (OPT's fc1/fc2): the last d_model-input linear before its output
-        feeds.append(seen.inp[max(lin, key=lambda p: seen.order[p])])
+        feeds.append(resid(seen.inp[max(lin, key=lambda p: seen.order[p])]))
     norms = [p for p in seen.out if p.startswith(block + ".") and not p.startswith(mlp + ".") and seen.calls[p] == 1
-             and p in seen.inp and seen.inp[p].shape == pre.shape and any(torch.equal(seen.out[p], f) for f in feeds)
-             and "norm" in type(get_module(hf, p)).__name__.lower()]
+             and resid(seen.inp.get(p)) is not None and "norm" in type(get_module(hf, p)).__name__.lower()
+             and any(f is not None and torch.equal(resid(seen.out[p]), f) for f in feeds)]
     tmpl = norms[-1].replace(block, "{block}", 1) if len(norms) == 1 else None
-    parallel = tmpl is not None and torch.equal(seen.inp[norms[-1]], pre)
+    parallel = tmpl is not None and torch.equal(resid(seen.inp[norms[-1]]), pre)
     if tmpl is None or fam.get("mlp_in_norm", tmpl) != tmpl or fam.get("parallel_residual", parallel) != parallel:
         fam["mlp_in_norm"] = None  # not the same everywhere: dropped at the end
         return
     fam["mlp_in_norm"], fam["parallel_residual"] = tmpl, parallel
     points[pl + "hook_mlp_in"] = {"module": norms[-1], "side": "input"}
+    if seen.inp[norms[-1]].dim() == 2:
+        points[pl + "hook_mlp_in"]["reshape"] = "tokens"
 
 
 def _keep_if_everywhere(points: dict, fam: dict, n_layers: int) -> None:

@@ -333,7 +333,7 @@ def test_unsupported_families_say_why():
     assert s.matrix.abs().sum() > 0 and not has_mechkit_hooks(par.hf_model)
 
 
-@pytest.mark.parametrize("model_type", ["olmo", "gptj"])  # detected maps: sequential with GQA; a parallel block
+@pytest.mark.parametrize("model_type", ["olmo", "gptj", "opt"])  # detected: GQA; a parallel block; a per-token MLP
 def test_detected_maps_get_edges_equal_to_the_hand_loop(model_type):
     """Detection finds the split q/k/v inputs (one norm read by linear q/k/v projections) and the MLP's
     input norm, so edge circuits run on architectures without a hand-written map: the fused evaluation
