@@ -294,7 +294,7 @@ def test_coverage_floor(sweep, kind):
     assert len(ok) >= FLOOR[kind], f"{len(ok)} {kind}s covered, floor {FLOOR[kind]}; failing: {json.dumps(bad, indent=1)}"
 
 
-EDGE_FLOOR = 70  # types (variants aside) whose heads sum to attn_out and whose empty circuit is the corrupted run
+EDGE_FLOOR = 71  # types (variants aside) whose heads sum to attn_out and whose empty circuit is the corrupted run
 
 
 def test_edge_circuits_floor(sweep):

@@ -49,3 +49,26 @@ def test_moe_and_post_norm_agree_with_transformer_lens(model_type, word_tokenize
         for p in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_pattern", "attn.hook_z", "hook_resid_post"):
             name = f"blocks.{l}.{p}"
             torch.testing.assert_close(cache[name], tl_cache[name].detach(), atol=1e-5, rtol=0, msg=name)
+
+
+def test_gpt_neo_map_agrees_with_transformer_lens(word_tokenizer):
+    """GPT-Neo (TinyStories' architecture) has its own attention code: its hand-written map reads q/k/v
+    from the projections and the pattern from the attention dropout; every point equals the Bridge's."""
+    from arch_zoo import build
+
+    hf, twin = build("gpt_neo"), build("gpt_neo")
+    twin.config.architectures = [type(twin).__name__]
+    bridge = bridge_mod.TransformerBridge.boot_transformers("gpt_neo", hf_model=twin, tokenizer=word_tokenizer,
+                                                            device="cpu")
+    toks = random_tokens(2, 9, seed=3)
+    tl_logits, tl_cache = bridge.run_with_cache(toks)
+    m = HookedModel(hf, word_tokenizer)
+    assert m.cfg.family == "gpt_neo"
+    logits, cache = m.run_with_cache(toks)
+    torch.testing.assert_close(logits, tl_logits.detach(), atol=1e-5, rtol=0)
+    for l in range(m.cfg.n_layers):
+        for p in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+                  "attn.hook_pattern", "attn.hook_z", "mlp.hook_post", "hook_resid_post"):
+            name = f"blocks.{l}.{p}"
+            assert name in tl_cache, name
+            torch.testing.assert_close(cache[name], tl_cache[name].detach(), atol=1e-5, rtol=0, msg=name)
