@@ -11,7 +11,11 @@ For each type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` classified as a decoder o
 - final norm (+ the map's logit transform) x unembedding = logits;
 - attention patterns sum to 1;
 - the fused patching engine's ``resid_pre`` patch of one (layer, pos) equals a hand-hooked forward;
-- on mixture-of-experts layers, the router logits point is [batch, pos, n_experts].
+- on mixture-of-experts layers, the router logits point is [batch, pos, n_experts];
+- where the map has split q/k/v inputs: a change to one head's copy moves that head's query, key or
+  value and nothing else;
+- where edge circuits apply: the heads' ``z W_O`` plus the bias add up to ``attn_out``, and the empty
+  and full circuits evaluate to the corrupted and clean runs (``EDGE_FLOOR`` types at least).
 
 Types that fail are listed in ``NOT_COVERED`` with the reason; the test fails when that list is not
 exactly the failing set, or when a listed type does not fail with a clear error at load. The per-type
