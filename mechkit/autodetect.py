@@ -414,7 +414,8 @@ def _attn_term_form(hf: nn.Module, seen: _Seen, block: str, term: str, fam: dict
     o = fam.get("attn_out_proj", "").replace("{block}", block, 1)
     if o not in seen.out or term not in seen.out or torch.equal(seen.out[o], seen.out[term]):
         return
-    if "norm" in type(get_module(hf, term)).__name__.lower() and torch.equal(seen.inp.get(term), seen.out[o]):
+    x = seen.inp.get(term)
+    if "norm" in type(get_module(hf, term)).__name__.lower() and x is not None and torch.equal(x, seen.out[o]):
         fam.setdefault("attn_post_norm", term.replace(block, "{block}", 1))
     else:
         fam["heads_not_linear"] = (f"the attention's residual term ({term}) is not its output projection's output "
@@ -438,7 +439,7 @@ def _mlp_in_point(hf: nn.Module, seen: _Seen, pl: str, block: str, mlp: str, pre
         feeds.append(resid(seen.inp[max(lin, key=lambda p: seen.order[p])]))
     norms = [p for p in seen.out if p.startswith(block + ".") and not p.startswith(mlp + ".") and seen.calls[p] == 1
              and resid(seen.inp.get(p)) is not None and "norm" in type(get_module(hf, p)).__name__.lower()
-             and any(f is not None and torch.equal(resid(seen.out[p]), f) for f in feeds)]
+             and resid(seen.out[p]) is not None and any(f is not None and torch.equal(resid(seen.out[p]), f) for f in feeds)]
     tmpl = norms[-1].replace(block, "{block}", 1) if len(norms) == 1 else None
     parallel = tmpl is not None and torch.equal(resid(seen.inp[norms[-1]]), pre)
     if tmpl is None or fam.get("mlp_in_norm", tmpl) != tmpl or fam.get("parallel_residual", parallel) != parallel:
