@@ -206,7 +206,7 @@ def _check_split(m, ids: torch.Tensor) -> bool:
     seen = {t: next((f"blocks.0.attn.hook_{n}" for n in (f"rot_{t}", t) if f"blocks.0.attn.hook_{n}" in m.hook_names()),
                     None) for t in ("q", "k", "v")}
     if None in seen.values():
-        return True  # no per-head point to look at (the edge check below still runs)
+        return _check_split_by_pattern(m, ids)
     _, base = m.run_with_cache(ids, names=list(seen.values()))
     push = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(0))  # not constant: a norm keeps it
     for part in ("q", "k", "v"):
@@ -218,6 +218,27 @@ def _check_split(m, ids: torch.Tensor) -> bool:
         for t, name in seen.items():
             moved = (got[name] - base[name]).abs().amax(dim=(0, 1, 3)) > 1e-4 * (1 + float(base[name].abs().max()))
             assert bool(moved[0]) == (t == part) and not bool(moved[1:].any()), (part, t, moved.tolist())
+    return True
+
+
+def _check_split_by_pattern(m, ids: torch.Tensor) -> bool:
+    """The same check where q/k/v are no hook points (BLOOM's fused projection): a change to head 0's
+    query or key input moves head 0's pattern only; to its value input, head 0's z only, no pattern."""
+    names = ["blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z"]
+    if not all(n in m.hook_names() for n in names):
+        return True  # nothing per head to look at (the edge check still runs)
+    _, base = m.run_with_cache(ids, names=names)
+    push = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    for part in ("q", "k", "v"):
+        def bump(x, hook):
+            x = x.clone()
+            x[:, :, 0] += push.to(x.dtype) * x.abs().mean()
+            return x
+        _, got = m.run_with_cache(ids, names=names, hooks={f"blocks.0.hook_{part}_input": bump})
+        pat = (got[names[0]] - base[names[0]]).abs().amax(dim=(0, 2, 3)) > 1e-6  # per head
+        z = (got[names[1]] - base[names[1]]).abs().amax(dim=(0, 1, 3)) > 1e-6
+        assert (bool(pat[0]) == (part != "v")) and not bool(pat[1:].any()), (part, "pattern", pat.tolist())
+        assert bool(z[0]) and not bool(z[1:].any()), (part, "z", z.tolist())
     return True
 
 
@@ -298,7 +319,7 @@ def test_coverage_floor(sweep, kind):
     assert len(ok) >= FLOOR[kind], f"{len(ok)} {kind}s covered, floor {FLOOR[kind]}; failing: {json.dumps(bad, indent=1)}"
 
 
-EDGE_FLOOR = 71  # types (variants aside) whose heads sum to attn_out and whose empty circuit is the corrupted run
+EDGE_FLOOR = 72  # types (variants aside) whose heads sum to attn_out and whose empty circuit is the corrupted run
 
 
 def test_edge_circuits_floor(sweep):

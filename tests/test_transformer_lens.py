@@ -51,24 +51,33 @@ def test_moe_and_post_norm_agree_with_transformer_lens(model_type, word_tokenize
             torch.testing.assert_close(cache[name], tl_cache[name].detach(), atol=1e-5, rtol=0, msg=name)
 
 
-def test_gpt_neo_map_agrees_with_transformer_lens(word_tokenizer):
-    """GPT-Neo (TinyStories' architecture) has its own attention code: its hand-written map reads q/k/v
-    from the projections and the pattern from the attention dropout; every point equals the Bridge's."""
+OWN_ATTENTION = {  # hand-written maps of models whose attention is their own code: the points each has
+    "gpt_neo": ("attn.hook_q", "attn.hook_k", "attn.hook_v"),
+    "bloom": ("hook_resid_mid",),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(OWN_ATTENTION))
+def test_own_attention_maps_agree_with_transformer_lens(model_type, word_tokenizer):
+    """GPT-Neo (TinyStories' architecture) and BLOOM compute attention in their own code: their hand-written
+    maps read the pattern from the attention dropout's output (GPT-Neo: q/k/v from the projections; BLOOM:
+    attn_out / mlp_out are the projections whose outputs its modules add to the residual); every point
+    equals the Bridge's on the same weights."""
     from arch_zoo import build
 
-    hf, twin = build("gpt_neo"), build("gpt_neo")
+    hf, twin = build(model_type), build(model_type)
     twin.config.architectures = [type(twin).__name__]
-    bridge = bridge_mod.TransformerBridge.boot_transformers("gpt_neo", hf_model=twin, tokenizer=word_tokenizer,
+    bridge = bridge_mod.TransformerBridge.boot_transformers(model_type, hf_model=twin, tokenizer=word_tokenizer,
                                                             device="cpu")
     toks = random_tokens(2, 9, seed=3)
     tl_logits, tl_cache = bridge.run_with_cache(toks)
     m = HookedModel(hf, word_tokenizer)
-    assert m.cfg.family == "gpt_neo"
+    assert m.cfg.family == model_type
     logits, cache = m.run_with_cache(toks)
     torch.testing.assert_close(logits, tl_logits.detach(), atol=1e-5, rtol=0)
     for l in range(m.cfg.n_layers):
-        for p in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-                  "attn.hook_pattern", "attn.hook_z", "mlp.hook_post", "hook_resid_post"):
+        for p in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_pattern", "attn.hook_z",
+                  "mlp.hook_post", "hook_resid_post", *OWN_ATTENTION[model_type]):
             name = f"blocks.{l}.{p}"
             assert name in tl_cache, name
             torch.testing.assert_close(cache[name], tl_cache[name].detach(), atol=1e-5, rtol=0, msg=name)
