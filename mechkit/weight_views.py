@@ -99,8 +99,8 @@ class WeightViews:
                 return None
             p = next(self.hf_model.parameters())
             return torch.zeros((self.cfg.n_layers, *shape_if_absent), dtype=p.dtype, device=p.device)
-        dev = parts[0].device
-        return torch.stack([p.to(dev) for p in parts])
+        like = next(p for p in parts if p is not None)  # a layer without the bias others have: zeros
+        return torch.stack([torch.zeros_like(like) if p is None else p.to(like.device) for p in parts])
 
     # embeddings ------------------------------------------------------------------
     @property

@@ -7,6 +7,7 @@ import torch
 from factories import random_hf_model, random_tokens
 
 from mechkit.model import HookedModel
+from mechkit.processing import process_weights
 
 bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
 
@@ -75,6 +76,9 @@ def test_own_attention_maps_agree_with_transformer_lens(model_type, word_tokeniz
     assert m.cfg.family == model_type
     logits, cache = m.run_with_cache(toks)
     torch.testing.assert_close(logits, tl_logits.detach(), atol=1e-5, rtol=0)
+    processed = process_weights(m)  # TransformerLens's folding and centring keep the predictions
+    torch.testing.assert_close(torch.log_softmax(processed(toks).double(), -1), torch.log_softmax(logits.double(), -1),
+                               atol=1e-5, rtol=0)
     for l in range(m.cfg.n_layers):
         for p in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_pattern", "attn.hook_z",
                   "mlp.hook_post", "hook_resid_post", *OWN_ATTENTION[model_type]):
