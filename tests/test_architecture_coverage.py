@@ -198,6 +198,18 @@ def _check_patch(m, clean: torch.Tensor) -> None:
     assert abs(float(got - want)) <= 1e-4 * (1 + abs(float(want))), f"fused {float(got):.6g} vs hooked {float(want):.6g}"
 
 
+def _bumped(m, ids: torch.Tensor, part: str, names: list[str]) -> dict:
+    """The cache of ``names`` when head 0's layer-0 ``part`` ("q", "k", "v") input is pushed along a fixed
+    random direction (not a constant: a norm would remove that)."""
+    push = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(0))
+
+    def bump(x, hook):
+        x = x.clone()
+        x[:, :, 0] += push.to(x.dtype) * x.abs().mean()
+        return x
+    return m.run_with_cache(ids, names=names, hooks={f"blocks.0.hook_{part}_input": bump})[1]
+
+
 def _check_split(m, ids: torch.Tensor) -> bool:
     """Where the map has split q/k/v inputs: a change to head 0's copy of one part moves that head's
     query / key / value and nothing else of layer 0 (a q/k swap or a wrong layout would not)."""
@@ -208,13 +220,8 @@ def _check_split(m, ids: torch.Tensor) -> bool:
     if None in seen.values():
         return _check_split_by_pattern(m, ids)
     _, base = m.run_with_cache(ids, names=list(seen.values()))
-    push = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(0))  # not constant: a norm keeps it
     for part in ("q", "k", "v"):
-        def bump(x, hook):
-            x = x.clone()
-            x[:, :, 0] += push.to(x.dtype) * x.abs().mean()
-            return x
-        _, got = m.run_with_cache(ids, names=list(seen.values()), hooks={f"blocks.0.hook_{part}_input": bump})
+        got = _bumped(m, ids, part, list(seen.values()))
         for t, name in seen.items():
             moved = (got[name] - base[name]).abs().amax(dim=(0, 1, 3)) > 1e-4 * (1 + float(base[name].abs().max()))
             assert bool(moved[0]) == (t == part) and not bool(moved[1:].any()), (part, t, moved.tolist())
@@ -228,13 +235,8 @@ def _check_split_by_pattern(m, ids: torch.Tensor) -> bool:
     if not all(n in m.hook_names() for n in names):
         return True  # nothing per head to look at (the edge check still runs)
     _, base = m.run_with_cache(ids, names=names)
-    push = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(0))
     for part in ("q", "k", "v"):
-        def bump(x, hook):
-            x = x.clone()
-            x[:, :, 0] += push.to(x.dtype) * x.abs().mean()
-            return x
-        _, got = m.run_with_cache(ids, names=names, hooks={f"blocks.0.hook_{part}_input": bump})
+        got = _bumped(m, ids, part, names)
         pat = (got[names[0]] - base[names[0]]).abs().amax(dim=(0, 2, 3)) > 1e-6  # per head
         z = (got[names[1]] - base[names[1]]).abs().amax(dim=(0, 1, 3)) > 1e-6
         assert (bool(pat[0]) == (part != "v")) and not bool(pat[1:].any()), (part, "pattern", pat.tolist())
