@@ -402,7 +402,7 @@ def _layer_points(hf: nn.Module, seen: _Seen, layers_path: str, l: int, emb_out:
             _attn_term_form(hf, seen, block, attn_term, fam)
     if mlp_term is not None:
         _mlp_points(hf, seen, pl, block, mlp_term, post, fam, points, cfg)
-        _mlp_in_point(hf, seen, pl, block, mlp_term, pre, fam, points)
+        _mlp_in_point(hf, seen, pl, (block, [p for p in (attn_term, *called) if p]), mlp_term, pre, fam, points)
     return kind
 
 
@@ -422,19 +422,26 @@ def _attn_term_form(hf: nn.Module, seen: _Seen, block: str, term: str, fam: dict
                                    f"({o}): heads do not add linearly into the residual")
 
 
-def _mlp_in_point(hf: nn.Module, seen: _Seen, pl: str, block: str, mlp: str, pre: torch.Tensor, fam: dict,
+def _mlp_in_point(hf: nn.Module, seen: _Seen, pl: str, where: tuple, mlp: str, pre: torch.Tensor, fam: dict,
                   points: dict) -> None:
     """``hook_mlp_in`` (the residual the MLP reads: its norm's input) and ``mlp_in_norm``, where one norm
     of the block turns a residual-shaped tensor into the MLP's input; a norm reading ``resid_pre``
-    marks the block parallel (attention and MLP read the same residual)."""
+    marks the block parallel (attention and MLP read the same residual). A norm that also feeds the
+    attention gives a derived ``norm_input`` point: the MLP's own copy of the residual.
+    ``where``: (the block's path, the attention's residual term and modules that call attention)."""
+    block, attn_paths = where
+
     def resid(t):  # [batch, pos, d] as it is, or viewed from [batch * pos, d] (OPT runs its MLP per token)
         if t is not None and t.dim() == 2 and tuple(t.shape) == (pre.shape[:-1].numel(), pre.shape[-1]):
             return t.view(pre.shape)
         return t if t is not None and t.shape == pre.shape else None
 
+    def child(p):  # the block's child module that holds p
+        return p[len(block) + 1:].split(".", 1)[0]
+    attn_side = {child(a) for a in attn_paths}
     feeds = [resid(seen.inp.get(mlp))]  # the MLP's input, or its first linear's
     lin = [p for p in seen.inp if p.startswith(block + ".") and seen.calls[p] == 1 and _is_proj(get_module(hf, p))
-           and resid(seen.inp[p]) is not None and seen.order[p] <= seen.order[mlp]]
+           and resid(seen.inp[p]) is not None and seen.order[p] <= seen.order[mlp] and child(p) not in attn_side]
     if lin:  # an MLP of loose linears in the block (OPT's fc1/fc2): the last d_model-input linear before its output
         feeds.append(resid(seen.inp[max(lin, key=lambda p: seen.order[p])]))
     norms = [p for p in seen.out if p.startswith(block + ".") and not p.startswith(mlp + ".") and seen.calls[p] == 1
@@ -446,8 +453,19 @@ def _mlp_in_point(hf: nn.Module, seen: _Seen, pl: str, block: str, mlp: str, pre
         fam["mlp_in_norm"] = None  # not the same everywhere: dropped at the end
         return
     fam["mlp_in_norm"], fam["parallel_residual"] = tmpl, parallel
-    points[pl + "hook_mlp_in"] = {"module": norms[-1], "side": "input"}
-    if seen.inp[norms[-1]].dim() == 2:
+    norm, out = norms[-1], resid(seen.out[norms[-1]])
+    readers = [p for p in seen.inp if p.startswith(block + ".") and p != norm and not p.startswith(norm + ".")
+               and resid(seen.inp[p]) is not None and torch.equal(resid(seen.inp[p]), out)]
+    mine = [p for p in readers if child(p) not in attn_side]
+    if not mine:  # the norm feeds only the attention: not the MLP's
+        fam["mlp_in_norm"] = None
+        return
+    if len(mine) < len(readers):  # the norm feeds the attention too (GPT-J, Phi): the MLP gets its own copy
+        reader = min(mine, key=lambda p: p.count("."))  # the MLP module rather than its first linear
+        points[pl + "hook_mlp_in"] = {"module": norm, "derived": "norm_input", "reader": reader}
+        return
+    points[pl + "hook_mlp_in"] = {"module": norm, "side": "input"}
+    if seen.inp[norm].dim() == 2:
         points[pl + "hook_mlp_in"]["reshape"] = "tokens"
 
 

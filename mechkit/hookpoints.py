@@ -121,6 +121,7 @@ class PointSpec:
     scale: float | None = None
     arg: int = 0
     readonly: str | None = None  # why a hook on this point may not return a new value (then it raises)
+    reader: str | None = None  # derived "norm_input" points: the module whose input a new value replaces
 
 
 class HookNameError(KeyError):
@@ -294,7 +295,8 @@ class PointTable:
                              tensor=spec["virtual"], readonly=spec.get("readonly"))
         if spec.get("derived"):  # computed from a module's input and output (mechkit/derived_points.py)
             return PointSpec(name, layer, "derived", module=self.map.path(spec["module"], layer),
-                             tensor=spec["derived"], optin=bool(spec.get("optin", False)))
+                             tensor=spec["derived"], optin=bool(spec.get("optin", False)),
+                             reader=self.map.path(spec["reader"], layer) if spec.get("reader") else None)
         side = spec.get("side", "output")
         if side == "split":
             return PointSpec(name, layer, "split", tensor=spec["tensor"], optin=bool(spec.get("optin", False)))
@@ -456,7 +458,10 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
             keep, through = derived_handlers(spec.tensor, fn, hook, table.map.family, table.n_heads)
             inst.inputs[spec.module].append(_Handler(keep, keeper=True))
             through.with_module = True  # _apply passes the module (derived points read its weights)
-            inst.outputs[spec.module].append(_Handler(through))
+            if spec.reader:  # a new value replaces the reader's input, not the module's output
+                inst.inputs[spec.reader].append(_Handler(through, name=name))
+            else:
+                inst.outputs[spec.module].append(_Handler(through))
             continue
         if spec.side != "virtual":
             add(spec, _Handler(wrap(fn, hook), spec.reshape, spec.heads, spec.scale, spec.arg, name))

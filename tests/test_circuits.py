@@ -357,3 +357,58 @@ def test_detected_maps_get_edges_equal_to_the_hand_loop(model_type):
         s = C.attribute(m, task, method=method, ig_steps=2, progress=False)
         assert bool(torch.isfinite(s.values).all()) and bool((s.values[g.real] != 0).any())
     assert not has_mechkit_hooks(m.hf_model)
+
+
+@pytest.mark.parametrize("model_type", ["gptj", "phi"])  # parallel blocks whose attention and MLP share one norm
+def test_mlp_in_on_a_shared_norm_reaches_the_mlp_only(model_type):
+    """Where one norm feeds both the attention and the MLP, ``hook_mlp_in`` is the MLP's own copy of
+    the residual: a patch of it reaches the MLP (as norm(patched)) and not the attention, and exact
+    patching of the edge input -> m0 equals a plain torch hook that gives the MLP module alone the
+    corrupted run's input. (Hooking the shared norm's input instead moved the attention too.)"""
+    from arch_zoo import build
+
+    from mechkit.tasks.base import PatchingTask
+
+    hf = build(model_type).eval()
+    m = mk.load(hf)
+    gen = torch.Generator().manual_seed(0)
+    clean, corrupt = (torch.randint(1, 200, (2, 6), generator=gen) for _ in range(2))
+    push = torch.randn(m.cfg.d_model, generator=gen)
+    names = ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"]
+    _, base = m.run_with_cache(clean, names=names)
+    seen = {}
+
+    def bump(x, hook):
+        seen["x"] = x.clone()
+        return x + push
+    _, got = m.run_with_cache(clean, names=names, hooks={"blocks.0.hook_mlp_in": bump})
+    torch.testing.assert_close(seen["x"], base["blocks.0.hook_resid_pre"], atol=0, rtol=0)
+    torch.testing.assert_close(got["blocks.0.hook_attn_out"], base["blocks.0.hook_attn_out"], atol=0, rtol=0)
+    assert (got["blocks.0.hook_mlp_out"] - base["blocks.0.hook_mlp_out"]).abs().max() > 1e-3
+    ones = torch.ones_like(clean)
+    task = PatchingTask(clean, corrupt, ones, ones, clean[:, 0], corrupt[:, 0], ["c"] * 2, ["x"] * 2)
+    metric = mk.patching.metrics.logit_diff(task, normalise=False)
+    _, eff = C.faithfulness.edge_patching(m, task, ["input->m0"], "corrupted", metric, graph=C.flow.check_model(m))
+    reader = _mlp_reader(hf, model_type)
+    store = {}
+    h = reader.register_forward_pre_hook(lambda mod, args: store.__setitem__("x", args[0].detach().clone()))
+    with torch.no_grad():
+        hf(corrupt)
+    h.remove()
+    with torch.no_grad():
+        full = hf(clean).logits[:, -1].float()
+        h = reader.register_forward_pre_hook(lambda mod, args: (store["x"], *args[1:]))
+        try:
+            cut = hf(clean).logits[:, -1].float()
+        finally:
+            h.remove()
+
+    def diff(x):
+        return float((x.gather(1, clean[:, :1]) - x.gather(1, corrupt[:, :1])).mean())
+    assert abs(float(eff[0]) - (diff(full) - diff(cut))) <= 1e-5 * (1 + abs(diff(full)))
+    assert not has_mechkit_hooks(hf)
+
+
+def _mlp_reader(hf, model_type):
+    """Layer 0's MLP module of the HF model (read from the model code, not from mechkit's map)."""
+    return {"gptj": lambda: hf.transformer.h[0].mlp, "phi": lambda: hf.model.layers[0].mlp}[model_type]()
