@@ -93,6 +93,7 @@ class _Seen:
     attn: dict[str, list] = field(default_factory=dict)  # path -> [(q shape, k shape, z)]
     rotary: dict[str, list] = field(default_factory=dict)  # attention path -> [(q shape, k shape)] handed to the rotation
     args: dict[str, list] = field(default_factory=dict)  # path -> positional inputs (tensors or None)
+    ids: torch.Tensor | None = None  # the token ids [1, pos] the model was observed on
 
 
 def _is_proj(m: nn.Module) -> bool:
@@ -307,6 +308,8 @@ def detect_map(hf: nn.Module) -> HookMap:
                  "block": f"{layers_path}.{{l}}", "embed": emb_path, "unembed": names[unembed], "fast_paths": False}
     points: dict[str, dict] = {"hook_embed": {"module": emb_path, "side": "output"}}
     kinds = [_layer_points(hf, seen, layers_path, l, emb_out, fam, points, cfg) for l in range(len(layers))]
+    if not seen.attn and set(kinds) == {"attn"}:  # attention in the model's own code (Falcon, MPT, XGLM)
+        _own_attention(hf, seen, fam, points, layers_path, len(layers), cfg)
     _keep_if_everywhere(points, fam, len(layers))
     _reasons(points, kinds)
     if "attn" not in kinds:
@@ -352,6 +355,7 @@ def _observe_model(hf: nn.Module, layers_path: str, embed: nn.Module, cfg) -> tu
         seen, logits = _observe(hf, layers_path, ids, False)
     if not per_head_ok:
         seen.attn.clear()
+    seen.ids = ids
     seen.rotary = _observe_rotary(hf, ids, list(seen.attn))
     return seen, logits
 
@@ -921,3 +925,69 @@ def verify(hf: nn.Module, hook_map: HookMap, tol: float = 1e-5) -> None:
                         f"the block output by {err:.3g} (norms after attention/MLP, or a different residual layout)")
     if not torch.allclose(apply_logit_transform(hook_map.family, store["hook_logits"]), logits, atol=tol, rtol=tol):
         raise _verify_error(hook_map, "the unembedding's output is not the model's logits")
+
+
+def _own_attention(hf: nn.Module, seen: _Seen, fam: dict, points: dict, layers_path: str, n_layers: int, cfg) -> None:
+    """Per-head points of attention modules with their own code (no attention-interface call anywhere
+    in the model): ``attn.hook_z`` (the output projection's input), split q/k/v inputs and, for three
+    separate projections, ``attn.hook_q/k/v``, where :func:`mechkit.own_attention.find_layout`
+    verifies the projections' layout by perturbation on every layer."""
+    from .own_attention import find_layout
+
+    layers = []
+    for l in range(n_layers):
+        spec = points.get(layer_point(l, "hook_attn_out"), {})
+        found = _own_layer(hf, seen, f"{layers_path}.{l}", spec.get("module")) if spec.get("side") == "output" else None
+        if found is None:
+            return
+        layers.append(found)
+    n_heads = int(config_get(cfg, "num_attention_heads", 0) or 0)
+    got = find_layout(hf, seen.ids, layers, n_heads) if n_heads else None
+    if got is None:
+        return
+    keys, s = got
+    fam.update(n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, d_head=s.d_head,
+               attn_out_proj=layers[0]["o_proj"].replace(layers[0]["block"], "{block}", 1))
+    norms = {lay["norm"] for lay in layers}
+    split = len(norms) == 1 and None not in norms
+    if split:
+        fam.update(keys, attn_in_norm=norms.pop())
+    for l, lay in enumerate(layers):
+        pl = layer_point(l, "")
+        points[pl + "attn.hook_z"] = {"module": lay["o_proj"], "side": "input", "reshape": "heads", "heads": s.n_heads}
+        if keys["qkv_layout"] == "separate":
+            for t in ("q", "k", "v"):
+                points[pl + f"attn.hook_{t}"] = {"module": keys[f"{t}_proj"].replace("{block}", lay["block"], 1),
+                                                 "side": "output", "reshape": "heads", "heads": s.heads(t)}
+        if split:
+            for t in ("q", "k", "v"):
+                points[pl + f"hook_{t}_input"] = {"side": "split", "tensor": t, "optin": True}
+        _attn_term_form(hf, seen, lay["block"], points[pl + "hook_attn_out"]["module"], fam)
+    if not split:
+        _drop_split(fam)
+
+
+def _own_layer(hf: nn.Module, seen: _Seen, block: str, term: str | None) -> dict | None:
+    """One layer's output projection (the linear whose output is the attention's residual term), the
+    projections reading the attention's input, and the norm (template) that makes that input from
+    ``resid_pre`` (None if none)."""
+    if term is None or term not in seen.out:
+        return None
+    o_projs = [p for p in seen.out if p.startswith(block + ".") and seen.calls[p] == 1 and _is_proj(get_module(hf, p))
+               and p in seen.inp and seen.out[p].shape == seen.out[term].shape and torch.equal(seen.out[p], seen.out[term])]
+    if len(o_projs) != 1 or "." not in o_projs[0][len(block) + 1:]:
+        return None
+    o = o_projs[0]
+    a = o.rsplit(".", 1)[0]
+    x = seen.inp.get(a)
+    if x is None:
+        return None
+    projs = [p for p in seen.inp if p.startswith(a + ".") and p != o and seen.calls[p] == 1 and p in seen.out
+             and _is_proj(get_module(hf, p)) and seen.inp[p].shape == x.shape and torch.equal(seen.inp[p], x)]
+    pre = seen.inp[block]
+    norms = [p for p in seen.out if p.startswith(block + ".") and not p.startswith(a + ".") and seen.calls[p] == 1
+             and p in seen.inp and torch.equal(seen.inp[p], pre) and seen.out[p].shape == x.shape
+             and torch.equal(seen.out[p], x)]
+    return {"block": block, "o_proj": o, "z_width": int(seen.inp[o].shape[-1]),
+            "widths": {p: int(seen.out[p].shape[-1]) for p in projs},
+            "norm": norms[0].replace(block, "{block}", 1) if len(norms) == 1 else None}

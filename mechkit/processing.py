@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .split_qkv import Sizes, columns
 from .weights import bias_of, weight_in_out
 
 if TYPE_CHECKING:
@@ -218,13 +219,4 @@ def _zero_v_bias(model, layer: int) -> None:
     b = bias_of(mod)
     if b is None:
         return
-    layout = fam.get("qkv_layout", "separate")
-    if layout == "separate":
-        b.zero_()
-    elif layout == "blocks":
-        start = (c.n_heads + c.n_kv_heads) * c.d_head
-        b[start:start + c.n_kv_heads * c.d_head] = 0
-    elif layout == "per_head":
-        b.view(c.n_heads, 3, c.d_head)[:, 2] = 0
-    else:
-        raise ValueError(f"hook map {model.hook_map.source}: unknown qkv_layout '{layout}'")
+    b[columns(fam.get("qkv_layout", "separate"), "v", Sizes(c.n_heads, c.n_kv_heads, c.d_head)).flatten().to(b.device)] = 0

@@ -23,7 +23,7 @@ split part), so the residual's gradient is the sum over copies, as in Transforme
 The map's ``[family]`` says where things are: ``attn_in_norm`` (its input is the residual the
 attention reads), ``q_proj``/``k_proj``/``v_proj`` and ``qkv_layout``: ``separate`` (own
 modules), ``blocks`` (q | k | v consecutive in one output, GPT-2, Phi-3) or ``per_head``
-([q, k, v] per head, GPT-NeoX).
+([q, k, v] per head, GPT-NeoX; with grouped-query attention [q..., k, v] per KV group, Falcon 40B).
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def columns(layout: str, part: str, s: Sizes) -> torch.Tensor:
     if layout == "blocks":
         offset = [0, s.n_heads * s.d_head, (s.n_heads + s.n_kv_heads) * s.d_head][i]
         return offset + h * s.d_head + e
-    if layout == "per_head":
-        if s.n_kv_heads != s.n_heads:
-            raise ValueError("qkv_layout 'per_head' assumes as many KV heads as query heads")
-        return h * 3 * s.d_head + i * s.d_head + e
+    if layout == "per_head":  # per KV group: its query heads, its key, its value ([q, k, v] per head without GQA)
+        r = s.n_heads // s.n_kv_heads
+        group, slot = (h // r, h % r) if part == "q" else (h, r + i - 1)
+        return (group * (r + 2) + slot) * s.d_head + e
     raise ValueError(f"qkv_layout must be 'separate', 'blocks' or 'per_head'; got {layout!r}")
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .factored import FactoredMatrix, composition_scores
+from .split_qkv import Sizes, columns
 from .weights import bias_of, weight_in_out
 
 
@@ -56,24 +57,14 @@ class WeightViews:
         """q, k or v projection of ``layer`` as [heads, d_model, d_head] (bias: [heads, d_head]).
 
         The map's ``qkv_layout``: ``separate`` (own modules), ``blocks`` (q | k | v consecutive in one
-        output) or ``per_head`` ([q, k, v] per head)."""
+        output) or ``per_head`` ([q, k, v] per head or KV group), as :func:`mechkit.split_qkv.columns` reads them."""
         c = self.cfg
-        n = c.n_heads if which == "q" else c.n_kv_heads
         mod = self._fam_module(f"{which}_proj", layer)
         full = bias_of(mod) if bias else weight_in_out(mod)  # [(d_model,) out]
         if full is None:
             return None
         layout = self.hook_map.family.get("qkv_layout", "separate")
-        if layout == "separate":
-            part = full.unflatten(-1, (n, c.d_head))
-        elif layout == "blocks":
-            q_n, kv_n = c.n_heads * c.d_head, c.n_kv_heads * c.d_head
-            start = {"q": 0, "k": q_n, "v": q_n + kv_n}[which]
-            part = full[..., start:start + n * c.d_head].unflatten(-1, (n, c.d_head))
-        elif layout == "per_head":
-            part = full.unflatten(-1, (c.n_heads, 3, c.d_head))[..., "qkv".index(which), :]
-        else:
-            raise ValueError(f"hook map {self.hook_map.source}: unknown qkv_layout '{layout}'")
+        part = full[..., columns(layout, which, Sizes(c.n_heads, c.n_kv_heads, c.d_head)).to(full.device)]  # [(d_model,) n, d_head]
         return part if bias else part.permute(1, 0, 2)
 
     def _mlp(self, layer: int, which: str, bias: bool = False) -> torch.Tensor | None:

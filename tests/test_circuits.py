@@ -333,7 +333,8 @@ def test_unsupported_families_say_why():
     assert s.matrix.abs().sum() > 0 and not has_mechkit_hooks(par.hf_model)
 
 
-@pytest.mark.parametrize("model_type", ["olmo", "gptj", "opt"])  # detected: GQA; a parallel block; a per-token MLP
+# detected: GQA; a parallel block; a per-token MLP; own attention code: one KV head, a shared norm (Falcon), ALiBi (MPT)
+@pytest.mark.parametrize("model_type", ["olmo", "gptj", "opt", "falcon", "mpt"])
 def test_detected_maps_get_edges_equal_to_the_hand_loop(model_type):
     """Detection finds the split q/k/v inputs (one norm read by linear q/k/v projections) and the MLP's
     input norm, so edge circuits run on architectures without a hand-written map: the fused evaluation
@@ -344,7 +345,7 @@ def test_detected_maps_get_edges_equal_to_the_hand_loop(model_type):
 
     m = mk.load(build(model_type))
     g = C.flow.check_model(m)
-    assert g.parallel == m.cfg.parallel_attn_mlp == (model_type == "gptj")
+    assert g.parallel == m.cfg.parallel_attn_mlp == (model_type in ("gptj", "falcon"))
     gen = torch.Generator().manual_seed(0)
     clean, corrupt = (torch.randint(1, 200, (3, 7), generator=gen) for _ in range(2))
     ones = torch.ones_like(clean)
@@ -359,7 +360,7 @@ def test_detected_maps_get_edges_equal_to_the_hand_loop(model_type):
     assert not has_mechkit_hooks(m.hf_model)
 
 
-@pytest.mark.parametrize("model_type", ["gptj", "phi"])  # parallel blocks whose attention and MLP share one norm
+@pytest.mark.parametrize("model_type", ["gptj", "phi", "falcon"])  # parallel blocks whose attention and MLP share one norm
 def test_mlp_in_on_a_shared_norm_reaches_the_mlp_only(model_type):
     """Where one norm feeds both the attention and the MLP, ``hook_mlp_in`` is the MLP's own copy of
     the residual: a patch of it reaches the MLP (as norm(patched)) and not the attention, and exact
@@ -411,4 +412,5 @@ def test_mlp_in_on_a_shared_norm_reaches_the_mlp_only(model_type):
 
 def _mlp_reader(hf, model_type):
     """Layer 0's MLP module of the HF model (read from the model code, not from mechkit's map)."""
-    return {"gptj": lambda: hf.transformer.h[0].mlp, "phi": lambda: hf.model.layers[0].mlp}[model_type]()
+    return {"gptj": lambda: hf.transformer.h[0].mlp, "phi": lambda: hf.model.layers[0].mlp,
+            "falcon": lambda: hf.transformer.h[0].mlp}[model_type]()
