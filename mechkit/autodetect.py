@@ -931,8 +931,9 @@ def _own_attention(hf: nn.Module, seen: _Seen, fam: dict, points: dict, layers_p
     """Per-head points of attention modules with their own code (no attention-interface call anywhere
     in the model): ``attn.hook_z`` (the output projection's input), split q/k/v inputs and, for three
     separate projections, ``attn.hook_q/k/v``, where :func:`mechkit.own_attention.find_layout`
-    verifies the projections' layout by perturbation on every layer."""
-    from .own_attention import find_layout
+    verifies the projections' layout by perturbation on every layer; ``attn.hook_pattern`` where
+    :func:`~mechkit.own_attention.find_pattern_call` finds the softmax / sdpa call that makes it."""
+    from .own_attention import find_layout, find_pattern_call
 
     layers = []
     for l in range(n_layers):
@@ -952,9 +953,12 @@ def _own_attention(hf: nn.Module, seen: _Seen, fam: dict, points: dict, layers_p
     split = len(norms) == 1 and None not in norms
     if split:
         fam.update(keys, attn_in_norm=norms.pop())
+    call = find_pattern_call(hf, seen.ids, layers, keys, s)
     for l, lay in enumerate(layers):
         pl = layer_point(l, "")
         points[pl + "attn.hook_z"] = {"module": lay["o_proj"], "side": "input", "reshape": "heads", "heads": s.n_heads}
+        if call is not None:
+            points[pl + "attn.hook_pattern"] = {"module": lay["attn"], "side": "function", "tensor": call}
         if keys["qkv_layout"] == "separate":
             for t in ("q", "k", "v"):
                 points[pl + f"attn.hook_{t}"] = {"module": keys[f"{t}_proj"].replace("{block}", lay["block"], 1),
@@ -988,6 +992,6 @@ def _own_layer(hf: nn.Module, seen: _Seen, block: str, term: str | None) -> dict
     norms = [p for p in seen.out if p.startswith(block + ".") and not p.startswith(a + ".") and seen.calls[p] == 1
              and p in seen.inp and torch.equal(seen.inp[p], pre) and seen.out[p].shape == x.shape
              and torch.equal(seen.out[p], x)]
-    return {"block": block, "o_proj": o, "z_width": int(seen.inp[o].shape[-1]),
+    return {"block": block, "attn": a, "o_proj": o, "z_width": int(seen.inp[o].shape[-1]),
             "widths": {p: int(seen.out[p].shape[-1]) for p in projs},
             "norm": norms[0].replace(block, "{block}", 1) if len(norms) == 1 else None}

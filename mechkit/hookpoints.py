@@ -101,8 +101,9 @@ class Hook:
 class PointSpec:
     """One canonical point, concrete for one layer.
 
-    side: "input" | "output" | "attention" | "rotary" | "virtual" | "split"; module: dotted path (None
-    for virtual and split); tensor: q/k/v/pattern for attention points, q/k for rotary points (the
+    side: "input" | "output" | "attention" | "rotary" | "function" | "virtual" | "split"; module: dotted
+    path (None for virtual and split); tensor: q/k/v/pattern for attention points, the call that makes
+    the pattern ("softmax" / "sdpa", :mod:`mechkit.function_taps`) for function points, q/k for rotary points (the
     query and key handed to the rotation, before it), q/k/v for split inputs, "sum" / "difference"
     for virtual points; reshape: None | "heads"; of/write: for virtual points, the component points
     and the one written through; optin: left out of the default list of names (asked for by name only).
@@ -184,7 +185,7 @@ class HookMap:
                     raise ValueError(f"{where}: a virtual point needs virtual = \"sum\", of = [names] and write = name, "
                                      f"or virtual = \"difference\", of = [a, b] and write = a (the point is a - b)")
                 continue
-            if spec.get("side", "output") not in ("input", "output", "attention", "rotary"):
+            if spec.get("side", "output") not in ("input", "output", "attention", "rotary", "function"):
                 continue  # other kinds (split, derived...) are checked by the point table
             if not isinstance(spec.get("module"), str):
                 raise ValueError(f"{where} lacks a module path (module = \"...\")")
@@ -300,7 +301,7 @@ class PointTable:
         side = spec.get("side", "output")
         if side == "split":
             return PointSpec(name, layer, "split", tensor=spec["tensor"], optin=bool(spec.get("optin", False)))
-        if side not in ("input", "output", "attention", "rotary"):
+        if side not in ("input", "output", "attention", "rotary", "function"):
             raise ValueError(f"{self.map.source}: point {name} has side '{side}'")
         return PointSpec(
             name, layer, side, module=self.map.path(spec["module"], layer),
@@ -418,6 +419,8 @@ class Installation:
     attention: dict[str, dict[str, list[_Handler]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     split: dict[int, dict[str, list[_Handler]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     rotary: dict[str, dict[str, list[_Handler]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    function: dict[str, dict[str, list[_Handler]]] = field(  # path -> the call making the pattern -> handlers
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     hook_map: HookMap | None = None
 
     @property
@@ -441,6 +444,8 @@ def plan(table: PointTable, hooks: list[tuple[str, HookFn]]) -> Installation:
             inst.split[spec.layer][spec.tensor].append(handler)
         elif spec.side == "rotary":
             inst.rotary[spec.module][spec.tensor].append(handler)
+        elif spec.side == "function":
+            inst.function[spec.module][spec.tensor].append(handler)
         else:
             raise AssertionError(spec)
 
@@ -512,6 +517,12 @@ def installed(model: nn.Module, inst: Installation, n_heads: int, sizes=None):
                 raise ValueError("split q/k/v input points need the model's head sizes (installed(sizes=...))")
             install_split(split_stack, model, inst.hook_map, layer, dict(by_part),
                           sizes, lambda hs, x: _apply(hs, x, 0))
+        for path, by_call in inst.function.items():  # patterns made by a softmax / sdpa call in the module's code
+            from .function_taps import pattern_taps
+
+            for call, hs in by_call.items():
+                pattern_taps(split_stack, get_module(model, path), call, lambda x, hs=hs: _apply(hs, x, 0),
+                             n_heads, f"attention module {path}")
         for path, by_tensor in inst.rotary.items():
             split_stack.enter_context(rotary_inputs(get_module(model, path), _rotary_handlers(dict(by_tensor))))
         if any(h.reshape == "tokens" for hs in (*inst.inputs.values(), *inst.outputs.values()) for h in hs):

@@ -21,6 +21,7 @@ forward). Patterns are computed inside the model's own code, so they are not fou
 
 from __future__ import annotations
 
+import functools
 import itertools
 from contextlib import ExitStack
 
@@ -166,3 +167,46 @@ def _holds_everywhere(hf, ids: torch.Tensor, layers: list[dict], tmpl: dict, s: 
         per.append((lay["o_proj"], _rows(keys, s, ids.shape[-1], gen)))
     z = _pushed_z(hf, ids, [r for _, rs in per for r in rs], [o for o, _ in per])
     return all(_passes(torch.cat([z[o][:1], z[o][1 + 3 * j:4 + 3 * j]]), rs, s) for j, (o, rs) in enumerate(per))
+
+
+@torch.no_grad()
+def find_pattern_call(hf, ids: torch.Tensor, layers: list[dict], tmpl: dict, s: Sizes) -> str | None:
+    """The call ("softmax" or "sdpa", :mod:`mechkit.function_taps`) that makes every layer's attention
+    pattern, or None: each attention module must make exactly one such call, of one kind on every layer,
+    and with the pattern it gives, ``z = pattern @ v`` for every head (v: the value columns of the
+    projection, through the layout) and each row sums to 1."""
+    from .function_taps import pattern_taps, record_calls
+
+    with ExitStack() as stack:
+        recs = [record_calls(stack, get_module(hf, lay["attn"])) for lay in layers]
+        hf(input_ids=ids, use_cache=False)
+    kinds = {tuple(c[0] for c in r.calls) for r in recs}
+    if len(kinds) != 1 or len(next(iter(kinds))) != 1:
+        return None
+    kind = next(iter(kinds))[0]
+    got: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        for i, lay in enumerate(layers):
+            keep = functools.partial(_keep, got, f"p{i}")
+            pattern_taps(stack, get_module(hf, lay["attn"]), kind, keep, s.n_heads, lay["attn"])
+            v_proj = get_module(hf, tmpl["v_proj"].replace("{block}", lay["block"], 1))
+            stack.callback(v_proj.register_forward_hook(
+                lambda m, a, o, i=i: got.__setitem__(f"v{i}", (o[0] if isinstance(o, tuple) else o).clone())).remove)
+            stack.callback(get_module(hf, lay["o_proj"]).register_forward_pre_hook(
+                lambda m, a, i=i: got.__setitem__(f"z{i}", a[0].clone())).remove)
+        hf(input_ids=ids, use_cache=False)
+    cols = columns(tmpl["qkv_layout"], "v", s)
+    for i in range(len(layers)):
+        if not all(f"{t}{i}" in got for t in "pvz"):
+            return None
+        p, z = got[f"p{i}"].double(), got[f"z{i}"].double().unflatten(-1, (s.n_heads, s.d_head))
+        v = got[f"v{i}"].double()[..., cols].repeat_interleave(s.n_heads // s.n_kv_heads, dim=-2)  # [b, k, H, d]
+        if not torch.allclose(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-4) or not torch.allclose(
+                torch.einsum("bhqk,bkhd->bqhd", p, v), z, atol=1e-5 * (1 + float(z.abs().max())), rtol=1e-4):
+            return None
+    return kind
+
+
+def _keep(store: dict, key: str, p: torch.Tensor) -> torch.Tensor:
+    store[key] = p.detach().clone()
+    return p

@@ -42,10 +42,11 @@ def test_own_code_attention_gets_heads_whose_z_is_the_models_pattern_times_v(cas
     hf, m, ids = _load(case)
     with torch.no_grad():
         pats = hf(input_ids=ids, output_attentions=True, use_cache=False).attentions
-    _, cache = m.run_with_cache(ids, names=lambda n: n.endswith(("attn.hook_z", "hook_resid_pre")))
+    _, cache = m.run_with_cache(ids, names=lambda n: n.endswith(("attn.hook_z", "hook_resid_pre", "attn.hook_pattern")))
     for l in range(m.cfg.n_layers):
         want = torch.einsum("bhqk,bkhd->bqhd", pats[l].float(), _v(m, cache, l))
         torch.testing.assert_close(cache[f"blocks.{l}.attn.hook_z"], want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cache[f"blocks.{l}.attn.hook_pattern"], pats[l].float(), atol=1e-6, rtol=0)
     assert not has_mechkit_hooks(hf)
 
 
@@ -88,3 +89,41 @@ def test_a_wrong_layout_fails_the_perturbation_test():
         verdicts.append(own_attention._passes(z, rows, s))
     assert verdicts == [True, False]
     assert own_attention.find_layout(hf, ids, [layer], H)[0]["qkv_layout"] == "blocks"
+
+
+@pytest.mark.parametrize("case", ["falcon-mqa", "mpt"])
+def test_patched_patterns_reach_z_and_padding_keeps_the_logits(case):
+    """A hooked pattern is the one the model multiplies v by: z of a head whose pattern row is replaced by
+    one-hot on key 0 is that head's value at position 0. With left padding, caching the pattern (the
+    explicit sdpa path on Falcon, under the boolean padding mask) leaves the logits of real tokens unchanged."""
+    hf, m, ids = _load(case)
+
+    def first_key(p, hook):
+        p = p.clone()
+        p[:, 1] = 0
+        p[:, 1, :, 0] = 1
+        return p
+    _, cache = m.run_with_cache(ids, names=["blocks.0.attn.hook_z", "blocks.0.hook_resid_pre"],
+                                hooks={"blocks.0.attn.hook_pattern": first_key})
+    v = _v(m, cache, 0).repeat_interleave(m.cfg.n_heads // m.cfg.n_kv_heads, dim=2)  # [b, pos, H, d]
+    torch.testing.assert_close(cache["blocks.0.attn.hook_z"][:, :, 1], v[:, :1, 1].expand(-1, ids.shape[1], -1),
+                               atol=1e-5, rtol=1e-4)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+    got, pat = m.run_with_cache(ids, attention_mask=mask, names=["blocks.1.attn.hook_pattern"])
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=0)
+    assert float(pat["blocks.1.attn.hook_pattern"][0, :, 2:, :2].abs().max()) == 0  # padded keys get no weight
+
+
+def test_a_second_pattern_call_in_one_forward_raises():
+    """The pattern point expects one softmax per forward of its module; a second is an error, not a
+    silently wrong point."""
+    from mechkit.function_taps import PatternMode
+
+    x = torch.randn(1, 2, 3, 3)
+    with PatternMode("softmax", lambda p: p, 2, "attention module a"):
+        torch.softmax(x, -1)
+        with pytest.raises(RuntimeError, match="second softmax call"):
+            torch.softmax(x, -1)

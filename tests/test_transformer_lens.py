@@ -90,8 +90,9 @@ def test_own_attention_maps_agree_with_transformer_lens(model_type, word_tokeniz
 @pytest.mark.parametrize("model_type", ["falcon", "mpt", "xglm"])
 def test_own_code_heads_agree_with_transformer_lens(model_type, word_tokenizer):
     """Falcon (multi-query, parallel, rotary), MPT (ALiBi) and XGLM run attention in their own code; on
-    a detected map mechkit finds their heads by perturbation. z (and XGLM's q/k/v) equal the Bridge's,
-    which reimplements their attention, on the same weights."""
+    a detected map mechkit finds their heads by perturbation and their patterns at the softmax / sdpa
+    call. z, the pattern (and XGLM's q/k/v) equal the Bridge's, which reimplements their attention, on
+    the same weights."""
     from arch_zoo import build
 
     hf, twin = build(model_type), build(model_type)
@@ -106,6 +107,7 @@ def test_own_code_heads_agree_with_transformer_lens(model_type, word_tokenizer):
     torch.testing.assert_close(logits, tl_logits.detach(), atol=1e-5, rtol=0)
     extra = ("attn.hook_q", "attn.hook_k", "attn.hook_v") if model_type == "xglm" else ()
     for l in range(m.cfg.n_layers):
-        for p in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_z", "hook_resid_post", *extra):
+        for p in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_z", "attn.hook_pattern",
+                  "hook_resid_post", *extra):
             name = f"blocks.{l}.{p}"
             torch.testing.assert_close(cache[name], tl_cache[name].detach(), atol=1e-5, rtol=0, msg=name)
