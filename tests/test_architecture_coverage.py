@@ -14,6 +14,7 @@ For each type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` classified as a decoder o
 - on mixture-of-experts layers, the router logits point is [batch, pos, n_experts];
 - where the map has split q/k/v inputs: a change to one head's copy moves that head's query, key or
   value and nothing else;
+- a change to ``hook_mlp_in`` moves the MLP's output and not the attention's;
 - where edge circuits apply: the heads' ``z W_O`` plus the bias add up to ``attn_out``, and the empty
   and full circuits evaluate to the corrupted and clean runs (``EDGE_FLOOR`` types at least).
 
@@ -167,6 +168,8 @@ def check(model_type: str, **overrides) -> dict:
         _check_patch(m, ids)
         step = "split q/k/v inputs reach their own head's q/k/v"
         r["split_qkv"] = _check_split(m, ids)
+        step = "hook_mlp_in reaches the MLP only"
+        _check_mlp_in(m, ids)
         step = "edge graph: the empty circuit is the corrupted run"
         r["edges"] = _check_edges(m, ids)
         assert not has_mechkit_hooks(hf)
@@ -208,6 +211,22 @@ def _bumped(m, ids: torch.Tensor, part: str, names: list[str]) -> dict:
         x[:, :, 0] += push.to(x.dtype) * x.abs().mean()
         return x
     return m.run_with_cache(ids, names=names, hooks={f"blocks.0.hook_{part}_input": bump})[1]
+
+
+def _check_mlp_in(m, ids: torch.Tensor) -> None:
+    """Where the map has ``hook_mlp_in``: a change to it moves layer 0's MLP output and leaves its
+    attention (or mixer) output exactly as it was (the MLP's own copy of the residual, also where one
+    norm feeds both)."""
+    names = m.hook_names()
+    if "blocks.0.hook_mlp_in" not in names:
+        return
+    other = next(n for n in ("blocks.0.hook_attn_out", "blocks.0.hook_mixer_out") if n in names)
+    push = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    _, base = m.run_with_cache(ids, names=[other, "blocks.0.hook_mlp_out"])
+    _, got = m.run_with_cache(ids, names=[other, "blocks.0.hook_mlp_out"],
+                              hooks={"blocks.0.hook_mlp_in": lambda x, hook: x + push.to(x.dtype) * x.abs().mean()})
+    assert torch.equal(got[other], base[other]), f"{other} moved"
+    assert not torch.equal(got["blocks.0.hook_mlp_out"], base["blocks.0.hook_mlp_out"]), "mlp_out did not move"
 
 
 def _check_split(m, ids: torch.Tensor) -> bool:
