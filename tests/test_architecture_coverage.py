@@ -15,6 +15,8 @@ For each type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` classified as a decoder o
 - where the map has split q/k/v inputs: a change to one head's copy moves that head's query, key or
   value and nothing else;
 - a change to ``hook_mlp_in`` moves the MLP's output and not the attention's;
+- a vector added to layer 0's ``resid_post`` or ``mlp_out`` (or, in parallel blocks, ``attn_out``)
+  gives the logits of adding it to layer 1's ``resid_pre`` (scaled terms are written in residual units);
 - where edge circuits apply: the heads' ``z W_O`` plus the bias add up to ``attn_out``, and the empty
   and full circuits evaluate to the corrupted and clean runs (``EDGE_FLOOR`` types at least).
 
@@ -170,6 +172,8 @@ def check(model_type: str, **overrides) -> dict:
         r["split_qkv"] = _check_split(m, ids)
         step = "hook_mlp_in reaches the MLP only"
         _check_mlp_in(m, ids)
+        step = "writes to resid_post / mlp_out / attn_out add to the next layer's input"
+        _check_writes(m, ids)
         step = "edge graph: the empty circuit is the corrupted run"
         r["edges"] = _check_edges(m, ids)
         assert not has_mechkit_hooks(hf)
@@ -211,6 +215,27 @@ def _bumped(m, ids: torch.Tensor, part: str, names: list[str]) -> dict:
         x[:, :, 0] += push.to(x.dtype) * x.abs().mean()
         return x
     return m.run_with_cache(ids, names=names, hooks={f"blocks.0.hook_{part}_input": bump})[1]
+
+
+def _check_writes(m, ids: torch.Tensor) -> None:
+    """Adding a vector to layer 0's ``resid_post`` or ``mlp_out`` (the last term the block adds; scaled
+    terms are written in residual units) gives the logits of adding it to layer 1's ``resid_pre``; so
+    does ``attn_out`` in parallel blocks (no MLP reads it)."""
+    names = m.hook_names()
+    if "blocks.1.hook_resid_pre" not in names:
+        return
+    _, c = m.run_with_cache(ids, names=["blocks.1.hook_resid_pre"])
+    push = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    push = push * float(c["blocks.1.hook_resid_pre"].abs().mean())  # one vector, in residual units, for every point
+
+    def logits(point):
+        with torch.no_grad(), m.hooks([(point, lambda x, hook: x + push.to(x.dtype))]):
+            return m(ids).float()
+    want = logits("blocks.1.hook_resid_pre")
+    tol = 1e-4 * (1 + float(want.abs().max()))
+    points = ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"] + (["blocks.0.hook_attn_out"] if m.cfg.parallel_attn_mlp else [])
+    off = {p: float((logits(p) - want).abs().max()) for p in points if p in names}
+    assert all(d <= tol for d in off.values()), f"logits off by {off} (tolerance {tol:.1e})"
 
 
 def _check_mlp_in(m, ids: torch.Tensor) -> None:
