@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .hookpoints import terms_not_linear
+from .norms import frozen_norm
 from .sites import act_name
 from .weights import bias_of, weight_in_out
 
@@ -90,22 +91,8 @@ class ResidualHelpers:
 
     # norms ---------------------------------------------------------------------
     def _frozen_norm(self, norm: torch.nn.Module, total: torch.Tensor, stack: torch.Tensor, center: bool | None = None):
-        """Apply ``norm`` to each component of ``stack`` [c, ..., d] linearly: scale (and mean) taken
-        from ``total`` [..., d], the full input. Bias is not added (it belongs to no component)."""
-        fam = self.model.hook_map.family
-        if fam.get("norm_kind") == "none":  # no final norm: the unembedding reads the residual stream
-            return stack
-        if center is None:
-            center = fam.get("norm_kind", "layernorm") == "layernorm"
-        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-5
-        x = total.float()
-        if center:
-            x = x - x.mean(-1, keepdim=True)
-            stack = stack - stack.mean(-1, keepdim=True)
-        scale = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
-        weight = getattr(norm, "weight", None)
-        w = 1.0 if weight is None else weight.float() + float(fam.get("norm_weight_offset", 0.0))
-        return (stack.float() * scale * w).to(stack.dtype)
+        """:func:`mechkit.norms.frozen_norm` with this model's family."""
+        return frozen_norm(norm, self.model.hook_map.family, total, stack, center)
 
     def apply_ln_to_stack(self, residual_stack: torch.Tensor, layer: int | None = None, mlp_input: bool = False,
                           pos_slice=None, batch_slice=None, has_batch_dim: bool = True,

@@ -236,14 +236,15 @@ def builtin_maps() -> list[HookMap]:
     return maps
 
 
-def terms_not_linear(family: dict) -> str | None:
+def terms_not_linear(family: dict, post_norm_frozen: bool = False) -> str | None:
     """Why a family's ``hook_attn_out`` / ``hook_mlp_out`` are not sums of per-head / per-neuron
-    outputs (a norm after the sublayer, or terms that are the stream's increments), or None."""
+    outputs (a norm after the sublayer, or terms that are the stream's increments), or None.
+    ``post_norm_frozen``: a post-norm is no reason (the caller applies it with its scale frozen)."""
     if family.get("residual") == "increments":
         return (f"family '{family.get('name')}' rescales or normalises its residual stream inside each block, so "
                 f"hook_attn_out / hook_mlp_out are the stream's increments (resid_mid - resid_pre, resid_post - "
                 f"resid_mid), not sums of heads' or neurons' outputs")
-    if "attn_post_norm" in family:
+    if "attn_post_norm" in family and not post_norm_frozen:
         return (f"family '{family.get('name')}' normalises the attention (and MLP) output before adding it to the "
                 f"residual stream (attn_post_norm)")
     if family.get("heads_not_linear"):

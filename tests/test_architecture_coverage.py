@@ -41,6 +41,7 @@ from arch_zoo import KIND, build
 import mechkit as mk
 from mechkit.autodetect import HookMapDetectionError, apply_logit_transform
 from mechkit.hookpoints import has_mechkit_hooks, map_for_model_type
+from mechkit.norms import frozen_norm
 from mechkit.patching import activation_patch
 from mechkit.tasks.base import PatchingTask
 from mechkit.weights import bias_of, weight_in_out
@@ -293,8 +294,8 @@ def _check_split_by_pattern(m, ids: torch.Tensor) -> bool:
 
 
 def _check_edges(m, ids: torch.Tensor) -> bool:
-    """Where the edge graph applies: the heads' outputs ``z_h @ W_O[h]`` (the graph's senders) plus the
-    output bias add up to ``hook_attn_out`` on every layer, and evaluating the full circuit gives the
+    """Where the edge graph applies: the heads' outputs (the graph's senders: ``z_h @ W_O[h]``, through a
+    post-norm with its scale frozen) plus the output bias's share add up to ``hook_attn_out`` on every layer, and evaluating the full circuit gives the
     clean run's metric and the empty circuit (every edge carries its corrupted value) the corrupted
     run's (the receivers' inputs are rebuilt right)."""
     from mechkit import circuits as C
@@ -303,9 +304,20 @@ def _check_edges(m, ids: torch.Tensor) -> bool:
         g = C.flow.check_model(m)
     except ValueError:
         return False
+    senders = C.flow.SenderHooks(m, g)
+    with torch.no_grad(), m.hooks(senders.hooks()):
+        m(ids)
+    heads = senders.complete()
     _, cache = m.run_with_cache(ids, names=lambda n: n.endswith(("attn.hook_z", "hook_attn_out")))
+    fam = m.hook_map.family
     for l in range(m.cfg.n_layers):
-        out = torch.einsum("bphd,hdm->bpm", cache[f"blocks.{l}.attn.hook_z"], m.W_O[l]) + m.b_O[l]
+        z = cache[f"blocks.{l}.attn.hook_z"]
+        bias = m.b_O[l].expand_as(cache[f"blocks.{l}.hook_attn_out"])
+        if "attn_post_norm" in fam:  # the bias's share: through the norm at the whole output's scale, plus its bias
+            norm = m.family_module("attn_post_norm", l)
+            total = torch.einsum("bphd,hdm->bpm", z, m.W_O[l]) + m.b_O[l]
+            bias = frozen_norm(norm, fam, total, bias[None])[0] + (0 if bias_of(norm) is None else bias_of(norm))
+        out = heads[g.head_sender(l, 0):g.head_sender(l, 0) + m.cfg.n_heads].sum(0) + bias
         want = cache[f"blocks.{l}.hook_attn_out"]
         assert (out - want).abs().max() <= 1e-4 * (1 + float(want.abs().max())), f"layer {l}: heads do not sum to attn_out"
     corrupt = _ids(m.cfg.d_vocab, 1)
@@ -369,7 +381,7 @@ def test_coverage_floor(sweep, kind):
     assert len(ok) >= FLOOR[kind], f"{len(ok)} {kind}s covered, floor {FLOOR[kind]}; failing: {json.dumps(bad, indent=1)}"
 
 
-EDGE_FLOOR = 75  # types (variants aside) whose heads sum to attn_out and whose empty circuit is the corrupted run
+EDGE_FLOOR = 80  # types (variants aside) whose heads sum to attn_out and whose empty circuit is the corrupted run
 
 
 def test_edge_circuits_floor(sweep):

@@ -145,8 +145,9 @@ def hand_evaluate(m, task, circuit, ablation="corrupted"):
         def head_out(l):
             def fn(z, hook):
                 W = mk.weights.weight_in_out(m.family_module("attn_out_proj", l))
+                res = [z[:, :, h] @ W[h * dh:(h + 1) * dh] for h in range(H)]
                 for h in range(H):
-                    store[f"a{l}.h{h}"] = z[:, :, h] @ W[h * dh:(h + 1) * dh]
+                    store[f"a{l}.h{h}"] = _post_norm_by_hand(m, l, res)[h]
             return fn
         hs = [("blocks.0.hook_resid_pre", lambda x, hook: store.__setitem__("input", x.clone()))]
         for l in range(L):
@@ -195,6 +196,22 @@ def hand_evaluate(m, task, circuit, ablation="corrupted"):
     with torch.no_grad(), m.hooks(hooks):
         logits = m.hf_model(**clean_b().kwargs(), use_cache=False).logits
     return float(mk.patching.metrics.logit_diff(task)(logits).mean())
+
+
+def _post_norm_by_hand(m, l, res):
+    """Heads' outputs [b, p, d] each; through an RMS post-norm (Gemma 2/3, GLM-4) scaled by their sum's
+    root mean square (the output bias included), where the map has one."""
+    fam = m.hook_map.family
+    if "attn_post_norm" not in fam:
+        return res
+    assert fam["norm_kind"] == "rmsnorm"
+    norm = m.family_module("attn_post_norm", l)
+    b = mk.weights.bias_of(m.family_module("attn_out_proj", l))
+    total = sum(res) + (0 if b is None else b)
+    eps = getattr(norm, "eps", None) or norm.variance_epsilon
+    scale = (total.float().pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    w = norm.weight.float() + float(fam.get("norm_weight_offset", 0.0))
+    return [(r.float() * scale * w).to(r.dtype) for r in res]
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
@@ -319,11 +336,12 @@ def test_tiny_llama_induction_circuit_within_ten_percent_of_edges():
 
 
 def test_unsupported_families_say_why():
+    from arch_zoo import build
     from factories import random_hf_model
 
-    m = mk.load(random_hf_model("gemma2"))
+    m = mk.load(build("granite", residual_multiplier=0.22))  # a residual multiplier scales every term
     task = random_task(2, 5, 200)
-    with pytest.raises(ValueError, match="attn_post_norm"):
+    with pytest.raises(ValueError, match="scaled module outputs"):
         C.attribute(m, task, progress=False)
     assert not has_mechkit_hooks(m.hf_model)
     par = mk.load(random_hf_model("gpt_neox"))  # parallel residual: the MLP does not read its own layer's heads
@@ -414,3 +432,35 @@ def _mlp_reader(hf, model_type):
     """Layer 0's MLP module of the HF model (read from the model code, not from mechkit's map)."""
     return {"gptj": lambda: hf.transformer.h[0].mlp, "phi": lambda: hf.model.layers[0].mlp,
             "falcon": lambda: hf.transformer.h[0].mlp}[model_type]()
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "glm4"])  # Gemma's shipped map; GLM-4 detected
+def test_post_norm_models_get_edges_equal_to_the_hand_loop(model_type):
+    """Where a norm follows the attention before the residual add, a head's output is its ``z W_O``
+    through that norm with the scale frozen at the whole output of the same forward (the heads add up
+    to ``hook_attn_out``): fused evaluation equals the hand loop (which normalises by hand), the full
+    circuit is the clean run and the empty one the corrupted run, and EAP / EAP-IG / RelP score every edge."""
+    from arch_zoo import build
+
+    from mechkit.tasks.base import PatchingTask
+
+    m = mk.load(build(model_type))
+    assert "attn_post_norm" in m.hook_map.family
+    g = C.flow.check_model(m)
+    gen = torch.Generator().manual_seed(0)
+    clean, corrupt = (torch.randint(1, 200, (3, 7), generator=gen) for _ in range(2))
+    ones = torch.ones_like(clean)
+    task = PatchingTask(clean, corrupt, ones, ones, clean[:, 0], corrupt[:, 0], ["c"] * 3, ["x"] * 3)
+    circuits = [C.Circuit(g, torch.rand(g.real.shape, generator=gen) < p) for p in (0.05, 0.5)]
+    circuits += [C.Circuit.full(g), C.Circuit(g, torch.zeros_like(g.real))]
+    fused = C.evaluate(m, task, circuits)
+    loop = torch.tensor([hand_evaluate(m, task, c) for c in circuits])
+    torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
+    metric = mk.patching.metrics.logit_diff(task)
+    with torch.no_grad():
+        ends = [float(metric(m(t)).mean()) for t in (clean, corrupt)]
+    torch.testing.assert_close(fused[2:], torch.tensor(ends), atol=1e-5, rtol=1e-5)
+    for method in ("eap", "eap-ig", "relp"):
+        s = C.attribute(m, task, method=method, ig_steps=2, progress=False)
+        assert bool(torch.isfinite(s.values).all()) and bool((s.values[g.real] != 0).any())
+    assert not has_mechkit_hooks(m.hf_model)

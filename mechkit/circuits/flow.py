@@ -2,7 +2,10 @@
 the hooks that read senders' outputs and read or shift receivers' inputs during one forward.
 
 Senders: ``input`` = layer 0's residual input; a head's output = ``attn.hook_z[..., h, :] @ W_O[h]``
-(the output projection's rows of that head, no bias); an MLP's output = ``hook_mlp_out``.
+(the output projection's rows of that head, no bias); where a norm follows the attention before the
+residual add (``attn_post_norm``: Gemma 2/3, OLMo 2, GLM-4) that output through the norm with its
+scale frozen at the whole attention output of the same forward, so the heads still add up to
+``hook_attn_out`` (:func:`mechkit.norms.frozen_norm`); an MLP's output = ``hook_mlp_out``.
 Receivers: the split inputs ``hook_q_input/k_input/v_input`` (one residual copy per head, or per
 KV head), ``hook_mlp_in`` (the MLP's own copy of the residual) and the last layer's
 ``hook_resid_post`` (what the final norm reads). Every receiver hook returns a tensor that
@@ -21,8 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..hookpoints import terms_not_linear
+from ..norms import frozen_norm
 from ..sites import act_name
-from ..weights import weight_in_out
+from ..weights import bias_of, weight_in_out
 from .graph import Graph
 
 if TYPE_CHECKING:
@@ -41,7 +45,7 @@ def point(kind: str, layer: int | None = None) -> str:
 def check_model(model: HookedModel) -> Graph:
     """The model's graph, or a clear error where heads do not add linearly into the residual."""
     fam = model.hook_map.family
-    why = terms_not_linear(fam)
+    why = terms_not_linear(fam, post_norm_frozen=True)
     if why:
         raise ValueError(f"edge-level circuits need each head's output to add linearly into the residual stream; "
                          f"{why}, which is not supported yet")
@@ -84,6 +88,9 @@ class SenderHooks:
         self.out: torch.Tensor | None = None
         # read now: inside start_at_layer the layer list is a slice and paths would not resolve
         self.w_o = [weight_in_out(model.family_module("attn_out_proj", l)) for l in range(graph.n_layers)]
+        post = "attn_post_norm" in model.hook_map.family
+        self.post = [(model.family_module("attn_post_norm", l), bias_of(model.family_module("attn_out_proj", l)))
+                     if post else None for l in range(graph.n_layers)]
 
     def _store(self, s0: int, value: torch.Tensor) -> None:
         if self.on_value is not None:
@@ -105,6 +112,14 @@ class SenderHooks:
                                f"{self.g.n_senders}) were not recorded: their hook points did not run in this forward")
         return self.out
 
+    def _post_norm(self, l: int, res: torch.Tensor) -> torch.Tensor:
+        """Heads' outputs [b, p, H, d] through layer ``l``'s post-norm, scale frozen at their sum (+ bias)."""
+        if self.post[l] is None:
+            return res
+        norm, b = self.post[l]
+        total = res.sum(2) + (0 if b is None else b.to(res.dtype))
+        return frozen_norm(norm, self.model.hook_map.family, total, res.movedim(2, 0)).movedim(0, 2)
+
     def _wanted(self, lo: int, hi: int) -> bool:
         return self.needed is None or bool(self.needed[lo:hi].any())
 
@@ -114,7 +129,7 @@ class SenderHooks:
         for l in range(g.n_layers):
             def z_hook(z, hook, l=l):
                 w = self.w_o[l].unflatten(0, (m.cfg.n_heads, m.cfg.d_head)).to(z.dtype)  # [H, dh, d]
-                self._store(g.head_sender(l, 0), torch.einsum("bphe,hed->bphd", z, w))
+                self._store(g.head_sender(l, 0), self._post_norm(l, torch.einsum("bphe,hed->bphd", z, w)))
             if self._wanted(g.head_sender(l, 0), g.head_sender(l, 0) + g.n_heads):
                 hs.append((point("z", l), z_hook))
             if self._wanted(g.mlp_sender(l), g.mlp_sender(l) + 1):
