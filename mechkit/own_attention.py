@@ -15,8 +15,8 @@ position, and must give
 - a value of group g at position s: changes of z for group g's heads at positions >= s only, each
   a multiple of the added vector (z = pattern @ v), which also checks z's per-head layout.
 
-The one candidate that passes is then checked the same way on every other layer (one more
-forward). Patterns are computed inside the model's own code, so they are not found here.
+The one candidate that passes is then checked on every other layer by the value push (one more
+forward, one row per layer). Patterns are computed inside the model's own code, so they are not found here.
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ def find_layout(hf, ids: torch.Tensor, layers: list[dict], n_heads: int) -> tupl
 
 
 def _holds_everywhere(hf, ids: torch.Tensor, layers: list[dict], tmpl: dict, s: Sizes, gen) -> bool:
-    """The chosen layout checked on the other layers, all in one forward."""
+    """The chosen layout checked on the other layers by the value push (one row per layer: which
+    heads, which dimensions, z's layout), all in one forward; q/k were told apart on layer 0."""
     if not layers:
         return True
     per = []
@@ -164,9 +165,9 @@ def _holds_everywhere(hf, ids: torch.Tensor, layers: list[dict], tmpl: dict, s: 
         want = {t: (s.n_heads + 2 * s.n_kv_heads if fused else s.heads(t)) * s.d_head for t in PARTS}
         if any(lay["widths"].get(keys[f"{t}_proj"]) != want[t] for t in PARTS) or lay["z_width"] != s.n_heads * s.d_head:
             return False  # another layout or other sizes on this layer
-        per.append((lay["o_proj"], _rows(keys, s, ids.shape[-1], gen)))
+        per.append((lay["o_proj"], _rows(keys, s, ids.shape[-1], gen)[2:]))  # the value push: heads, dims, z layout
     z = _pushed_z(hf, ids, [r for _, rs in per for r in rs], [o for o, _ in per])
-    return all(_passes(torch.cat([z[o][:1], z[o][1 + 3 * j:4 + 3 * j]]), rs, s) for j, (o, rs) in enumerate(per))
+    return all(_passes(torch.cat([z[o][:1], z[o][1 + j:2 + j]]), rs, s) for j, (o, rs) in enumerate(per))
 
 
 @torch.no_grad()
