@@ -45,6 +45,7 @@ from torch import nn
 
 from .hf_compat import attn_implementation, config_get, has_rotary_inputs, rotary_inputs
 from .hookpoints import HookMap, PointTable, get_module, installed, maps_dir, plan
+from .norms import eps_of
 from .sites import act_name, layer_point
 
 HOW_TO = ("pass hook_map= (a TOML path or a dict with [family] and [points], see hooks/llama.toml in mechkit's repository) "
@@ -237,9 +238,7 @@ def _norm_kind(x: torch.Tensor, y: torch.Tensor, mod: nn.Module) -> tuple[str, f
     that fit against y)."""
     w = getattr(mod, "weight", None)
     b = getattr(mod, "bias", None)
-    eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", None) or 1e-6
-    if not isinstance(eps, float):
-        eps = 1e-6
+    eps = eps_of(mod, 1e-6)
     x = x.double()
     best = ("rmsnorm" if "rms" in type(mod).__name__.lower() else "layernorm", 0.0, float("inf"))
     for kind in ("layernorm", "rmsnorm"):
@@ -252,10 +251,6 @@ def _norm_kind(x: torch.Tensor, y: torch.Tensor, mod: nn.Module) -> tuple[str, f
             if err < best[2]:
                 best = (kind, off, err)
     return best
-
-
-def _has_eps(mod: nn.Module) -> bool:
-    return any(isinstance(getattr(mod, n, None), (int, float)) for n in ("eps", "variance_epsilon", "epsilon"))
 
 
 def _logit_transform(raw: torch.Tensor, logits: torch.Tensor, cfg) -> dict | None:
@@ -768,7 +763,7 @@ def _final_norm(hf: nn.Module, seen: _Seen, last_block: str, layers_path: str, u
         # computed from the norm's input; offered only where the fit above reproduces the norm's
         # output and its epsilon is readable, so the derived values are the ones the model uses
         y = seen.out[final]
-        if _has_eps(mod) and err <= 1e-4 * (1 + float(y.abs().max())):
+        if eps_of(mod) is not None and err <= 1e-4 * (1 + float(y.abs().max())):
             points["ln_final.hook_normalized"] = {"module": final, "derived": "norm_normalized"}
             points["ln_final.hook_scale"] = {"module": final, "derived": "norm_scale"}
     elif un_in.shape == last_post.shape and torch.equal(un_in, last_post):

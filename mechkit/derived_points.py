@@ -32,17 +32,17 @@ from collections.abc import Callable
 import torch
 
 from .hf_compat import inner_forward
+from .norms import eps_of
 from .weights import bias_of, weight_in_out
 
 KINDS = ("norm_scale", "norm_normalized", "head_result", "norm_input")
 
 
 def _eps(module) -> float:
-    for name in ("eps", "variance_epsilon", "epsilon"):
-        v = getattr(module, name, None)
-        if isinstance(v, (int, float)):
-            return float(v)
-    raise ValueError(f"cannot read the epsilon of norm module {type(module).__name__} (no eps/variance_epsilon)")
+    eps = eps_of(module)
+    if eps is None:
+        raise ValueError(f"cannot read the epsilon of norm module {type(module).__name__} (no eps/variance_epsilon)")
+    return eps
 
 
 def handlers(kind: str, fn, hook, family: dict, n_heads: int) -> tuple[Callable, Callable]:

@@ -1,4 +1,5 @@
-"""A norm applied to the parts of its input one by one, its scale (and mean) frozen at the whole.
+"""Norm helpers: a norm's epsilon, and a norm applied to the parts of its input one by one, its
+scale (and mean) frozen at the whole.
 
 ``norm(sum of parts) = sum of frozen_norm(parts) + bias``: the decomposition that lets heads be
 separate terms of a residual stream their sum is normalised into (a post-norm, Gemma 2/3, OLMo 2),
@@ -8,6 +9,17 @@ and lets a residual stack be read through the final norm (TransformerLens's ``ap
 from __future__ import annotations
 
 import torch
+
+EPS_NAMES = ("eps", "variance_epsilon", "epsilon")
+
+
+def eps_of(norm: torch.nn.Module, default: float | None = None) -> float | None:
+    """The norm's epsilon (its ``eps`` / ``variance_epsilon`` / ``epsilon`` attribute), else ``default``."""
+    for name in EPS_NAMES:
+        v = getattr(norm, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return default
 
 
 def frozen_norm(norm: torch.nn.Module, family: dict, total: torch.Tensor, stack: torch.Tensor,
@@ -20,7 +32,7 @@ def frozen_norm(norm: torch.nn.Module, family: dict, total: torch.Tensor, stack:
         return stack
     if center is None:
         center = family.get("norm_kind", "layernorm") == "layernorm"
-    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-5
+    eps = eps_of(norm, 1e-5)
     x = total.float()
     if center:
         x = x - x.mean(-1, keepdim=True)

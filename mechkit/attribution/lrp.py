@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..hf_compat import inner_forward, is_activation_module, replace_forward
+from ..norms import eps_of
 from ..sites import act_name
 from ..weights import out_features
 
@@ -97,12 +98,8 @@ def is_gated(model: HookedModel) -> bool:
 
 # --------------------------------------------------------------------------- norm rule
 def _norm_eps(mod: nn.Module, default: float | None = 1e-6) -> float | None:
-    """The norm's epsilon from its ``eps`` / ``variance_epsilon`` / ``epsilon`` attribute, else ``default``."""
-    for attr in ("eps", "variance_epsilon", "epsilon"):
-        v = getattr(mod, attr, None)
-        if isinstance(v, (int, float)):
-            return float(v)
-    return default
+    """The norm's epsilon (:func:`mechkit.norms.eps_of`), else ``default``."""
+    return eps_of(mod, default)
 
 
 def norm_parts(x: torch.Tensor, kind: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
