@@ -646,7 +646,10 @@ def _residual_points(seen: _Seen, pl: str, block: str, kind: str, assigned: tupl
 
 def _attention_points(hf: nn.Module, seen: _Seen, pl: str, block: str, a: str, fam: dict, points: dict) -> None:
     """Per-head points of attention module ``a`` (q, k, v, pattern from its one attention call;
-    z as the input [batch, pos, heads * d_head] of the projection reading the heads) and its sizes."""
+    z as the input [batch, pos, heads * d_head] of the projection reading the heads: the call's output,
+    or where a per-head gate comes between (Laguna, AFMoE, Qwen3-Next) the input of the projection
+    whose output is the module's, as TransformerLens's Bridge has it; not where a norm over all heads
+    does, BitNet: one head's z would move with the others') and its sizes."""
     qs, ks, vs, z, v = seen.attn[a][0]
     for t in ("q", "k", "v", "pattern"):
         points[pl + f"attn.hook_{t}"] = {"module": a, "side": "attention", "tensor": t}
@@ -660,6 +663,10 @@ def _attention_points(hf: nn.Module, seen: _Seen, pl: str, block: str, a: str, f
     zf = z.flatten(-2)
     o_proj = [p for p in seen.inp if p.startswith(a + ".") and _is_proj(get_module(hf, p))
               and seen.calls[p] == 1 and seen.inp[p].shape == zf.shape and torch.equal(seen.inp[p], zf)]
+    if not o_proj:  # a per-head gate between the attention call and the output projection
+        o_proj = [p for p in seen.inp if p.startswith(a + ".") and _is_proj(get_module(hf, p)) and seen.calls[p] == 1
+                  and seen.inp[p].shape == zf.shape and a in seen.out and torch.equal(seen.out[p], seen.out[a])
+                  and not _normed(hf, seen, a, seen.inp[p])]
     if o_proj:
         points[pl + "attn.hook_z"] = {"module": o_proj[0], "side": "input", "reshape": "heads", "heads": qs[1]}
         fam.setdefault("attn_out_proj", o_proj[0].replace(block, "{block}", 1))
@@ -667,6 +674,12 @@ def _attention_points(hf: nn.Module, seen: _Seen, pl: str, block: str, a: str, f
     fam.setdefault("n_kv_heads", ks[1])
     fam.setdefault("d_head", vs[-1])
     _split_points(hf, seen, pl, block, a, (qs[1], ks[1], vs[-1]), v, fam, points)
+
+
+def _normed(hf: nn.Module, seen: _Seen, a: str, x: torch.Tensor) -> bool:
+    """Whether ``x`` is the output of a norm module inside attention module ``a``."""
+    return any(p.startswith(a + ".") and "norm" in type(get_module(hf, p)).__name__.lower()
+               and seen.out[p].shape == x.shape and torch.equal(seen.out[p], x) for p in seen.out)
 
 
 def _split_points(hf: nn.Module, seen: _Seen, pl: str, block: str, a: str, sizes: tuple, v: torch.Tensor, fam: dict,

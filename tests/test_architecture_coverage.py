@@ -14,6 +14,7 @@ For each type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` classified as a decoder o
 - on mixture-of-experts layers, the router logits point is [batch, pos, n_experts];
 - where the map has split q/k/v inputs: a change to one head's copy moves that head's query, key or
   value and nothing else;
+- a change to one KV head's values moves ``attn.hook_z`` of its query heads only;
 - a change to ``hook_mlp_in`` moves the MLP's output and not the attention's;
 - a vector added to layer 0's ``resid_post`` or ``mlp_out`` (or, in parallel blocks, ``attn_out``)
   gives the logits of adding it to layer 1's ``resid_pre`` (scaled terms are written in residual units);
@@ -171,6 +172,8 @@ def check(model_type: str, **overrides) -> dict:
         _check_patch(m, ids)
         step = "split q/k/v inputs reach their own head's q/k/v"
         r["split_qkv"] = _check_split(m, ids)
+        step = "a change to one KV head's values moves z of its query heads only"
+        _check_z_heads(m, ids)
         step = "hook_mlp_in reaches the MLP only"
         _check_mlp_in(m, ids)
         step = "writes to resid_post / mlp_out / attn_out add to the next layer's input"
@@ -216,6 +219,27 @@ def _bumped(m, ids: torch.Tensor, part: str, names: list[str]) -> dict:
         x[:, :, 0] += push.to(x.dtype) * x.abs().mean()
         return x
     return m.run_with_cache(ids, names=names, hooks={f"blocks.0.hook_{part}_input": bump})[1]
+
+
+def _check_z_heads(m, ids: torch.Tensor) -> None:
+    """Where a layer has ``attn.hook_v`` and ``attn.hook_z``: a change to KV head 0's values moves z of
+    that head's query heads and of no other (z is split into the attention's heads, also where a per-head
+    gate sits between the attention and the output projection)."""
+    names = m.hook_names()
+    l = next((l for l in range(m.cfg.n_layers) if f"blocks.{l}.attn.hook_z" in names and f"blocks.{l}.attn.hook_v" in names),
+             None)
+    if l is None:
+        return
+    z, v = f"blocks.{l}.attn.hook_z", f"blocks.{l}.attn.hook_v"
+    def bump(x, hook):  # [batch, pos, kv_head, d_head]
+        x = x.clone()
+        x[:, :, 0] += torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(3)).to(x.dtype) * x.abs().mean()
+        return x
+    _, base = m.run_with_cache(ids, names=[z, v])
+    _, got = m.run_with_cache(ids, names=[z], hooks={v: bump})
+    group = base[z].shape[2] // base[v].shape[2]
+    moved = (got[z] - base[z]).abs().amax(dim=(0, 1, 3)) > 1e-6
+    assert bool(moved[:group].all()) and not bool(moved[group:].any()), moved.tolist()
 
 
 def _check_writes(m, ids: torch.Tensor) -> None:

@@ -97,3 +97,17 @@ def test_own_code_heads_agree_with_transformer_lens(model_type, word_tokenizer):
     extra = ("attn.hook_q", "attn.hook_k", "attn.hook_v") if model_type == "xglm" else ()
     _same_points(m, cache, tl_cache, ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_z",
                                       "attn.hook_pattern", "hook_resid_post", *extra))
+
+
+@pytest.mark.parametrize("model_type", ["laguna", "afmoe", "qwen3_next"])
+def test_gated_attention_z_agrees_with_transformer_lens(model_type, word_tokenizer):
+    """Gated attention (a per-head gate between the attention and the output projection; Qwen3-Next is a
+    hybrid, attention on some layers): ``attn.hook_z`` is the output projection's input, the gated heads,
+    equal to the Bridge's on every attention layer (fails before: no z)."""
+    m, _, _, cache, tl_cache = _with_bridge(model_type, word_tokenizer, seed=4)
+    layers = [l for l in range(m.cfg.n_layers) if f"blocks.{l}.attn.hook_z" in cache]
+    assert layers
+    for l in layers:
+        for p in ("attn.hook_z", "attn.hook_pattern", "hook_attn_out"):
+            name = f"blocks.{l}.{p}"
+            torch.testing.assert_close(cache[name], tl_cache[name].detach(), atol=1e-5, rtol=0, msg=name)
