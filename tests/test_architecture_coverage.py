@@ -15,6 +15,7 @@ For each type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` classified as a decoder o
 - where the map has split q/k/v inputs: a change to one head's copy moves that head's query, key or
   value and nothing else;
 - a change to one KV head's values moves ``attn.hook_z`` of its query heads only;
+- where z = pattern @ v, a pattern written with all weight on key 0 makes z that key's value;
 - a change to ``hook_mlp_in`` moves the MLP's output and not the attention's;
 - a vector added to layer 0's ``resid_post`` or ``mlp_out`` (or, in parallel blocks, ``attn_out``)
   gives the logits of adding it to layer 1's ``resid_pre`` (scaled terms are written in residual units);
@@ -174,6 +175,8 @@ def check(model_type: str, **overrides) -> dict:
         r["split_qkv"] = _check_split(m, ids)
         step = "a change to one KV head's values moves z of its query heads only"
         _check_z_heads(m, ids)
+        step = "a written pattern is the one z is made of"
+        r["pattern_writes"] = _check_pattern_writes(m, ids)
         step = "hook_mlp_in reaches the MLP only"
         _check_mlp_in(m, ids)
         step = "writes to resid_post / mlp_out / attn_out add to the next layer's input"
@@ -240,6 +243,33 @@ def _check_z_heads(m, ids: torch.Tensor) -> None:
     group = base[z].shape[2] // base[v].shape[2]
     moved = (got[z] - base[z]).abs().amax(dim=(0, 1, 3)) > 1e-6
     assert bool(moved[:group].all()) and not bool(moved[group:].any()), moved.tolist()
+
+
+def _check_pattern_writes(m, ids: torch.Tensor) -> bool:
+    """Where a layer has pattern, v and z and z = pattern @ v (no gate or other step between): with head
+    0's pattern replaced by all weight on key 0, head 0's z is its value at position 0 at every query
+    (the written pattern is the one the model uses). Returns whether the check applied."""
+    names = m.hook_names()
+    l = next((l for l in range(m.cfg.n_layers) if all(f"blocks.{l}.attn.hook_{t}" in names for t in ("pattern", "v", "z"))),
+             None)
+    if l is None:
+        return False
+    p, v, z = (f"blocks.{l}.attn.hook_{t}" for t in ("pattern", "v", "z"))
+    _, base = m.run_with_cache(ids, names=[p, v, z])
+    group = base[p].shape[1] // base[v].shape[2]
+    vv = base[v].repeat_interleave(group, dim=2)  # [b, pos, heads, d_head]
+    if vv.shape != base[z].shape or not torch.allclose(torch.einsum("bhqk,bkhd->bqhd", base[p], vv), base[z], atol=1e-5):
+        return False
+
+    def first_key(x, hook):
+        x = x.clone()
+        x[:, 0] = 0
+        x[:, 0, :, 0] = 1
+        return x
+    _, got = m.run_with_cache(ids, names=[z], hooks={p: first_key})
+    want = base[v][:, :1, 0].expand(-1, ids.shape[1], -1)  # [b, pos, d_head]
+    assert torch.allclose(got[z][:, :, 0], want, atol=1e-5), "head 0's z is not its value at key 0"
+    return True
 
 
 def _check_writes(m, ids: torch.Tensor) -> None:
