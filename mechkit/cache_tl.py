@@ -171,7 +171,7 @@ class ResidualHelpers:
 
         Components: ``embed`` and, for learned positions, ``pos_embed``; then ``{l}_attn_out`` and
         ``{l}_mlp_out`` for each layer below (``mode`` "attn" / "mlp" keeps one kind; ``mlp_input``
-        adds ``{layer}_attn_out``). Returns [component, batch, pos, d_model]; with ``incl_embeds`` and
+        adds ``{layer}_attn_out`` in a sequential block; a parallel block's MLP reads the layer's input). Returns [component, batch, pos, d_model]; with ``incl_embeds`` and
         mode "all" the components sum to the residual.
         """
         if mode not in ("all", "attn", "mlp"):
@@ -185,7 +185,7 @@ class ResidualHelpers:
             if mode != "attn":
                 comps.append(self[act_name("mlp_out", l)])
                 labels.append(f"{l}_mlp_out")
-        if mlp_input and mode != "mlp":
+        if self._mlp_reads_own_attention(mlp_input) and mode != "mlp":
             comps.append(self[act_name("attn_out", layer)])
             labels.append(f"{layer}_attn_out")
         stack = torch.stack([slice_dim(c, pos_slice, -2) for c in comps])
@@ -277,11 +277,16 @@ class ResidualHelpers:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
+    def _mlp_reads_own_attention(self, mlp_input: bool) -> int:
+        """1 where the residual asked for (``mlp_input``: the MLP's) holds the layer's own attention output
+        (a sequential block), else 0 (the block's input; a parallel block's MLP reads that too)."""
+        return int(mlp_input and not self.model.cfg.parallel_attn_mlp)
+
     def _accumulated_bias(self, layer: int, mlp_input: bool, include_mlp_biases: bool) -> torch.Tensor:
         d = self.model.cfg.d_model
         p = next(self.model.hf_model.parameters())
         acc = torch.zeros(d, dtype=p.dtype, device=p.device)
-        for l in range(layer + (1 if mlp_input else 0)):
+        for l in range(layer + self._mlp_reads_own_attention(mlp_input)):
             b = bias_of(self.model.family_module("attn_out_proj", l))
             if b is not None:
                 acc = acc + b.to(acc.device)
@@ -303,7 +308,7 @@ class ResidualHelpers:
             raise ValueError(f"get_full_resid_decomposition: {why}, so heads, neurons and biases do not add up "
                              "linearly; use decompose_resid")
         layer = self._layer(layer)
-        heads, labels = self.stack_head_results(layer + (1 if mlp_input else 0), pos_slice=pos_slice,
+        heads, labels = self.stack_head_results(layer + self._mlp_reads_own_attention(mlp_input), pos_slice=pos_slice,
                                                 return_labels=True)
         comps = [heads]
         if layer > 0:

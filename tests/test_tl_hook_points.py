@@ -220,3 +220,20 @@ def test_rotary_q_k_equal_transformer_lens_on_llama(word_tokenizer):
                 a = a.repeat_interleave(group, dim=-2)
             torch.testing.assert_close(a, b.reshape(a.shape), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(ours["blocks.1.attn.hook_q"], ours["blocks.1.attn.hook_rot_q"])
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "gptj"])  # sequential; parallel (own norms); parallel, one norm
+def test_mlp_input_decompositions_sum_to_what_the_mlp_reads(model_type):
+    """``decompose_resid`` and ``get_full_resid_decomposition`` with ``mlp_input=True`` sum to the MLP's
+    input residual ``hook_mlp_in``: in a parallel block (GPT-NeoX, GPT-J) that excludes the layer's own
+    attention, which the MLP does not read (it was included, so the parts summed to resid_pre + attn_out)."""
+    from arch_zoo import build
+
+    m = HookedModel(build(model_type))
+    ids = torch.randint(1, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    _, cache = m.run_with_cache(ids)
+    assert m.cfg.parallel_attn_mlp == (model_type != "gpt2")
+    for layer in (0, 1):
+        want = cache[f"blocks.{layer}.hook_mlp_in"]
+        for parts in (cache.decompose_resid(layer, mlp_input=True), cache.get_full_resid_decomposition(layer, mlp_input=True)):
+            torch.testing.assert_close(parts.sum(0), want, atol=1e-5, rtol=1e-5)
