@@ -793,6 +793,11 @@ def _final_norm(hf: nn.Module, seen: _Seen, last_block: str, layers_path: str, u
                     f"{tuple(last_post.shape)}")
 
 
+def _per_token(spec: dict, t: torch.Tensor) -> dict:
+    """``spec`` read as [batch, pos, n] where the module sees [batch * pos, n] (OPT's MLP runs per token)."""
+    return {**spec, "reshape": "tokens"} if t.dim() == 2 else spec
+
+
 def _mlp_points(hf, seen, pl, block, term, post, fam, points, cfg) -> None:
     """mlp.hook_post / hook_pre (a single down projection makes the term) and the router's logits."""
     term_val = seen.out[term]
@@ -805,7 +810,7 @@ def _mlp_points(hf, seen, pl, block, term, post, fam, points, cfg) -> None:
                                                          and torch.equal(seen.out[p], term_in)))]
     if len(down) == 1 and seen.order[down[0]] <= after:
         d = down[0]
-        points[pl + "mlp.hook_post"] = {"module": d, "side": "input"}
+        points[pl + "mlp.hook_post"] = _per_token({"module": d, "side": "input"}, seen.inp[d])
         fam.setdefault("mlp_down_proj", d.replace(block, "{block}", 1))
         fam.setdefault("d_mlp", int(seen.inp[d].shape[-1]))
         parent = d.rsplit(".", 1)[0]
@@ -814,11 +819,11 @@ def _mlp_points(hf, seen, pl, block, term, post, fam, points, cfg) -> None:
         gate = [p for p in ups if "gate" in p.rsplit(".", 1)[-1]]
         up = [p for p in ups if p not in gate]
         if gate:
-            points[pl + "mlp.hook_pre"] = {"module": gate[0], "side": "output"}
+            points[pl + "mlp.hook_pre"] = _per_token({"module": gate[0], "side": "output"}, seen.out[gate[0]])
             if up:
-                points[pl + "mlp.hook_pre_linear"] = {"module": up[0], "side": "output"}
+                points[pl + "mlp.hook_pre_linear"] = _per_token({"module": up[0], "side": "output"}, seen.out[up[0]])
         elif len(up) == 1:
-            points[pl + "mlp.hook_pre"] = {"module": up[0], "side": "output"}
+            points[pl + "mlp.hook_pre"] = _per_token({"module": up[0], "side": "output"}, seen.out[up[0]])
     n_exp = next((config_get(cfg, k) for k in EXPERT_KEYS if isinstance(config_get(cfg, k), int)), None)
     if n_exp:
         mlp_root = term if term_in is None or term_in.shape != post.shape else term

@@ -169,25 +169,23 @@ class ResidualHelpers:
                         apply_ln: bool = False, pos_slice=None, incl_embeds: bool = True, return_labels: bool = False):
         """The residual stream at the input of ``layer`` (default: the unembedding) as a sum of its parts.
 
-        Components: ``embed`` and, for learned positions, ``pos_embed``; then ``{l}_attn_out`` and
-        ``{l}_mlp_out`` for each layer below (``mode`` "attn" / "mlp" keeps one kind; ``mlp_input``
-        adds ``{layer}_attn_out`` in a sequential block; a parallel block's MLP reads the layer's input). Returns [component, batch, pos, d_model]; with ``incl_embeds`` and
+        Components: ``embed`` and, for learned positions, ``pos_embed``; then ``{l}_attn_out`` (and/or
+        ``{l}_mixer_out`` on hybrid layers) and ``{l}_mlp_out`` for each layer below (``mode`` "attn" /
+        "mlp" keeps the token-mixing or the MLP terms; ``mlp_input`` adds the layer's own attention /
+        mixer in a sequential block; a parallel block's MLP reads the layer's input). Returns [component, batch, pos, d_model]; with ``incl_embeds`` and
         mode "all" the components sum to the residual.
         """
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"decompose_resid: mode must be 'all', 'attn' or 'mlp'; got {mode!r}")
         layer = self._layer(layer)
         comps, labels = self._embed_rows() if incl_embeds else ([], [])
-        for l in range(layer):
-            if mode != "mlp":
-                comps.append(self[act_name("attn_out", l)])
-                labels.append(f"{l}_attn_out")
-            if mode != "attn":
+        for l in range(layer + self._mlp_reads_own_attention(mlp_input)):
+            for kind in self._token_mixers(l) if mode != "mlp" else ():
+                comps.append(self[act_name(kind, l)])
+                labels.append(f"{l}_{kind}")
+            if mode != "attn" and l < layer and act_name("mlp_out", l) in self.model.points.points:
                 comps.append(self[act_name("mlp_out", l)])
                 labels.append(f"{l}_mlp_out")
-        if self._mlp_reads_own_attention(mlp_input) and mode != "mlp":
-            comps.append(self[act_name("attn_out", layer)])
-            labels.append(f"{layer}_attn_out")
         stack = torch.stack([slice_dim(c, pos_slice, -2) for c in comps])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
@@ -201,10 +199,10 @@ class ResidualHelpers:
         name = act_name("result", l)
         if name in self:  # cached with use_attn_result: [batch, pos, head, d_model]
             return slice_dim(self[name], pos_slice, -3).movedim(-2, 0)
-        z = slice_dim(self[act_name("z", l)], pos_slice, -3)  # [b, p, H, dh]
+        z = slice_dim(self[act_name("z", l)], pos_slice, -3)  # [b, p, H, dh] (this layer's own head count)
         o_proj = m.family_module("attn_out_proj", l)
-        w = weight_in_out(o_proj).unflatten(0, (m.cfg.n_heads, m.cfg.d_head)).to(z.dtype)  # [H, dh, d_model]
-        res = torch.einsum("...hd,hdm->h...m", z, w)
+        w = weight_in_out(o_proj).unflatten(0, tuple(z.shape[-2:])).to(z.dtype)  # [H, dh, d_model]
+        res = torch.einsum("...hd,hdm->h...m", z, w) * self._scale("attn_out", l)
         if "attn_post_norm" in fam:
             b = bias_of(o_proj)
             total = res.sum(0) + (b if b is not None else 0)
@@ -223,7 +221,7 @@ class ResidualHelpers:
         """
         layer = self._layer(layer)
         parts = [self._head_results(l, pos_slice) for l in range(layer)]
-        labels = [f"L{l}H{h}" for l in range(layer) for h in range(self.model.cfg.n_heads)]
+        labels = [f"L{l}H{h}" for l, part in enumerate(parts) for h in range(part.shape[0])]
         if parts:
             stack = torch.cat(parts)
         else:
@@ -246,7 +244,7 @@ class ResidualHelpers:
         """Each neuron's output in d_model for ``layer``: [batch, pos, d_mlp, d_model] (no bias)."""
         acts = slice_dim(slice_dim(self[act_name("post", layer)], pos_slice, -2), neuron_slice, -1)
         w_out = slice_dim(weight_in_out(self.model.family_module("mlp_down_proj", layer)), neuron_slice, 0)
-        return acts[..., None] * w_out.to(acts.dtype)
+        return acts[..., None] * (w_out * self._scale("mlp_out", layer)).to(acts.dtype)
 
     def stack_neuron_results(self, layer: int | None = None, pos_slice=None, neuron_slice=None,
                              return_labels: bool = False, incl_remainder: bool = False, apply_ln: bool = False):
@@ -277,6 +275,17 @@ class ResidualHelpers:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
+    def _token_mixers(self, l: int) -> list[str]:
+        """The token-mixing terms layer ``l`` adds: "attn_out", "mixer_out" or both (Falcon-H1)."""
+        points = self.model.points.points
+        return [k for k in ("attn_out", "mixer_out") if act_name(k, l) in points]
+
+    def _scale(self, kind: str, l: int) -> float:
+        """The factor the map's ``kind`` point of layer ``l`` applies to its module's output (a residual
+        multiplier, Granite / MiniCPM), 1 where none."""
+        spec = self.model.points.points.get(act_name(kind, l))
+        return 1.0 if spec is None or spec.scale is None else float(spec.scale)
+
     def _mlp_reads_own_attention(self, mlp_input: bool) -> int:
         """1 where the residual asked for (``mlp_input``: the MLP's) holds the layer's own attention output
         (a sequential block), else 0 (the block's input; a parallel block's MLP reads that too)."""
@@ -289,11 +298,11 @@ class ResidualHelpers:
         for l in range(layer + self._mlp_reads_own_attention(mlp_input)):
             b = bias_of(self.model.family_module("attn_out_proj", l))
             if b is not None:
-                acc = acc + b.to(acc.device)
+                acc = acc + b.to(acc.device) * self._scale("attn_out", l)
             if include_mlp_biases and l < layer:
                 b = bias_of(self.model.family_module("mlp_down_proj", l))
                 if b is not None:
-                    acc = acc + b.to(acc.device)
+                    acc = acc + b.to(acc.device) * self._scale("mlp_out", l)
         return acc
 
     def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False,
@@ -307,6 +316,10 @@ class ResidualHelpers:
         if why:
             raise ValueError(f"get_full_resid_decomposition: {why}, so heads, neurons and biases do not add up "
                              "linearly; use decompose_resid")
+        mixers = [n for n in self.model.points.points if n.endswith(".hook_mixer_out")]
+        if mixers:
+            raise ValueError(f"get_full_resid_decomposition: this model's layers add token-mixer outputs ({mixers[0]}, "
+                             f"Mamba / linear attention / convolution), which are not heads; use decompose_resid")
         layer = self._layer(layer)
         heads, labels = self.stack_head_results(layer + self._mlp_reads_own_attention(mlp_input), pos_slice=pos_slice,
                                                 return_labels=True)

@@ -17,6 +17,7 @@ For each type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` classified as a decoder o
 - a change to one KV head's values moves ``attn.hook_z`` of its query heads only;
 - where z = pattern @ v, a pattern written with all weight on key 0 makes z that key's value;
 - a change to ``hook_mlp_in`` moves the MLP's output and not the attention's;
+- ``decompose_resid`` and ``get_full_resid_decomposition`` sum to the final residual and to an MLP's input;
 - a vector added to layer 0's ``resid_post`` or ``mlp_out`` (or, in parallel blocks, ``attn_out``)
   gives the logits of adding it to layer 1's ``resid_pre`` (scaled terms are written in residual units);
 - where edge circuits apply: the heads' ``z W_O`` plus the bias add up to ``attn_out``, and the empty
@@ -42,7 +43,7 @@ from arch_zoo import KIND, build
 
 import mechkit as mk
 from mechkit.autodetect import HookMapDetectionError, apply_logit_transform
-from mechkit.hookpoints import has_mechkit_hooks, map_for_model_type
+from mechkit.hookpoints import HookNameError, has_mechkit_hooks, map_for_model_type
 from mechkit.norms import frozen_norm
 from mechkit.patching import activation_patch
 from mechkit.tasks.base import PatchingTask
@@ -177,6 +178,8 @@ def check(model_type: str, **overrides) -> dict:
         _check_z_heads(m, ids)
         step = "a written pattern is the one z is made of"
         r["pattern_writes"] = _check_pattern_writes(m, ids)
+        step = "decompose_resid / get_full_resid_decomposition sum to the residual"
+        _check_decompositions(m, ids)
         step = "hook_mlp_in reaches the MLP only"
         _check_mlp_in(m, ids)
         step = "writes to resid_post / mlp_out / attn_out add to the next layer's input"
@@ -270,6 +273,29 @@ def _check_pattern_writes(m, ids: torch.Tensor) -> bool:
     want = base[v][:, :1, 0].expand(-1, ids.shape[1], -1)  # [b, pos, d_head]
     assert torch.allclose(got[z][:, :, 0], want, atol=1e-5), "head 0's z is not its value at key 0"
     return True
+
+
+def _check_decompositions(m, ids: torch.Tensor) -> None:
+    """TransformerLens's decompositions of the final residual and of layer 1's MLP input
+    (``decompose_resid``, ``get_full_resid_decomposition``: heads, neurons, embeddings, biases) sum to
+    ``resid_post`` / ``hook_mlp_in``, or refuse with a ValueError that says to use ``decompose_resid``
+    (post-norm MLPs, increments, mixers) or name the point it lacks (experts have no ``mlp.hook_post``).
+    Mixer layers, MLP-only layers and scaled terms included."""
+    _, c = m.run_with_cache(ids)
+    n = m.cfg.n_layers
+    targets = [(None, False, c[f"blocks.{n - 1}.hook_resid_post"])]
+    if "blocks.1.hook_mlp_in" in c:
+        targets.append((1, True, c["blocks.1.hook_mlp_in"]))
+    for layer, mlp_input, want in targets:
+        tol = 1e-4 * (1 + float(want.abs().max()))
+        parts = c.decompose_resid(layer, mlp_input=mlp_input)
+        assert float((parts.sum(0) - want).abs().max()) <= tol, ("decompose_resid", layer)
+        try:
+            full = c.get_full_resid_decomposition(layer, mlp_input=mlp_input)
+        except (ValueError, HookNameError) as e:  # no linear split, or a point it needs (z, mlp.hook_post) is absent
+            assert "use decompose_resid" in str(e) or "does not exist for this model" in str(e), str(e)
+            continue
+        assert float((full.sum(0) - want).abs().max()) <= tol, ("get_full_resid_decomposition", layer)
 
 
 def _check_writes(m, ids: torch.Tensor) -> None:
