@@ -238,7 +238,7 @@ def _norm_kind(x: torch.Tensor, y: torch.Tensor, mod: nn.Module) -> tuple[str, f
     that fit against y)."""
     w = getattr(mod, "weight", None)
     b = getattr(mod, "bias", None)
-    eps = eps_of(mod, 1e-6)
+    eps = eps_of(mod, 1e-5)  # the default frozen_norm uses where a norm keeps its epsilon to itself (OLMo)
     x = x.double()
     best = ("rmsnorm" if "rms" in type(mod).__name__.lower() else "layernorm", 0.0, float("inf"))
     for kind in ("layernorm", "rmsnorm"):
@@ -756,7 +756,8 @@ def _drop_split(fam: dict) -> None:
 def _final_norm(hf: nn.Module, seen: _Seen, last_block: str, layers_path: str, un_path: str, fam: dict,
                 points: dict) -> None:
     """The final norm between the last layer's output and the unembedding's input (a module, a
-    function, or none), its kind and weight offset, and ln_final.hook_normalized / hook_scale."""
+    function, or none; ``final_scale``: a constant the unembedding's input is that module's output
+    times), its kind and weight offset, and ln_final.hook_normalized / hook_scale."""
     un_in = seen.inp.get(un_path)
     last_post = seen.out[last_block]
     if un_in is None:
@@ -764,9 +765,14 @@ def _final_norm(hf: nn.Module, seen: _Seen, last_block: str, layers_path: str, u
     norms = [p for p in seen.out if not p.startswith(layers_path + ".") and p != un_path and seen.calls[p] == 1
              and seen.out[p].shape == un_in.shape and torch.equal(seen.out[p], un_in) and p in seen.inp
              and seen.inp[p].shape == un_in.shape]
+    scale = 1.0
+    if not norms:  # a constant between the final norm and the unembedding (MiniCPM3, Inkling: muP width scaling)
+        norms, scale = _scaled_norm(seen, layers_path, un_path, un_in)
     if norms:
         final = max(norms, key=lambda p: seen.order[p])
         fam["final_norm"] = final
+        if scale != 1.0:
+            fam["final_scale"] = scale
         mod = get_module(hf, final)
         kind, off, err = _norm_kind(seen.inp[final], seen.out[final], mod)
         fam["norm_kind"] = kind
@@ -776,9 +782,13 @@ def _final_norm(hf: nn.Module, seen: _Seen, last_block: str, layers_path: str, u
         # computed from the norm's input; offered only where the fit above reproduces the norm's
         # output and its epsilon is readable, so the derived values are the ones the model uses
         y = seen.out[final]
-        if eps_of(mod) is not None and err <= 1e-4 * (1 + float(y.abs().max())):
+        fits = err <= 1e-4 * (1 + float(y.abs().max()))
+        if eps_of(mod) is not None and fits:
             points["ln_final.hook_normalized"] = {"module": final, "derived": "norm_normalized"}
             points["ln_final.hook_scale"] = {"module": final, "derived": "norm_scale"}
+        if not fits:  # e.g. ModernBERT's prediction head (dense, activation, norm) before the decoder
+            fam["final_opaque"] = (f"the unembedding reads {final} ({type(mod).__name__}), which is no LayerNorm or "
+                                   f"RMSNorm (a LayerNorm fit misses its output by {err:.2g})")
     elif un_in.shape == last_post.shape and torch.equal(un_in, last_post):
         fam["final_norm"] = ""
         fam["norm_kind"] = "none"
@@ -786,11 +796,29 @@ def _final_norm(hf: nn.Module, seen: _Seen, last_block: str, layers_path: str, u
         # a norm applied as a function (no module) or a scale between norm and unembedding: the
         # normalised stream is read at the unembedding's input
         fam["final_norm"] = ""
-        kind, off, _ = _norm_kind(last_post, un_in, nn.Identity())
+        kind, off, err = _norm_kind(last_post, un_in, nn.Identity())
         fam["norm_kind"] = kind
+        if err > 1e-4 * (1 + float(un_in.abs().max())):
+            fam["final_opaque"] = (f"the unembedding reads a function of the last residual that is no weightless "
+                                   f"LayerNorm or RMSNorm (a fit misses it by {err:.2g})")
     else:
         raise _fail(f"the unembedding reads a tensor of shape {tuple(un_in.shape)}, not the residual stream's "
                     f"{tuple(last_post.shape)}")
+
+
+def _scaled_norm(seen: _Seen, layers_path: str, un_path: str, un_in: torch.Tensor) -> tuple[list[str], float]:
+    """([the norm module], c) where the unembedding reads that norm's output times a constant c
+    (``lm_head(norm(x) / k)``), else ([], 1.0)."""
+    for p in sorted(seen.out, key=lambda q: -seen.order.get(q, 0)):
+        o = seen.out[p]
+        if p.startswith(layers_path + ".") or p == un_path or seen.calls.get(p) != 1 or p not in seen.inp \
+                or o.shape != un_in.shape or seen.inp[p].shape != un_in.shape or not bool((o.abs() > 1e-6).any()):
+            continue
+        big = o.abs() > 1e-3 * float(o.abs().max())
+        c = float((un_in[big] / o[big]).median())
+        if c != 1.0 and torch.allclose(o * c, un_in, rtol=1e-5, atol=1e-6 * (1 + float(un_in.abs().max()))):
+            return [p], c
+    return [], 1.0
 
 
 def _per_token(spec: dict, t: torch.Tensor) -> dict:

@@ -107,8 +107,16 @@ class ResidualHelpers:
         """
         layer = self._layer(layer)
         norm, total_name = self._norm_for(layer, mlp_input)
-        if recompute_ln and layer == self._n_layers():
-            return norm(residual_stack)
+        fam, final = self.model.hook_map.family, layer == self._n_layers()
+        scale = float(fam.get("final_scale", 1.0)) if final else 1.0  # lm_head(norm(x) * c)
+        if final and fam.get("final_opaque"):
+            raise ValueError(f"residual components cannot be put through this model's final norm: {fam['final_opaque']}")
+        if recompute_ln and final:
+            if fam.get("norm_kind") == "none":
+                return residual_stack
+            if not fam.get("final_norm"):  # a weightless norm applied as a function: each component on its own
+                return self._frozen_norm(norm, residual_stack, residual_stack) * scale
+            return norm(residual_stack) * scale
         if has_batch_dim and self.has_batch_dim and batch_slice is not None:
             residual_stack = slice_dim(residual_stack, batch_slice, 1)
         total = slice_dim(self[total_name], pos_slice, -2)
@@ -119,7 +127,7 @@ class ResidualHelpers:
             raise ValueError(f"residual_stack has shape {tuple(residual_stack.shape)}; expected [..., "
                              f"{', '.join(map(str, total.shape))}] like the cached residual {total_name} (pass "
                              f"pos_slice= / batch_slice= for a stack sliced to some positions or prompts)")
-        return self._frozen_norm(norm, total, residual_stack)
+        return self._frozen_norm(norm, total, residual_stack) * scale
 
     def logit_lens(self, stack: torch.Tensor) -> torch.Tensor:
         """Components [c, batch, pos, d_model] (already normed) -> their logits [c, batch, pos, d_vocab]."""

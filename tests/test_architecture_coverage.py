@@ -18,6 +18,7 @@ For each type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` classified as a decoder o
 - where z = pattern @ v, a pattern written with all weight on key 0 makes z that key's value;
 - a change to ``hook_mlp_in`` moves the MLP's output and not the attention's;
 - ``decompose_resid`` and ``get_full_resid_decomposition`` sum to the final residual and to an MLP's input;
+- direct logit attribution (``logit_attrs``) and the logit lens reproduce the unembedding's output;
 - a vector added to layer 0's ``resid_post`` or ``mlp_out`` (or, in parallel blocks, ``attn_out``)
   gives the logits of adding it to layer 1's ``resid_pre`` (scaled terms are written in residual units);
 - where edge circuits apply: the heads' ``z W_O`` plus the bias add up to ``attn_out``, and the empty
@@ -142,7 +143,7 @@ def check(model_type: str, **overrides) -> dict:
             scaled = cache["ln_final.hook_normalized"].double() * (1.0 if w is None else
                                                                    w.double() + fam.get("norm_weight_offset", 0.0))
             b = bias_of(m.family_module("final_norm"))
-            scaled = scaled + (0 if b is None else b.double())
+            scaled = (scaled + (0 if b is None else b.double())) * fam.get("final_scale", 1.0)  # lm_head(norm(x) * c)
             assert (scaled - normed.double()).abs().max() <= tol, "ln_final.hook_normalized x weight + bias != unembed input"
         unembed = m.family_module("unembed")
         bias = bias_of(unembed)
@@ -180,6 +181,8 @@ def check(model_type: str, **overrides) -> dict:
         r["pattern_writes"] = _check_pattern_writes(m, ids)
         step = "decompose_resid / get_full_resid_decomposition sum to the residual"
         _check_decompositions(m, ids)
+        step = "direct logit attribution and the logit lens reproduce the logits"
+        _check_logit_attrs(m, ids)
         step = "hook_mlp_in reaches the MLP only"
         _check_mlp_in(m, ids)
         step = "writes to resid_post / mlp_out / attn_out add to the next layer's input"
@@ -213,6 +216,30 @@ def _check_patch(m, clean: torch.Tensor) -> None:
     want = (last.gather(1, clean[:, :1]) - last.gather(1, corrupt[:, :1]))[:, 0].mean()
     got = res.values[0, pos]
     assert abs(float(got - want)) <= 1e-4 * (1 + abs(float(want))), f"fused {float(got):.6g} vs hooked {float(want):.6g}"
+    _check_head_patch(m, task)
+
+
+def _check_head_patch(m, task) -> None:
+    """Where a layer has ``attn.hook_z``: the fused engine's patch of one head's z (all positions, the
+    head sweep) equals a hand-hooked forward for the first and the last head."""
+    names = m.hook_names()
+    layer = next((l for l in range(m.cfg.n_layers) if f"blocks.{l}.attn.hook_z" in names), None)
+    if layer is None:
+        return
+    name = f"blocks.{layer}.attn.hook_z"
+    res = activation_patch(m, task, sites=name, by=("layer", "head"), progress=False, normalise=False,
+                           max_batch_tokens=4 * task.clean_tokens.numel())
+    _, src = m.run_with_cache(task.clean_tokens, names=[name])
+    for head in (0, src[name].shape[2] - 1):
+        def put(x, hook, head=head):
+            x = x.clone()
+            x[:, :, head] = src[name][:, :, head]
+            return x
+        with torch.no_grad(), m.hooks({name: put}):
+            last = m(task.corrupt_tokens)[:, -1].float()
+        want = (last.gather(1, task.clean_tokens[:, :1]) - last.gather(1, task.corrupt_tokens[:, :1]))[:, 0].mean()
+        got = res.values.reshape(-1)[head]
+        assert abs(float(got - want)) <= 1e-4 * (1 + abs(float(want))), f"head {head}: fused {float(got):.6g} vs hooked {float(want):.6g}"
 
 
 def _bumped(m, ids: torch.Tensor, part: str, names: list[str]) -> dict:
@@ -296,6 +323,30 @@ def _check_decompositions(m, ids: torch.Tensor) -> None:
             assert "use decompose_resid" in str(e) or "does not exist for this model" in str(e), str(e)
             continue
         assert float((full.sum(0) - want).abs().max()) <= tol, ("get_full_resid_decomposition", layer)
+
+
+def _check_logit_attrs(m, ids: torch.Tensor) -> None:
+    """Summed over ``decompose_resid()``, ``logit_attrs`` plus the final norm's bias and the unembedding's
+    bias (through W_U) is the unembedding's output (``hook_logits``) for each position's token; the
+    logit lens's last row (``accumulated_resid(apply_ln=True)``) times W_U is it too. Or both refuse
+    with a ValueError naming the final norm (ModernBERT's prediction head)."""
+    logits, c = m.run_with_cache(ids)
+    raw = c["hook_logits"].gather(-1, ids[..., None])[..., 0]  # [b, p]
+    try:
+        attrs = c.logit_attrs(c.decompose_resid(), ids)  # [comp, b, p]
+        lens = c.accumulated_resid(apply_ln=True)[-1]  # [b, p, d]
+    except ValueError as e:
+        assert "final norm" in str(e), str(e)
+        return
+    fam = m.hook_map.family
+    nb = bias_of(m.family_module("final_norm")) if fam.get("final_norm") else None
+    U, bU = m.W_U, m.b_U
+    off = (0 if nb is None else (nb * float(fam.get("final_scale", 1.0))) @ U)[..., ids] if nb is not None else 0
+    off = off + (0 if bU is None else bU[ids])
+    tol = 1e-3 * (1 + float(raw.abs().max()))
+    assert float((attrs.sum(0) + off - raw).abs().max()) <= tol, "logit_attrs"
+    lens_logits = (lens @ U.to(lens.dtype) + (0 if bU is None else bU)).gather(-1, ids[..., None])[..., 0]
+    assert float((lens_logits - raw).abs().max()) <= tol, "logit lens"
 
 
 def _check_writes(m, ids: torch.Tensor) -> None:
