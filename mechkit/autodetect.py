@@ -18,7 +18,7 @@ watched, and reads the map off what it saw, layer by layer:
 - the MLP's down projection (``mlp.hook_post``) and up/gate projections (``mlp.hook_pre``),
   only where a single linear makes the term; a mixture of experts gets ``hook_mlp_out`` and
   its router's logits ``mlp.hook_router_logits`` where a router module is found;
-- the final norm (the module whose output is the unembedding's input; none when the
+- the final norm (the module whose output is, or times a constant is (``final_scale``), the unembedding's input; none when the
   unembedding reads the last residual directly), its kind (layer/RMS norm, weight offset), and
   a transform between ``lm_head`` and the returned logits (a scale or a soft-cap), named in the
   map so decompositions can apply it.
