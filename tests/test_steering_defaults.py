@@ -93,3 +93,27 @@ def test_gains_default_is_a_mode_at_strength_one_on_both_bundled_models(name):
     assert rate >= 0.75, (name, rate, st.best_step)
     assert ev.perplexity(model, text, st, 1.0) - ev.perplexity(model, text) <= 0.5
     assert st.best_step is not None and st.val_history and len(st.history) <= 200
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "nemotron_h", "beam"])
+def test_default_points_fit_every_layer_kind(model_type, word_tokenizer):
+    """The default points (each sublayer's output) on hybrids and on families whose attention output can
+    only be read: a mixer layer's ``hook_mixer_out`` stands for the attention's, layers without an MLP
+    (Nemotron-H) get none, read-only points are left out (Beam). They used to fail with an unknown or
+    read-only hook point; now the default DiffMean fits, shifts the logits, and leaves no hooks."""
+    import torch
+    from arch_zoo import build
+
+    from mechkit.hookpoints import has_mechkit_hooks
+
+    m = mk.HookedModel(build(model_type).eval(), word_tokenizer)
+    st = DiffMean().fit(m, ["w1 w2 w3 w4", "w5 w6 w7 w8"], ["w9 w10 w11 w12", "w13 w14 w15 w16"])
+    points = list(st.tensors)
+    assert any("mixer_out" in p for p in points) == (model_type != "beam")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        plain = m(ids)
+        with st.apply(m, 4.0):
+            steered = m(ids)
+            m.hf_model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert not torch.equal(plain, steered) and not has_mechkit_hooks(m.hf_model)

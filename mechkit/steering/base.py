@@ -145,18 +145,38 @@ def forward_order(name: str) -> tuple[int, int]:
     return (-1, 0) if "embed" in name else (10**9, 0)
 
 
+def _sublayer_outputs(model: HookedModel, layer: int) -> list[str]:
+    """The default points of ``layer``: its attention's (or, on a hybrid's mixer layer, its mixer's)
+    and its MLP's output, where the layer has them and a hook may write them (a read-only point, Beam's
+    attention output, is left out)."""
+    out = []
+    for kind in ("attn_out", "mixer_out", "mlp_out"):
+        name = layer_point(layer, f"hook_{kind}")
+        spec = model.points.points.get(name)
+        if spec is None:
+            continue
+        write = model.points.resolve(spec.write) if spec.side == "virtual" else spec
+        if not (spec.readonly or write.readonly):
+            out.append(name)
+    return out
+
+
 def resolve_points(model: HookedModel, layers, point) -> list[str]:
     """Checked full hook names, in forward order, from ``layers`` ("all" | int | list[int] |
     "middle") and ``point``: a per-layer suffix ("hook_resid_post"), or a list mixing full names
     ("blocks.3.hook_mlp_out") and suffixes, each suffix taken at every layer of ``layers``
     (``["hook_attn_out", "hook_mlp_out"]`` -> blocks.0.hook_attn_out, blocks.0.hook_mlp_out, ...).
-    With a list of full names only, ``layers`` is not used. Forward order matters to methods fitted
+    With a list of full names only, ``layers`` is not used. The default pair (``hook_attn_out``,
+    ``hook_mlp_out``) is taken as each layer has it (:func:`_sublayer_outputs`: mixer layers' outputs,
+    no MLP where a layer has none, no read-only point). Forward order matters to methods fitted
     point by point with the earlier maps applied (Linear-AcT)."""
     entries = list(point) if isinstance(point, (list, tuple)) else [point]
     full = [e for e in entries if e.startswith("blocks.") or e in model.points.points]
     suffixes = [e for e in entries if e not in full]
     names = list(full)
-    if suffixes:
+    if tuple(suffixes) == DEFAULT_POINTS:  # each sublayer's output, as each layer has them
+        names += [n for x in _layer_list(model, layers) for n in _sublayer_outputs(model, x)]
+    elif suffixes:
         names += [layer_point(x, p) for x in _layer_list(model, layers) for p in suffixes]
     for nm in names:
         model.points.resolve(nm)
