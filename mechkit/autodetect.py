@@ -316,10 +316,36 @@ def detect_map(hf: nn.Module) -> HookMap:
     if t is not None:
         fam["logit_transform"] = t
     points["hook_logits"] = {"module": un_path, "side": "output"}
+    why = _padding_changes_tokens(hf, seen.ids)
+    if why:
+        fam["padding_unsafe"] = why
     hook_map = HookMap(fam, points, source=f"auto-detected for {type(hf).__name__}")
     verify(hf, hook_map)
     hook_map.verified = True
     return hook_map
+
+
+@torch.no_grad()
+def _padding_changes_tokens(hf: nn.Module, ids: torch.Tensor) -> str | None:
+    """Why a left-padded batch gives other logits for its real tokens than the prompt alone (RecurrentGemma:
+    the recurrence runs through the pads), or None. ``ids``: [1, 8] token ids; pads are id 0, masked, with
+    position ids counted from the first real token (as mechkit's batches have them)."""
+    from .inputs import position_ids_from_mask
+
+    short = ids[:, :5]
+    toks = torch.cat([torch.cat([torch.zeros_like(ids[:, :3]), short], 1), ids])  # [2, 8], row 0 left-padded
+    mask = torch.ones_like(toks)
+    mask[0, :3] = 0
+    try:
+        alone = hf(input_ids=short, use_cache=False).logits[0].float()
+        padded = hf(input_ids=toks, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    use_cache=False).logits[0, 3:].float()
+    except Exception as e:  # noqa: BLE001 - any failure means padded batches cannot be run
+        return f"the model fails on a left-padded batch ({type(e).__name__}: {str(e)[:160]})"
+    d = float((alone - padded).abs().max())
+    if d > 1e-4 * (1 + float(alone.abs().max())):
+        return f"left padding changes the real tokens' logits (by {d:.2g} on a test prompt: the pads enter its state)"
+    return None
 
 
 def _observe_model(hf: nn.Module, layers_path: str, embed: nn.Module, cfg) -> tuple[_Seen, torch.Tensor]:

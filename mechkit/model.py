@@ -201,7 +201,16 @@ class HookedModel(TLSurface, nn.Module):
         else:
             b = make_batch(inputs, self.tokenizer, self.cfg.d_vocab, attention_mask, prepend_bos, padding_side).to(self.device)
         self._check_positions(int(b.position_ids.max()) + 1)
+        self.check_padding(b.attention_mask)
         return b
+
+    def check_padding(self, mask: torch.Tensor) -> None:
+        """Refuse a batch with padding (``mask`` [batch, pos] has zeros) where detection found that
+        padding changes this model's real tokens or makes it fail (``family["padding_unsafe"]``)."""
+        why = self.hook_map.family.get("padding_unsafe")
+        if why and bool((mask == 0).any()):
+            raise ValueError(f"this model cannot run batches with padding: {why}; give prompts of one length "
+                             f"(or one prompt at a time)")
 
     @property
     def n_ctx(self) -> int | None:

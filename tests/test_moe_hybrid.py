@@ -318,3 +318,26 @@ def test_weight_views_say_when_heads_differ_per_layer():
     m = mk.load(build("gemma4_text"))
     with pytest.raises(ValueError, match="W_O: layer .* n_heads x d_head"):
         m.W_O  # noqa: B018
+
+
+def test_padding_that_changes_real_tokens_is_refused():
+    """RecurrentGemma's recurrence runs through left pads, so a padded prompt's logits differ from the
+    prompt alone (0.08 on the tiny model): detection records it and every padded batch (forward, patching)
+    is refused with the reason; batches without padding still run."""
+    from arch_zoo import build
+
+    from mechkit.tasks.base import PatchingTask
+
+    hf = build("recurrent_gemma").eval()
+    m = mk.load(hf)
+    assert "pads enter its state" in m.hook_map.family["padding_unsafe"]
+    ids = torch.randint(1, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="cannot run batches with padding"):
+        m(ids, attention_mask=mask)
+    task = PatchingTask(ids, ids.flip(0), mask, mask, ids[:, -1], ids[:, 0], ["c"] * 2, ["x"] * 2)
+    with pytest.raises(ValueError, match="cannot run batches with padding"):
+        mk.patching.activation_patch(m, task, sites="resid_pre", progress=False)
+    assert m(ids).shape[:2] == ids.shape and not has_mechkit_hooks(hf)
+    assert "padding_unsafe" not in mk.load(build("olmo")).hook_map.family  # detected, padding-safe

@@ -101,6 +101,8 @@ def _baselines(model: HookedModel, task, kind: SiteKind, by, layers, mode: str, 
     skip_prefix = opts.skip_prefix
     n = task.clean_tokens.shape[0]
     dev = model.device
+    for mask in (task.clean_mask, task.corrupt_mask):
+        model.check_padding(mask)
     clean = _batch(task.clean_tokens, task.clean_mask, dev)
     corrupt = _batch(task.corrupt_tokens, task.corrupt_mask, dev)
     base, src = (corrupt, clean) if mode == "denoise" else (clean, corrupt)

@@ -17,6 +17,8 @@ from .sentiment import sentiment
 @torch.no_grad()
 def last_logits(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Logits [n, V] at the last position of left-padded ``tokens`` [n, T]."""
+    if hasattr(model, "check_padding"):
+        model.check_padding(mask)
     out = model(input_ids=tokens, attention_mask=mask, position_ids=position_ids_from_mask(mask))
     return out.logits[:, -1, :].float()
 
