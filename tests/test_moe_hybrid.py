@@ -339,5 +339,8 @@ def test_padding_that_changes_real_tokens_is_refused():
     task = PatchingTask(ids, ids.flip(0), mask, mask, ids[:, -1], ids[:, 0], ["c"] * 2, ["x"] * 2)
     with pytest.raises(ValueError, match="cannot run batches with padding"):
         mk.patching.activation_patch(m, task, sites="resid_pre", progress=False)
+    layer = next(l for l in range(m.cfg.n_layers) if f"blocks.{l}.attn.hook_z" in m.hook_names())
+    with pytest.raises(ValueError, match="cannot run batches with padding"):  # path patching built its own batch
+        mk.patching.path_patch(m, task, receivers=[(layer, 0, "q")], progress=False)
     assert m(ids).shape[:2] == ids.shape and not has_mechkit_hooks(hf)
     assert "padding_unsafe" not in mk.load(build("olmo")).hook_map.family  # detected, padding-safe

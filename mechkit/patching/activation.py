@@ -17,7 +17,7 @@ import torch
 
 from ..fingerprint import fingerprint
 from ..hf_compat import accepts_logits_to_keep
-from ..inputs import Batch, position_ids_from_mask
+from ..inputs import Batch
 from ..results import Result
 from ..sites import act_name
 from .checkpoint import task_part
@@ -44,10 +44,6 @@ def check_aligned(task) -> None:
             names = f" (clean {task.clean_prompts[i]!r} vs corrupt {task.corrupt_prompts[i]!r})"
         raise ValueError(f"prompt {i} is not aligned: clean has {int(task.clean_mask[i].sum())} tokens, corrupt has "
                          f"{int(task.corrupt_mask[i].sum())}{names}; patching needs prompts with equal token counts")
-
-
-def _batch(tokens, mask, device) -> Batch:
-    return Batch(tokens, mask.long(), position_ids_from_mask(mask)).to(device)
 
 
 def pos_labels(model: HookedModel, task) -> list[str]:
@@ -100,11 +96,8 @@ def _baselines(model: HookedModel, task, kind: SiteKind, by, layers, mode: str, 
     fingerprint (for the checkpoint key, taken before the clean logits are bound; None without a folder)."""
     skip_prefix = opts.skip_prefix
     n = task.clean_tokens.shape[0]
-    dev = model.device
-    for mask in (task.clean_mask, task.corrupt_mask):
-        model.check_padding(mask)
-    clean = _batch(task.clean_tokens, task.clean_mask, dev)
-    corrupt = _batch(task.corrupt_tokens, task.corrupt_mask, dev)
+    clean = model.batch(task.clean_tokens, attention_mask=task.clean_mask)  # checked: vocabulary, positions, padding
+    corrupt = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
     base, src = (corrupt, clean) if mode == "denoise" else (clean, corrupt)
     src_logits, src_cache = model.run_with_cache(src, names=[kind.hook_name(l) for l in layers])
     base_out = base_run(model, base, keep_kv=skip_prefix and prefix_reusable(model, by))

@@ -35,7 +35,7 @@ from ..fingerprint import fingerprint
 from ..hf_compat import accepts_logits_to_keep
 from ..results import Result
 from ..sites import act_name
-from .activation import _batch, check_aligned
+from .activation import check_aligned
 from .checkpoint import task_part
 from .engine import inject_hook, start_at_layer
 from .metrics import as_metric, check_baselines, evaluate, logit_diff
@@ -161,8 +161,8 @@ def _clean_and_corrupt(model: HookedModel, task, recv, include_mlps: bool, metri
     fingerprint (taken before the clean logits are bound; None unless ``fingerprinted``)."""
     L = model.cfg.n_layers
     n = task.clean_tokens.shape[0]
-    clean = _batch(task.clean_tokens, task.clean_mask, model.device)
-    corrupt = _batch(task.corrupt_tokens, task.corrupt_mask, model.device)
+    clean = model.batch(task.clean_tokens, attention_mask=task.clean_mask)  # checked: vocabulary, positions, padding
+    corrupt = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
     z_names = [act_name("z", l) for l in range(L)]
     mlp_names = [act_name("mlp_out", l) for l in range(L)] if recv == "logits" or include_mlps else []
     resid_names = [act_name("resid_pre", l) for l in range(L)]

@@ -67,11 +67,11 @@ def _features(sae: SAE, features) -> torch.Tensor:
 
 
 def _task_batches(model, task):
-    from ..patching.activation import _batch, check_aligned
+    from ..patching.activation import check_aligned
 
     check_aligned(task)
-    dev = model.device
-    return _batch(task.clean_tokens, task.clean_mask, dev), _batch(task.corrupt_tokens, task.corrupt_mask, dev)
+    return (model.batch(task.clean_tokens, attention_mask=task.clean_mask),
+            model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask))
 
 
 def _sae_or_spliced(model, sae, site):
