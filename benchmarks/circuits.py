@@ -121,6 +121,21 @@ def child(what: str, args) -> None:
     print(max(peak[0], _rss_mib()) - base)
 
 
+def cpu_agreement(m, task, eap, sizes, device: str) -> dict:
+    """EAP scores and circuit metrics of the run on ``device`` recomputed on the CPU (float32): the
+    largest score difference relative to the largest score, Pearson r over all edges, and the
+    metrics of the same circuits (the device's top-k edges) on both."""
+    mc, tc = model_and_task("cpu")
+    ref = C.attribute(mc, tc, method="eap", progress=False)
+    got = eap.values.detach().cpu().double().flatten()
+    want = ref.values.double().flatten()
+    on_cpu = C.EdgeScores(eap.values.detach().cpu(), ref.graph)
+    return {"device": device, "eap_max_abs_diff / max_abs_score": float((got - want).abs().max() / want.abs().max()),
+            "eap_pearson": float(torch.corrcoef(torch.stack([got, want]))[0, 1]), "circuit_sizes": sizes,
+            "circuit_metric_device": C.evaluate(m, task, [eap.circuit(k) for k in sizes]).tolist(),
+            "circuit_metric_cpu": C.evaluate(mc, tc, [on_cpu.circuit(k) for k in sizes]).tolist()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -162,6 +177,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: statistics.median(v) for k, v in samples.items()}))
         return 0
     t_sep = timed(lambda: [C.evaluate(m, task, c) for c in circuits], sync)  # 20 separate evaluations, once
+    agree = None if args.device == "cpu" else cpu_agreement(m, task, eap, sizes[::6], args.device)
     med = {k: statistics.median(v) for k, v in samples.items()}
     mem = {"fwd_bwd_MiB": peak_child("fwdbwd", args), "eap_MiB": peak_child("eap", args)}
     res = {
@@ -176,7 +192,7 @@ def main(argv=None) -> int:
             "200 plain forwards / edges_200_fused": 200 * med["forward_1"] / med["edges_200_fused"],
             "peak memory eap / fwd_bwd": mem["eap_MiB"] / max(mem["fwd_bwd_MiB"], 1e-9),
         },
-        "memory": mem, "note": "measured on a machine shared with other jobs; ratios are from interleaved repeats",
+        "memory": mem, "device_vs_cpu": agree, "note": "measured on a machine shared with other jobs; ratios are from interleaved repeats",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
