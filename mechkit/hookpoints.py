@@ -494,11 +494,13 @@ def _virtual_handlers(fn: HookFn, hook: Hook, part_names: list[str], sign: float
         return keep
 
     def through(x: torch.Tensor) -> torch.Tensor | None:
-        base = sum(stash[p] for p in part_names)
+        base = sum(stash[p].to(x.device) for p in part_names)  # parts from layers on other devices (device_map)
         if sign < 0:
             base = -base
         new = fn(base + x, hook)
-        return new - base if isinstance(new, torch.Tensor) and new.shape == x.shape else new  # others: refused by _apply
+        if isinstance(new, torch.Tensor) and new.shape == x.shape:
+            return new.to(device=x.device, dtype=x.dtype) - base
+        return new  # others: refused by _apply
 
     return [keeper(n) for n in part_names], through
 

@@ -35,8 +35,8 @@ def test_split_device_map_gives_same_cache(tmp_path, family, layers, extra):
     for name in ca:
         torch.testing.assert_close(ca[name], cb[name], atol=1e-5, rtol=0, msg=name)
 
-    def bump(x, hook):  # a value made on the CPU is moved to the module's device
-        return x + torch.ones(x.shape[-1])
+    def bump(x, hook):  # a value returned on the CPU is moved to the module's device
+        return x.cpu() + torch.ones(x.shape[-1])
 
     with dispatched.hooks({"blocks.2.hook_resid_pre": bump}):
         out_b = dispatched(toks).cpu()
@@ -60,14 +60,14 @@ def test_dispatched_bundled_model_gives_same_patching_and_steering():
         pytest.skip("bundled tiny-llama weights absent")
     from accelerate import dispatch_model
 
-    from mechkit.steering import DiffMean
+    from mechkit.steering import DiffMean, LinearAcT
 
     plain = mk.load("tiny-llama")
     hf = mk.load("tiny-llama").hf_model
     other = "cuda:0" if torch.cuda.is_available() else "cpu"
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
                   "model.layers.1": "cpu", "model.layers.2": other, "model.layers.3": other,
-                  "model.norm": other, "lm_head": other}
+                  "model.norm": other, "lm_head": "cpu"}  # lm_head is tied to the embedding (one device)
     dispatched = mk.load(dispatch_model(hf, device_map=device_map, main_device="cpu", force_hooks=True),
                          tokenizer=plain.tokenizer)
     task = mk.tasks.ioi(plain.tokenizer, n=8, seed=3)
@@ -76,12 +76,13 @@ def test_dispatched_bundled_model_gives_same_patching_and_steering():
         b = mk.activation_patch(dispatched, task, sites=site, by=by, progress=False)
         torch.testing.assert_close(a.values, b.values.cpu(), atol=1e-4, rtol=0)
     data = mk.tasks.sentiment(plain.tokenizer, n=16, seed=0)
-    st = DiffMean().fit(plain, data.negative, data.positive)
-    st_d = DiffMean().fit(dispatched, data.negative, data.positive)
     prompts = data.neutral[:4]
-    with st.apply(plain, strength=2.0):
-        la = plain(prompts)
-    with st_d.apply(dispatched, strength=2.0):
-        lb = dispatched(prompts)
-    torch.testing.assert_close(la, lb.cpu(), atol=1e-4, rtol=0)
+    for method in (DiffMean, LinearAcT):
+        st = method().fit(plain, data.negative, data.positive)
+        st_d = method().fit(dispatched, data.negative, data.positive)
+        with st.apply(plain, strength=2.0):
+            la = plain(prompts)
+        with st_d.apply(dispatched, strength=2.0):
+            lb = dispatched(prompts)
+        torch.testing.assert_close(la, lb.cpu(), atol=1e-4, rtol=0, msg=method.__name__)
     assert not has_mechkit_hooks(dispatched.hf_model)

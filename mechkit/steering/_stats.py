@@ -89,7 +89,8 @@ def pooled_activations(model: HookedModel, texts: Sequence[str], names: Sequence
     for i in range(0, len(texts), batch_size):
         b = model.batch(list(texts[i:i + batch_size]))
         _, cache = model.run_with_cache(b, names=list(names), hooks=list(hooks))
-        for n in names:
+        mask = b.attention_mask
+        for n in names:  # a point on another device (device_map) is pooled there, gathered on the mask's
             x = cache[n]
-            out[n].append(fn(x.reshape(*x.shape[:2], -1).float(), b.attention_mask))
+            out[n].append(fn(x.reshape(*x.shape[:2], -1).float(), mask.to(x.device)).to(mask.device))
     return {n: torch.cat(v) for n, v in out.items()}
