@@ -10,7 +10,7 @@
 # for `datasets` (TransformerLens imports it at module level; nothing here loads a dataset), then
 #   run(command="pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
 #        PYTHONPATH=/tmp/site:$PWD/.whl/stub bash benchmarks/gpu.sh", carry=[".whl"])
-# Worst case 120 + 200 + 120 + 60 + 60 s = 9.3 min of commands, inside the 15-minute device budget.
+# Worst case 120 + 60 + 200 + 120 + 60 + 60 s = 10.3 min of commands (the first run took 2.9 min), inside the 15-minute device budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -21,6 +21,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu_d
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 # edge circuits: EAP / EAP-IG / RelP vs forward+backward, curve, single-edge patching; scores vs the CPU
 timeout 120 $PY benchmarks/circuits.py --device cuda --threads 8 --repeats 5 --out "$OUT/circuits_cuda.json" 2>&1 | tail -14
+# where the circuits' time goes on the GPU (torch.profiler: launches, device time, top operators)
+timeout 60 $PY benchmarks/profile_circuits.py --device cuda --threads 8 > "$OUT/profile_circuits_cuda.txt" 2>&1; grep "^==" "$OUT/profile_circuits_cuda.txt"
 # fused patching vs TransformerLens, bf16 on the GPU (bundled models + the 12-layer GPT-2-small shape)
 timeout 200 $PY benchmarks/patching.py --device cuda --dtype bfloat16 --sample-chunks 0 --tl-patches 64 \
   --prompts 8 --out "$OUT/patching_cuda_bf16.json" 2>&1 | tail -8

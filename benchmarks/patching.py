@@ -202,9 +202,9 @@ def bench_model(label, make_hf, tokenizer, args, arch: str = "gpt2") -> list[dic
                          work_fraction_by_overhead={o: work_fraction(grid, pos_col, n, T, L, args.max_batch_tokens, int(o))
                                                     for o in over_med},
                          sweep_over_plain_by_overhead={o: v / t_plain for o, v in over_med.items()})
-        ours_at = ours.values[tuple(grid[pick].T)].float()  # NaN where not in a timed chunk
+        ours_at = ours.values[tuple(grid[pick].T)].float().cpu()  # NaN where not in a timed chunk
         ok = ~ours_at.isnan()
-        max_diff = (ours_at[ok] - torch.as_tensor(tl_vals).detach().float()[ok]).abs().max().item() if ok.any() else None
+        max_diff = (ours_at[ok] - torch.as_tensor(tl_vals).detach().float().cpu()[ok]).abs().max().item() if ok.any() else None
         rows.append(dict(model=label, sweep=sweep, patches=n_patches, rows=n_patches * n,
                          plain_batch_rows=best_rows, plain_s_by_batch_rows=plain_med, plan=plan_info,
                          chunks=n_chunks, chunks_timed=sampled, repeats=args.repeats,
