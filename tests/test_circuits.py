@@ -335,6 +335,30 @@ def test_tiny_llama_induction_circuit_within_ten_percent_of_edges():
     assert not has_mechkit_hooks(m.hf_model)
 
 
+# IOI routes of the bundled models at the edge level (model cards, "How it solves IOI"): the previous-token
+# head's values into the duplicate-suppression head and that head's output, directly (tiny-gpt2) or through
+# the MLPs between them (tiny-llama: L0H3 -> MLP2 -> L3H3's values, L3H3 -> MLP3 -> logits; the direct
+# L0H3 -> L3H3 edges rank 22 and 176 under exact patching).
+IOI_ROUTES = {
+    "tiny-gpt2": ["input->a0.h1<v>", "a0.h1->a3.h5<v>", "a3.h5->logits", "a3.h5->m3", "m3->logits"],
+    "tiny-llama": ["input->a0.kv1<v>", "a0.h3->m2", "m2->a3.kv1<v>", "a3.h3->m3", "m3->logits"],
+}
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_bundled_ioi_routes_rank_in_the_top_ten(name):
+    """Issue 15's known answer on the bundled models: each route edge is in the top 10 of exact single-edge
+    patching over all edges (the route is what these weights do) and of EAP-IG and RelP."""
+    m = mk.load(name)
+    task = mk.tasks.ioi(m.tokenizer, n=12, seed=3)
+    ranks = {"exact": C.edge_patching_scores(m, task)}
+    for method in ("eap-ig", "relp"):
+        ranks[method] = C.attribute(m, task, method=method, progress=False)
+    got = {method: {e: s.rank(e) for e in IOI_ROUTES[name]} for method, s in ranks.items()}
+    assert all(r <= 10 for by in got.values() for r in by.values()), got
+    assert not has_mechkit_hooks(m.hf_model)
+
+
 def test_unsupported_families_say_why():
     from arch_zoo import build
     from factories import random_hf_model
