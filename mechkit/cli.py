@@ -214,7 +214,7 @@ def cmd_circuit(args) -> None:
     model = _load(args)
     task = _task(model, args)
     opts = DiscoverOptions(methods=tuple(m.strip() for m in args.methods.split(",")), ig_steps=args.ig_steps,
-                           mode=args.mode, ablation=args.ablation, progress=not args.quiet)
+                           ig_scope=args.ig_scope, mode=args.mode, ablation=args.ablation, progress=not args.quiet)
     s = discover(model, task, out=args.out, options=opts)
     c = s["curves"][s["best_method"]]
     print(f"best: {s['best_method']} (area {c['area']:.3f}); circuit of {s['circuit']['edges']} edges -> "
@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--methods", default="eap,eap-ig,relp", help="comma-separated: eap, eap-ig, eap-ig-activations, relp")
     p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--ig-scope", default="sender", choices=["sender", "all"],
+                   help="eap-ig-activations: score each edge from its sender group's runs, or from all runs "
+                        "as EAP-IG's code does")
     p.add_argument("--mode", default="topn", choices=["topn", "greedy"])
     p.add_argument("--ablation", default="corrupted", choices=["corrupted", "mean"])
     p.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")

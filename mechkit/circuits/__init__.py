@@ -1,12 +1,12 @@
 """Edge-level circuits: the edge graph, EAP / EAP-IG / RelP edge scores, circuits, exact
 evaluation and faithfulness (see docs/circuits.md)."""
 
-from .attribute import METHODS, attribute
+from .attribute import METHODS, AttributeOptions, attribute
 from .circuit import Circuit, greedy, prune, topn
 from .evaluate import evaluate
 from .faithfulness import FaithfulnessCurve, edge_patching, edge_patching_scores, faithfulness_curve
 from .graph import Graph
 from .scores import EdgeScores
 
-__all__ = ["METHODS", "Circuit", "EdgeScores", "FaithfulnessCurve", "Graph", "attribute", "edge_patching",
+__all__ = ["METHODS", "AttributeOptions", "Circuit", "EdgeScores", "FaithfulnessCurve", "Graph", "attribute", "edge_patching",
            "edge_patching_scores", "evaluate", "faithfulness_curve", "greedy", "prune", "topn"]

@@ -12,6 +12,9 @@ the metric (a prompt mean) with respect to receiver v's own input:
 - ``"eap-ig-activations"``: the edges of one sender node group (the input, one layer's heads,
   one layer's MLP) get ``g_v`` averaged over runs in which that group's output is interpolated
   corrupted -> clean (α = k / steps, k = 1 .. steps) on the clean input; (2 L + 1) × steps runs.
+  ``ig_scope="all"`` scores every edge in every one of those runs and averages over all of them,
+  which is what EAP-IG's code (and so MIB) computes: a run that interpolates a group downstream of
+  a receiver also holds that group's output fixed, cutting its gradient paths.
 - ``"relp"``: EAP with mechkit's LRP rules (:mod:`mechkit.attribution.lrp`) in the backward pass.
 
 All gradients at all receivers come from one backward pass per run; the scores of one
@@ -22,9 +25,11 @@ No ``[edges, batch, pos, d_model]`` tensor is ever built: memory is the sender o
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +38,7 @@ from tqdm.auto import tqdm
 from ..attribution import lrp
 from ..attribution.metrics import prompt_mean
 from ..hf_compat import accepts_logits_to_keep
+from ..options import merge_options
 from ..patching.engine import start_at_layer
 from ..patching.metrics import as_metric, logit_diff
 from ..split_qkv import FactoredGrad, split_input_grads
@@ -215,35 +221,52 @@ def _prepare(model, task, metric, batch_size):
     return metric, _prompt_batches(len(task), batch_size, metric)
 
 
-def attribute(
-    model: HookedModel,
-    task,
-    method: str = "eap-ig",
-    metric: Callable | None = None,
-    ig_steps: int = 5,
-    grad_on: str = "corrupted",
-    per_position: bool = False,
-    batch_size: int | None = None,
-    rules=lrp.DEFAULT_RULES,
-    progress: bool = True,
-) -> EdgeScores:
+@dataclass(frozen=True)
+class AttributeOptions:
+    """How :func:`attribute` scores edges (each field may also be given to it as a keyword).
+
+    ``ig_steps``: integration points of the EAP-IG methods. ``ig_scope`` ("sender" | "all", EAP-IG
+    on activations): which interpolation runs score an edge — its own sender group's, or every run,
+    as EAP-IG's code (and MIB) does. ``grad_on``: the run whose gradient EAP and RelP use
+    ("corrupted" | "clean"; EAP-IG's code uses the clean one). ``per_position``: also keep scores per
+    position ([pos, S, R]). ``batch_size``: prompts per pass (the result does not depend on it).
+    ``rules``: the LRP rules of RelP. ``progress``: the progress bar."""
+
+    ig_steps: int = 5
+    ig_scope: str = "sender"
+    grad_on: str = "corrupted"
+    per_position: bool = False
+    batch_size: int | None = None
+    rules: tuple = lrp.DEFAULT_RULES
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.ig_steps, bool) or not isinstance(self.ig_steps, numbers.Integral) or self.ig_steps < 1:
+            raise ValueError(f"ig_steps must be a positive integer; got {self.ig_steps!r}")
+        if self.ig_scope not in ("sender", "all"):
+            raise ValueError(f"ig_scope must be 'sender' or 'all'; got {self.ig_scope!r}")
+        if self.grad_on not in ("corrupted", "clean"):
+            raise ValueError(f"grad_on must be 'corrupted' or 'clean'; got {self.grad_on!r}")
+
+
+def attribute(model: HookedModel, task, method: str = "eap-ig", metric: Callable | None = None,
+              options: AttributeOptions | None = None, **attribute_options) -> EdgeScores:
     """Score every edge of ``model``'s graph on ``task`` (clean vs corrupted prompts).
 
     ``method``: "eap" | "eap-ig" | "eap-ig-activations" | "relp". ``metric(logits) -> [n]`` per
-    prompt, averaged over prompts (default: the task's logit difference). ``grad_on``: the run
-    whose gradient EAP/RelP use ("corrupted" or "clean"). ``per_position``: also keep scores per
-    position ([pos, S, R]). ``batch_size``: prompts per pass (the result does not depend on it).
-    ``rules``: the LRP rules for RelP. Returns :class:`EdgeScores` (signed; positive = the clean
-    value of the edge raises the metric).
+    prompt, averaged over prompts (default: the task's logit difference). ``options``:
+    :class:`AttributeOptions` (``ig_steps``, ``ig_scope``, ``grad_on``, ``per_position``,
+    ``batch_size``, ``rules``, ``progress``), or its fields as keywords
+    (``attribute(model, task, "eap-ig", ig_steps=20)``). Returns :class:`EdgeScores` (signed;
+    positive = the clean value of the edge raises the metric; EAP-IG's code reports the opposite
+    sign, corrupted minus clean).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if grad_on not in ("corrupted", "clean"):
-        raise ValueError(f"grad_on must be 'corrupted' or 'clean'; got {grad_on!r}")
-    if method.startswith("eap-ig") and int(ig_steps) < 1:
-        raise ValueError(f"ig_steps must be a positive integer; got {ig_steps!r}")
+    o = merge_options(AttributeOptions, options, attribute_options, "attribute")
+    ig_steps, per_position = o.ig_steps, o.per_position
     graph = check_model(model)
-    metric, spans = _prepare(model, task, metric, batch_size)
+    metric, spans = _prepare(model, task, metric, o.batch_size)
     n = len(task)
     T = task.clean_tokens.shape[1]
     shape = (T, graph.n_senders, graph.n_receivers) if per_position else (graph.n_senders, graph.n_receivers)
@@ -252,17 +275,18 @@ def attribute(
     runs = {"eap": 1, "relp": 1, "eap-ig": ig_steps, "eap-ig-activations": groups * ig_steps}[method]
     clean_m = corr_m = 0.0
     t0 = time.perf_counter()
-    with tqdm(total=len(spans) * runs, desc=f"{method} edges", disable=not progress) as bar:
+    with tqdm(total=len(spans) * runs, desc=f"{method} edges", disable=not o.progress) as bar:
         for i, j in spans:
             sub_task, sub_metric = (task, metric) if len(spans) == 1 else (task[i:j], metric.subset(slice(i, j)))
             w = (j - i) / n  # the metric is a prompt mean: each batch's share
-            mc, mr = _one_batch(model, graph, sub_task, sub_metric, method, ig_steps, grad_on, rules, scores, w, bar)
+            mc, mr = _one_batch(model, graph, sub_task, sub_metric, method, o, scores, w, bar)
             clean_m += w * mc
             corr_m += w * mr
     meta = {"method": method, "metric": repr(metric), "ig_steps": ig_steps if method.startswith("eap-ig") else None,
-            "grad_on": grad_on if method in ("eap", "relp") else None, "n_prompts": n,
+            "grad_on": o.grad_on if method in ("eap", "relp") else None, "n_prompts": n,
+            "ig_scope": o.ig_scope if method == "eap-ig-activations" else None,
             "batch_size": spans[0][1] - spans[0][0], "seconds": time.perf_counter() - t0,
-            "rules": list(lrp.check_rules(rules)) if method == "relp" else None, "model": model.cfg.to_dict()}
+            "rules": list(lrp.check_rules(o.rules)) if method == "relp" else None, "model": model.cfg.to_dict()}
     return EdgeScores(scores.float().cpu(), graph, {"clean": clean_m, "corrupt": corr_m}, meta)
 
 
@@ -271,8 +295,9 @@ def _plain_logits(run, batch) -> torch.Tensor:
     return run(batch)
 
 
-def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores, w, bar):
-    run = _runner(model, metric)
+def _one_batch(model, graph, task, metric, method, o: AttributeOptions, scores, w, bar):
+    """One batch's scores added into ``scores``. Returns (clean metric, corrupted metric)."""
+    steps, grad_on, rules, run = o.ig_steps, o.grad_on, o.rules, _runner(model, metric)
     metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
     corr_b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
@@ -299,6 +324,14 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
         return (m_other, m_grad) if grad_on == "corrupted" else (m_grad, m_other)
     if method == "eap-ig":
         return _eap_ig_inputs(model, graph, clean_b, corr_b, run, metric, metric_fn, steps, scores, w, bar)
+    return _eap_ig_activations(model, graph, clean_b, corr_b, run, metric, metric_fn, (steps, o.ig_scope), scores,
+                               w, bar)
+
+
+def _eap_ig_activations(model, graph, clean_b, corr_b, run, metric, metric_fn, ig, scores, w, bar):
+    """EAP-IG on the activations for one batch: one sender group interpolated at a time on the
+    clean input; ``ig`` = (steps, scope). Returns (clean metric, corrupted metric)."""
+    steps, scope = ig
     lc, s_clean, g_clean = sender_outputs(model, graph, clean_b, run)
     metric.bind_clean(lc)
     lr, s_corr, g_corr = sender_outputs(model, graph, corr_b, run)
@@ -306,20 +339,24 @@ def _one_batch(model, graph, task, metric, method, steps, grad_on, rules, scores
         mc, mr = float(metric_fn(lc)), float(metric_fn(lr))
     delta = scoring_dtype(s_clean - s_corr)  # not in place: the groups hold views of s_clean
     del s_clean, s_corr
-    # eap-ig-activations: one sender group interpolated at a time, on the clean input
-    for key in [("input", None)] + [(kind, l) for l in range(graph.n_layers) for kind in ("attn", "mlp")]:
+    keys = [("input", None)] + [(kind, l) for l in range(graph.n_layers) for kind in ("attn", "mlp")]
+    every = Scorer(scores, graph, delta, w / (steps * len(keys)), accumulate=True) if scope == "all" else None
+    for key in keys:
         kind, l = key
         name = point("input") if kind == "input" else point("attn_out" if kind == "attn" else "mlp_out", l)
         senders = (slice(0, 1) if kind == "input" else slice(graph.head_sender(l, 0), graph.head_sender(l, 0)
                    + graph.n_heads) if kind == "attn" else slice(graph.mlp_sender(l), graph.mlp_sender(l) + 1))
         xc, xr = g_clean[key], g_corr[key]
-        acc = Scorer(scores, graph, delta, w / steps, senders=senders, accumulate=True)
+        acc = every or Scorer(scores, graph, delta, w / steps, senders=senders, accumulate=True)
         for k in range(1, steps + 1):
             a = k / steps
             hook = (name, lambda x, hook, a=a, xc=xc, xr=xr: (xr + a * (xc - xr)).to(x.dtype))
             receiver_backward(model, graph, clean_b, run, metric_fn, acc, extra_hooks=[hook])
             bar.update(1)
-        acc.finish()
+        if every is None:
+            acc.finish()
+    if every is not None:
+        every.finish()
     return mc, mr
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 class DiscoverOptions:
     methods: tuple[str, ...] = ("eap", "eap-ig", "relp")
     ig_steps: int = 5
+    ig_scope: str = "sender"        # EAP-IG on activations: "sender" | "all" (EAP-IG's code)
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     mode: str = "topn"              # circuit extraction: "topn" | "greedy"
     ablation: str = "corrupted"     # "corrupted" | "mean"
@@ -41,7 +42,8 @@ def discover(model: HookedModel, task, out: str | Path | None = None, options: D
     t0 = time.perf_counter()
     scores, curves = {}, {}
     for m in o.methods:
-        scores[m] = attribute(model, task, method=m, ig_steps=o.ig_steps, batch_size=o.batch_size, progress=o.progress)
+        scores[m] = attribute(model, task, method=m, ig_steps=o.ig_steps, batch_size=o.batch_size, progress=o.progress,
+                              ig_scope=o.ig_scope)
         curves[m] = faithfulness_curve(model, task, scores[m], fractions=o.fractions, mode=o.mode, ablation=o.ablation)
     best = max(curves, key=lambda m: curves[m].area)
     hit = curves[best].smallest(o.level)

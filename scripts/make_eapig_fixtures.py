@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Write edge scores computed by EAP-IG's own code (Hanna et al., github.com/hannamw/EAP-IG) on a small
+seeded GPT-2, as test fixtures for ``tests/test_eapig_agreement.py``.
+
+mechkit's edge attribution follows EAP-IG's graph (nodes ``input``, ``a{l}.h{h}``, ``m{l}``,
+``logits``; q/k/v receivers). To show that it gives EAP-IG's *numbers*, this script runs EAP-IG's
+``attribute`` (EAP, EAP-IG on the inputs, EAP-IG on the activations, exact patching) on a
+TransformerLens ``HookedTransformer`` holding the same weights as a Hugging Face GPT-2, and saves
+the weights, the task and every edge's score. The test loads the same weights into transformers
+and compares mechkit's scores edge by edge.
+
+EAP-IG needs ``transformer_lens.HookedTransformer``, removed in TransformerLens 4, so it cannot share
+mechkit's environment; run it in a separate virtual environment with transformer-lens 3.x (the one
+``scripts/make_saelens_fixtures.py`` uses works once matplotlib is added, which EAP-IG imports):
+
+    python3 -m venv /work/venvs/saelens && /work/venvs/saelens/bin/pip install torch==2.13.0
+    /work/venvs/saelens/bin/pip install "sae-lens>=6,<7" matplotlib     # brings transformer-lens 3.x
+    git clone https://github.com/hannamw/EAP-IG /tmp/EAP-IG               # commit 795f560 was used
+    /work/venvs/saelens/bin/python scripts/make_eapig_fixtures.py --eap-src /tmp/EAP-IG/src
+
+Two adaptations of EAP-IG's harness, neither touching how it computes a score: its score tensors
+are created with ``device='cuda'`` (a CPU-only machine has none), so ``torch.zeros`` inside its
+modules maps that to the CPU; and its ``tokenize_plus`` is given token ids instead of strings
+(the prompts are equal-length random ids: no tokenizer, no padding, no BOS).
+
+Writes ``tests/fixtures/eapig/``: ``config.json`` + ``model.safetensors`` (the Hugging Face model; transformers also writes a
+``generation_config.json``, not needed),
+``task.safetensors`` (``clean``, ``corrupt`` [n, T] ids, ``answer``, ``wrong`` [n]) and
+``scores.json`` ({method: {edge name: score}}, EAP-IG's sign: corrupted minus clean, prompt mean).
+Seeded and deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {"EAP": {}, "EAP-IG-inputs": {"ig_steps": 5}, "EAP-IG-activations": {"ig_steps": 5}, "exact": {}}
+
+
+def hf_model(vocab: int = 64):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=vocab, n_positions=32,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return tf.GPT2LMHeadModel(cfg).eval()
+
+
+def tl_model(hf):
+    """A HookedTransformer with ``hf``'s weights, unfolded (no LayerNorm folding, no centring)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    c = hf.config
+    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
+                                  d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn="gelu_new",
+                                  normalization_type="LN", eps=c.layer_norm_epsilon, positional_embedding_type="standard",
+                                  default_prepend_bos=False)
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False)
+    model.set_use_attn_result(True)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    return model.eval()
+
+
+def task(vocab: int, n: int = 8, T: int = 8) -> dict:
+    g = torch.Generator().manual_seed(1)
+    clean, corrupt = torch.randint(0, vocab, (2, n, T), generator=g)
+    answer, wrong = torch.randint(0, vocab, (2, n), generator=g)
+    return {"clean": clean, "corrupt": corrupt, "answer": answer, "wrong": wrong}
+
+
+def per_prompt(logits, clean_logits, input_lengths, label):
+    """Logit difference (answer - wrong) at each prompt's last token [batch]: exact patching averages
+    it over all prompts."""
+    last = logits[torch.arange(len(logits)), input_lengths - 1]
+    return (last.gather(1, label[:, :1]) - last.gather(1, label[:, 1:]))[:, 0]
+
+
+def summed(logits, clean_logits, input_lengths, label):
+    """The same summed over the batch, for the gradient methods: EAP-IG divides their accumulated
+    scores by the number of prompts, so every method's scores are prompt means."""
+    return per_prompt(logits, clean_logits, input_lengths, label).sum()
+
+
+def patch_harness(eap_attribute, eap_evaluate) -> None:
+    """The two adaptations in the module docstring."""
+    def zeros(*a, device=None, **k):
+        return torch.zeros(*a, device="cpu" if device == "cuda" else device, **k)
+
+    def tokenize_plus(model, ids, max_length=None):
+        mask = torch.ones_like(ids)
+        return ids, mask, mask.sum(1), ids.shape[1]
+
+    for mod in (eap_attribute, eap_evaluate):
+        shim = types.ModuleType("torch")
+        shim.__dict__.update(torch.__dict__)
+        shim.zeros = zeros
+        mod.torch = shim
+        mod.tokenize_plus = tokenize_plus
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--eap-src", required=True, help="the src/ folder of a checkout of hannamw/EAP-IG")
+    ap.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "eapig"))
+    args = ap.parse_args(argv)
+    sys.path.insert(0, args.eap_src)
+    import eap
+    import eap.attribute as eap_attribute
+    import eap.evaluate as eap_evaluate
+    from eap.graph import Graph
+    from safetensors.torch import save_file
+
+    patch_harness(eap_attribute, eap_evaluate)
+    hf = hf_model()
+    model = tl_model(hf)
+    t = task(hf.config.vocab_size)
+    with torch.no_grad():
+        gap = (model(t["clean"]) - hf(input_ids=t["clean"]).logits).abs().max().item()
+    assert gap < 1e-4, f"TransformerLens and transformers disagree on the logits by {gap}"
+    label = torch.stack([t["answer"], t["wrong"]], 1)
+    data = [(t["clean"][i:i + 4], t["corrupt"][i:i + 4], label[i:i + 4]) for i in range(0, len(label), 4)]
+    scores = {}
+    for method, kw in METHODS.items():
+        graph = Graph.from_model(model)
+        metric = per_prompt if method == "exact" else summed
+        eap_attribute.attribute(model, graph, data, metric, method=method, quiet=True, **kw)
+        scores[method] = {name: float(e.score) for name, e in graph.edges.items()}
+        print(f"{method}: {len(scores[method])} edges, largest |score| {max(map(abs, scores[method].values())):.4f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in t.items()}, str(out / "task.safetensors"))
+    from importlib.metadata import version
+    meta = {"eap_ig": getattr(eap, "__version__", "2.0.0 (hannamw/EAP-IG 795f560)"),
+            "transformer_lens": version("transformer-lens"),
+            "torch": torch.__version__, "tl_vs_hf_max_logit_gap": gap, "batches": 2, "sign": "corrupted - clean"}
+    (out / "scores.json").write_text(json.dumps({"meta": meta, "scores": scores}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
