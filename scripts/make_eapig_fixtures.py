@@ -23,10 +23,13 @@ are created with ``device='cuda'`` (a CPU-only machine has none), so ``torch.zer
 modules maps that to the CPU; and its ``tokenize_plus`` is given token ids instead of strings
 (the prompts are equal-length random ids: no tokenizer, no padding, no BOS).
 
-Writes ``tests/fixtures/eapig/``: ``config.json`` + ``model.safetensors`` (the Hugging Face model; transformers also writes a
-``generation_config.json``, not needed),
+Writes ``tests/fixtures/eapig/{gpt2,llama}/`` (a 2-layer GPT-2; a 2-layer Llama with grouped-query
+attention, 4 query and 2 KV heads, random RMSNorm gains): ``config.json`` + ``model.safetensors`` (the
+Hugging Face model),
 ``task.safetensors`` (``clean``, ``corrupt`` [n, T] ids, ``answer``, ``wrong`` [n]) and
-``scores.json`` ({method: {edge name: score}}, EAP-IG's sign: corrupted minus clean, prompt mean).
+``scores.json`` (``scores``: {method: {edge name: score}}, EAP-IG's sign: corrupted minus clean,
+prompt means; ``circuits``: top-n circuits of the EAP-IG-inputs scores as EAP-IG extracts and prunes
+them, with their metric under EAP-IG's ``evaluate_graph``).
 Seeded and deterministic.
 """
 
@@ -44,31 +47,60 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"EAP": {}, "EAP-IG-inputs": {"ig_steps": 5}, "EAP-IG-activations": {"ig_steps": 5}, "exact": {}}
 
 
-def hf_model(vocab: int = 64):
+def hf_gpt2(vocab: int = 64):
     import transformers as tf
 
     torch.manual_seed(0)
     cfg = tf.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=vocab, n_positions=32,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return tf.GPT2LMHeadModel(cfg).eval()
 
 
+def hf_llama(vocab: int = 64):
+    """Grouped-query attention (4 query heads, 2 KV heads), RMSNorm, rotary, gated MLP."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=32, bos_token_id=0,
+                         eos_token_id=0, pad_token_id=None, tie_word_embeddings=False)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random RMSNorm gains: a norm of ones would hide a gain applied wrongly
+        for name, prm in model.named_parameters():
+            if "norm" in name:
+                prm.uniform_(0.5, 1.5)
+    return model
+
+
 def tl_model(hf):
-    """A HookedTransformer with ``hf``'s weights, unfolded (no LayerNorm folding, no centring)."""
+    """A HookedTransformer with ``hf``'s weights, unfolded (no norm folding, no centring), set up as
+    EAP-IG requires (attention results, split q/k/v inputs, MLP inputs; GQA ungrouped)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
 
     c = hf.config
-    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
-                                  d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn="gelu_new",
-                                  normalization_type="LN", eps=c.layer_norm_epsilon, positional_embedding_type="standard",
-                                  default_prepend_bos=False)
+    common = dict(n_layers=c.num_hidden_layers, d_model=c.hidden_size, n_heads=c.num_attention_heads,
+                  d_head=c.hidden_size // c.num_attention_heads, d_vocab=c.vocab_size,
+                  n_ctx=c.max_position_embeddings, default_prepend_bos=False)
+    if c.model_type == "gpt2":
+        cfg = HookedTransformerConfig(**common, d_mlp=4 * c.n_embd, act_fn="gelu_new", normalization_type="LN",
+                                      eps=c.layer_norm_epsilon, positional_embedding_type="standard")
+        convert = convert_gpt2_weights
+    else:
+        cfg = HookedTransformerConfig(**common, d_mlp=c.intermediate_size, act_fn="silu", normalization_type="RMS",
+                                      eps=c.rms_norm_eps, positional_embedding_type="rotary",
+                                      rotary_dim=c.hidden_size // c.num_attention_heads, rotary_adjacent_pairs=False,
+                                      final_rms=True, gated_mlp=True, n_key_value_heads=c.num_key_value_heads,
+                                      original_architecture="LlamaForCausalLM")
+        convert = convert_llama_weights
     model = HookedTransformer(cfg)
-    model.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+    model.load_and_process_state_dict(convert(hf, cfg), fold_ln=False, center_writing_weights=False,
                                       center_unembed=False, fold_value_biases=False)
     model.set_use_attn_result(True)
     model.set_use_split_qkv_input(True)
     model.set_use_hook_mlp_in(True)
+    if cfg.n_key_value_heads is not None:
+        model.set_ungroup_grouped_query_attention(True)
     return model.eval()
 
 
@@ -109,43 +141,72 @@ def patch_harness(eap_attribute, eap_evaluate) -> None:
         mod.tokenize_plus = tokenize_plus
 
 
+def circuit_fixtures(model, Graph, eap_evaluate, data, scores: dict) -> list[dict]:
+    """Top-n circuits of ``scores`` (EAP-IG's ``apply_topn``, absolute, pruned) and their metric under
+    EAP-IG's ``evaluate_graph`` (every edge outside the circuit patched from the corrupted run), plus
+    the full model and the empty circuit."""
+    from eap.evaluate import evaluate_baseline
+
+    out = [{"n": "full", "edges": None, "metric": evaluate_baseline(model, data, per_prompt).mean().item()}]
+    for n in (0, 5, 20, 50):
+        graph = Graph.from_model(model)
+        for name, e in graph.edges.items():
+            e.score = scores[name]
+        graph.apply_topn(n, absolute=True) if n else graph.reset()
+        value = eap_evaluate.evaluate_graph(model, graph, data, per_prompt, quiet=True).mean().item()
+        kept = sorted(name for name, e in graph.edges.items() if e.in_graph)  # after evaluate_graph's prune
+        out.append({"n": n, "edges": kept, "metric": value})
+        print(f"circuit top-{n}: {len(kept)} edges after pruning, metric {value:.4f}")
+    return out
+
+
+def write(name: str, hf, Graph, eap_attribute, eap_evaluate, out: Path) -> None:
+    """Scores (and for the multi-head model, circuits) of one model, written to ``out``."""
+    from importlib.metadata import version
+
+    from safetensors.torch import save_file
+
+    model = tl_model(hf)
+    t = task(hf.config.vocab_size)
+    with torch.no_grad():
+        gap = (model(t["clean"]) - hf(input_ids=t["clean"]).logits).abs().max().item()
+    assert gap < 1e-4, f"{name}: TransformerLens and transformers disagree on the logits by {gap}"
+    label = torch.stack([t["answer"], t["wrong"]], 1)
+    data = [(t["clean"][i:i + 4], t["corrupt"][i:i + 4], label[i:i + 4]) for i in range(0, len(label), 4)]
+    grouped = getattr(hf.config, "num_key_value_heads", None) not in (None, hf.config.num_attention_heads)
+    scores = {}
+    for method, kw in METHODS.items():
+        if grouped and method == "exact":  # EAP-IG patches one query head's copy of a shared key: no peer
+            continue
+        graph = Graph.from_model(model)
+        metric = per_prompt if method == "exact" else summed
+        eap_attribute.attribute(model, graph, data, metric, method=method, quiet=True, **kw)
+        scores[method] = {n: float(e.score) for n, e in graph.edges.items()}
+        print(f"{name} {method}: {len(scores[method])} edges, largest |score| "
+              f"{max(map(abs, scores[method].values())):.4f}")
+    circuits = [] if grouped else circuit_fixtures(model, Graph, eap_evaluate, data, scores["EAP-IG-inputs"])
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    save_file({k: v.contiguous() for k, v in t.items()}, str(out / "task.safetensors"))
+    meta = {"eap_ig": "2.0.0 (hannamw/EAP-IG 795f560)", "transformer_lens": version("transformer-lens"),
+            "torch": torch.__version__, "tl_vs_hf_max_logit_gap": gap, "batches": 2, "sign": "corrupted - clean"}
+    (out / "scores.json").write_text(json.dumps({"meta": meta, "scores": scores, "circuits": circuits}, indent=1))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eap-src", required=True, help="the src/ folder of a checkout of hannamw/EAP-IG")
     ap.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "eapig"))
     args = ap.parse_args(argv)
     sys.path.insert(0, args.eap_src)
-    import eap
     import eap.attribute as eap_attribute
     import eap.evaluate as eap_evaluate
     from eap.graph import Graph
-    from safetensors.torch import save_file
 
     patch_harness(eap_attribute, eap_evaluate)
-    hf = hf_model()
-    model = tl_model(hf)
-    t = task(hf.config.vocab_size)
-    with torch.no_grad():
-        gap = (model(t["clean"]) - hf(input_ids=t["clean"]).logits).abs().max().item()
-    assert gap < 1e-4, f"TransformerLens and transformers disagree on the logits by {gap}"
-    label = torch.stack([t["answer"], t["wrong"]], 1)
-    data = [(t["clean"][i:i + 4], t["corrupt"][i:i + 4], label[i:i + 4]) for i in range(0, len(label), 4)]
-    scores = {}
-    for method, kw in METHODS.items():
-        graph = Graph.from_model(model)
-        metric = per_prompt if method == "exact" else summed
-        eap_attribute.attribute(model, graph, data, metric, method=method, quiet=True, **kw)
-        scores[method] = {name: float(e.score) for name, e in graph.edges.items()}
-        print(f"{method}: {len(scores[method])} edges, largest |score| {max(map(abs, scores[method].values())):.4f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in t.items()}, str(out / "task.safetensors"))
-    from importlib.metadata import version
-    meta = {"eap_ig": getattr(eap, "__version__", "2.0.0 (hannamw/EAP-IG 795f560)"),
-            "transformer_lens": version("transformer-lens"),
-            "torch": torch.__version__, "tl_vs_hf_max_logit_gap": gap, "batches": 2, "sign": "corrupted - clean"}
-    (out / "scores.json").write_text(json.dumps({"meta": meta, "scores": scores}, indent=1))
+    for name, build in (("gpt2", hf_gpt2), ("llama", hf_llama)):
+        write(name, build(), Graph, eap_attribute, eap_evaluate, Path(args.out) / name)
     return 0
 
 

@@ -1,8 +1,10 @@
 """Edge scores equal to EAP-IG's own code (github.com/hannamw/EAP-IG, on TransformerLens 3) on the
-same weights: a seeded 2-layer GPT-2 and a fixed task, written by scripts/make_eapig_fixtures.py in
-a separate environment (EAP-IG needs TransformerLens's HookedTransformer, gone in version 4)."""
+same weights: a seeded 2-layer GPT-2 and a 2-layer Llama with grouped-query attention, each with a
+fixed task, written by scripts/make_eapig_fixtures.py in a separate environment (EAP-IG needs
+TransformerLens's HookedTransformer, gone in version 4)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ from mechkit.hookpoints import has_mechkit_hooks
 from mechkit.model import HookedModel
 from mechkit.tasks.base import PatchingTask
 
-FIX = Path(__file__).parent / "fixtures" / "eapig"
+FIXTURES = Path(__file__).parent / "fixtures" / "eapig"
+FIX = FIXTURES / "gpt2"
 # EAP-IG's method -> mechkit's call; EAP-IG's EAP takes the gradient on the clean run
 OURS = {
     "EAP": lambda m, t: C.attribute(m, t, method="eap", grad_on="clean", progress=False),
@@ -26,13 +29,33 @@ OURS = {
 }
 
 
-@pytest.fixture(scope="module")
-def setup():
-    hf = tf.GPT2LMHeadModel.from_pretrained(FIX).eval()
-    t = load_file(str(FIX / "task.safetensors"))
+def _load(folder: Path):
+    hf = tf.AutoModelForCausalLM.from_pretrained(folder).eval()
+    t = load_file(str(folder / "task.safetensors"))
     mask = torch.ones_like(t["clean"])
     task = PatchingTask(t["clean"], t["corrupt"], mask, mask.clone(), t["answer"], t["wrong"], [], [])
-    return HookedModel(hf, None), task, json.loads((FIX / "scores.json").read_text())["scores"]
+    return HookedModel(hf, None), task, json.loads((folder / "scores.json").read_text())["scores"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return _load(FIX)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _load(FIXTURES / "llama")
+
+
+def _grouped(model, ref: dict) -> dict:
+    """EAP-IG's ungrouped scores summed onto mechkit's receivers: a KV head's key (value) input is one
+    receiver, the sum of the per-query-head copies EAP-IG ungroups it into (scores are linear in it)."""
+    per = model.cfg.n_heads // model.cfg.n_kv_heads
+    out: dict = {}
+    for name, v in ref.items():
+        ours = re.sub(r"a(\d+)\.h(\d+)<([kv])>$", lambda m: f"a{m[1]}.kv{int(m[2]) // per}<{m[3]}>", name)
+        out[ours] = out.get(ours, 0.0) + v
+    return out
 
 
 @pytest.mark.parametrize("method", list(OURS))
@@ -57,3 +80,59 @@ def test_activations_scope_sender_differs_from_eap_igs_code(setup):
     assert (ours.double() + theirs.double()).abs().max() > 1e-3
     with pytest.raises(ValueError, match="ig_scope"):
         C.attribute(model, task, method="eap-ig-activations", ig_scope="every", progress=False)
+
+
+def test_circuits_equal_eap_igs_extraction_and_evaluation(setup):
+    """Top-n circuits as EAP-IG extracts them (``apply_topn``, absolute, pruned of dangling nodes) from
+    its EAP-IG scores are the ones :meth:`EdgeScores.circuit` extracts, and EAP-IG's ``evaluate_graph``
+    (every edge outside the circuit patched from the corrupted run) gives the metric
+    :func:`mechkit.circuits.evaluate` gives; also for the full model and the empty circuit."""
+    model, task, _ = setup
+    ref = json.loads((FIX / "scores.json").read_text())
+    g = C.Graph.from_model(model)
+    values = torch.zeros(g.n_senders, g.n_receivers)
+    for name, v in ref["scores"]["EAP-IG-inputs"].items():
+        values[g.edge_index(name)] = -v
+    scores = C.EdgeScores(values, g)
+    sizes = []
+    for c in ref["circuits"]:
+        circuit = C.Circuit.full(g) if c["n"] == "full" else C.Circuit.from_edges(g, c["edges"])
+        assert abs(C.evaluate(model, task, circuit) - c["metric"]) < 1e-6, c["n"]
+        if isinstance(c["n"], int) and c["n"] > 0:
+            assert sorted(scores.circuit(c["n"]).edge_names) == c["edges"], c["n"]
+            sizes.append((c["n"], len(c["edges"])))
+    assert any(kept < n for n, kept in sizes), sizes  # pruning removed dangling edges in some
+
+
+@pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])
+def test_grouped_query_scores_equal_eap_igs_ungrouped_sums(llama, method):
+    """Llama with 4 query and 2 KV heads (RMSNorm with random gains, rotary, gated MLP): mechkit's edge
+    into a KV head's key or value equals the sum of EAP-IG's edges into the ungrouped per-head copies;
+    every other edge equals EAP-IG's (sign flipped)."""
+    model, task, ref = llama
+    assert model.cfg.n_kv_heads < model.cfg.n_heads
+    names, ours = OURS[method](model, task).edge_values()
+    theirs = _grouped(model, ref[method])
+    assert set(names) == set(theirs) and any(".kv" in n for n in names)
+    torch.testing.assert_close(ours.double(), -torch.tensor([theirs[n] for n in names], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+
+
+def test_activations_differ_only_where_eap_igs_code_loses_gradients(llama):
+    """EAP-IG's code interpolates a node's output with a tensor that does not require grad; in a model
+    without learned position embeddings the residual entering layer 0 then carries no gradient in
+    the input's interpolation runs, TransformerLens's backward hooks at layer 0's q/k/v inputs never
+    fire, and those runs add nothing to the edges input -> layer-0 q/k/v. mechkit keeps them. Every
+    other edge equals EAP-IG's code; on those edges the difference is exactly the input runs' share,
+    the sender-scope score divided by the number of node groups (2 L + 1)."""
+    model, task, ref = llama
+    names, ours = OURS["EAP-IG-activations"](model, task).edge_values()
+    theirs = _grouped(model, ref["EAP-IG-activations"])
+    gap = {n: float(v) + theirs[n] for n, v in zip(names, ours)}
+    lost = {n for n in names if re.fullmatch(r"input->a0\.(h\d+|kv\d+)<[qkv]>", n)}
+    assert max(abs(gap[n]) for n in names if n not in lost) < 1e-6
+    s_names, sender = C.attribute(model, task, method="eap-ig-activations", ig_steps=5, progress=False).edge_values()
+    share = dict(zip(s_names, sender.tolist()))
+    groups = 2 * model.cfg.n_layers + 1
+    assert max(abs(gap[n] - share[n] / groups) for n in lost) < 1e-6
+    assert max(abs(gap[n]) for n in lost) > 1e-3  # the lost share is not negligible here

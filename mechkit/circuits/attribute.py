@@ -14,7 +14,9 @@ the metric (a prompt mean) with respect to receiver v's own input:
   corrupted -> clean (α = k / steps, k = 1 .. steps) on the clean input; (2 L + 1) × steps runs.
   ``ig_scope="all"`` scores every edge in every one of those runs and averages over all of them,
   which is what EAP-IG's code (and so MIB) computes: a run that interpolates a group downstream of
-  a receiver also holds that group's output fixed, cutting its gradient paths.
+  a receiver also holds that group's output fixed, cutting its gradient paths. (EAP-IG's code also
+  loses the input runs' gradient at layer 0's q/k/v in models without learned position
+  embeddings; mechkit keeps it — docs/circuits.md.)
 - ``"relp"``: EAP with mechkit's LRP rules (:mod:`mechkit.attribution.lrp`) in the backward pass.
 
 All gradients at all receivers come from one backward pass per run; the scores of one
