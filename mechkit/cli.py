@@ -214,11 +214,30 @@ def cmd_circuit(args) -> None:
     model = _load(args)
     task = _task(model, args)
     opts = DiscoverOptions(methods=tuple(m.strip() for m in args.methods.split(",")), ig_steps=args.ig_steps,
-                           ig_scope=args.ig_scope, mode=args.mode, ablation=args.ablation, progress=not args.quiet)
+                           ig_scope=args.ig_scope, post_norm_heads=args.post_norm_heads, mode=args.mode,
+                           ablation=args.ablation, progress=not args.quiet)
     s = discover(model, task, out=args.out, options=opts)
     c = s["curves"][s["best_method"]]
     print(f"best: {s['best_method']} (area {c['area']:.3f}); circuit of {s['circuit']['edges']} edges -> "
           f"{Path(args.out) / 'circuit.json'}")
+
+
+def _circuit_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--methods", default="eap,eap-ig,relp", help="comma-separated: eap, eap-ig, eap-ig-activations, relp")
+    p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--ig-scope", default="sender", choices=["sender", "all"],
+                   help="eap-ig-activations: score each edge from its sender group's runs, or from all runs "
+                        "as EAP-IG's code does")
+    p.add_argument("--post-norm-heads", default="frozen", choices=["frozen", "pre_norm"],
+                   help="models with a norm after attention (Gemma 2/3): heads through it at the output's scale, "
+                        "or before it as EAP-IG scores them")
+    p.add_argument("--mode", default="topn", choices=["topn", "greedy"])
+    p.add_argument("--ablation", default="corrupted", choices=["corrupted", "mean"])
+    p.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_circuit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,19 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--receivers", required=True, help="'logits' or layer.head.q|k|v, comma-separated (e.g. 3.5.k,3.5.v)")
     _task_args(p)
     p.set_defaults(fn=cmd_path)
-    p = sub.add_parser("circuit", help="edge-level circuit discovery (EAP, EAP-IG, RelP) with faithfulness curves")
-    _common(p)
-    p.add_argument("--methods", default="eap,eap-ig,relp", help="comma-separated: eap, eap-ig, eap-ig-activations, relp")
-    p.add_argument("--ig-steps", type=int, default=5)
-    p.add_argument("--ig-scope", default="sender", choices=["sender", "all"],
-                   help="eap-ig-activations: score each edge from its sender group's runs, or from all runs "
-                        "as EAP-IG's code does")
-    p.add_argument("--mode", default="topn", choices=["topn", "greedy"])
-    p.add_argument("--ablation", default="corrupted", choices=["corrupted", "mean"])
-    p.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")
-    p.add_argument("--n", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=cmd_circuit)
+    _circuit_args(sub.add_parser("circuit", help="edge-level circuit discovery (EAP, EAP-IG, RelP) with "
+                                                 "faithfulness curves"))
     p = sub.add_parser("heads", help="head scores (induction, previous-token, ...)")
     _common(p)
     p.set_defaults(fn=cmd_heads)

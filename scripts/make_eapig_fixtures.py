@@ -23,8 +23,9 @@ are created with ``device='cuda'`` (a CPU-only machine has none), so ``torch.zer
 modules maps that to the CPU; and its ``tokenize_plus`` is given token ids instead of strings
 (the prompts are equal-length random ids: no tokenizer, no padding, no BOS).
 
-Writes ``tests/fixtures/eapig/{gpt2,llama}/`` (a 2-layer GPT-2; a 2-layer Llama with grouped-query
-attention, 4 query and 2 KV heads, random RMSNorm gains): ``config.json`` + ``model.safetensors`` (the
+Writes ``tests/fixtures/eapig/{gpt2,llama,gemma2}/`` (a 2-layer GPT-2; a 2-layer Llama with
+grouped-query attention, 4 query and 2 KV heads, random RMSNorm gains; a 2-layer Gemma 2 with its
+sandwich norms, soft-caps and random norm gains): ``config.json`` + ``model.safetensors`` (the
 Hugging Face model),
 ``task.safetensors`` (``clean``, ``corrupt`` [n, T] ids, ``answer``, ``wrong`` [n]) and
 ``scores.json`` (``scores``: {method: {edge name: score}}, EAP-IG's sign: corrupted minus clean,
@@ -72,6 +73,40 @@ def hf_llama(vocab: int = 64):
     return model
 
 
+def hf_gemma2(vocab: int = 64):
+    """Gemma 2's sandwich norms (a norm on each sublayer's output before the residual add), grouped-query
+    attention, soft-capped attention scores and logits; norm gains drawn at random."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, vocab_size=vocab,
+                          max_position_embeddings=32, sliding_window=4096, bos_token_id=0, eos_token_id=0,
+                          pad_token_id=None, attn_implementation="eager")
+    model = tf.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # Gemma's norms scale by (1 + w): random w, not the zeros of initialisation
+        for name, prm in model.named_parameters():
+            if "norm" in name:
+                prm.uniform_(-0.5, 0.5)
+    return model
+
+
+def _tl_config(c, common: dict):
+    """TransformerLens's configuration of a Llama or Gemma 2 model ``c`` (GPT-2 is built in :func:`tl_model`)."""
+    from transformer_lens import HookedTransformerConfig
+
+    rotary = dict(positional_embedding_type="rotary", rotary_dim=common["d_head"], rotary_adjacent_pairs=False,
+                  final_rms=True, gated_mlp=True, n_key_value_heads=c.num_key_value_heads, normalization_type="RMS",
+                  eps=c.rms_norm_eps, d_mlp=c.intermediate_size)
+    if c.model_type == "llama":
+        return HookedTransformerConfig(**common, **rotary, act_fn="silu", original_architecture="LlamaForCausalLM")
+    common = {**common, "d_head": c.head_dim}
+    return HookedTransformerConfig(**common, **rotary, act_fn="gelu_pytorch_tanh", use_attn_scale=True,
+                                   attn_scores_soft_cap=c.attn_logit_softcapping,
+                                   output_logits_soft_cap=c.final_logit_softcapping,
+                                   use_normalization_before_and_after=True, original_architecture="Gemma2ForCausalLM")
+
+
 def tl_model(hf):
     """A HookedTransformer with ``hf``'s weights, unfolded (no norm folding, no centring), set up as
     EAP-IG requires (attention results, split q/k/v inputs, MLP inputs; GQA ungrouped)."""
@@ -87,12 +122,10 @@ def tl_model(hf):
                                       eps=c.layer_norm_epsilon, positional_embedding_type="standard")
         convert = convert_gpt2_weights
     else:
-        cfg = HookedTransformerConfig(**common, d_mlp=c.intermediate_size, act_fn="silu", normalization_type="RMS",
-                                      eps=c.rms_norm_eps, positional_embedding_type="rotary",
-                                      rotary_dim=c.hidden_size // c.num_attention_heads, rotary_adjacent_pairs=False,
-                                      final_rms=True, gated_mlp=True, n_key_value_heads=c.num_key_value_heads,
-                                      original_architecture="LlamaForCausalLM")
-        convert = convert_llama_weights
+        from transformer_lens.pretrained.weight_conversions import convert_gemma_weights
+
+        cfg = _tl_config(c, common)
+        convert = convert_llama_weights if c.model_type == "llama" else convert_gemma_weights
     model = HookedTransformer(cfg)
     model.load_and_process_state_dict(convert(hf, cfg), fold_ln=False, center_writing_weights=False,
                                       center_unembed=False, fold_value_biases=False)
@@ -178,6 +211,8 @@ def write(name: str, hf, Graph, eap_attribute, eap_evaluate, out: Path) -> None:
     for method, kw in METHODS.items():
         if grouped and method == "exact":  # EAP-IG patches one query head's copy of a shared key: no peer
             continue
+        if name == "gemma2" and method == "EAP-IG-activations":  # post-norm senders: not comparable
+            continue
         graph = Graph.from_model(model)
         metric = per_prompt if method == "exact" else summed
         eap_attribute.attribute(model, graph, data, metric, method=method, quiet=True, **kw)
@@ -205,7 +240,7 @@ def main(argv=None) -> int:
     from eap.graph import Graph
 
     patch_harness(eap_attribute, eap_evaluate)
-    for name, build in (("gpt2", hf_gpt2), ("llama", hf_llama)):
+    for name, build in (("gpt2", hf_gpt2), ("llama", hf_llama), ("gemma2", hf_gemma2)):
         write(name, build(), Graph, eap_attribute, eap_evaluate, Path(args.out) / name)
     return 0
 

@@ -47,6 +47,11 @@ def llama():
     return _load(FIXTURES / "llama")
 
 
+@pytest.fixture(scope="module")
+def gemma2():
+    return _load(FIXTURES / "gemma2")
+
+
 def _grouped(model, ref: dict) -> dict:
     """EAP-IG's ungrouped scores summed onto mechkit's receivers: a KV head's key (value) input is one
     receiver, the sum of the per-query-head copies EAP-IG ungroups it into (scores are linear in it)."""
@@ -136,3 +141,25 @@ def test_activations_differ_only_where_eap_igs_code_loses_gradients(llama):
     groups = 2 * model.cfg.n_layers + 1
     assert max(abs(gap[n] - share[n] / groups) for n in lost) < 1e-6
     assert max(abs(gap[n]) for n in lost) > 1e-3  # the lost share is not negligible here
+
+
+@pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])
+def test_post_norm_heads_before_the_norm_equal_eap_igs_code(gemma2, method):
+    """Gemma 2 (a norm on each sublayer's output before the residual add, grouped-query attention,
+    soft-caps, random norm gains): with ``post_norm_heads="pre_norm"`` the heads' outputs before the
+    norm are the senders, as in EAP-IG's code, and every edge equals EAP-IG's (KV receivers summed).
+    mechkit's default (each head through the norm at the whole output's scale, what exact evaluation
+    patches) is a different quantity here: it moves scores by more than the largest score."""
+    model, task, ref = gemma2
+    assert "attn_post_norm" in model.hook_map.family
+    kw = {"grad_on": "clean"} if method == "EAP" else {"ig_steps": 5}
+    how = {"EAP": "eap", "EAP-IG-inputs": "eap-ig"}[method]
+    names, ours = C.attribute(model, task, method=how, post_norm_heads="pre_norm", progress=False, **kw).edge_values()
+    theirs = _grouped(model, ref[method])
+    want = -torch.tensor([theirs[n] for n in names], dtype=torch.float64)
+    torch.testing.assert_close(ours.double(), want, atol=1e-6, rtol=0)
+    _, frozen = C.attribute(model, task, method=how, progress=False, **kw).edge_values()
+    assert (frozen.double() - want).abs().max() > want.abs().max() / 2
+    with pytest.raises(ValueError, match="post_norm_heads"):
+        C.attribute(model, task, method="eap-ig-activations", post_norm_heads="pre_norm", progress=False)
+    assert not has_mechkit_hooks(model.hf_model)

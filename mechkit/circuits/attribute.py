@@ -65,10 +65,12 @@ def _runner(model, metric) -> Callable:
     return run
 
 
-def sender_outputs(model: HookedModel, graph: Graph, batch, run) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def sender_outputs(model: HookedModel, graph: Graph, batch, run, pre_norm: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(logits, senders [S, b, p, d], {group: output}) of a plain run (no grad); groups are
-    ("attn", l) -> attn_out and ("mlp", l) -> mlp_out, for interpolation."""
-    sh = SenderHooks(model, graph)
+    ("attn", l) -> attn_out and ("mlp", l) -> mlp_out, for interpolation; ``pre_norm``: see
+    :class:`SenderHooks`."""
+    sh = SenderHooks(model, graph, pre_norm=pre_norm)
     groups: dict = {}
 
     def keep(key):
@@ -232,7 +234,11 @@ class AttributeOptions:
     as EAP-IG's code (and MIB) does. ``grad_on``: the run whose gradient EAP and RelP use
     ("corrupted" | "clean"; EAP-IG's code uses the clean one). ``per_position``: also keep scores per
     position ([pos, S, R]). ``batch_size``: prompts per pass (the result does not depend on it).
-    ``rules``: the LRP rules of RelP. ``progress``: the progress bar."""
+    ``rules``: the LRP rules of RelP. ``progress``: the progress bar. ``post_norm_heads`` (models
+    with a norm between the attention and the residual add, as Gemma 2/3): "frozen" — a head's output
+    through that norm at the scale of the whole output (they add up to ``hook_attn_out``; what exact
+    evaluation patches) — or "pre_norm", the heads' outputs before the norm, as EAP-IG's code (and
+    so MIB) scores them (not for EAP-IG on activations, which interpolates the normed outputs)."""
 
     ig_steps: int = 5
     ig_scope: str = "sender"
@@ -241,6 +247,7 @@ class AttributeOptions:
     batch_size: int | None = None
     rules: tuple = lrp.DEFAULT_RULES
     progress: bool = True
+    post_norm_heads: str = "frozen"
 
     def __post_init__(self):
         if isinstance(self.ig_steps, bool) or not isinstance(self.ig_steps, numbers.Integral) or self.ig_steps < 1:
@@ -249,6 +256,8 @@ class AttributeOptions:
             raise ValueError(f"ig_scope must be 'sender' or 'all'; got {self.ig_scope!r}")
         if self.grad_on not in ("corrupted", "clean"):
             raise ValueError(f"grad_on must be 'corrupted' or 'clean'; got {self.grad_on!r}")
+        if self.post_norm_heads not in ("frozen", "pre_norm"):
+            raise ValueError(f"post_norm_heads must be 'frozen' or 'pre_norm'; got {self.post_norm_heads!r}")
 
 
 def attribute(model: HookedModel, task, method: str = "eap-ig", metric: Callable | None = None,
@@ -266,6 +275,9 @@ def attribute(model: HookedModel, task, method: str = "eap-ig", metric: Callable
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     o = merge_options(AttributeOptions, options, attribute_options, "attribute")
+    if o.post_norm_heads == "pre_norm" and method == "eap-ig-activations":
+        raise ValueError("post_norm_heads='pre_norm' is for eap, eap-ig and relp; eap-ig-activations interpolates "
+                         "each layer's output after its post-norm, so its senders stay 'frozen'")
     ig_steps, per_position = o.ig_steps, o.per_position
     graph = check_model(model)
     metric, spans = _prepare(model, task, metric, o.batch_size)
@@ -300,14 +312,15 @@ def _plain_logits(run, batch) -> torch.Tensor:
 def _one_batch(model, graph, task, metric, method, o: AttributeOptions, scores, w, bar):
     """One batch's scores added into ``scores``. Returns (clean metric, corrupted metric)."""
     steps, grad_on, rules, run = o.ig_steps, o.grad_on, o.rules, _runner(model, metric)
+    pre = o.post_norm_heads == "pre_norm"
     metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
     corr_b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
     if method in ("eap", "relp"):  # the gradient run also records its own senders: one forward fewer
         other_b = clean_b if grad_on == "corrupted" else corr_b
-        lo, s_other, _ = sender_outputs(model, graph, other_b, run)
+        lo, s_other, _ = sender_outputs(model, graph, other_b, run, pre)
         metric.bind_clean(lo if grad_on == "corrupted" else _plain_logits(run, clean_b))  # sender hooks only record
-        sh = SenderHooks(model, graph)
+        sh = SenderHooks(model, graph, pre_norm=pre)
         held: dict = {}
 
         def make_delta():  # after the forward: this run's senders are known (clean - corrupted)
@@ -325,7 +338,7 @@ def _one_batch(model, graph, task, metric, method, o: AttributeOptions, scores, 
         bar.update(1)
         return (m_other, m_grad) if grad_on == "corrupted" else (m_grad, m_other)
     if method == "eap-ig":
-        return _eap_ig_inputs(model, graph, clean_b, corr_b, run, metric, metric_fn, steps, scores, w, bar)
+        return _eap_ig_inputs(model, graph, clean_b, corr_b, run, metric, metric_fn, (steps, pre), scores, w, bar)
     return _eap_ig_activations(model, graph, clean_b, corr_b, run, metric, metric_fn, (steps, o.ig_scope), scores,
                                w, bar)
 
@@ -362,15 +375,17 @@ def _eap_ig_activations(model, graph, clean_b, corr_b, run, metric, metric_fn, i
     return mc, mr
 
 
-def _eap_ig_inputs(model, graph, clean_b, corr_b, run, metric, metric_fn, steps, scores, w, bar):
-    """EAP-IG on the inputs for one batch; returns (clean metric, corrupted metric). Its first step
-    (α = 0) is the corrupted run itself, which also records the corrupted senders: one forward fewer."""
-    lc, s_clean, _ = sender_outputs(model, graph, clean_b, run)
+def _eap_ig_inputs(model, graph, clean_b, corr_b, run, metric, metric_fn, ig, scores, w, bar):
+    """EAP-IG on the inputs for one batch (``ig`` = (steps, pre_norm senders)); returns (clean metric,
+    corrupted metric). Its first step (α = 0) is the corrupted run itself, which also records the
+    corrupted senders: one forward fewer."""
+    steps, pre = ig
+    lc, s_clean, _ = sender_outputs(model, graph, clean_b, run, pre)
     metric.bind_clean(lc)
     with torch.no_grad():
         mc = float(metric_fn(lc))
     x_c = s_clean[0].clone()  # [b, p, d]: the clean input (sender 0)
-    sh, held = SenderHooks(model, graph), {"clean": s_clean}
+    sh, held = SenderHooks(model, graph, pre_norm=pre), {"clean": s_clean}
     del s_clean
 
     def make_delta():  # after step 0's forward: the corrupted senders are known

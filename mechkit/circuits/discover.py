@@ -26,6 +26,7 @@ class DiscoverOptions:
     methods: tuple[str, ...] = ("eap", "eap-ig", "relp")
     ig_steps: int = 5
     ig_scope: str = "sender"        # EAP-IG on activations: "sender" | "all" (EAP-IG's code)
+    post_norm_heads: str = "frozen"  # Gemma-style post-norms: "frozen" | "pre_norm" (EAP-IG's senders)
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     mode: str = "topn"              # circuit extraction: "topn" | "greedy"
     ablation: str = "corrupted"     # "corrupted" | "mean"
@@ -43,7 +44,7 @@ def discover(model: HookedModel, task, out: str | Path | None = None, options: D
     scores, curves = {}, {}
     for m in o.methods:
         scores[m] = attribute(model, task, method=m, ig_steps=o.ig_steps, batch_size=o.batch_size, progress=o.progress,
-                              ig_scope=o.ig_scope)
+                              ig_scope=o.ig_scope, post_norm_heads=o.post_norm_heads)
         curves[m] = faithfulness_curve(model, task, scores[m], fractions=o.fractions, mode=o.mode, ablation=o.ablation)
     best = max(curves, key=lambda m: curves[m].area)
     hit = curves[best].smallest(o.level)

@@ -78,17 +78,20 @@ class SenderHooks:
     read it with :meth:`complete`, which refuses a buffer some sender's hook did not fill.
 
     ``on_value``: ``fn(s0, value [b, p, n, d])`` called for senders ``s0 .. s0 + n`` as they appear,
-    instead of storing them; ``needed``: [S] bool, only these senders' groups are hooked (None: all).
+    instead of storing them; ``needed``: [S] bool, only these senders' groups are hooked (None: all);
+    ``pre_norm``: behind a post-norm, record the heads' outputs before it (EAP-IG's senders; they do
+    not add up to ``hook_attn_out``).
     """
 
-    def __init__(self, model, graph: Graph, on_value: Callable | None = None, needed: torch.Tensor | None = None):
+    def __init__(self, model, graph: Graph, on_value: Callable | None = None, needed: torch.Tensor | None = None,
+                 pre_norm: bool = False):
         self.model, self.g = model, graph
         self.on_value = on_value  # fn(slice of senders, value [b, p, n, d]) called as they appear
         self.needed = needed  # [n_senders] bool: only these senders' groups are hooked (None: all)
         self.out: torch.Tensor | None = None
         # read now: inside start_at_layer the layer list is a slice and paths would not resolve
         self.w_o = [weight_in_out(model.family_module("attn_out_proj", l)) for l in range(graph.n_layers)]
-        post = "attn_post_norm" in model.hook_map.family
+        post = "attn_post_norm" in model.hook_map.family and not pre_norm  # pre_norm: heads before the norm
         self.post = [(model.family_module("attn_post_norm", l), bias_of(model.family_module("attn_out_proj", l)))
                      if post else None for l in range(graph.n_layers)]
 
