@@ -321,6 +321,11 @@ def test_faithfulness_curve_and_cli(tmp_path):
     assert set(d) == {"cfg", "nodes", "edges"} and len(d["edges"]) == 1519
     html = (tmp_path / "dashboard.html").read_text()
     assert "faithfulness curves" in html and "circuit (eap" in html
+    mib = __import__("json").loads((tmp_path / "summary.json").read_text())["mib"]["eap"]
+    assert mib["signed"][-1] == pytest.approx(1.0, abs=1e-4) and mib["absolute"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert mib["cmd"] >= 0 and mib["cpr"] == pytest.approx(  # the trapezoids of the curves it reports
+        sum((b - a) * (x + y) / 2 for a, b, x, y in zip(C.MIB_FRACTIONS, C.MIB_FRACTIONS[1:], mib["signed"],
+                                                          mib["signed"][1:])), abs=1e-9)
 
 
 def test_tiny_llama_induction_circuit_within_ten_percent_of_edges():

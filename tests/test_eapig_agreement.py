@@ -163,3 +163,24 @@ def test_post_norm_heads_before_the_norm_equal_eap_igs_code(gemma2, method):
     with pytest.raises(ValueError, match="post_norm_heads"):
         C.attribute(model, task, method="eap-ig-activations", post_norm_heads="pre_norm", progress=False)
     assert not has_mechkit_hooks(model.hf_model)
+
+
+def test_mib_cpr_and_cmd_equal_mibs_code(setup):
+    """CPR and CMD as MIB's leaderboard computes them: MIB's own evaluate_area_under_curve (its EAP-IG
+    submodule) on the same model and scores gives the same curves (faithfulness at each of MIB's ten
+    sizes, signed and absolute), the same circuit sizes after pruning and the same two areas."""
+    model, task, ref = setup
+    mib = json.loads((FIX / "mib.json").read_text())
+    g = C.Graph.from_model(model)
+    values = torch.zeros(g.n_senders, g.n_receivers)
+    for name, v in ref["EAP-IG-inputs"].items():
+        values[g.edge_index(name)] = -v
+    got = C.mib_scores(model, task, C.EdgeScores(values, g))
+    for key in ("signed", "absolute"):
+        assert got[key].n_edges == [int(c) for c in mib[key]["weighted_edge_counts"]], key
+        torch.testing.assert_close(torch.tensor(got[key].faithfulness), torch.tensor(mib[key]["faithfulness"]),
+                                   atol=1e-5, rtol=0)
+    assert abs(got["cpr"] - mib["signed"]["area_under"]) < 1e-5
+    assert abs(got["cmd"] - mib["absolute"]["area_from_1"]) < 1e-5
+    curve = C.faithfulness_curve(model, task, C.EdgeScores(values, g))  # mechkit's own area is another number
+    assert abs(curve.area - got["cpr"]) > 0.05

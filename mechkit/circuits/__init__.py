@@ -4,9 +4,17 @@ evaluation and faithfulness (see docs/circuits.md)."""
 from .attribute import METHODS, AttributeOptions, attribute
 from .circuit import Circuit, greedy, prune, topn
 from .evaluate import evaluate
-from .faithfulness import FaithfulnessCurve, edge_patching, edge_patching_scores, faithfulness_curve
+from .faithfulness import (
+                           MIB_FRACTIONS,
+                           FaithfulnessCurve,
+                           edge_patching,
+                           edge_patching_scores,
+                           faithfulness_curve,
+                           mib_scores,
+)
 from .graph import Graph
 from .scores import EdgeScores
 
 __all__ = ["METHODS", "AttributeOptions", "Circuit", "EdgeScores", "FaithfulnessCurve", "Graph", "attribute", "edge_patching",
-           "edge_patching_scores", "evaluate", "faithfulness_curve", "greedy", "prune", "topn"]
+           "edge_patching_scores", "evaluate", "faithfulness_curve", "greedy", "MIB_FRACTIONS", "mib_scores", "prune",
+           "topn"]

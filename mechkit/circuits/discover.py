@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .attribute import attribute
-from .faithfulness import DEFAULT_FRACTIONS, edge_patching, faithfulness_curve
+from .faithfulness import DEFAULT_FRACTIONS, edge_patching, faithfulness_curve, mib_scores
 
 if TYPE_CHECKING:
     from ..model import HookedModel
@@ -32,6 +32,7 @@ class DiscoverOptions:
     ablation: str = "corrupted"     # "corrupted" | "mean"
     level: float = 0.8              # the circuit kept: smallest with faithfulness >= level
     verify_top: int = 20            # exact single-edge patching of the chosen method's top edges
+    mib: bool = True                # also MIB's CPR and CMD of each method (C.mib_scores)
     batch_size: int | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -56,6 +57,7 @@ def discover(model: HookedModel, task, out: str | Path | None = None, options: D
         "model": model.cfg.to_dict(), "n_prompts": len(task), "n_edges": scores[best].graph.n_edges,
         "options": {k: v for k, v in o.__dict__.items() if k != "extra"},
         "curves": {m: c.to_dict() for m, c in curves.items()},
+        "mib": {m: _mib(model, task, s, o.ablation) for m, s in scores.items()} if o.mib else None,
         "best_method": best, "circuit": {"edges": circuit.n_edges, "nodes": circuit.nodes, "level": o.level,
                                          "reached": hit is not None},
         "top_edges": [{"edge": n, "score": scores[best][n], "exact_effect": float(e)} for n, e in zip(names, exact)],
@@ -64,6 +66,11 @@ def discover(model: HookedModel, task, out: str | Path | None = None, options: D
     if out is not None:
         _write(Path(out), model, scores, curves, circuit, summary, best)
     return summary
+
+
+def _mib(model, task, scores, ablation: str) -> dict:
+    r = mib_scores(model, task, scores, ablation=ablation)
+    return {"cpr": r["cpr"], "cmd": r["cmd"], "signed": r["signed"].faithfulness, "absolute": r["absolute"].faithfulness}
 
 
 def _write(out: Path, model, scores, curves, circuit, summary, best) -> None:

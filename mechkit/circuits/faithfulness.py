@@ -8,6 +8,10 @@ in one fused batch, together with the empty and the full circuit.
 - ``area`` (CPR-style, higher is better): the trapezoid-rule integral of f over the requested
   fractions, divided by their span (a circuit faithful at every size scores 1).
 - ``distance`` (CMD-style, 0 is best): the same integral of |1 - f|.
+
+:func:`mib_scores` gives the numbers MIB's leaderboard reports, computed as MIB's code computes them
+(its grid runs to 100% of the edges, circuit sizes are floored, the trapezoids are not divided by the
+span, and CPR comes from signed top-n circuits, CMD from absolute ones).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
     from ..model import HookedModel
 
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # MIB's evaluate_area_under_curve
 
 
 @dataclass
@@ -83,6 +88,40 @@ def faithfulness_curve(model: HookedModel, task, scores, fractions=DEFAULT_FRACT
     return FaithfulnessCurve(fractions, [c.n_edges for c in circuits], metric_vals,
                              [(v - empty) / den for v in metric_vals], full, empty,
                              {"mode": mode, "ablation": ablation, "method": scores.meta.get("method")})
+
+
+def _trapezoid(x, y) -> float:
+    return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))
+
+
+def mib_scores(model: HookedModel, task, scores, ablation: str = "corrupted", metric=None, **kw) -> dict:
+    """CPR and CMD as MIB's circuit track computes them (``evaluate_area_under_curve``; its results
+    table takes CPR from signed and CMD from absolute top-n circuits). For each p in
+    :data:`MIB_FRACTIONS` the circuit of the ``int(p * n_edges)`` best edges (largest score, or largest
+    |score|), pruned of dangling nodes (0 edges: the empty circuit; all: the full model); f normalised
+    by the full and empty circuits; trapezoids over p, not divided by the span: CPR = ∫ f over the
+    signed curve, CMD = ∫ |1 - f| over the absolute one. All circuits run as one fused batch.
+    Returns {"cpr", "cmd", "signed", "absolute"} (the two :class:`FaithfulnessCurve`). Edge counts are
+    mechkit's graph's; a grouped-query model has fewer edges than MIB's ungrouped graph, so its sizes
+    differ from MIB's there."""
+    g = scores.graph
+    sized = [int(p * g.n_edges) for p in MIB_FRACTIONS]
+    circuits = [Circuit.empty(g) if n == 0 else scores.circuit(n, absolute=absolute)
+                for absolute in (False, True) for n in sized]
+    vals = evaluate(model, task, [Circuit.full(g), Circuit.empty(g), *circuits], ablation=ablation, metric=metric, **kw)
+    full, empty = float(vals[0]), float(vals[1])
+    if abs(full - empty) < 1e-12:
+        raise ValueError("the full and the empty circuit give the same metric: faithfulness is undefined "
+                         "(are the clean and corrupted prompts different?)")
+    curves = {}
+    for i, key in enumerate(("signed", "absolute")):
+        m = vals[2 + i * len(sized):2 + (i + 1) * len(sized)].tolist()
+        curves[key] = FaithfulnessCurve(list(MIB_FRACTIONS), [c.n_edges for c in circuits[i * len(sized):(i + 1) * len(sized)]],
+                                        m, [(v - empty) / (full - empty) for v in m], full, empty,
+                                        {"mode": "topn", "absolute": key == "absolute", "ablation": ablation,
+                                         "method": scores.meta.get("method"), "grid": "MIB"})
+    return {"cpr": _trapezoid(MIB_FRACTIONS, curves["signed"].faithfulness),
+            "cmd": _trapezoid(MIB_FRACTIONS, [abs(1 - f) for f in curves["absolute"].faithfulness]), **curves}
 
 
 def edge_patching(model: HookedModel, task, edges=None, ablation: str = "corrupted", metric=None, graph=None, **kw):
