@@ -25,7 +25,7 @@ modules maps that to the CPU; and its ``tokenize_plus`` is given token ids inste
 
 Writes ``tests/fixtures/eapig/{gpt2,llama,gemma2}/`` (a 2-layer GPT-2; a 2-layer Llama with
 grouped-query attention, 4 query and 2 KV heads, random RMSNorm gains; a 2-layer Gemma 2 with its
-sandwich norms, soft-caps and random norm gains): ``config.json`` + ``model.safetensors`` (the
+sandwich norms, soft-caps, random norm gains and 4 KV heads): ``config.json`` + ``model.safetensors`` (the
 Hugging Face model),
 ``task.safetensors`` (``clean``, ``corrupt`` [n, T] ids, ``answer``, ``wrong`` [n]) and
 ``scores.json`` (``scores``: {method: {edge name: score}}, EAP-IG's sign: corrupted minus clean,
@@ -74,13 +74,15 @@ def hf_llama(vocab: int = 64):
 
 
 def hf_gemma2(vocab: int = 64):
-    """Gemma 2's sandwich norms (a norm on each sublayer's output before the residual add), grouped-query
-    attention, soft-capped attention scores and logits; norm gains drawn at random."""
+    """Gemma 2's sandwich norms (a norm on each sublayer's output before the residual add), soft-capped
+    attention scores and logits; norm gains drawn at random. One KV head per query head: EAP-IG's
+    circuits over ungrouped key/value copies then map one to one onto mechkit's receivers, so its
+    exact patching and circuit evaluation (the post-norm's per-receiver normalisation) compare."""
     import transformers as tf
 
     torch.manual_seed(0)
     cfg = tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, vocab_size=vocab,
+                          num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=16, vocab_size=vocab,
                           max_position_embeddings=32, sliding_window=4096, bos_token_id=0, eos_token_id=0,
                           pad_token_id=None, attn_implementation="eager")
     model = tf.Gemma2ForCausalLM(cfg).eval()
@@ -211,7 +213,7 @@ def write(name: str, hf, Graph, eap_attribute, eap_evaluate, out: Path) -> None:
     for method, kw in METHODS.items():
         if grouped and method == "exact":  # EAP-IG patches one query head's copy of a shared key: no peer
             continue
-        if name == "gemma2" and method == "EAP-IG-activations":  # post-norm senders: not comparable
+        if name == "gemma2" and method == "EAP-IG-activations":  # interpolates pre-norm heads: not offered
             continue
         graph = Graph.from_model(model)
         metric = per_prompt if method == "exact" else summed

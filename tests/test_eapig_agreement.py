@@ -56,6 +56,8 @@ def _grouped(model, ref: dict) -> dict:
     """EAP-IG's ungrouped scores summed onto mechkit's receivers: a KV head's key (value) input is one
     receiver, the sum of the per-query-head copies EAP-IG ungroups it into (scores are linear in it)."""
     per = model.cfg.n_heads // model.cfg.n_kv_heads
+    if per == 1:  # one KV head per query head: the receivers keep EAP-IG's names
+        return dict(ref)
     out: dict = {}
     for name, v in ref.items():
         ours = re.sub(r"a(\d+)\.h(\d+)<([kv])>$", lambda m: f"a{m[1]}.kv{int(m[2]) // per}<{m[3]}>", name)
@@ -145,9 +147,9 @@ def test_activations_differ_only_where_eap_igs_code_loses_gradients(llama):
 
 @pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])
 def test_post_norm_heads_before_the_norm_equal_eap_igs_code(gemma2, method):
-    """Gemma 2 (a norm on each sublayer's output before the residual add, grouped-query attention,
-    soft-caps, random norm gains): with ``post_norm_heads="pre_norm"`` the heads' outputs before the
-    norm are the senders, as in EAP-IG's code, and every edge equals EAP-IG's (KV receivers summed).
+    """Gemma 2 (a norm on each sublayer's output before the residual add, soft-caps, random norm
+    gains): with ``post_norm_heads="pre_norm"`` the heads' outputs before the norm are the senders, as
+    in EAP-IG's code, and every edge equals EAP-IG's.
     mechkit's default (each head through the norm at the whole output's scale, what exact evaluation
     patches) is a different quantity here: it moves scores by more than the largest score."""
     model, task, ref = gemma2
@@ -184,3 +186,25 @@ def test_mib_cpr_and_cmd_equal_mibs_code(setup):
     assert abs(got["cmd"] - mib["absolute"]["area_from_1"]) < 1e-5
     curve = C.faithfulness_curve(model, task, C.EdgeScores(values, g))  # mechkit's own area is another number
     assert abs(curve.area - got["cpr"]) > 0.05
+
+
+def test_post_norm_evaluation_equals_eap_igs_code(gemma2):
+    """Gemma 2's post-norm as EAP-IG evaluates it (``post_norm_heads="pre_norm"``: each receiver reads the
+    norm of its own mixture of clean and ablated heads): exact single-edge patching over every edge
+    and circuits of 0, 6 and 50 edges (pruned top-n of EAP-IG's scores) and the full model give EAP-IG's
+    ``evaluate_graph`` numbers; mechkit's default reading (heads through the norm at the whole output's
+    scale) gives other numbers for the same edges."""
+    model, task, ref = gemma2
+    ref_all = json.loads((FIXTURES / "gemma2" / "scores.json").read_text())
+    names, exact = C.edge_patching_scores(model, task, post_norm_heads="pre_norm").edge_values()
+    theirs = -torch.tensor([ref["exact"][n] for n in names], dtype=torch.float64)
+    torch.testing.assert_close(exact.double(), theirs, atol=1e-6, rtol=0)
+    _, frozen = C.edge_patching_scores(model, task).edge_values()
+    assert (frozen.double() - theirs).abs().max() > 1e-2
+    g = C.Graph.from_model(model)
+    circuits = [C.Circuit.full(g) if c["n"] == "full" else C.Circuit.from_edges(g, c["edges"]) for c in ref_all["circuits"]]
+    got = C.evaluate(model, task, circuits, post_norm_heads="pre_norm")
+    torch.testing.assert_close(got.double(), torch.tensor([c["metric"] for c in ref_all["circuits"]],
+                                                          dtype=torch.float64), atol=1e-6, rtol=0)
+    assert max(len(c["edges"] or []) for c in ref_all["circuits"]) == 50
+    assert not has_mechkit_hooks(model.hf_model)

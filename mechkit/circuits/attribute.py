@@ -237,8 +237,9 @@ class AttributeOptions:
     ``rules``: the LRP rules of RelP. ``progress``: the progress bar. ``post_norm_heads`` (models
     with a norm between the attention and the residual add, as Gemma 2/3): "frozen" — a head's output
     through that norm at the scale of the whole output (they add up to ``hook_attn_out``; what exact
-    evaluation patches) — or "pre_norm", the heads' outputs before the norm, as EAP-IG's code (and
-    so MIB) scores them (not for EAP-IG on activations, which interpolates the normed outputs)."""
+    evaluation patches by default) — or "pre_norm", the heads' outputs before the norm, as EAP-IG's
+    code (and so MIB) scores them (not for EAP-IG on activations, which interpolates the normed
+    outputs); evaluate such scores with ``evaluate(..., post_norm_heads="pre_norm")``."""
 
     ig_steps: int = 5
     ig_scope: str = "sender"

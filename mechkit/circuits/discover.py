@@ -26,7 +26,7 @@ class DiscoverOptions:
     methods: tuple[str, ...] = ("eap", "eap-ig", "relp")
     ig_steps: int = 5
     ig_scope: str = "sender"        # EAP-IG on activations: "sender" | "all" (EAP-IG's code)
-    post_norm_heads: str = "frozen"  # Gemma-style post-norms: "frozen" | "pre_norm" (EAP-IG's senders)
+    post_norm_heads: str = "frozen"  # Gemma-style post-norms: "frozen" | "pre_norm" (EAP-IG's and MIB's reading)
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     mode: str = "topn"              # circuit extraction: "topn" | "greedy"
     ablation: str = "corrupted"     # "corrupted" | "mean"
@@ -46,18 +46,19 @@ def discover(model: HookedModel, task, out: str | Path | None = None, options: D
     for m in o.methods:
         scores[m] = attribute(model, task, method=m, ig_steps=o.ig_steps, batch_size=o.batch_size, progress=o.progress,
                               ig_scope=o.ig_scope, post_norm_heads=o.post_norm_heads)
-        curves[m] = faithfulness_curve(model, task, scores[m], fractions=o.fractions, mode=o.mode, ablation=o.ablation)
+        curves[m] = faithfulness_curve(model, task, scores[m], fractions=o.fractions, mode=o.mode, ablation=o.ablation,
+                                       post_norm_heads=o.post_norm_heads)
     best = max(curves, key=lambda m: curves[m].area)
     hit = curves[best].smallest(o.level)
     n_keep = max(1, round((hit[0] if hit else o.fractions[-1]) * scores[best].graph.n_edges))
     circuit = scores[best].circuit(n_keep, mode=o.mode)
     top = [name for name, _ in scores[best].top(o.verify_top)]
-    names, exact = edge_patching(model, task, top, ablation=o.ablation)
+    names, exact = edge_patching(model, task, top, ablation=o.ablation, post_norm_heads=o.post_norm_heads)
     summary = {
         "model": model.cfg.to_dict(), "n_prompts": len(task), "n_edges": scores[best].graph.n_edges,
         "options": {k: v for k, v in o.__dict__.items() if k != "extra"},
         "curves": {m: c.to_dict() for m, c in curves.items()},
-        "mib": {m: _mib(model, task, s, o.ablation) for m, s in scores.items()} if o.mib else None,
+        "mib": {m: _mib(model, task, s, o) for m, s in scores.items()} if o.mib else None,
         "best_method": best, "circuit": {"edges": circuit.n_edges, "nodes": circuit.nodes, "level": o.level,
                                          "reached": hit is not None},
         "top_edges": [{"edge": n, "score": scores[best][n], "exact_effect": float(e)} for n, e in zip(names, exact)],
@@ -68,8 +69,8 @@ def discover(model: HookedModel, task, out: str | Path | None = None, options: D
     return summary
 
 
-def _mib(model, task, scores, ablation: str) -> dict:
-    r = mib_scores(model, task, scores, ablation=ablation)
+def _mib(model, task, scores, o: DiscoverOptions) -> dict:
+    r = mib_scores(model, task, scores, ablation=o.ablation, post_norm_heads=o.post_norm_heads)
     return {"cpr": r["cpr"], "cmd": r["cmd"], "signed": r["signed"].faithfulness, "absolute": r["absolute"].faithfulness}
 
 

@@ -30,6 +30,7 @@ from ..split_qkv import shared_inputs, shifted_heads
 from .attribute import _runner, sender_outputs
 from .circuit import Circuit
 from .flow import SenderHooks, check_model, point, receiver_hooks
+from .post_norm import PostNorms
 
 if TYPE_CHECKING:
     from ..model import HookedModel
@@ -37,27 +38,32 @@ if TYPE_CHECKING:
 ABLATIONS = ("corrupted", "mean")
 
 
-def ablated_values(model: HookedModel, graph, task, ablation: str, metric, reference=None) -> torch.Tensor:
+def ablated_values(model: HookedModel, graph, task, ablation: str, metric, reference=None,
+                   pre_norm: bool = False) -> torch.Tensor:
     """[S, n, p, d] (corrupted) or [S, 1, 1, d] (mean over real tokens of ``reference``, default
-    the task's clean prompts)."""
+    the task's clean prompts); ``pre_norm``: heads before a post-norm (:class:`SenderHooks`)."""
     run = _runner(model, metric)
     if ablation == "corrupted":
         b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
-        return sender_outputs(model, graph, b, run)[1]
+        return sender_outputs(model, graph, b, run, pre_norm)[1]
     ref = task if reference is None else reference
     b = model.batch(ref.clean_tokens, attention_mask=ref.clean_mask)
-    s = sender_outputs(model, graph, b, run)[1]
+    s = sender_outputs(model, graph, b, run, pre_norm)[1]
     w = b.attention_mask.to(s.dtype)[None, :, :, None]
     return ((s * w).sum((1, 2)) / w.sum()).view(s.shape[0], 1, 1, s.shape[-1])
 
 
 def evaluate(model: HookedModel, task, circuits, ablation: str = "corrupted", metric=None, reference=None,
-             max_bytes: int | None = None, max_tokens: int = 2**14, progress: bool = False) -> torch.Tensor | float:
+             max_bytes: int | None = None, max_tokens: int = 2**14, progress: bool = False,
+             post_norm_heads: str = "frozen") -> torch.Tensor | float:
     """The metric (prompt mean) of each circuit: a float for one :class:`Circuit`, a [K] tensor
     for a list. ``reference``: the task whose clean prompts give the means (``ablation="mean"``).
     ``max_bytes``: memory for the per-chunk sender buffer (rows x pos x senders x d_model; default
     512 MiB on the CPU, a quarter of the free memory on a GPU, between 512 MiB and 8 GiB);
-    ``max_tokens``: rows x positions per forward (the activations' memory)."""
+    ``max_tokens``: rows x positions per forward (the activations' memory). ``post_norm_heads``
+    (models with a norm after the attention, as Gemma 2/3): "frozen" (each head through the norm at
+    the whole output's scale) or "pre_norm" (EAP-IG's and MIB's evaluation: each receiver reads the
+    norm of its own mixture of heads; :mod:`mechkit.circuits.post_norm`)."""
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}; got {ablation!r}")
     single = isinstance(circuits, Circuit)
@@ -70,13 +76,14 @@ def evaluate(model: HookedModel, task, circuits, ablation: str = "corrupted", me
     run = _runner(model, metric)
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
     metric.bind_clean(run(clean_b))
-    A = ablated_values(model, graph, task, ablation, metric, reference)
+    post = PostNorms.of(model, graph, post_norm_heads)
+    A = ablated_values(model, graph, task, ablation, metric, reference, pre_norm=post is not None)
     absent = torch.stack([graph.real & ~c.edges for c in circuits])  # [K, S, R]
     n, T = clean_b.input_ids.shape
     sparse = bool((absent.flatten(1).sum(1) <= 1).all())
     prefix, order = None, torch.arange(len(circuits))
     if sparse:  # single-edge patching: rows equal the clean run below their receiver's layer
-        prefix = _clean_prefix(model, graph, clean_b, run)
+        prefix = _clean_prefix(model, graph, clean_b, run, pre_norm=post is not None)
         order = _receiver_layer(graph, absent).argsort(stable=True)
         absent = absent[order]
     per_circuit = n * T * (model.cfg.d_model if sparse else graph.n_senders * model.cfg.d_model) * 4
@@ -84,7 +91,7 @@ def evaluate(model: HookedModel, task, circuits, ablation: str = "corrupted", me
     kc = max(1, min(len(circuits), int(max_bytes // max(1, per_circuit)), max_tokens // (n * T)))
     out = []
     for k0 in tqdm(range(0, len(circuits), kc), desc="circuits", disable=not progress):
-        out.append(_chunk(model, graph, clean_b, A, absent[k0:k0 + kc], metric, run, prefix))
+        out.append(_chunk(model, graph, clean_b, A, absent[k0:k0 + kc], metric, run, prefix, post))
     vals = torch.empty(len(circuits))
     vals[order] = torch.cat(out).float().cpu()
     return float(vals[0]) if single else vals
@@ -109,9 +116,9 @@ def _receiver_layer(graph, absent) -> torch.Tensor:
     return torch.where(flat.any(1), layer, torch.full_like(layer, graph.n_layers - 1))
 
 
-def _clean_prefix(model, graph, clean_b, run) -> dict:
+def _clean_prefix(model, graph, clean_b, run, pre_norm: bool = False) -> dict:
     """The clean run's sender outputs [S, n, p, d] and each layer's input [n, p, d]."""
-    sh = SenderHooks(model, graph)
+    sh = SenderHooks(model, graph, pre_norm=pre_norm)
     resid = {}
 
     def keep(l):
@@ -123,17 +130,18 @@ def _clean_prefix(model, graph, clean_b, run) -> dict:
     return {"senders": sh.complete(), "resid": resid}
 
 
-def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=None) -> torch.Tensor:
+def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=None, post=None) -> torch.Tensor:
     """The metric means of the K circuits missing ``absent`` [K, S, R], run as row groups of one
     batch of K * n rows. ``A``: ablated values [S, n, p, d] or [S, 1, 1, d]; ``prefix``: the clean
-    run's senders and layer inputs (:func:`_clean_prefix`), given for single-edge patching."""
+    run's senders and layer inputs (:func:`_clean_prefix`), given for single-edge patching; ``post``:
+    :class:`~mechkit.circuits.post_norm.PostNorms` for EAP-IG's post-norm reading (None: frozen)."""
     K = absent.shape[0]
     n = clean_b.input_ids.shape[0]
     batch = type(clean_b)(*(t.repeat(K, 1) for t in (clean_b.input_ids, clean_b.attention_mask, clean_b.position_ids)))
     start, extra = _start(graph, absent, prefix, K)
     cut = absent.any(0)  # [S, R]: edges some circuit of the chunk misses; only their ends are hooked
-    shifts = _Shifts(graph, A, absent, n, prefix, needed=cut.any(1))
-    senders = SenderHooks(model, graph, on_value=shifts.on_value, needed=cut.any(1))
+    shifts = _Shifts(graph, A, absent, n, prefix, needed=cut.any(1), post=post)
+    senders = SenderHooks(model, graph, on_value=shifts.on_value, needed=cut.any(1), pre_norm=post is not None)
     sparse = prefix is not None  # q/k/v receivers: only the one changed head of each row group is recomputed
     hooks = extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive, needed=cut.any(0))
     with torch.no_grad(), ExitStack() as stack:
@@ -179,17 +187,20 @@ class _Shifts:
     distinct inputs, which row groups a sender reaches) is made there, so the device is never
     waited on for one; the masks a product needs are copied to the device."""
 
-    def __init__(self, graph, A, absent, n: int, prefix=None, needed: torch.Tensor | None = None):
+    def __init__(self, graph, A, absent, n: int, prefix=None, needed: torch.Tensor | None = None, post=None):
         self.graph, self.A, self.absent, self.n, self.K = graph, A, absent.cpu(), n, absent.shape[0]
         self.device = A.device
         self.needed = needed  # [S] bool: the senders whose values arrive (the others' rows are zeroed)
         self.sparse = prefix is not None
         self.buf = None  # dense: [K, S, n, p, d]
+        self.post, self.override = post, {}  # post-norm heads read EAP-IG's way; sparse: their row groups' shifts
         if self.sparse:
             idx = self.absent.flatten(1).float().argmax(1)
             self.has = self.absent.flatten(1).any(1)
             self.rem_s, self.rem_r = idx // graph.n_receivers, idx % graph.n_receivers
             self.sel = prefix["senders"][self.rem_s.to(self.device)]  # [K, n, p, d]
+            if post is not None:
+                self.override = post.single_deltas(A, prefix["senders"], torch.where(self.has, self.rem_s, -1))
 
     def on_value(self, s0: int, value: torch.Tensor) -> None:
         """Keep the current values [rows, p, c, d] of senders ``s0 .. s0 + c``."""
@@ -222,12 +233,15 @@ class _Shifts:
         up = mask.shape[1]
         _, _, _, p, d = buf.shape
         R = mask.shape[2]
-        mt = mask.transpose(1, 2).to(buf.dtype)  # [K, R, up]
+        mt = (mask if self.post is None else self.post.linear_mask(mask)).transpose(1, 2).to(buf.dtype)  # [K, R, up]
         A_sm = self.A[:up].reshape(up, -1).to(buf.dtype)  # [up, n·p·d] (or [up, d] for means)
         abl = (mt.reshape(K * R, up) @ A_sm).view(K, R, -1)  # [K, R, n·p·d] or [K, R, d]
         if abl.shape[-1] != n * p * d:  # means: the same value at every prompt and position
             abl = abl.view(K, R, 1, d).expand(K, R, n * p, d).reshape(K, R, -1)
         out = abl.baddbmm_(mt, buf[:, :up].reshape(K, up, -1), alpha=-1)  # ablated - current (abl is ours)
+        if self.post is not None:  # the head rows of mt were cleared: their shift goes through the norms
+            heads = self.post.head_shift(mask, self.A, buf)
+            out = out if heads is None else out.add_(heads.to(out.dtype))
         return out.view(K, R, n, p, d).permute(0, 2, 3, 1, 4)  # [K, n, p, R, d], a view
 
     def _gather(self, cols: slice) -> torch.Tensor:
@@ -238,6 +252,9 @@ class _Shifts:
         ks = (self.has & (rem_r >= cols.start) & (rem_r < cols.stop)).nonzero()[:, 0]
         at, ks, from_s = (t.to(self.device) for t in (rem_r[ks] - cols.start, ks, rem_s[ks]))
         out[ks, :, :, at] = A[from_s] - sel[ks]  # A[...]: [m, n, p, d] or [m, 1, 1, d]
+        for i, k in enumerate(ks.tolist() if self.override else []):  # post-norm heads, EAP-IG's reading
+            if k in self.override:
+                out[k, :, :, int(at[i])] = self.override[k]
         return out
 
     def head_shifts(self) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
@@ -255,7 +272,9 @@ class _Shifts:
             if j >= H + 2 * Hkv:  # the MLP
                 continue
             part, head = ("q", j) if j < H else ("k", j - H) if j < H + Hkv else ("v", j - H - Hkv)
-            delta = (self.A[int(self.rem_s[k])] - self.sel[k]).expand_as(self.sel[k])  # [n, p, d]
+            delta = self.override.get(k)
+            if delta is None:
+                delta = (self.A[int(self.rem_s[k])] - self.sel[k]).expand_as(self.sel[k])  # [n, p, d]
             rows = torch.arange(k * n, (k + 1) * n, device=delta.device)
             out.setdefault(layer, {}).setdefault(part, []).append((rows, torch.full_like(rows, head), delta))
         return {l: {p: tuple(torch.cat(t) for t in zip(*v)) for p, v in parts.items()} for l, parts in out.items()}
