@@ -65,10 +65,12 @@ def run(name: str, task_name: str, n: int) -> dict:
         s = C.attribute(model, task, progress=False, **kw)
         sec = time.perf_counter() - t
         curve = C.faithfulness_curve(model, task, s)
+        mib = C.mib_scores(model, task, s)
         out["methods"][m] = {
             "seconds": sec, "pearson_vs_exact": pearson(s.edge_values()[1], ev),
             "routes": {r: {"rank": s.rank(r), "score": s[r]} for r in names},
-            "top10": s.top(10), "curve": curve.to_dict(), "smallest_0.8": curve.smallest(0.8)}
+            "top10": s.top(10), "curve": curve.to_dict(), "smallest_0.8": curve.smallest(0.8),
+            "mib": {"cpr": mib["cpr"], "cmd": mib["cmd"]}}
     return out
 
 
@@ -90,6 +92,11 @@ def main(argv=None) -> int:
         print(f"| {r['model']} | {r['task']} | {r['edges']} | " + " | ".join(f"{ms[m]['pearson_vs_exact']:.3f}" for m in METHODS)
               + " | " + " / ".join(f"{ms[m]['curve']['area']:.3f}" for m in METHODS) + " | "
               + " / ".join(str(ms[m]["smallest_0.8"]) for m in METHODS) + " |")
+    print(f"\n| model | task | MIB CPR {names} | MIB CMD {names} |\n|---|---|---|---|")
+    for r in res:
+        ms = r["methods"]
+        print(f"| {r['model']} | {r['task']} | " + " / ".join(f"{ms[m]['mib']['cpr']:.3f}" for m in METHODS) + " | "
+              + " / ".join(f"{ms[m]['mib']['cmd']:.3f}" for m in METHODS) + " |")
     print(f"\n| model | route | exact rank (effect) | {' | '.join(METHODS)} |\n|---|---|---|" + "---|" * len(METHODS))
     for r in res:
         for route, ex in r["routes_exact"].items():
