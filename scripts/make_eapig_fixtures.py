@@ -30,7 +30,8 @@ Hugging Face model),
 ``task.safetensors`` (``clean``, ``corrupt`` [n, T] ids, ``answer``, ``wrong`` [n]) and
 ``scores.json`` (``scores``: {method: {edge name: score}}, EAP-IG's sign: corrupted minus clean,
 prompt means; ``circuits``: top-n circuits of the EAP-IG-inputs scores as EAP-IG extracts and prunes
-them, with their metric under EAP-IG's ``evaluate_graph``).
+them, with their metric under EAP-IG's ``evaluate_graph``) and ``circuit_eapig.json`` (a top-20 circuit
+written by EAP-IG's ``Graph.to_json``).
 Seeded and deterministic.
 """
 
@@ -223,6 +224,11 @@ def write(name: str, hf, Graph, eap_attribute, eap_evaluate, out: Path) -> None:
               f"{max(map(abs, scores[method].values())):.4f}")
     circuits = [] if grouped else circuit_fixtures(model, Graph, eap_evaluate, data, scores["EAP-IG-inputs"])
     out.mkdir(parents=True, exist_ok=True)
+    graph = Graph.from_model(model)  # a circuit file as EAP-IG writes it: top 20 of its EAP-IG scores
+    for n, e in graph.edges.items():
+        e.score = scores["EAP-IG-inputs"][n]
+    graph.apply_topn(20, absolute=True)
+    graph.to_json(str(out / "circuit_eapig.json"))
     hf.save_pretrained(out)
     (out / "generation_config.json").unlink(missing_ok=True)
     save_file({k: v.contiguous() for k, v in t.items()}, str(out / "task.safetensors"))

@@ -208,3 +208,23 @@ def test_post_norm_evaluation_equals_eap_igs_code(gemma2):
                                                           dtype=torch.float64), atol=1e-6, rtol=0)
     assert max(len(c["edges"] or []) for c in ref_all["circuits"]) == 50
     assert not has_mechkit_hooks(model.hf_model)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_circuit_files_move_between_mechkit_and_eap_ig(name, tmp_path):
+    """A circuit file written by EAP-IG's ``Graph.to_json`` reads as the same circuit, and mechkit's file
+    carries everything EAP-IG's ``Graph.from_json`` reads: its configuration keys and values (``d_model``
+    included: EAP-IG builds its graph from them), every node and every edge by EAP-IG's names. A
+    grouped-query model's file is ungrouped, as EAP-IG's is."""
+    model, _, _ = _load(FIXTURES / name)
+    theirs = json.loads((FIXTURES / name / "circuit_eapig.json").read_text())
+    g = C.Graph.from_model(model)
+    circuit = C.Circuit.from_json(g, theirs)
+    kept = {n for n, e in theirs["edges"].items() if e["in_graph"]}
+    assert circuit.n_edges > 0 and set(_grouped(model, dict.fromkeys(kept, 0.0))) == set(circuit.edge_names)
+    ours = circuit.to_json(tmp_path / "c.json")
+    assert {k: ours["cfg"].get(k) for k in theirs["cfg"]} == theirs["cfg"]
+    assert set(ours["nodes"]) == set(theirs["nodes"]) and set(ours["edges"]) == set(theirs["edges"])
+    if name == "gpt2":  # one receiver per head: the same membership edge by edge
+        assert {n for n, e in ours["edges"].items() if e["in_graph"]} == kept
+    assert json.loads((tmp_path / "c.json").read_text()) == ours

@@ -69,11 +69,14 @@ class Circuit:
 
     # ---------------------------------------------------------------- EAP-IG JSON
     def to_json(self, path: str | Path | None = None) -> dict:
-        """EAP-IG's graph JSON (``cfg``, ``nodes`` {name: {in_graph}}, ``edges`` {name: {score, in_graph}}).
+        """EAP-IG's graph JSON (``cfg``, ``nodes`` {name: {in_graph}}, ``edges`` {name: {score, in_graph}}),
+        readable by EAP-IG's ``Graph.from_json`` (which needs ``d_model``: graphs from a model have it).
         Grouped-query models are written ungrouped, as EAP-IG sees them: the edge into KV head g's
         key input appears once per query head of the group, with the same score and membership."""
         g = self.graph
         cfg = {"n_layers": g.n_layers, "n_heads": g.n_heads, "parallel_attn_mlp": g.parallel, "n_kv_heads": g.n_kv_heads}
+        if g.d_model is not None:  # EAP-IG's Graph.from_json builds its graph from it
+            cfg["d_model"] = g.d_model
         in_nodes = set(self.nodes)
         nodes = {n: {"in_graph": n in in_nodes} for n in g.sender_names + ["logits"]}
         edges = {}

@@ -18,7 +18,7 @@ Index layout (same as EAP-IG's): sender ``input`` = 0, head (l, h) = 1 + l (H + 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -36,13 +36,14 @@ class Graph:
     n_heads: int
     n_kv_heads: int
     parallel: bool = False
+    d_model: int | None = field(default=None, compare=False)  # written into circuit files (EAP-IG reads it)
 
     @classmethod
     def from_model(cls, model: HookedModel) -> Graph:
         fam = model.hook_map.family
         cond = fam.get("parallel_residual_if")  # a map's config switch, or what detection measured
         parallel = bool(fam.get("parallel_residual")) or bool(cond and getattr(model.hf_model.config, cond, False))
-        return cls(model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads, parallel)
+        return cls(model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads, parallel, model.cfg.d_model)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -169,4 +170,4 @@ class Graph:
 
     def to_dict(self) -> dict:
         return {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
-                "parallel_attn_mlp": self.parallel}
+                "parallel_attn_mlp": self.parallel, "d_model": self.d_model}

@@ -98,7 +98,9 @@ class EdgeScores:
         try:
             header = json.loads(head_path.read_text())
             g = header["graph"]
-            graph = Graph(int(g["n_layers"]), int(g["n_heads"]), int(g["n_kv_heads"]), bool(g["parallel_attn_mlp"]))
+            d_model = None if g.get("d_model") is None else int(g["d_model"])
+            graph = Graph(int(g["n_layers"]), int(g["n_heads"]), int(g["n_kv_heads"]), bool(g["parallel_attn_mlp"]),
+                          d_model)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{head_path}: not an edge-scores header ({type(e).__name__}: {e})") from None
         if header.get("kind") != "edge_scores":
