@@ -214,8 +214,6 @@ def write(name: str, hf, Graph, eap_attribute, eap_evaluate, out: Path) -> None:
     for method, kw in METHODS.items():
         if grouped and method == "exact":  # EAP-IG patches one query head's copy of a shared key: no peer
             continue
-        if name == "gemma2" and method == "EAP-IG-activations":  # interpolates pre-norm heads: not offered
-            continue
         graph = Graph.from_model(model)
         metric = per_prompt if method == "exact" else summed
         eap_attribute.attribute(model, graph, data, metric, method=method, quiet=True, **kw)

@@ -125,20 +125,25 @@ def test_grouped_query_scores_equal_eap_igs_ungrouped_sums(llama, method):
                                atol=1e-6, rtol=0)
 
 
-def test_activations_differ_only_where_eap_igs_code_loses_gradients(llama):
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_activations_differ_only_where_eap_igs_code_loses_gradients(name):
     """EAP-IG's code interpolates a node's output with a tensor that does not require grad; in a model
     without learned position embeddings the residual entering layer 0 then carries no gradient in
     the input's interpolation runs, TransformerLens's backward hooks at layer 0's q/k/v inputs never
     fire, and those runs add nothing to the edges input -> layer-0 q/k/v. mechkit keeps them. Every
     other edge equals EAP-IG's code; on those edges the difference is exactly the input runs' share,
-    the sender-scope score divided by the number of node groups (2 L + 1)."""
-    model, task, ref = llama
-    names, ours = OURS["EAP-IG-activations"](model, task).edge_values()
+    the sender-scope score divided by the number of node groups (2 L + 1). Gemma 2 with
+    ``post_norm_heads="pre_norm"``: the heads are interpolated before the norm, as EAP-IG does."""
+    model, task, ref = _load(FIXTURES / name)
+    kw = {"post_norm_heads": "pre_norm"} if name == "gemma2" else {}
+    names, ours = C.attribute(model, task, method="eap-ig-activations", ig_steps=5, ig_scope="all", progress=False,
+                              **kw).edge_values()
     theirs = _grouped(model, ref["EAP-IG-activations"])
     gap = {n: float(v) + theirs[n] for n, v in zip(names, ours)}
     lost = {n for n in names if re.fullmatch(r"input->a0\.(h\d+|kv\d+)<[qkv]>", n)}
     assert max(abs(gap[n]) for n in names if n not in lost) < 1e-6
-    s_names, sender = C.attribute(model, task, method="eap-ig-activations", ig_steps=5, progress=False).edge_values()
+    s_names, sender = C.attribute(model, task, method="eap-ig-activations", ig_steps=5, progress=False,
+                                  **kw).edge_values()
     share = dict(zip(s_names, sender.tolist()))
     groups = 2 * model.cfg.n_layers + 1
     assert max(abs(gap[n] - share[n] / groups) for n in lost) < 1e-6
@@ -163,7 +168,7 @@ def test_post_norm_heads_before_the_norm_equal_eap_igs_code(gemma2, method):
     _, frozen = C.attribute(model, task, method=how, progress=False, **kw).edge_values()
     assert (frozen.double() - want).abs().max() > want.abs().max() / 2
     with pytest.raises(ValueError, match="post_norm_heads"):
-        C.attribute(model, task, method="eap-ig-activations", post_norm_heads="pre_norm", progress=False)
+        C.attribute(model, task, method="eap", post_norm_heads="after", progress=False)
     assert not has_mechkit_hooks(model.hf_model)
 
 

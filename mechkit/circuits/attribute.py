@@ -69,7 +69,7 @@ def sender_outputs(model: HookedModel, graph: Graph, batch, run, pre_norm: bool 
                    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(logits, senders [S, b, p, d], {group: output}) of a plain run (no grad); groups are
     ("attn", l) -> attn_out and ("mlp", l) -> mlp_out, for interpolation; ``pre_norm``: see
-    :class:`SenderHooks`."""
+    :class:`SenderHooks` (the attention group is then ``hook_z``, the heads before any post-norm)."""
     sh = SenderHooks(model, graph, pre_norm=pre_norm)
     groups: dict = {}
 
@@ -77,7 +77,7 @@ def sender_outputs(model: HookedModel, graph: Graph, batch, run, pre_norm: bool 
         def fn(x, hook):
             groups[key] = x.detach()
         return fn
-    extra = [(point("attn_out", l), keep(("attn", l))) for l in range(graph.n_layers)]
+    extra = [(point("z" if pre_norm else "attn_out", l), keep(("attn", l))) for l in range(graph.n_layers)]
     extra += [(point("mlp_out", l), keep(("mlp", l))) for l in range(graph.n_layers)]
     with torch.no_grad():
         logits = run(batch, sh.hooks() + extra)
@@ -238,8 +238,8 @@ class AttributeOptions:
     with a norm between the attention and the residual add, as Gemma 2/3): "frozen" — a head's output
     through that norm at the scale of the whole output (they add up to ``hook_attn_out``; what exact
     evaluation patches by default) — or "pre_norm", the heads' outputs before the norm, as EAP-IG's
-    code (and so MIB) scores them (not for EAP-IG on activations, which interpolates the normed
-    outputs); evaluate such scores with ``evaluate(..., post_norm_heads="pre_norm")``."""
+    code (and so MIB) scores them (EAP-IG on activations then interpolates the heads before the
+    norm, as EAP-IG does); evaluate such scores with ``evaluate(..., post_norm_heads="pre_norm")``."""
 
     ig_steps: int = 5
     ig_scope: str = "sender"
@@ -276,9 +276,6 @@ def attribute(model: HookedModel, task, method: str = "eap-ig", metric: Callable
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     o = merge_options(AttributeOptions, options, attribute_options, "attribute")
-    if o.post_norm_heads == "pre_norm" and method == "eap-ig-activations":
-        raise ValueError("post_norm_heads='pre_norm' is for eap, eap-ig and relp; eap-ig-activations interpolates "
-                         "each layer's output after its post-norm, so its senders stay 'frozen'")
     ig_steps, per_position = o.ig_steps, o.per_position
     graph = check_model(model)
     metric, spans = _prepare(model, task, metric, o.batch_size)
@@ -340,17 +337,19 @@ def _one_batch(model, graph, task, metric, method, o: AttributeOptions, scores, 
         return (m_other, m_grad) if grad_on == "corrupted" else (m_grad, m_other)
     if method == "eap-ig":
         return _eap_ig_inputs(model, graph, clean_b, corr_b, run, metric, metric_fn, (steps, pre), scores, w, bar)
-    return _eap_ig_activations(model, graph, clean_b, corr_b, run, metric, metric_fn, (steps, o.ig_scope), scores,
-                               w, bar)
+    return _eap_ig_activations(model, graph, clean_b, corr_b, run, metric, metric_fn, (steps, o.ig_scope, pre),
+                               scores, w, bar)
 
 
 def _eap_ig_activations(model, graph, clean_b, corr_b, run, metric, metric_fn, ig, scores, w, bar):
     """EAP-IG on the activations for one batch: one sender group interpolated at a time on the
-    clean input; ``ig`` = (steps, scope). Returns (clean metric, corrupted metric)."""
-    steps, scope = ig
-    lc, s_clean, g_clean = sender_outputs(model, graph, clean_b, run)
+    clean input; ``ig`` = (steps, scope, pre_norm senders: the heads are interpolated at ``hook_z``,
+    before any post-norm, as EAP-IG interpolates its attention results). Returns (clean metric,
+    corrupted metric)."""
+    steps, scope, pre = ig
+    lc, s_clean, g_clean = sender_outputs(model, graph, clean_b, run, pre)
     metric.bind_clean(lc)
-    lr, s_corr, g_corr = sender_outputs(model, graph, corr_b, run)
+    lr, s_corr, g_corr = sender_outputs(model, graph, corr_b, run, pre)
     with torch.no_grad():
         mc, mr = float(metric_fn(lc)), float(metric_fn(lr))
     delta = scoring_dtype(s_clean - s_corr)  # not in place: the groups hold views of s_clean
@@ -359,7 +358,7 @@ def _eap_ig_activations(model, graph, clean_b, corr_b, run, metric, metric_fn, i
     every = Scorer(scores, graph, delta, w / (steps * len(keys)), accumulate=True) if scope == "all" else None
     for key in keys:
         kind, l = key
-        name = point("input") if kind == "input" else point("attn_out" if kind == "attn" else "mlp_out", l)
+        name = point("input") if kind == "input" else point(("z" if pre else "attn_out") if kind == "attn" else "mlp_out", l)
         senders = (slice(0, 1) if kind == "input" else slice(graph.head_sender(l, 0), graph.head_sender(l, 0)
                    + graph.n_heads) if kind == "attn" else slice(graph.mlp_sender(l), graph.mlp_sender(l) + 1))
         xc, xr = g_clean[key], g_corr[key]
