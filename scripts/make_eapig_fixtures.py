@@ -110,16 +110,17 @@ def _tl_config(c, common: dict):
                                    use_normalization_before_and_after=True, original_architecture="Gemma2ForCausalLM")
 
 
-def tl_model(hf):
+def tl_model(hf, **extra):
     """A HookedTransformer with ``hf``'s weights, unfolded (no norm folding, no centring), set up as
-    EAP-IG requires (attention results, split q/k/v inputs, MLP inputs; GQA ungrouped)."""
+    EAP-IG requires (attention results, split q/k/v inputs, MLP inputs; GQA ungrouped); ``extra``:
+    more configuration fields (the RelP fixtures' ``use_lrp``)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
 
     c = hf.config
     common = dict(n_layers=c.num_hidden_layers, d_model=c.hidden_size, n_heads=c.num_attention_heads,
                   d_head=c.hidden_size // c.num_attention_heads, d_vocab=c.vocab_size,
-                  n_ctx=c.max_position_embeddings, default_prepend_bos=False)
+                  n_ctx=c.max_position_embeddings, default_prepend_bos=False, **extra)
     if c.model_type == "gpt2":
         cfg = HookedTransformerConfig(**common, d_mlp=4 * c.n_embd, act_fn="gelu_new", normalization_type="LN",
                                       eps=c.layer_norm_epsilon, positional_embedding_type="standard")
