@@ -531,3 +531,53 @@ def quiet_transformers(progress_bars: bool = False) -> None:
     transformers.utils.logging.set_verbosity_error()
     if not progress_bars:
         transformers.utils.logging.disable_progress_bar()
+
+
+def _repeat_heads(lin: nn.Linear, n_rep: int, head_dim: int) -> nn.Linear:
+    """A copy of projection ``lin`` (KV heads x head_dim outputs) with each head's rows repeated
+    ``n_rep`` times, in place of the query heads that share it."""
+    w = lin.weight.detach()
+    new = nn.Linear(lin.in_features, lin.out_features * n_rep, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w.unflatten(0, (-1, head_dim)).repeat_interleave(n_rep, 0).flatten(0, 1))
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias.detach().unflatten(0, (-1, head_dim)).repeat_interleave(n_rep, 0).flatten(0, 1))
+    return new
+
+
+def ungroup_kv(hf_model: nn.Module) -> nn.Module:
+    """Grouped-query attention made one key/value head per query head, in place: every attention
+    module with separate ``k_proj``/``v_proj`` and ``num_key_value_groups`` > 1 gets projections whose
+    rows repeat each KV head for the query heads of its group, ``num_key_value_groups`` = 1, and the
+    config's ``num_key_value_heads`` = ``num_attention_heads``. The model computes what it computed
+    (checked on a short random batch; on a mismatch the change is undone and an error raised).
+    Fused q/k/v projections are refused. Returns ``hf_model``."""
+    mods = [m for m in hf_model.modules() if getattr(m, "num_key_value_groups", 1) > 1]
+    if not mods:
+        return hf_model
+    bad = [type(m).__name__ for m in mods if not (isinstance(getattr(m, "k_proj", None), nn.Linear)
+                                                   and isinstance(getattr(m, "v_proj", None), nn.Linear))]
+    if bad:
+        raise ValueError(f"ungroup_kv needs separate k_proj and v_proj linear layers; {bad[0]} has none")
+    cfg = getattr(hf_model.config, "get_text_config", lambda: hf_model.config)()
+    vocab = int(config_get(cfg, "vocab_size", 2))
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0)).to(hf_model.device)
+    with torch.no_grad():
+        before = hf_model(input_ids=ids, use_cache=False).logits
+    saved = [(m, m.k_proj, m.v_proj, m.num_key_value_groups) for m in mods]
+    kv_heads = cfg.num_key_value_heads
+    for m in mods:
+        n_rep, dim = m.num_key_value_groups, m.head_dim
+        m.k_proj, m.v_proj = _repeat_heads(m.k_proj, n_rep, dim), _repeat_heads(m.v_proj, n_rep, dim)
+        m.num_key_value_groups = 1
+    cfg.num_key_value_heads = cfg.num_attention_heads
+    with torch.no_grad():
+        after = hf_model(input_ids=ids, use_cache=False).logits
+    gap = float((after.float() - before.float()).abs().max())
+    if gap > 1e-5 * max(1.0, float(before.float().abs().max())):
+        for m, k, v, g in saved:
+            m.k_proj, m.v_proj, m.num_key_value_groups = k, v, g
+        cfg.num_key_value_heads = kv_heads
+        raise ValueError(f"ungroup_kv: the ungrouped model's logits differ from the original's by {gap:.3g}; "
+                         f"this architecture's attention does not follow k_proj/v_proj/num_key_value_groups")
+    return hf_model

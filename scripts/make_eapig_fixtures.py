@@ -210,18 +210,15 @@ def write(name: str, hf, Graph, eap_attribute, eap_evaluate, out: Path) -> None:
     assert gap < 1e-4, f"{name}: TransformerLens and transformers disagree on the logits by {gap}"
     label = torch.stack([t["answer"], t["wrong"]], 1)
     data = [(t["clean"][i:i + 4], t["corrupt"][i:i + 4], label[i:i + 4]) for i in range(0, len(label), 4)]
-    grouped = getattr(hf.config, "num_key_value_heads", None) not in (None, hf.config.num_attention_heads)
     scores = {}
     for method, kw in METHODS.items():
-        if grouped and method == "exact":  # EAP-IG patches one query head's copy of a shared key: no peer
-            continue
         graph = Graph.from_model(model)
         metric = per_prompt if method == "exact" else summed
         eap_attribute.attribute(model, graph, data, metric, method=method, quiet=True, **kw)
         scores[method] = {n: float(e.score) for n, e in graph.edges.items()}
         print(f"{name} {method}: {len(scores[method])} edges, largest |score| "
               f"{max(map(abs, scores[method].values())):.4f}")
-    circuits = [] if grouped else circuit_fixtures(model, Graph, eap_evaluate, data, scores["EAP-IG-inputs"])
+    circuits = circuit_fixtures(model, Graph, eap_evaluate, data, scores["EAP-IG-inputs"])  # GQA: per query head
     out.mkdir(parents=True, exist_ok=True)
     graph = Graph.from_model(model)  # a circuit file as EAP-IG writes it: top 20 of its EAP-IG scores
     for n, e in graph.edges.items():

@@ -233,3 +233,42 @@ def test_circuit_files_move_between_mechkit_and_eap_ig(name, tmp_path):
     if name == "gpt2":  # one receiver per head: the same membership edge by edge
         assert {n for n, e in ours["edges"].items() if e["in_graph"]} == kept
     assert json.loads((tmp_path / "c.json").read_text()) == ours
+
+
+def test_ungrouped_gqa_model_equals_eap_igs_ungrouped_graph():
+    """MIB's and EAP-IG's graph of a grouped-query model is ungrouped (a key/value receiver per query
+    head). ``C.ungroup_kv`` makes the Hugging Face model compute the same with one KV head per query
+    head (logits unchanged); on it mechkit's graph is EAP-IG's, edge for edge: EAP, EAP-IG, exact
+    single-edge patching and circuit evaluation equal EAP-IG's code (1e-6), and MIB's circuit sizes
+    count the same 110 edges."""
+    hf = tf.AutoModelForCausalLM.from_pretrained(FIXTURES / "llama").eval()
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        before = hf(input_ids=ids).logits
+        C.ungroup_kv(hf)
+        assert hf.config.num_key_value_heads == hf.config.num_attention_heads
+        assert torch.equal(hf(input_ids=ids).logits, before)
+    model, task, ref = HookedModel(hf, None), *_load(FIXTURES / "llama")[1:]
+    for method in ("EAP", "EAP-IG-inputs", "exact"):
+        names, ours = OURS[method](model, task).edge_values()
+        assert set(names) == set(ref[method])
+        torch.testing.assert_close(ours.double(), -torch.tensor([ref[method][n] for n in names], dtype=torch.float64),
+                                   atol=1e-6, rtol=0)
+    g = C.Graph.from_model(model)
+    assert g.n_edges == len(ref["EAP"]) == 110
+    circuits = json.loads((FIXTURES / "llama" / "scores.json").read_text())["circuits"]
+    got = C.evaluate(model, task, [C.Circuit.full(g) if c["n"] == "full" else C.Circuit.from_edges(g, c["edges"])
+                                   for c in circuits])
+    torch.testing.assert_close(got.double(), torch.tensor([c["metric"] for c in circuits], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+
+
+def test_ungroup_kv_refuses_fused_projections():
+    from factories import random_hf_model
+
+    hf = random_hf_model("phi3")  # one fused qkv projection
+    if hf.config.num_key_value_heads == hf.config.num_attention_heads:
+        pytest.skip("the factory's Phi-3 has no grouped KV heads")
+    with pytest.raises(ValueError, match="k_proj and v_proj"):
+        C.ungroup_kv(hf)
+    assert hf.config.num_key_value_heads < hf.config.num_attention_heads

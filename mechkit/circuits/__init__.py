@@ -1,6 +1,7 @@
 """Edge-level circuits: the edge graph, EAP / EAP-IG / RelP edge scores, circuits, exact
 evaluation and faithfulness (see docs/circuits.md)."""
 
+from ..hf_compat import ungroup_kv
 from .attribute import METHODS, AttributeOptions, attribute
 from .circuit import Circuit, greedy, prune, topn
 from .evaluate import evaluate
@@ -17,4 +18,4 @@ from .scores import EdgeScores
 
 __all__ = ["METHODS", "AttributeOptions", "Circuit", "EdgeScores", "FaithfulnessCurve", "Graph", "attribute", "edge_patching",
            "edge_patching_scores", "evaluate", "faithfulness_curve", "greedy", "MIB_FRACTIONS", "mib_scores", "prune",
-           "topn"]
+           "topn", "ungroup_kv"]

@@ -102,8 +102,8 @@ def mib_scores(model: HookedModel, task, scores, ablation: str = "corrupted", me
     by the full and empty circuits; trapezoids over p, not divided by the span: CPR = ∫ f over the
     signed curve, CMD = ∫ |1 - f| over the absolute one. All circuits run as one fused batch.
     Returns {"cpr", "cmd", "signed", "absolute"} (the two :class:`FaithfulnessCurve`). Edge counts are
-    mechkit's graph's; a grouped-query model has fewer edges than MIB's ungrouped graph, so its sizes
-    differ from MIB's there."""
+    mechkit's graph's; a grouped-query model has fewer edges than MIB's ungrouped graph unless it was
+    loaded through :func:`mechkit.circuits.ungroup_kv`."""
     g = scores.graph
     sized = [int(p * g.n_edges) for p in MIB_FRACTIONS]
     circuits = [Circuit.empty(g) if n == 0 else scores.circuit(n, absolute=absolute)
