@@ -32,6 +32,7 @@ table from them).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -44,6 +45,7 @@ from arch_zoo import KIND, build
 
 import mechkit as mk
 from mechkit.autodetect import HookMapDetectionError, apply_logit_transform
+from mechkit.hf_compat import ungroup_kv
 from mechkit.hookpoints import HookNameError, has_mechkit_hooks, map_for_model_type
 from mechkit.norms import frozen_norm
 from mechkit.patching import activation_patch
@@ -189,10 +191,29 @@ def check(model_type: str, **overrides) -> dict:
         _check_writes(m, ids)
         step = "edge graph: the empty circuit is the corrupted run"
         r["edges"] = _check_edges(m, ids)
+        step = "ungroup_kv keeps the logits or refuses and leaves the model as it was"
+        r["ungroup_kv"] = _check_ungroup(hf, ids)
         assert not has_mechkit_hooks(hf)
     except Exception as e:  # noqa: BLE001
         return {**r, "status": "failed", "step": step, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     return {**r, "status": "ok"}
+
+
+def _check_ungroup(hf, ids: torch.Tensor) -> str | None:
+    """Grouped-query models: ``ungroup_kv`` on a copy either gives bit-identical logits or refuses with a
+    ValueError and leaves the copy computing what it did. None for models without grouped KV heads."""
+    if not any(getattr(mod, "num_key_value_groups", 1) > 1 for mod in hf.modules()):
+        return None
+    twin = copy.deepcopy(hf)
+    with torch.no_grad():
+        ref = twin(input_ids=ids).logits
+        try:
+            ungroup_kv(twin)
+            out = "ok"
+        except ValueError:
+            out = "refused"
+        assert torch.equal(twin(input_ids=ids).logits, ref), out
+    return out
 
 
 def _check_patch(m, clean: torch.Tensor) -> None:
@@ -513,6 +534,16 @@ def test_coverage_floor(sweep, kind):
 
 
 EDGE_FLOOR = 80  # types (variants aside) whose heads sum to attn_out and whose empty circuit is the corrupted run
+
+
+UNGROUP_FLOOR = 84  # covered grouped-query types (variants aside) that ungroup_kv makes one KV head per query head
+
+
+def test_ungroup_kv_floor(sweep):
+    """C.ungroup_kv (EAP-IG's and MIB's ungrouped graph) works on the grouped-query types with separate
+    k/v projections; every other grouped type is refused cleanly (checked per type in the sweep)."""
+    ok = sorted(t for t, r in sweep.items() if r.get("ungroup_kv") == "ok" and r["kind"] != "variant")
+    assert len(ok) >= UNGROUP_FLOOR, f"{len(ok)} types ungroup, floor {UNGROUP_FLOOR}"
 
 
 def test_edge_circuits_floor(sweep):
