@@ -34,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-POINTS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
+POINTS = ("resid_pre", "attn_out", "mlp_out")  # TransformerLens site names
 
 
 def hf_model(folder: Path):
@@ -73,7 +73,9 @@ def gradients(model, t: dict) -> dict[str, torch.Tensor]:
         x.retain_grad()
         acts[hook.name] = x
         return x
-    names = [f"blocks.{l}.{p}" for l in range(model.cfg.n_layers) for p in POINTS]
+    from transformer_lens.utils import get_act_name
+
+    names = [get_act_name(p, l) for l in range(model.cfg.n_layers) for p in POINTS]
     with model.hooks(fwd_hooks=[(n, keep) for n in names]):
         logits = model(t["corrupt"])
     last = logits[:, -1]
