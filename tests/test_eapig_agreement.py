@@ -272,3 +272,20 @@ def test_ungroup_kv_refuses_fused_projections():
     with pytest.raises(ValueError, match="k_proj and v_proj"):
         C.ungroup_kv(hf)
     assert hf.config.num_key_value_heads < hf.config.num_attention_heads
+
+
+def test_scores_file_for_mib(setup, tmp_path):
+    """EdgeScores.to_json writes every edge with its score and in the graph, with the configuration keys
+    EAP-IG's (and MIB's) loader reads: what MIB takes as a scores submission."""
+    model, _, ref = setup
+    g = C.Graph.from_model(model)
+    values = torch.zeros(g.n_senders, g.n_receivers)
+    for name, v in ref["EAP-IG-inputs"].items():
+        values[g.edge_index(name)] = -v
+    d = C.EdgeScores(values, g).to_json(tmp_path / "scores.json")
+    theirs = json.loads((FIX / "circuit_eapig.json").read_text())
+    assert {k: d["cfg"].get(k) for k in theirs["cfg"]} == theirs["cfg"] and set(d["edges"]) == set(theirs["edges"])
+    assert all(e["in_graph"] for e in d["edges"].values())
+    assert all(abs(d["edges"][n]["score"] + v) < 1e-6 for n, v in ref["EAP-IG-inputs"].items())
+    back = C.Circuit.from_json(g, tmp_path / "scores.json")
+    assert back.n_edges == g.n_edges and torch.allclose(back.scores, values)

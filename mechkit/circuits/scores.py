@@ -76,6 +76,15 @@ class EdgeScores:
             raise ValueError(f"mode must be 'topn' or 'greedy'; got {mode!r}")
         return (topn if mode == "topn" else greedy)(self, n, absolute=absolute, prune=prune)
 
+    def to_json(self, path: str | Path | None = None) -> dict:
+        """Every edge with its score in EAP-IG's graph JSON (all edges in the graph): the scores file
+        MIB's circuit track takes as a submission (it extracts its circuits from the scores; mechkit's
+        positive scores are MIB's, which attributes its loss). Grouped-query models: see
+        :meth:`Circuit.to_json`."""
+        from .circuit import Circuit
+
+        return Circuit(self.graph, self.graph.real.clone(), self.matrix).to_json(path)
+
     def to_dataframe(self):
         import pandas as pd
 
