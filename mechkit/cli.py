@@ -212,14 +212,22 @@ def cmd_circuit(args) -> None:
     from .circuits.discover import DiscoverOptions, discover
 
     model = _load(args)
+    compat = {}
+    if args.as_eap_ig:  # EAP-IG's and MIB's graph and readings (docs/circuits.md)
+        import mechkit as mk
+
+        from .circuits import ungroup_kv
+
+        model = mk.load(ungroup_kv(model.hf_model), tokenizer=model.tokenizer)
+        compat = {"ig_scope": "all", "post_norm_heads": "pre_norm", "grad_on": "clean"}
     task = _task(model, args)
     opts = DiscoverOptions(methods=tuple(m.strip() for m in args.methods.split(",")), ig_steps=args.ig_steps,
-                           ig_scope=args.ig_scope, post_norm_heads=args.post_norm_heads, mode=args.mode,
-                           ablation=args.ablation, progress=not args.quiet)
+                           **{"ig_scope": args.ig_scope, "post_norm_heads": args.post_norm_heads, **compat},
+                           mode=args.mode, ablation=args.ablation, progress=not args.quiet)
     s = discover(model, task, out=args.out, options=opts)
-    c = s["curves"][s["best_method"]]
-    print(f"best: {s['best_method']} (area {c['area']:.3f}); circuit of {s['circuit']['edges']} edges -> "
-          f"{Path(args.out) / 'circuit.json'}")
+    c, mib = s["curves"][s["best_method"]], (s.get("mib") or {}).get(s["best_method"])
+    print(f"best: {s['best_method']} (area {c['area']:.3f}" + (f"; MIB CPR {mib['cpr']:.3f}, CMD {mib['cmd']:.3f}"
+          if mib else "") + f"); circuit of {s['circuit']['edges']} edges -> {Path(args.out) / 'circuit.json'}")
 
 
 def _circuit_args(p: argparse.ArgumentParser) -> None:
@@ -232,6 +240,9 @@ def _circuit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--post-norm-heads", default="frozen", choices=["frozen", "pre_norm"],
                    help="models with a norm after attention (Gemma 2/3): heads through it at the output's scale, "
                         "or before it as EAP-IG scores them")
+    p.add_argument("--as-eap-ig", action="store_true",
+                   help="EAP-IG's and MIB's numbers: ungrouped KV heads, --ig-scope all, --post-norm-heads pre_norm, "
+                        "EAP's gradient on the clean run")
     p.add_argument("--mode", default="topn", choices=["topn", "greedy"])
     p.add_argument("--ablation", default="corrupted", choices=["corrupted", "mean"])
     p.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")

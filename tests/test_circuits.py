@@ -493,3 +493,19 @@ def test_post_norm_models_get_edges_equal_to_the_hand_loop(model_type):
         s = C.attribute(m, task, method=method, ig_steps=2, progress=False)
         assert bool(torch.isfinite(s.values).all()) and bool((s.values[g.real] != 0).any())
     assert not has_mechkit_hooks(m.hf_model)
+
+
+def test_cli_as_eap_ig_uses_eap_igs_graph_and_readings(tmp_path, capsys):
+    """``mechkit circuit --as-eap-ig`` on a grouped-query model: the graph is EAP-IG's ungrouped one (a
+    key/value receiver per query head), EAP-IG on activations scores every edge in every run, EAP takes
+    the clean run's gradient, and MIB's CPR/CMD are printed."""
+    from mechkit.cli import main
+
+    m = mk.load("tiny-llama")
+    assert m.cfg.n_kv_heads < m.cfg.n_heads
+    assert main(["circuit", "--model", "tiny-llama", "--n", "4", "--methods", "eap", "--as-eap-ig", "--out",
+                 str(tmp_path), "--quiet"]) == 0
+    s = __import__("json").loads((tmp_path / "summary.json").read_text())
+    assert s["n_edges"] == C.Graph(m.cfg.n_layers, m.cfg.n_heads, m.cfg.n_heads).n_edges > C.Graph.from_model(m).n_edges
+    assert s["options"]["ig_scope"] == "all" and s["options"]["grad_on"] == "clean"
+    assert "MIB CPR" in capsys.readouterr().out

@@ -26,6 +26,7 @@ class DiscoverOptions:
     methods: tuple[str, ...] = ("eap", "eap-ig", "relp")
     ig_steps: int = 5
     ig_scope: str = "sender"        # EAP-IG on activations: "sender" | "all" (EAP-IG's code)
+    grad_on: str = "corrupted"      # EAP / RelP: the run whose gradient is taken ("clean": EAP-IG's EAP)
     post_norm_heads: str = "frozen"  # Gemma-style post-norms: "frozen" | "pre_norm" (EAP-IG's and MIB's reading)
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     mode: str = "topn"              # circuit extraction: "topn" | "greedy"
@@ -45,7 +46,7 @@ def discover(model: HookedModel, task, out: str | Path | None = None, options: D
     scores, curves = {}, {}
     for m in o.methods:
         scores[m] = attribute(model, task, method=m, ig_steps=o.ig_steps, batch_size=o.batch_size, progress=o.progress,
-                              ig_scope=o.ig_scope, post_norm_heads=o.post_norm_heads)
+                              ig_scope=o.ig_scope, post_norm_heads=o.post_norm_heads, grad_on=o.grad_on)
         curves[m] = faithfulness_curve(model, task, scores[m], fractions=o.fractions, mode=o.mode, ablation=o.ablation,
                                        post_norm_heads=o.post_norm_heads)
     best = max(curves, key=lambda m: curves[m].area)
