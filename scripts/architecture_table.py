@@ -44,6 +44,9 @@ def table(data: dict, reasons: bool) -> str:
     edges = [t for t, r in types.items() if r.get("edges") and r["kind"] in ("decoder", "hybrid")]
     lines.append(f"- edge-level circuits (split q/k/v inputs and the MLP's input found, heads summing to attn_out, the "
                  f"empty circuit equal to the corrupted run): **{len(edges)}** of them")
+    ungroup = [t for t, r in types.items() if r.get("ungroup_kv") == "ok" and r["kind"] in ("decoder", "hybrid")]
+    lines.append(f"- grouped-query types that `mk.circuits.ungroup_kv` gives EAP-IG's and MIB's ungrouped graph "
+                 f"(logits bit-identical; the other grouped types are refused): **{len(ungroup)}**")
     lines += ["", f"Measured on transformers {data['transformers']}, torch {data['torch']} "
               f"(tests/test_architecture_coverage.py, {data['seconds']:.0f} s for the sweep).", "",
               "<details><summary>Every type: route (hand-written map or detected; \"increments\": attn_out / "
@@ -54,7 +57,8 @@ def table(data: dict, reasons: bool) -> str:
         if r["kind"] not in ("decoder", "hybrid"):
             continue
         pts = r.get("points", [])
-        shown = ", ".join([label for key, label in SHOWN if key in pts] + (["edges"] if r.get("edges") else []))
+        shown = ", ".join([label for key, label in SHOWN if key in pts] + (["edges"] if r.get("edges") else [])
+                          + (["ungroup_kv"] if r.get("ungroup_kv") == "ok" else []))
         kinds = r.get("kinds") or []
         layers = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) if kinds else ""
         status = "ok" if r["status"] == "ok" else r["status"] + (f" ({r['step']})" if r.get("step") else "")
