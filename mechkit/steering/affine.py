@@ -1,6 +1,7 @@
 """Per-neuron affine maps ``T(a) = w * a + b`` at a set of points, shared by Linear-AcT and
 LinEAS. Strength lambda gives ``lambda * T(a) + (1 - lambda) * a``. With ``lo``/``hi``
-tensors present (Linear-AcT), the map acts only where ``lo <= a <= hi``."""
+tensors present (Linear-AcT), the map acts only strictly inside the range, ``lo < a < hi``, as
+ml-act's hook does."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def affine_fn(w, b, strength, where, lo=None, hi=None):
     """Hook function for ``a -> lambda * (w * a + b) + (1 - lambda) * a`` on ``[..., d]`` (w, b, lo, hi: [d]).
 
     The strength is folded into the map once (``w' = 1 + lambda (w - 1)``, ``b' = lambda b``), so a
-    call is one ``addcmul``. With a range ``lo <= a <= hi``: ``clamp``, an in-place ``eq_`` that leaves
+    call is one ``addcmul``. With a range ``lo < a < hi``: ``clamp`` to the next representable values
+    inside the bounds (so the range is open, as ml-act's), an in-place ``eq_`` that leaves
     a float 0/1 mask, and ``lerp(a, new, mask)``, which returns ``a`` or ``new`` exactly at weights 0 and
     1 (bool masks and ``torch.where`` cost 2-5x as much on CPU: they were most of a steered step)."""
     if strength != 1.0:
@@ -23,11 +25,11 @@ def affine_fn(w, b, strength, where, lo=None, hi=None):
         def fn(x, hook):
             return masked(where, x, torch.addcmul(cb(x), x, cw(x)))
         return fn
-    clo, chi = Cast(lo), Cast(hi)
+    clo, chi = Cast(lo, toward=float("inf")), Cast(hi, toward=float("-inf"))
 
     def fn_range(x, hook):
         xd = x.detach() if x.requires_grad else x  # the mask carries no gradient (each op here costs ~10 us)
-        inside = xd.clamp(clo(x), chi(x)).eq_(xd)  # 1.0 where lo <= x <= hi, else 0.0
+        inside = xd.clamp(clo(x), chi(x)).eq_(xd)  # 1.0 where lo < x < hi, else 0.0
         return masked(where, x, torch.lerp(x, torch.addcmul(cb(x), x, cw(x)), inside))
     return fn_range
 

@@ -192,16 +192,23 @@ class Cast:
     """A steering tensor [d] cast to each activation's dtype and device once, not on every call
     (a generated token runs every hook; ``.to`` per call is Python overhead on small models)."""
 
-    __slots__ = ("t", "cache")
+    __slots__ = ("t", "cache", "toward")
 
-    def __init__(self, t: torch.Tensor):
-        self.t, self.cache = t, {}
+    def __init__(self, t: torch.Tensor, toward: float | None = None):
+        """``toward``: +inf or -inf to take, after the cast, the next value of the activation's dtype
+        in that direction (an open bound ``lo < a`` as the closed ``next(lo) <= a``)."""
+        self.t, self.cache, self.toward = t, {}, toward
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.dtype, x.device)
         got = self.cache.get(key)
         if got is None:
-            got = self.cache[key] = self.t.to(device=x.device, dtype=x.dtype)
+            if self.toward is None:
+                got = self.t.to(device=x.device, dtype=x.dtype)
+            else:  # in the activation's dtype, on the CPU (every dtype has nextafter there), then moved
+                got = self.t.detach().to("cpu", x.dtype)
+                got = torch.nextafter(got, torch.full_like(got, self.toward)).to(x.device)
+            self.cache[key] = got
         return got
 
 

@@ -5,8 +5,9 @@ For each point (in layer order), pool the source and target sentences' activatio
 ``w = cov(x, y) / var(x)``, ``b = mean(y) - w * mean(x)`` (target quantile-interpolated
 when the counts differ). Fitting is incremental: the source activations of point l are
 computed with the maps of the earlier points applied (the target runs unsteered). At
-inference the map acts only where the activation lies in the source range seen when
-fitting (``lo <= a <= hi``), with strength lambda: ``lambda * (w a + b) + (1 - lambda) a``.
+inference the map acts only where the activation lies strictly inside the source range seen
+when fitting (``lo < a < hi``, as ml-act's ``linear_ot`` hook with ``q_0_100``; tested against it), with
+strength lambda: ``lambda * (w a + b) + (1 - lambda) a``.
 """
 
 from __future__ import annotations
