@@ -509,3 +509,111 @@ def test_cli_as_eap_ig_uses_eap_igs_graph_and_readings(tmp_path, capsys):
     assert s["n_edges"] == C.Graph(m.cfg.n_layers, m.cfg.n_heads, m.cfg.n_heads).n_edges > C.Graph.from_model(m).n_edges
     assert s["options"]["ig_scope"] == "all" and s["options"]["grad_on"] == "clean"
     assert "MIB CPR" in capsys.readouterr().out
+
+
+def _norm_by_hand(m, l, total):
+    """Layer ``l``'s RMS post-norm of ``total`` [b, p, d] (the output bias added first), by hand."""
+    norm = m.family_module("attn_post_norm", l)
+    b = mk.weights.bias_of(m.family_module("attn_out_proj", l))
+    x = (total + (0 if b is None else b)).float()
+    eps = getattr(norm, "eps", None) or norm.variance_epsilon
+    w = norm.weight.float() + float(m.hook_map.family.get("norm_weight_offset", 0.0))
+    return (x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * w).to(total.dtype)
+
+
+def hand_evaluate_pre_norm(m, task, circuit):
+    """EAP-IG's reading of post-norms, by hand: senders are the heads before the norm; a receiver reads,
+    besides the linear shifts of the input and the MLPs outside the circuit, each upstream layer's
+    attention output recomputed by hand from its heads (ablated where the edge is outside the circuit)
+    instead of the current output."""
+    L, H, dh = m.cfg.n_layers, m.cfg.n_heads, m.cfg.d_head
+    kv = "kv" if m.cfg.n_kv_heads != H else "h"
+    names = set(circuit.edge_names)
+
+    def sender_hooks(store):
+        def head_out(l):
+            def fn(z, hook):
+                W = mk.weights.weight_in_out(m.family_module("attn_out_proj", l))
+                for h in range(H):
+                    store[f"a{l}.h{h}"] = z[:, :, h] @ W[h * dh:(h + 1) * dh]
+            return fn
+        hs = [("blocks.0.hook_resid_pre", lambda x, hook: store.__setitem__("input", x.clone()))]
+        for l in range(L):
+            hs.append((f"blocks.{l}.attn.hook_z", head_out(l)))
+            hs.append((f"blocks.{l}.hook_mlp_out", lambda x, hook, l=l: store.__setitem__(f"m{l}", x.clone())))
+        return hs
+
+    abl, cur = {}, {}
+    with torch.no_grad(), m.hooks(sender_hooks(abl)):
+        m.hf_model(**m.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask).kwargs(), use_cache=False)
+
+    def shift(recv, l, mlp):
+        heads_up = range(l + 1) if mlp else range(l)
+        out = 0
+        for u in ["input"] + [f"m{i}" for i in range(l)]:  # the MLPs below (an MLP is not its own sender)
+            if f"{u}->{recv}" not in names:
+                out = out + abl[u] - cur[u]
+        for i in heads_up:
+            heads = [f"a{i}.h{h}" for h in range(H)]
+            mixed = sum(abl[u] if f"{u}->{recv}" not in names else cur[u] for u in heads)
+            out = out + _norm_by_hand(m, i, mixed) - _norm_by_hand(m, i, sum(cur[u] for u in heads))
+        return out
+
+    def patch(recv_of, l, mlp=False):
+        def fn(x, hook):
+            x = x.clone()
+            for i in range(x.shape[2] if x.dim() == 4 else 1):
+                if x.dim() == 4:
+                    x[:, :, i] += shift(recv_of(i), l, mlp)
+                else:
+                    x += shift(recv_of(i), l, mlp)
+            return x
+        return fn
+
+    hooks = sender_hooks(cur)
+    for l in range(L):
+        hooks.append((f"blocks.{l}.hook_q_input", patch(lambda i, l=l: f"a{l}.h{i}<q>", l)))
+        hooks.append((f"blocks.{l}.hook_k_input", patch(lambda i, l=l: f"a{l}.{kv}{i}<k>", l)))
+        hooks.append((f"blocks.{l}.hook_v_input", patch(lambda i, l=l: f"a{l}.{kv}{i}<v>", l)))
+        hooks.append((f"blocks.{l}.hook_mlp_in", patch(lambda i, l=l: f"m{l}", l, mlp=True)))
+    hooks.append((f"blocks.{L - 1}.hook_resid_post", patch(lambda i: "logits", L)))
+    with torch.no_grad(), m.hooks(hooks):
+        logits = m.hf_model(**m.batch(task.clean_tokens, attention_mask=task.clean_mask).kwargs(), use_cache=False).logits
+    return float(mk.patching.metrics.logit_diff(task)(logits).mean())
+
+
+def test_post_norm_eap_ig_reading_equals_the_hand_loop():
+    """``post_norm_heads="pre_norm"`` on a grouped-query Gemma 2 with left padding: fused evaluation of
+    several circuits in one batch, and single-edge patching of edges into a query, a shared key, an MLP
+    and the logits, equal a hand loop that recomputes each upstream attention output per receiver."""
+    from arch_zoo import build
+
+    from mechkit.tasks.base import PatchingTask
+
+    m = mk.load(build("gemma2"))
+    assert "attn_post_norm" in m.hook_map.family and m.cfg.n_kv_heads < m.cfg.n_heads
+    g = C.flow.check_model(m)
+    gen = torch.Generator().manual_seed(0)
+    clean, corrupt = (torch.randint(1, 200, (3, 7), generator=gen) for _ in range(2))
+    mask = torch.ones_like(clean)
+    mask[0, :2] = 0  # left padding
+    task = PatchingTask(clean, corrupt, mask, mask.clone(), clean[:, -1], corrupt[:, -1], ["c"] * 3, ["x"] * 3)
+    circuits = [C.Circuit(g, torch.rand(g.real.shape, generator=gen) < p) for p in (0.1, 0.6)]
+    circuits += [C.Circuit.full(g), C.Circuit(g, torch.zeros_like(g.real))]
+    fused = C.evaluate(m, task, circuits, post_norm_heads="pre_norm")
+    loop = torch.tensor([hand_evaluate_pre_norm(m, task, c) for c in circuits])
+    torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
+    frozen = C.evaluate(m, task, circuits[:2])
+    assert (frozen - fused[:2]).abs().max() > 1e-4  # the two readings differ on partial circuits
+    edges = ["a0.h1->a1.h0<q>", "a0.h2->a1.kv0<k>", "a0.h3->m1", "a1.h1->logits", "input->a1.kv1<v>"]
+    _, single = C.edge_patching(m, task, edges, post_norm_heads="pre_norm")
+    full = float(fused[2])
+    by_hand = [full - hand_evaluate_pre_norm(m, task, C.Circuit(g, g.real & ~_one(g, e))) for e in edges]
+    torch.testing.assert_close(single.double(), torch.tensor(by_hand, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    assert not has_mechkit_hooks(m.hf_model)
+
+
+def _one(g, edge: str) -> torch.Tensor:
+    out = torch.zeros_like(g.real)
+    out[g.edge_index(edge)] = True
+    return out
