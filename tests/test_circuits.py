@@ -13,6 +13,11 @@ from mechkit.hookpoints import has_mechkit_hooks
 
 def test_edge_counts():
     assert C.Graph(12, 12, 12).n_edges == 32491  # GPT-2 small, as EAP-IG counts it
+    # MIB's other three models, ungrouped as EAP-IG and MIB count them (EAP-IG's Graph.from_model gives the
+    # same: checked with its code); mechkit's grouped graph has fewer, C.ungroup_kv gives these
+    assert [C.Graph(24, 14, 14).n_edges, C.Graph(26, 8, 8).n_edges, C.Graph(32, 32, 32).n_edges] == [
+        179749, 74218, 1592881]  # Qwen-2.5-0.5B, Gemma-2-2B, Llama-3.1-8B
+    assert C.Graph(24, 14, 2).n_edges < 179749
     assert C.Graph(4, 8, 8).n_edges == 1519       # tiny-gpt2
     g = C.Graph(2, 4, 2)                          # GQA: one k and one v receiver per KV head
     assert g.n_receivers == 2 * (4 + 2 + 2 + 1) + 1
