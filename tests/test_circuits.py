@@ -191,16 +191,21 @@ def hand_evaluate(m, task, circuit, ablation="corrupted"):
             return x
         return fn
 
-    hooks = sender_hooks(cur)
+    hooks = sender_hooks(cur) + _receiver_hooks(L, kv, patch, mlp_reads_heads=not circuit.graph.parallel)
+    with torch.no_grad(), m.hooks(hooks):
+        logits = m.hf_model(**clean_b().kwargs(), use_cache=False).logits
+    return float(mk.patching.metrics.logit_diff(task)(logits).mean())
+
+
+def _receiver_hooks(L: int, kv: str, patch, mlp_reads_heads: bool) -> list:
+    """The hand loops' hooks on every receiver's input: ``patch(receiver name of index i, layer, mlp)``."""
+    hooks = []
     for l in range(L):
         hooks.append((f"blocks.{l}.hook_q_input", patch(lambda i, l=l: f"a{l}.h{i}<q>", l)))
         hooks.append((f"blocks.{l}.hook_k_input", patch(lambda i, l=l: f"a{l}.{kv}{i}<k>", l)))
         hooks.append((f"blocks.{l}.hook_v_input", patch(lambda i, l=l: f"a{l}.{kv}{i}<v>", l)))
-        hooks.append((f"blocks.{l}.hook_mlp_in", patch(lambda i, l=l: f"m{l}", l, mlp=not circuit.graph.parallel)))
-    hooks.append((f"blocks.{L - 1}.hook_resid_post", patch(lambda i: "logits", L)))
-    with torch.no_grad(), m.hooks(hooks):
-        logits = m.hf_model(**clean_b().kwargs(), use_cache=False).logits
-    return float(mk.patching.metrics.logit_diff(task)(logits).mean())
+        hooks.append((f"blocks.{l}.hook_mlp_in", patch(lambda i, l=l: f"m{l}", l, mlp=mlp_reads_heads)))
+    return hooks + [(f"blocks.{L - 1}.hook_resid_post", patch(lambda i: "logits", L))]
 
 
 def _post_norm_by_hand(m, l, res):
@@ -575,13 +580,7 @@ def hand_evaluate_pre_norm(m, task, circuit):
             return x
         return fn
 
-    hooks = sender_hooks(cur)
-    for l in range(L):
-        hooks.append((f"blocks.{l}.hook_q_input", patch(lambda i, l=l: f"a{l}.h{i}<q>", l)))
-        hooks.append((f"blocks.{l}.hook_k_input", patch(lambda i, l=l: f"a{l}.{kv}{i}<k>", l)))
-        hooks.append((f"blocks.{l}.hook_v_input", patch(lambda i, l=l: f"a{l}.{kv}{i}<v>", l)))
-        hooks.append((f"blocks.{l}.hook_mlp_in", patch(lambda i, l=l: f"m{l}", l, mlp=True)))
-    hooks.append((f"blocks.{L - 1}.hook_resid_post", patch(lambda i: "logits", L)))
+    hooks = sender_hooks(cur) + _receiver_hooks(L, kv, patch, mlp_reads_heads=True)
     with torch.no_grad(), m.hooks(hooks):
         logits = m.hf_model(**m.batch(task.clean_tokens, attention_mask=task.clean_mask).kwargs(), use_cache=False).logits
     return float(mk.patching.metrics.logit_diff(task)(logits).mean())
