@@ -142,23 +142,12 @@ def hand_evaluate(m, task, circuit, ablation="corrupted"):
     """The circuit patched by hand: plain hooks, Python loops over heads and senders, edges looked
     up by name. Every receiver reads, from each sender outside the circuit, the ablated value
     instead of the current one."""
-    L, H, Hkv, dh = m.cfg.n_layers, m.cfg.n_heads, m.cfg.n_kv_heads, m.cfg.d_head
+    L, H, Hkv = m.cfg.n_layers, m.cfg.n_heads, m.cfg.n_kv_heads
     kv = "kv" if Hkv != H else "h"
     names = set(circuit.edge_names)
 
     def sender_hooks(store):
-        def head_out(l):
-            def fn(z, hook):
-                W = mk.weights.weight_in_out(m.family_module("attn_out_proj", l))
-                res = [z[:, :, h] @ W[h * dh:(h + 1) * dh] for h in range(H)]
-                for h in range(H):
-                    store[f"a{l}.h{h}"] = _post_norm_by_hand(m, l, res)[h]
-            return fn
-        hs = [("blocks.0.hook_resid_pre", lambda x, hook: store.__setitem__("input", x.clone()))]
-        for l in range(L):
-            hs.append((f"blocks.{l}.attn.hook_z", head_out(l)))
-            hs.append((f"blocks.{l}.hook_mlp_out", lambda x, hook, l=l: store.__setitem__(f"m{l}", x.clone())))
-        return hs
+        return _hand_sender_hooks(m, store, through_post_norm=True)
 
     def upstream(l, mlp=False):
         out = ["input"] + [f"a{i}.h{h}" if h < H else f"m{i}" for i in range(l) for h in range(H + 1)]
@@ -195,6 +184,25 @@ def hand_evaluate(m, task, circuit, ablation="corrupted"):
     with torch.no_grad(), m.hooks(hooks):
         logits = m.hf_model(**clean_b().kwargs(), use_cache=False).logits
     return float(mk.patching.metrics.logit_diff(task)(logits).mean())
+
+
+def _hand_sender_hooks(m, store: dict, through_post_norm: bool) -> list:
+    """The hand loops' hooks recording every sender's output into ``store`` by name: the input, each
+    head's ``z_h W_O[h]`` (through the post-norm at the whole output's scale, or before it), each MLP."""
+    L, H, dh = m.cfg.n_layers, m.cfg.n_heads, m.cfg.d_head
+
+    def head_out(l):
+        def fn(z, hook):
+            W = mk.weights.weight_in_out(m.family_module("attn_out_proj", l))
+            res = [z[:, :, h] @ W[h * dh:(h + 1) * dh] for h in range(H)]
+            for h, r in enumerate(_post_norm_by_hand(m, l, res) if through_post_norm else res):
+                store[f"a{l}.h{h}"] = r
+        return fn
+    hs = [("blocks.0.hook_resid_pre", lambda x, hook: store.__setitem__("input", x.clone()))]
+    for l in range(L):
+        hs.append((f"blocks.{l}.attn.hook_z", head_out(l)))
+        hs.append((f"blocks.{l}.hook_mlp_out", lambda x, hook, l=l: store.__setitem__(f"m{l}", x.clone())))
+    return hs
 
 
 def _receiver_hooks(L: int, kv: str, patch, mlp_reads_heads: bool) -> list:
@@ -536,22 +544,12 @@ def hand_evaluate_pre_norm(m, task, circuit):
     besides the linear shifts of the input and the MLPs outside the circuit, each upstream layer's
     attention output recomputed by hand from its heads (ablated where the edge is outside the circuit)
     instead of the current output."""
-    L, H, dh = m.cfg.n_layers, m.cfg.n_heads, m.cfg.d_head
+    L, H = m.cfg.n_layers, m.cfg.n_heads
     kv = "kv" if m.cfg.n_kv_heads != H else "h"
     names = set(circuit.edge_names)
 
     def sender_hooks(store):
-        def head_out(l):
-            def fn(z, hook):
-                W = mk.weights.weight_in_out(m.family_module("attn_out_proj", l))
-                for h in range(H):
-                    store[f"a{l}.h{h}"] = z[:, :, h] @ W[h * dh:(h + 1) * dh]
-            return fn
-        hs = [("blocks.0.hook_resid_pre", lambda x, hook: store.__setitem__("input", x.clone()))]
-        for l in range(L):
-            hs.append((f"blocks.{l}.attn.hook_z", head_out(l)))
-            hs.append((f"blocks.{l}.hook_mlp_out", lambda x, hook, l=l: store.__setitem__(f"m{l}", x.clone())))
-        return hs
+        return _hand_sender_hooks(m, store, through_post_norm=False)
 
     abl, cur = {}, {}
     with torch.no_grad(), m.hooks(sender_hooks(abl)):
