@@ -214,11 +214,9 @@ def cmd_circuit(args) -> None:
     model = _load(args)
     compat = {}
     if args.as_eap_ig:  # EAP-IG's and MIB's graph and readings (docs/circuits.md)
-        import mechkit as mk
-
         from .circuits import ungroup_kv
 
-        model = mk.load(ungroup_kv(model.hf_model), tokenizer=model.tokenizer)
+        model = ungroup_kv(model)
         compat = {"ig_scope": "all", "post_norm_heads": "pre_norm", "grad_on": "clean"}
     task = _task(model, args)
     opts = DiscoverOptions(methods=tuple(m.strip() for m in args.methods.split(",")), ig_steps=args.ig_steps,

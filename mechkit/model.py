@@ -83,6 +83,7 @@ class HookedModel(TLSurface, nn.Module):
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         config = hf_model.config
+        self._kv_at_load = config_get(config, "num_key_value_heads", None)  # see _check_unchanged
         if hook_map is None:
             hook_map = map_for_model_type(config.model_type)
         if hook_map is None:
@@ -259,6 +260,16 @@ class HookedModel(TLSurface, nn.Module):
 
     run = forward
 
+    def _check_unchanged(self) -> None:
+        """Refuse a wrapped model whose key/value head count changed after loading (``ungroup_kv`` on
+        ``hf_model``): the maps and per-head views were built for the old count."""
+        now = config_get(getattr(self.hf_model, "config", None), "num_key_value_heads", None)
+        if now != self._kv_at_load:
+            raise ValueError(f"the Hugging Face model now has num_key_value_heads={now}, but this HookedModel was "
+                             f"loaded with {self._kv_at_load} (ungroup_kv after mk.load?): load it again, "
+                             f"mk.load(model.hf_model, tokenizer=model.tokenizer), or call ungroup_kv on the "
+                             f"HookedModel, which returns a new one")
+
     @contextmanager
     def hooks(self, hooks: HookSpec = (), *, fwd_hooks=(), bwd_hooks=()) -> Iterator[HookedModel]:
         """Install ``{name: fn}`` (or ``[(name, fn), ...]``) for the duration of the block.
@@ -269,6 +280,7 @@ class HookedModel(TLSurface, nn.Module):
         Per-head points (q, k, v, pattern) switch the model to mechkit's attention function
         for the duration; everything is removed on exit, exceptions included.
         """
+        self._check_unchanged()
         pairs = self._hook_pairs(hooks, fwd_hooks, bwd_hooks)  # TL names/predicates expanded, bwd hooks adapted
         for item in pairs:
             if not (isinstance(item, tuple) and len(item) == 2):

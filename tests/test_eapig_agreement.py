@@ -289,3 +289,17 @@ def test_scores_file_for_mib(setup, tmp_path):
     assert all(abs(d["edges"][n]["score"] + v) < 1e-6 for n, v in ref["EAP-IG-inputs"].items())
     back = C.Circuit.from_json(g, tmp_path / "scores.json")
     assert back.n_edges == g.n_edges and torch.allclose(back.scores, values)
+
+
+def test_ungroup_kv_on_a_hooked_model_and_a_stale_wrapper():
+    """``C.ungroup_kv(hooked_model)`` returns a new HookedModel over the ungrouped model; the old
+    wrapper, built for the grouped heads, refuses hooks with the reason instead of mis-slicing them."""
+    old, task, _ = _load(FIXTURES / "llama")
+    grouped_kv = old.cfg.n_kv_heads
+    new = C.ungroup_kv(old)
+    assert new is not old and new.cfg.n_kv_heads == new.cfg.n_heads > grouped_kv
+    _, cache = new.run_with_cache(task.clean_tokens, names=["blocks.0.hook_k_input"])
+    assert cache["blocks.0.hook_k_input"].shape[2] == new.cfg.n_heads
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        old.run_with_cache(task.clean_tokens, names=["blocks.0.hook_k_input"])
+    assert not has_mechkit_hooks(new.hf_model)

@@ -1,7 +1,6 @@
 """Edge-level circuits: the edge graph, EAP / EAP-IG / RelP edge scores, circuits, exact
 evaluation and faithfulness (see docs/circuits.md)."""
 
-from ..hf_compat import ungroup_kv
 from .attribute import METHODS, AttributeOptions, attribute
 from .circuit import Circuit, greedy, prune, topn
 from .evaluate import evaluate
@@ -13,7 +12,7 @@ from .faithfulness import (
                            faithfulness_curve,
                            mib_scores,
 )
-from .graph import Graph
+from .graph import Graph, ungroup_kv
 from .scores import EdgeScores
 
 __all__ = ["METHODS", "AttributeOptions", "Circuit", "EdgeScores", "FaithfulnessCurve", "Graph", "attribute", "edge_patching",

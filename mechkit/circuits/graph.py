@@ -171,3 +171,17 @@ class Graph:
     def to_dict(self) -> dict:
         return {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
                 "parallel_attn_mlp": self.parallel, "d_model": self.d_model}
+
+
+def ungroup_kv(model: HookedModel | torch.nn.Module):
+    """EAP-IG's and MIB's ungrouped graph for a grouped-query model: each query head gets its own copy of
+    its group's key and value projections (:func:`mechkit.hf_compat.ungroup_kv`, which checks that the
+    logits are unchanged). A :class:`~mechkit.model.HookedModel` is ungrouped and loaded again (a new
+    HookedModel is returned; the old one refuses further use); a Hugging Face model is changed in place
+    and returned, to be loaded after."""
+    from ..hf_compat import ungroup_kv as ungroup
+    from ..model import HookedModel, load
+
+    if isinstance(model, HookedModel):
+        return load(ungroup(model.hf_model), tokenizer=model.tokenizer)
+    return ungroup(model)
