@@ -225,10 +225,11 @@ class _Shifts:
         mask = self.absent[:, :up, cols]
         if not bool(mask.any()):
             return None
-        return self._gather(cols) if self.sparse else self._dense(mask.to(self.device))
+        return self._gather(cols) if self.sparse else self._dense(mask.to(self.device), mask)
 
-    def _dense(self, mask: torch.Tensor) -> torch.Tensor:
-        """[K, n, p, R, d] shift of receivers whose absent upstream edges are ``mask`` [K, up, R]."""
+    def _dense(self, mask: torch.Tensor, cpu: torch.Tensor) -> torch.Tensor:
+        """[K, n, p, R, d] shift of receivers whose absent upstream edges are ``mask`` [K, up, R] (``cpu``:
+        the same mask on the CPU, for decisions)."""
         buf, K, n = self.buf, self.K, self.n
         up = mask.shape[1]
         _, _, _, p, d = buf.shape
@@ -240,7 +241,7 @@ class _Shifts:
             abl = abl.view(K, R, 1, d).expand(K, R, n * p, d).reshape(K, R, -1)
         out = abl.baddbmm_(mt, buf[:, :up].reshape(K, up, -1), alpha=-1)  # ablated - current (abl is ours)
         if self.post is not None:  # the head rows of mt were cleared: their shift goes through the norms
-            heads = self.post.head_shift(mask, self.A, buf)
+            heads = self.post.head_shift(mask, self.A, buf, cpu)
             out = out if heads is None else out.add_(heads.to(out.dtype))
         return out.view(K, R, n, p, d).permute(0, 2, 3, 1, 4)  # [K, n, p, R, d], a view
 
@@ -299,8 +300,8 @@ class _Shifts:
             return None
         cols, index = _distinct_columns(mask)  # [K, up, D], [K, R] (on the CPU)
         moved = cols.any(1).gather(1, index)  # [K, R]: the receiver's input is shifted
-        cols, index = cols.to(self.device), index.to(self.device)
-        sh = self._dense(cols)  # [K, n, p, D, d]
+        sh = self._dense(cols.to(self.device), cols)  # [K, n, p, D, d]
+        index = index.to(self.device)
         _, _, p, D, d = sh.shape
         inputs = torch.empty(K * n, p, D, d, dtype=x.dtype, device=x.device)
         torch.add(x.view(K, n, p, 1, d), sh.to(x.dtype), out=inputs.view(K, n, p, D, d))

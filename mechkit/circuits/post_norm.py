@@ -58,14 +58,15 @@ class PostNorms:
                 out[:, sl] = False
         return out
 
-    def head_shift(self, mask: torch.Tensor, A: torch.Tensor, buf: torch.Tensor) -> torch.Tensor | None:
-        """[K, R, n·p·d] shift from the heads of every layer upstream (``mask`` [K, up, R]; ``buf`` the
-        current senders [K, S, n, p, d]; ``A`` the ablated ones), or None when no head edge is absent."""
+    def head_shift(self, mask: torch.Tensor, A: torch.Tensor, buf: torch.Tensor, cpu: torch.Tensor) -> torch.Tensor | None:
+        """[K, R, n·p·d] shift from the heads of every layer upstream (``mask`` [K, up, R] on the device,
+        ``cpu`` the same on the CPU for the decisions; ``buf`` the current senders [K, S, n, p, d]; ``A``
+        the ablated ones), or None when no head edge is absent."""
         K, up, R = mask.shape
         _, _, n, p, d = buf.shape
         out = None
         for l, sl in enumerate(self.heads):
-            if sl.start >= up or not bool(mask[:, sl].any()):
+            if sl.start >= up or not bool(cpu[:, sl].any()):
                 continue
             cur = buf[:, sl]  # [K, H, n, p, d]
             total = cur.sum(1)  # [K, n, p, d]: the layer's current pre-norm sum
