@@ -224,8 +224,10 @@ def cmd_circuit(args) -> None:
                            mode=args.mode, ablation=args.ablation, progress=not args.quiet)
     s = discover(model, task, out=args.out, options=opts)
     c, mib = s["curves"][s["best_method"]], (s.get("mib") or {}).get(s["best_method"])
-    print(f"best: {s['best_method']} (area {c['area']:.3f}" + (f"; MIB CPR {mib['cpr']:.3f}, CMD {mib['cmd']:.3f}"
-          if mib else "") + f"); circuit of {s['circuit']['edges']} edges -> {Path(args.out) / 'circuit.json'}")
+    mib_txt = "" if not mib else (f"; MIB CPR {mib['cpr']:.3f}, CMD {mib['cmd']:.3f}"
+                                  + (" on the grouped graph (not MIB's edges: --as-eap-ig)" if mib["grouped_graph"] else ""))
+    print(f"best: {s['best_method']} (area {c['area']:.3f}{mib_txt}); circuit of {s['circuit']['edges']} edges -> "
+          f"{Path(args.out) / 'circuit.json'}")
 
 
 def _circuit_args(p: argparse.ArgumentParser) -> None:

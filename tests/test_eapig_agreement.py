@@ -303,3 +303,16 @@ def test_ungroup_kv_on_a_hooked_model_and_a_stale_wrapper():
     with pytest.raises(ValueError, match="num_key_value_heads"):
         old.run_with_cache(task.clean_tokens, names=["blocks.0.hook_k_input"])
     assert not has_mechkit_hooks(new.hf_model)
+
+
+def test_mib_scores_refuse_a_grouped_graph_unless_asked():
+    """MIB counts a grouped-query model's edges ungrouped; on mechkit's grouped graph the circuit sizes
+    would silently not be MIB's, so mib_scores says so and names the two ways on."""
+    model, task, ref = _load(FIXTURES / "llama")
+    names, _ = OURS["EAP"](model, task).edge_values()
+    s = C.attribute(model, task, method="eap", progress=False)
+    with pytest.raises(ValueError, match="ungroup_kv"):
+        C.mib_scores(model, task, s)
+    r = C.mib_scores(model, task, s, grouped=True)
+    assert r["signed"].faithfulness[-1] == pytest.approx(1.0, abs=1e-5)
+    assert len(names) < len(ref["EAP"])  # fewer edges than EAP-IG's ungrouped graph

@@ -71,8 +71,9 @@ def discover(model: HookedModel, task, out: str | Path | None = None, options: D
 
 
 def _mib(model, task, scores, o: DiscoverOptions) -> dict:
-    r = mib_scores(model, task, scores, ablation=o.ablation, post_norm_heads=o.post_norm_heads)
-    return {"cpr": r["cpr"], "cmd": r["cmd"], "signed": r["signed"].faithfulness, "absolute": r["absolute"].faithfulness}
+    r = mib_scores(model, task, scores, ablation=o.ablation, post_norm_heads=o.post_norm_heads, grouped=True)
+    return {"cpr": r["cpr"], "cmd": r["cmd"], "signed": r["signed"].faithfulness, "absolute": r["absolute"].faithfulness,
+            "grouped_graph": scores.graph.grouped}  # True: mechkit's grouped edges, not MIB's count
 
 
 def _write(out: Path, model, scores, curves, circuit, summary, best) -> None:

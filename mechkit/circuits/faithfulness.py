@@ -94,17 +94,25 @@ def _trapezoid(x, y) -> float:
     return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))
 
 
-def mib_scores(model: HookedModel, task, scores, ablation: str = "corrupted", metric=None, **kw) -> dict:
+def mib_scores(model: HookedModel, task, scores, ablation: str = "corrupted", metric=None, grouped: bool = False,
+               **kw) -> dict:
     """CPR and CMD as MIB's circuit track computes them (``evaluate_area_under_curve``; its results
     table takes CPR from signed and CMD from absolute top-n circuits). For each p in
     :data:`MIB_FRACTIONS` the circuit of the ``int(p * n_edges)`` best edges (largest score, or largest
     |score|), pruned of dangling nodes (0 edges: the empty circuit; all: the full model); f normalised
     by the full and empty circuits; trapezoids over p, not divided by the span: CPR = ∫ f over the
     signed curve, CMD = ∫ |1 - f| over the absolute one. All circuits run as one fused batch.
-    Returns {"cpr", "cmd", "signed", "absolute"} (the two :class:`FaithfulnessCurve`). Edge counts are
-    mechkit's graph's; a grouped-query model has fewer edges than MIB's ungrouped graph unless it was
-    loaded through :func:`mechkit.circuits.ungroup_kv`."""
+    Returns {"cpr", "cmd", "signed", "absolute"} (the two :class:`FaithfulnessCurve`). A grouped-query
+    model's graph has fewer edges than MIB's ungrouped one, so its sizes would not be MIB's: refused
+    unless the model was loaded through :func:`mechkit.circuits.ungroup_kv` or ``grouped=True`` asks
+    for the same computation on mechkit's grouped graph."""
     g = scores.graph
+    if g.grouped and not grouped:
+        ungrouped = type(g)(g.n_layers, g.n_heads, g.n_heads, g.parallel).n_edges
+        raise ValueError(f"mib_scores: this graph has grouped key/value receivers (n_kv_heads={g.n_kv_heads} < "
+                         f"n_heads={g.n_heads}), so its {g.n_edges} edges are not MIB's {ungrouped} ungrouped ones "
+                         f"and the circuit sizes would not be MIB's: load the model through "
+                         f"mk.circuits.ungroup_kv(model) first, or pass grouped=True to score mechkit's grouped graph")
     sized = [int(p * g.n_edges) for p in MIB_FRACTIONS]
     circuits = [Circuit.empty(g) if n == 0 else scores.circuit(n, absolute=absolute)
                 for absolute in (False, True) for n in sized]
