@@ -191,12 +191,45 @@ def check(model_type: str, **overrides) -> dict:
         _check_writes(m, ids)
         step = "edge graph: the empty circuit is the corrupted run"
         r["edges"] = _check_edges(m, ids)
+        step = "steering with the defaults (DiffMean on every layer's sublayer outputs) fits, steers, generates"
+        r["steering"] = _check_steering(m)
         step = "ungroup_kv keeps the logits or refuses and leaves the model as it was"
         r["ungroup_kv"] = _check_ungroup(hf, ids)
         assert not has_mechkit_hooks(hf)
     except Exception as e:  # noqa: BLE001
         return {**r, "status": "failed", "step": step, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     return {**r, "status": "ok"}
+
+
+_TOKENIZER: list = []  # one word tokenizer for the sweep (ids 0..210)
+
+
+def _check_steering(m) -> bool | None:
+    """The default DiffMean (each layer's sublayer outputs, as each layer kind has them) fits on two source
+    and two target texts, changes the logits under ``apply``, generates under it, and leaves no hooks.
+    None where the tiny model's vocabulary is smaller than the word tokenizer's."""
+    if m.cfg.d_vocab < 211:
+        return None
+    if not _TOKENIZER:
+        import tempfile
+        from pathlib import Path
+
+        from factories import word_tokenizer
+        _TOKENIZER.append(word_tokenizer(Path(tempfile.mkdtemp())))
+    old, m.tokenizer = m.tokenizer, _TOKENIZER[0]
+    try:
+        st = mk.steering.DiffMean().fit(m, ["w2 w3 w4 w5", "w6 w7 w8 w9"], ["w10 w11 w12 w13", "w14 w15 w16 w17"])
+        ids = torch.tensor([[2, 6, 10, 14]])
+        with torch.no_grad():
+            plain = m(ids)
+            with st.apply(m, 4.0):
+                steered = m(ids)
+                m.hf_model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert not torch.equal(plain, steered), "the default DiffMean changed nothing"
+        assert not has_mechkit_hooks(m.hf_model)
+    finally:
+        m.tokenizer = old
+    return True
 
 
 def _check_ungroup(hf, ids: torch.Tensor) -> str | None:
@@ -534,6 +567,15 @@ def test_coverage_floor(sweep, kind):
 
 
 EDGE_FLOOR = 80  # types (variants aside) whose heads sum to attn_out and whose empty circuit is the corrupted run
+
+
+STEERING_FLOOR = 129  # covered types (variants aside) on which the default steering fits, steers and generates
+
+
+def test_default_steering_floor(sweep):
+    """The default DiffMean on every covered type with the word tokenizer's vocabulary (checked per type)."""
+    ok = sorted(t for t, r in sweep.items() if r.get("steering") and r["kind"] != "variant")
+    assert len(ok) >= STEERING_FLOOR, f"{len(ok)} types steer, floor {STEERING_FLOOR}"
 
 
 UNGROUP_FLOOR = 84  # covered grouped-query types (variants aside) that ungroup_kv makes one KV head per query head
