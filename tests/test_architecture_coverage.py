@@ -205,8 +205,9 @@ _TOKENIZER: list = []  # one word tokenizer for the sweep (ids 0..210)
 
 
 def _check_steering(m) -> bool | None:
-    """The default DiffMean (each layer's sublayer outputs, as each layer kind has them) fits on two source
-    and two target texts, changes the logits under ``apply``, generates under it, and leaves no hooks.
+    """The default DiffMean and Linear-AcT (each layer's sublayer outputs, as each layer kind has them) fit on
+    three source and three target texts, change the logits under ``apply``, generate under it, and leave
+    no hooks (Linear-AcT maps only inside its source range: the probe's tokens are among the source's).
     None where the tiny model's vocabulary is smaller than the word tokenizer's."""
     if m.cfg.d_vocab < 211:
         return None
@@ -217,16 +218,18 @@ def _check_steering(m) -> bool | None:
         from factories import word_tokenizer
         _TOKENIZER.append(word_tokenizer(Path(tempfile.mkdtemp())))
     old, m.tokenizer = m.tokenizer, _TOKENIZER[0]
+    src, tgt = ["w2 w3 w4 w5", "w6 w7 w8 w9", "w3 w5 w7 w9"], ["w10 w11 w12 w13", "w14 w15 w16 w17", "w11 w13 w15 w17"]
+    ids = torch.tensor([[2, 6, 10, 14]])
     try:
-        st = mk.steering.DiffMean().fit(m, ["w2 w3 w4 w5", "w6 w7 w8 w9"], ["w10 w11 w12 w13", "w14 w15 w16 w17"])
-        ids = torch.tensor([[2, 6, 10, 14]])
         with torch.no_grad():
             plain = m(ids)
-            with st.apply(m, 4.0):
+        for method in (mk.steering.DiffMean, mk.steering.LinearAcT):  # LinearAcT: its source-range gate too
+            st = method().fit(m, src, tgt) if method is mk.steering.DiffMean else method().fit(m, src, tgt, progress=False)
+            with torch.no_grad(), st.apply(m, 4.0 if method is mk.steering.DiffMean else 1.0):
                 steered = m(ids)
                 m.hf_model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
-        assert not torch.equal(plain, steered), "the default DiffMean changed nothing"
-        assert not has_mechkit_hooks(m.hf_model)
+            assert not torch.equal(plain, steered), f"the default {method.__name__} changed nothing"
+            assert not has_mechkit_hooks(m.hf_model)
     finally:
         m.tokenizer = old
     return True
@@ -569,7 +572,7 @@ def test_coverage_floor(sweep, kind):
 EDGE_FLOOR = 80  # types (variants aside) whose heads sum to attn_out and whose empty circuit is the corrupted run
 
 
-STEERING_FLOOR = 129  # covered types (variants aside) on which the default steering fits, steers and generates
+STEERING_FLOOR = 129  # covered types (variants aside) on which the default DiffMean and Linear-AcT fit, steer, generate
 
 
 def test_default_steering_floor(sweep):
