@@ -250,12 +250,13 @@ class _Shifts:
         A, sel, rem_s, rem_r = self.A, self.sel, self.rem_s, self.rem_r
         _, _, p, d = sel.shape
         out = sel.new_zeros(self.K, self.n, p, cols.stop - cols.start, d)
-        ks = (self.has & (rem_r >= cols.start) & (rem_r < cols.stop)).nonzero()[:, 0]
-        at, ks, from_s = (t.to(self.device) for t in (rem_r[ks] - cols.start, ks, rem_s[ks]))
+        ks_cpu = (self.has & (rem_r >= cols.start) & (rem_r < cols.stop)).nonzero()[:, 0]
+        at_cpu = rem_r[ks_cpu] - cols.start
+        at, ks, from_s = (t.to(self.device) for t in (at_cpu, ks_cpu, rem_s[ks_cpu]))
         out[ks, :, :, at] = A[from_s] - sel[ks]  # A[...]: [m, n, p, d] or [m, 1, 1, d]
-        for i, k in enumerate(ks.tolist() if self.override else []):  # post-norm heads, EAP-IG's reading
-            if k in self.override:
-                out[k, :, :, int(at[i])] = self.override[k]
+        for k, r in zip(ks_cpu.tolist(), at_cpu.tolist()) if self.override else ():  # post-norm heads, EAP-IG's
+            if k in self.override:                                                  # reading (CPU indices)
+                out[k, :, :, r] = self.override[k]
         return out
 
     def head_shifts(self) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
