@@ -8,7 +8,7 @@ from heads_handbuilt import handbuilt_induction_model
 
 import mechkit as mk
 from mechkit import circuits as C
-from mechkit.hookpoints import has_mechkit_hooks
+from mechkit.hookpoints import get_module, has_mechkit_hooks
 
 
 def test_edge_counts():
@@ -260,6 +260,46 @@ def test_fused_evaluation_equals_the_hand_loop(name):
         assert abs(v - (full - hand_evaluate(m, task, C.Circuit(g, keep)))) < 1e-5, e
     mean = C.evaluate(m, task, circuits[1], ablation="mean")
     assert abs(mean - hand_evaluate(m, task, circuits[1], ablation="mean")) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_single_edge_rows_join_at_their_receivers_layer(name):
+    """Single-edge patching runs each edge's rows only from its receiver's layer on (below it they equal
+    the clean run): a decoder layer sees the rows of the edges that end at or below it, and the result
+    equals one chunk per edge (each started at its own layer) and the hand loop."""
+    m = mk.load(name)
+    task = mk.tasks.ioi(m.tokenizer, n=3, seed=2)
+    g = C.Graph.from_model(m)
+    kv = "h1" if name == "tiny-gpt2" else "kv1"
+    edges = ["m2->logits", f"input->a0.{kv}<k>", "a0.h2->a2.h0<q>", "a1.h1->m1", "input->m0"]
+    layers = [get_module(m.hf_model, m.hook_map.family["layers"])[l] for l in range(g.n_layers)]
+    seen = {}
+
+    def count(l):
+        def pre(module, args, kwargs):
+            seen[l] = (args[0] if args else kwargs["hidden_states"]).shape[0]
+        return pre
+    handles = [mod.register_forward_pre_hook(count(l), with_kwargs=True) for l, mod in enumerate(layers)]
+    try:
+        _, fused = C.edge_patching(m, task, edges)
+        n = task.clean_tokens.shape[0]
+        ends = [0, 0, 1, 2, g.n_layers - 1, g.n_layers - 1]  # the receivers' layers and the full circuit's (the last)
+        assert seen == {l: n * sum(e <= l for e in ends) for l in range(g.n_layers)}
+        with m.hooks([("blocks.0.hook_resid_mid", lambda x, hook: None)]):  # a user's hook may index rows: no joins
+            _, held = C.edge_patching(m, task, edges)
+        assert set(seen.values()) == {n * len(ends)}
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(held, fused, atol=1e-5, rtol=1e-5)
+    _, apart = C.edge_patching(m, task, edges, max_tokens=1)
+    torch.testing.assert_close(fused, apart, atol=1e-5, rtol=1e-5)
+    full = hand_evaluate(m, task, C.Circuit.full(g))
+    for e, v in zip(edges, fused.tolist()):
+        keep = g.real.clone()
+        keep[g.edge_index(e)] = False
+        assert abs(v - (full - hand_evaluate(m, task, C.Circuit(g, keep)))) < 1e-5, e
+    assert not has_mechkit_hooks(m.hf_model)
     assert not has_mechkit_hooks(m.hf_model)
 
 

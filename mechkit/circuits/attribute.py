@@ -62,6 +62,7 @@ def _runner(model, metric) -> Callable:
         injects that layer's input)."""
         with model.hooks(list(hooks)), start_at_layer(model, start):
             return model.hf_model(**batch.kwargs(), use_cache=False, **kw).logits
+    run.last_only = bool(kw)  # only the last position's logits are computed
     return run
 
 

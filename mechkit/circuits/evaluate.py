@@ -12,8 +12,12 @@ masks. Queries, keys and values of a row group whose absent upstream edges are t
 same input, so their shift and the attention norm are computed once per distinct input
 (:func:`mechkit.split_qkv.shared_inputs`): in small circuits most heads read the fully ablated
 residual, in large ones the current one. When every circuit misses at most one edge of the full
-graph (single-edge patching), the shift is a gather instead. Chunks of circuits are sized by
-``max_bytes``.
+graph (single-edge patching), the shift is a gather instead, and each circuit's rows run only from
+its missing edge's receiver layer on (below it they equal the clean run): on hand-written maps the rows
+join the batch at that layer, carrying the clean run's residual stream there
+(:func:`mechkit.patching.engine.rows_join_at_their_layer`), and with a last-position metric the last
+layer's MLP and attention output projection run on the last position only. Chunks of circuits are
+sized by ``max_bytes``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from ..hookpoints import has_mechkit_hooks
+from ..patching.engine import fast_paths, last_position_tail, rows_join_at_their_layer
 from ..patching.metrics import as_metric, logit_diff
 from ..patching.metrics import evaluate as metric_means
 from ..split_qkv import shared_inputs, shifted_heads
@@ -54,13 +60,14 @@ def ablated_values(model: HookedModel, graph, task, ablation: str, metric, refer
 
 
 def evaluate(model: HookedModel, task, circuits, ablation: str = "corrupted", metric=None, reference=None,
-             max_bytes: int | None = None, max_tokens: int = 2**14, progress: bool = False,
+             max_bytes: int | None = None, max_tokens: int | None = None, progress: bool = False,
              post_norm_heads: str = "frozen") -> torch.Tensor | float:
     """The metric (prompt mean) of each circuit: a float for one :class:`Circuit`, a [K] tensor
     for a list. ``reference``: the task whose clean prompts give the means (``ablation="mean"``).
     ``max_bytes``: memory for the per-chunk sender buffer (rows x pos x senders x d_model; default
     512 MiB on the CPU, a quarter of the free memory on a GPU, between 512 MiB and 8 GiB);
-    ``max_tokens``: rows x positions per forward (the activations' memory). ``post_norm_heads``
+    ``max_tokens``: rows x positions per forward (the activations' memory; default :func:`_token_budget`).
+    ``post_norm_heads``
     (models with a norm after the attention, as Gemma 2/3): "frozen" (each head through the norm at
     the whole output's scale) or "pre_norm" (EAP-IG's and MIB's evaluation: each receiver reads the
     norm of its own mixture of heads; :mod:`mechkit.circuits.post_norm`)."""
@@ -83,11 +90,14 @@ def evaluate(model: HookedModel, task, circuits, ablation: str = "corrupted", me
     sparse = bool((absent.flatten(1).sum(1) <= 1).all())
     prefix, order = None, torch.arange(len(circuits))
     if sparse:  # single-edge patching: rows equal the clean run below their receiver's layer
+        grows = fast_paths(model) and not has_mechkit_hooks(model.hf_model)  # others' hooks may index rows
         prefix = _clean_prefix(model, graph, clean_b, run, pre_norm=post is not None)
+        prefix["grows"] = grows
         order = _receiver_layer(graph, absent).argsort(stable=True)
         absent = absent[order]
     per_circuit = n * T * (model.cfg.d_model if sparse else graph.n_senders * model.cfg.d_model) * 4
     max_bytes = _buffer_bytes(A.device) if max_bytes is None else max_bytes
+    max_tokens = _token_budget(model, A.device) if max_tokens is None else max_tokens
     kc = max(1, min(len(circuits), int(max_bytes // max(1, per_circuit)), max_tokens // (n * T)))
     out = []
     for k0 in tqdm(range(0, len(circuits), kc), desc="circuits", disable=not progress):
@@ -105,6 +115,17 @@ def _buffer_bytes(device: torch.device) -> int:
         return 2**29
     free, _ = torch.cuda.mem_get_info(device)
     return int(min(max(free // 4, 2**29), 2**33))
+
+
+def _token_budget(model: HookedModel, device: torch.device) -> int:
+    """Default rows x positions per forward: 2**14 on a GPU; on the CPU as many as keep the widest
+    activation ([tokens, d_mlp] float32) within 32 MiB (2,730 tokens at d_mlp 3072). Measured on a
+    2-core Xeon: single-edge patching of 200 edges of a 12-layer d_model-768 model took 22-24 s in
+    chunks of 1,920-2,560 tokens and 30-32 s in chunks of 5,120-16,384 (the element-wise ops on the
+    large activations ran at half their speed)."""
+    if device.type == "cuda":
+        return 2**14
+    return 2**25 // (4 * max(model.cfg.d_mlp, model.cfg.d_model))
 
 
 def _receiver_layer(graph, absent) -> torch.Tensor:
@@ -137,20 +158,47 @@ def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=No
     :class:`~mechkit.circuits.post_norm.PostNorms` for EAP-IG's post-norm reading (None: frozen)."""
     K = absent.shape[0]
     n = clean_b.input_ids.shape[0]
-    batch = type(clean_b)(*(t.repeat(K, 1) for t in (clean_b.input_ids, clean_b.attention_mask, clean_b.position_ids)))
-    start, extra = _start(graph, absent, prefix, K)
     cut = absent.any(0)  # [S, R]: edges some circuit of the chunk misses; only their ends are hooked
     shifts = _Shifts(graph, A, absent, n, prefix, needed=cut.any(1), post=post)
-    senders = SenderHooks(model, graph, on_value=shifts.on_value, needed=cut.any(1), pre_norm=post is not None)
-    sparse = prefix is not None  # q/k/v receivers: only the one changed head of each row group is recomputed
-    hooks = extra + senders.hooks() + receiver_hooks(model, graph, shifts.receive, needed=cut.any(0))
     with torch.no_grad(), ExitStack() as stack:
-        for layer, parts in (shifts.head_shifts() if sparse else {}).items():
-            stack.enter_context(shifted_heads(model, layer, parts))
-        for layer in ([] if sparse else _qkv_layers(graph, cut)):  # q/k/v: the norm once per distinct input
-            stack.enter_context(shared_inputs(model, layer, lambda x, layer=layer: shifts.shared(layer, x)))
+        if prefix is not None:  # q/k/v receivers: only the one changed head of each row group is recomputed
+            k_in, start, hooks = _sparse_rows(model, graph, absent, prefix, run, stack)
+            for layer, parts in shifts.head_shifts().items():
+                stack.enter_context(shifted_heads(model, layer, parts))
+        else:
+            k_in, start = K, 0
+            hooks = SenderHooks(model, graph, on_value=shifts.on_value, needed=cut.any(1),
+                                pre_norm=post is not None).hooks()
+            for layer in _qkv_layers(graph, cut):  # q/k/v: the norm once per distinct input
+                stack.enter_context(shared_inputs(model, layer, lambda x, layer=layer: shifts.shared(layer, x)))
+        hooks += receiver_hooks(model, graph, shifts.receive, needed=cut.any(0))
+        batch = type(clean_b)(*(t.repeat(k_in, 1) for t in (clean_b.input_ids, clean_b.attention_mask,
+                                                              clean_b.position_ids)))
         logits = run(batch, hooks, start=start)
     return metric_means(metric, logits, n)
+
+
+def _sparse_rows(model: HookedModel, graph, absent, prefix: dict, run, stack: ExitStack) -> tuple[int, int, list]:
+    """Where a single-edge chunk's rows enter: (row groups in the forward's input, first layer, its
+    injection hooks). The chunk begins at its lowest receiver layer with the clean run's input there
+    [n, p, d] repeated over its row groups; with ``prefix["grows"]`` only the row groups of that layer
+    enter, the others join at their own layers (``absent`` is sorted by receiver layer), and with a
+    last-position metric the last layer runs its MLP and attention output on the last position only
+    (entered on ``stack``)."""
+    K = absent.shape[0]
+    layers = _receiver_layer(graph, absent)
+    start = int(layers.min())
+    k_in = K
+    if prefix["grows"]:
+        k_in = int((layers == start).sum())
+        n = prefix["resid"][start].shape[0]
+        stack.enter_context(rows_join_at_their_layer(model, layers, prefix["resid"], n))
+        if run.last_only:
+            stack.enter_context(last_position_tail(model, graph.n_layers - 1))
+    if start == 0:
+        return k_in, 0, []
+    x0 = prefix["resid"][start].repeat(k_in, 1, 1)
+    return k_in, start, [(point("resid_pre", start), lambda x, hook: x0.to(x.dtype))]
 
 
 def _qkv_layers(graph, cut: torch.Tensor) -> list[int]:
@@ -160,29 +208,17 @@ def _qkv_layers(graph, cut: torch.Tensor) -> list[int]:
             if bool(into[graph.layer_slice(l).start:graph.layer_slice(l).stop - 1].any())]
 
 
-def _start(graph, absent, prefix, K: int) -> tuple[int, list]:
-    """The first layer to run and its hooks: a sparse chunk (``prefix`` given) begins at its lowest
-    receiver layer, whose input is the clean run's [n, p, d] repeated over the K row groups (senders
-    below it keep their clean values); a dense chunk runs from layer 0."""
-    if prefix is None:
-        return 0, []
-    start = int(_receiver_layer(graph, absent).min())
-    if start == 0:
-        return 0, []
-    x0 = prefix["resid"][start].repeat(K, 1, 1)
-    return start, [(point("resid_pre", start), lambda x, hook: x0.to(x.dtype))]
-
-
 class _Shifts:
     """The receiver shifts ``Σ (ablated_u - current_u)`` of one chunk of K circuits over n prompts.
 
     Dense: every sender's current value is kept sender-major per row group ([K, S, n·p·d]) and a
     receiver layer's shift is ``mask^T A - mask^T current``: one matrix product and one batched
     product over the row groups' masks, with no [K, n, p, S, d] difference ever formed.
-    Sparse (``prefix`` given; every circuit misses at most one edge): each row group keeps only the
-    current value of its one removed edge's sender ([K, n, p, d], starting from the clean run's);
-    the shift into an MLP or the logits is a gather, into a query, key or value the one changed
-    head is recomputed (:meth:`head_shifts`).
+    Sparse (``prefix`` given; every circuit misses at most one edge): the removed edge's sender carries
+    its clean value in its row group (nothing upstream of the receiver changes there), so the shift is
+    ``A[s] - clean[s]``; into an MLP or the logits it is a gather, into a query, key or value the one
+    changed head is recomputed (:meth:`head_shifts`). Row groups may join the batch at their receiver's
+    layer: a hook seeing ``k * n`` rows holds the first k row groups.
     ``absent`` [K, S, R] stays on the CPU: every decision that reads it (which receivers shift, the
     distinct inputs, which row groups a sender reaches) is made there, so the device is never
     waited on for one; the masks a product needs are copied to the device."""
@@ -198,34 +234,27 @@ class _Shifts:
             idx = self.absent.flatten(1).float().argmax(1)
             self.has = self.absent.flatten(1).any(1)
             self.rem_s, self.rem_r = idx // graph.n_receivers, idx % graph.n_receivers
-            self.sel = prefix["senders"][self.rem_s.to(self.device)]  # [K, n, p, d]
+            self.clean = prefix["senders"]  # [S, n, p, d]
             if post is not None:
                 self.override = post.single_deltas(A, prefix["senders"], torch.where(self.has, self.rem_s, -1))
 
     def on_value(self, s0: int, value: torch.Tensor) -> None:
         """Keep the current values [rows, p, c, d] of senders ``s0 .. s0 + c``."""
         rows, p, c, d = value.shape
-        if not self.sparse:
-            if self.buf is None:  # zeroed only where no value will arrive (masks multiply those rows by 0)
-                self.buf = value.new_empty(self.K, self.graph.n_senders, self.n, p, d)
-                idle = torch.ones(self.graph.n_senders, dtype=torch.bool) if self.needed is None else ~self.needed
-                if bool(idle.any()):
-                    self.buf[:, idle.to(self.buf.device)] = 0
-            self.buf[:, s0:s0 + c] = value.view(self.K, self.n, p, c, d).permute(0, 3, 1, 2, 4)
-            return
-        ks = (self.has & (self.rem_s >= s0) & (self.rem_s < s0 + c)).nonzero()[:, 0]
-        if len(ks):
-            at = (self.rem_s[ks] - s0).to(self.device)
-            ks = ks.to(self.device)
-            self.sel[ks] = value.view(self.K, self.n, p, c, d)[ks, :, :, at]
+        if self.buf is None:  # zeroed only where no value will arrive (masks multiply those rows by 0)
+            self.buf = value.new_empty(self.K, self.graph.n_senders, self.n, p, d)
+            idle = torch.ones(self.graph.n_senders, dtype=torch.bool) if self.needed is None else ~self.needed
+            if bool(idle.any()):
+                self.buf[:, idle.to(self.buf.device)] = 0
+        self.buf[:, s0:s0 + c] = value.view(self.K, self.n, p, c, d).permute(0, 3, 1, 2, 4)
 
-    def shift(self, cols: slice, up: int) -> torch.Tensor | None:
-        """[K, n, p, len(cols), d] shift for receivers ``cols`` (all with ``up`` upstream senders;
-        rows of the batch are (K, n)); None when no circuit misses an edge into them."""
-        mask = self.absent[:, :up, cols]
+    def shift(self, cols: slice, up: int, k: int) -> torch.Tensor | None:
+        """[k, n, p, len(cols), d] shift for receivers ``cols`` (all with ``up`` upstream senders) in the
+        first k row groups (rows of the batch are (k, n)); None when no circuit misses an edge into them."""
+        mask = self.absent[:k, :up, cols]
         if not bool(mask.any()):
             return None
-        return self._gather(cols) if self.sparse else self._dense(mask.to(self.device), mask)
+        return self._gather(cols, k) if self.sparse else self._dense(mask.to(self.device), mask)
 
     def _dense(self, mask: torch.Tensor, cpu: torch.Tensor) -> torch.Tensor:
         """[K, n, p, R, d] shift of receivers whose absent upstream edges are ``mask`` [K, up, R] (``cpu``:
@@ -245,15 +274,15 @@ class _Shifts:
             out = out if heads is None else out.add_(heads.to(out.dtype))
         return out.view(K, R, n, p, d).permute(0, 2, 3, 1, 4)  # [K, n, p, R, d], a view
 
-    def _gather(self, cols: slice) -> torch.Tensor:
-        """Sparse :meth:`shift`: [K, n, p, len(cols), d], one receiver per row group."""
-        A, sel, rem_s, rem_r = self.A, self.sel, self.rem_s, self.rem_r
-        _, _, p, d = sel.shape
-        out = sel.new_zeros(self.K, self.n, p, cols.stop - cols.start, d)
-        ks_cpu = (self.has & (rem_r >= cols.start) & (rem_r < cols.stop)).nonzero()[:, 0]
+    def _gather(self, cols: slice, k: int) -> torch.Tensor:
+        """Sparse :meth:`shift`: [k, n, p, len(cols), d], one receiver per row group."""
+        A, clean, rem_s, rem_r = self.A, self.clean, self.rem_s[:k], self.rem_r[:k]
+        _, _, p, d = clean.shape
+        out = clean.new_zeros(k, self.n, p, cols.stop - cols.start, d)
+        ks_cpu = (self.has[:k] & (rem_r >= cols.start) & (rem_r < cols.stop)).nonzero()[:, 0]
         at_cpu = rem_r[ks_cpu] - cols.start
         at, ks, from_s = (t.to(self.device) for t in (at_cpu, ks_cpu, rem_s[ks_cpu]))
-        out[ks, :, :, at] = A[from_s] - sel[ks]  # A[...]: [m, n, p, d] or [m, 1, 1, d]
+        out[ks, :, :, at] = A[from_s] - clean[from_s]  # A[...]: [m, n, p, d] or [m, 1, 1, d]
         for k, r in zip(ks_cpu.tolist(), at_cpu.tolist()) if self.override else ():  # post-norm heads, EAP-IG's
             if k in self.override:                                                  # reading (CPU indices)
                 out[k, :, :, r] = self.override[k]
@@ -276,7 +305,8 @@ class _Shifts:
             part, head = ("q", j) if j < H else ("k", j - H) if j < H + Hkv else ("v", j - H - Hkv)
             delta = self.override.get(k)
             if delta is None:
-                delta = (self.A[int(self.rem_s[k])] - self.sel[k]).expand_as(self.sel[k])  # [n, p, d]
+                s = int(self.rem_s[k])
+                delta = (self.A[s] - self.clean[s]).expand_as(self.clean[s])  # [n, p, d]
             rows = torch.arange(k * n, (k + 1) * n, device=delta.device)
             out.setdefault(layer, {}).setdefault(part, []).append((rows, torch.full_like(rows, head), delta))
         return {l: {p: tuple(torch.cat(t) for t in zip(*v)) for p, v in parts.items()} for l, parts in out.items()}
@@ -286,8 +316,9 @@ class _Shifts:
         None (unchanged). Queries, keys and values: :meth:`shared`."""
         graph = self.graph
         r = graph.logits if part == "logits" else graph.receiver(layer, "mlp")
-        sh = self.shift(slice(r, r + 1), graph.n_senders if part == "logits" else graph.mlp_upstream(layer))
-        return None if sh is None else _plus(x, sh[:, :, :, 0], self.K, self.n)
+        k = x.shape[0] // self.n  # the row groups in the batch at this point (it may grow with the layers)
+        sh = self.shift(slice(r, r + 1), graph.n_senders if part == "logits" else graph.mlp_upstream(layer), k)
+        return None if sh is None else _plus(x, sh[:, :, :, 0], k, self.n)
 
     def shared(self, layer: int, x: torch.Tensor):
         """Dense q/k/v inputs of ``layer`` for :func:`mechkit.split_qkv.shared_inputs`: each row group's
