@@ -232,6 +232,15 @@ def _post_norm_by_hand(m, l, res):
     return [(r.float() * scale * w).to(r.dtype) for r in res]
 
 
+def assert_single_edges_equal_the_hand_loop(m, task, g, edges, effects):
+    """Each edge's effect equals the full circuit's metric minus the hand-patched circuit without it."""
+    full = hand_evaluate(m, task, C.Circuit.full(g))
+    for e, v in zip(edges, effects.tolist()):
+        keep = g.real.clone()
+        keep[g.edge_index(e)] = False
+        assert abs(v - (full - hand_evaluate(m, task, C.Circuit(g, keep)))) < 1e-5, e
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_fused_evaluation_equals_the_hand_loop(name):
     m = mk.load(name)
@@ -253,11 +262,7 @@ def test_fused_evaluation_equals_the_hand_loop(name):
     names, eff = C.edge_patching(m, task, edges, max_tokens=1)  # one circuit per chunk: each starts at its layer
     _, eff_fused = C.edge_patching(m, task, edges)  # all four in one chunk: row groups of one batch
     torch.testing.assert_close(eff_fused, eff, atol=1e-5, rtol=1e-5)
-    full = hand_evaluate(m, task, C.Circuit.full(g))
-    for e, v in zip(edges, eff.tolist()):
-        keep = g.real.clone()
-        keep[g.edge_index(e)] = False
-        assert abs(v - (full - hand_evaluate(m, task, C.Circuit(g, keep)))) < 1e-5, e
+    assert_single_edges_equal_the_hand_loop(m, task, g, edges, eff)
     mean = C.evaluate(m, task, circuits[1], ablation="mean")
     assert abs(mean - hand_evaluate(m, task, circuits[1], ablation="mean")) < 1e-5
 
@@ -294,11 +299,7 @@ def test_single_edge_rows_join_at_their_receivers_layer(name):
     torch.testing.assert_close(held, fused, atol=1e-5, rtol=1e-5)
     _, apart = C.edge_patching(m, task, edges, max_tokens=1)
     torch.testing.assert_close(fused, apart, atol=1e-5, rtol=1e-5)
-    full = hand_evaluate(m, task, C.Circuit.full(g))
-    for e, v in zip(edges, fused.tolist()):
-        keep = g.real.clone()
-        keep[g.edge_index(e)] = False
-        assert abs(v - (full - hand_evaluate(m, task, C.Circuit(g, keep)))) < 1e-5, e
+    assert_single_edges_equal_the_hand_loop(m, task, g, edges, fused)
     assert not has_mechkit_hooks(m.hf_model)
     assert not has_mechkit_hooks(m.hf_model)
 
