@@ -8,7 +8,10 @@
 - a 20-point faithfulness curve (one fused evaluation) vs one plain forward of the fused batch
   (20 x 16 rows) and vs 20 separate evaluations;
 - exact single-edge patching of the top 200 edges (fused) vs 200 plain forwards of the batch
-  (a lower bound for one patched forward per edge).
+  (a lower bound for one patched forward per edge);
+- the curve and the 200 edges again on IOI-shaped prompts, whose clean and corrupted versions share
+  their first 13 of 20 tokens (as the bundled IOI prompts do: they differ from the subject's second
+  mention on), where exact evaluation runs only the positions after the shared prefix.
 
 Timings are medians of ``--repeats`` interleaved repeats. Usage:
 ``flock /work/bench.lock python benchmarks/circuits.py [--threads 2] [--repeats 3] [--device cpu]``
@@ -38,13 +41,18 @@ from mechkit import circuits as C  # noqa: E402
 from mechkit.model import HookedModel  # noqa: E402
 from mechkit.tasks.base import PatchingTask  # noqa: E402
 
+SHARED = 13  # the IOI-shaped task's shared prefix (of 20 tokens)
 
-def model_and_task(device: str, n: int = 16, T: int = 20):
+
+def model_and_task(device: str, n: int = 16, T: int = 20, shared: int = 0):
+    """The model and a task of random prompts; the corrupted prompts repeat the clean ones' first
+    ``shared`` tokens."""
     torch.manual_seed(0)
     hf = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)).eval().to(device)
     m = HookedModel(hf, None)
     g = torch.Generator().manual_seed(0)
     clean, corrupt = torch.randint(1, m.cfg.d_vocab, (2, n, T), generator=g)
+    corrupt[:, :shared] = clean[:, :shared]
     mask = torch.ones(n, T, dtype=torch.long)
     ans, wrong = torch.randint(1, m.cfg.d_vocab, (2, n), generator=g)
     return m, PatchingTask(clean, corrupt, mask, mask.clone(), ans, wrong, [], []).to(device)
@@ -157,6 +165,10 @@ def main(argv=None) -> int:
     sizes = [max(1, round(f * g.n_edges)) for f in torch.logspace(-3, torch.log10(torch.tensor(0.5)), 20).tolist()]
     circuits = [eap.circuit(k) for k in sizes]
     top200 = [name for name, _ in eap.top(200)]
+    _, ioi = model_and_task(args.device, shared=SHARED)
+    eap_ioi = C.attribute(m, ioi, method="eap", progress=False)
+    circuits_ioi = [eap_ioi.circuit(k) for k in sizes]
+    top200_ioi = [name for name, _ in eap_ioi.top(200)]
     jobs = {
         "fwd_bwd": lambda: fwd_bwd(m, task),
         "eap": lambda: C.attribute(m, task, method="eap", progress=False),
@@ -166,6 +178,8 @@ def main(argv=None) -> int:
         "curve_20_fused": lambda: C.evaluate(m, task, circuits),
         "forward_1": lambda: plain_forward(m, task),
         "edges_200_fused": lambda: C.edge_patching(m, task, top200),
+        "curve_20_fused_ioi_shaped": lambda: C.evaluate(m, ioi, circuits_ioi),
+        "edges_200_fused_ioi_shaped": lambda: C.edge_patching(m, ioi, top200_ioi),
     }
     if args.only:
         jobs = {k: jobs[k] for k in args.only.split(",")}
@@ -182,7 +196,7 @@ def main(argv=None) -> int:
     mem = {"fwd_bwd_MiB": peak_child("fwdbwd", args), "eap_MiB": peak_child("eap", args)}
     res = {
         "model": "GPT-2-shaped random, 12 layers, d_model 768, 12 heads", "edges": g.n_edges,
-        "prompts": 16, "tokens": 20, "threads": args.threads, "device": args.device, "repeats": args.repeats,
+        "prompts": 16, "tokens": 20, "ioi_shaped_shared_prefix": SHARED, "threads": args.threads, "device": args.device, "repeats": args.repeats,
         "torch": torch.__version__, "seconds_median": med, "samples": samples, "curve_20_separate_once": t_sep,
         "ratios": {
             "eap / fwd_bwd": med["eap"] / med["fwd_bwd"], "eap_ig5 / fwd_bwd": med["eap_ig5"] / med["fwd_bwd"],
@@ -190,6 +204,9 @@ def main(argv=None) -> int:
             "curve_20_fused / forward of the fused batch": med["curve_20_fused"] / med["forward_fused_20"],
             "curve_20_separate / curve_20_fused": t_sep / med["curve_20_fused"],
             "200 plain forwards / edges_200_fused": 200 * med["forward_1"] / med["edges_200_fused"],
+            "IOI-shaped: curve_20_fused / forward of the fused batch":
+                med["curve_20_fused_ioi_shaped"] / med["forward_fused_20"],
+            "IOI-shaped: 200 plain forwards / edges_200_fused": 200 * med["forward_1"] / med["edges_200_fused_ioi_shaped"],
             "peak memory eap / fwd_bwd": mem["eap_MiB"] / max(mem["fwd_bwd_MiB"], 1e-9),
         },
         "memory": mem, "device_vs_cpu": agree, "note": "measured on a machine shared with other jobs; ratios are from interleaved repeats",

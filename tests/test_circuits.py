@@ -268,6 +268,47 @@ def test_fused_evaluation_equals_the_hand_loop(name):
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_evaluation_runs_only_positions_after_the_shared_prefix(name):
+    """IOI's clean and corrupted prompts agree up to the subject's second mention: there every circuit's
+    run is the clean run, so exact evaluation runs only the later positions (the first ones' keys and
+    values from the clean run). Circuits and single edges equal the hand loop and the run that computes
+    every position (a user's hook on the model turns the shortcut off)."""
+    m = mk.load(name)
+    task = mk.tasks.ioi(m.tokenizer, n=3, seed=4)
+    differ = (task.clean_tokens != task.corrupt_tokens) | (task.clean_mask != task.corrupt_mask)
+    p0, T = int(differ.float().argmax(1).min()), task.clean_tokens.shape[1]
+    assert 0 < p0 < T - 1
+    g = C.Graph.from_model(m)
+    gen = torch.Generator().manual_seed(1)
+    circuits = [C.Circuit(g, torch.rand(g.real.shape, generator=gen) < p) for p in (0.05, 0.5)]
+    edges = ["m2->logits", "input->a0.h1<q>", "a1.h3->m2"]
+    seen = []  # positions of each forward through the last layer: every call's clean and corrupted runs, then its chunks
+
+    def count(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+    handle = get_module(m.hf_model, m.hook_map.family["layers"])[-1].register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        short = C.evaluate(m, task, circuits)
+        _, short_edges = C.edge_patching(m, task, edges)
+        assert seen.count(T) == 4 and set(seen) == {T, T - p0}, seen
+        seen.clear()
+        with m.hooks([("blocks.0.hook_resid_mid", lambda x, hook: None)]):
+            whole = C.evaluate(m, task, circuits)
+            _, whole_edges = C.edge_patching(m, task, edges)
+        assert set(seen) == {T}
+        mean = C.evaluate(m, task, circuits[0], ablation="mean")  # means differ at every position: all run
+        assert seen[-1] == T
+    finally:
+        handle.remove()
+    torch.testing.assert_close(short, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short_edges, whole_edges, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short, torch.tensor([hand_evaluate(m, task, c) for c in circuits]), atol=1e-5, rtol=1e-5)
+    assert_single_edges_equal_the_hand_loop(m, task, g, edges, short_edges)
+    assert abs(mean - hand_evaluate(m, task, circuits[0], ablation="mean")) < 1e-5
+    assert not has_mechkit_hooks(m.hf_model)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_single_edge_rows_join_at_their_receivers_layer(name):
     """Single-edge patching runs each edge's rows only from its receiver's layer on (below it they equal
     the clean run): a decoder layer sees the rows of the edges that end at or below it, and the result

@@ -39,10 +39,11 @@ from tqdm.auto import tqdm
 
 from ..attribution import lrp
 from ..attribution.metrics import prompt_mean
-from ..hf_compat import accepts_logits_to_keep
+from ..hf_compat import accepts_logits_to_keep, cache_kwarg, output_kv
 from ..options import merge_options
 from ..patching.engine import start_at_layer
 from ..patching.metrics import as_metric, logit_diff
+from ..patching.prefix_cache import prefix_cache
 from ..split_qkv import FactoredGrad, split_input_grads
 from .flow import SenderHooks, check_model, point, receiver_hooks
 from .graph import Graph
@@ -56,13 +57,28 @@ METHODS = ("eap", "eap-ig", "eap-ig-activations", "relp")
 
 def _runner(model, metric) -> Callable:
     kw = {"logits_to_keep": 1} if as_metric(metric).last_only and accepts_logits_to_keep(model.hf_model) else {}
+    cache_kw = cache_kwarg(model.hf_model)
 
-    def run(batch, hooks=(), start: int = 0):
+    def run(batch, hooks=(), start: int = 0, cached: tuple | None = None):
         """Logits of ``batch`` under ``hooks``; ``start`` > 0 runs only layers ``start..`` (the caller
-        injects that layer's input)."""
+        injects that layer's input); ``cached`` = (past, p0): only positions ``p0..`` run, the first p0
+        positions' keys and values come from ``past`` ([(keys, values)] per layer, [n, kv_heads, T,
+        d_head], of a run whose first p0 positions every row shares; see :func:`prefix_cache`)."""
+        call = dict(batch.kwargs(), use_cache=cached is not None)
+        if cached is not None:
+            past, p0 = cached
+            call.update(input_ids=call["input_ids"][:, p0:], position_ids=call["position_ids"][:, p0:])
+            call[cache_kw] = prefix_cache(past, p0)
         with model.hooks(list(hooks)), start_at_layer(model, start):
-            return model.hf_model(**batch.kwargs(), use_cache=False, **kw).logits
+            return model.hf_model(**call, **kw).logits
+
+    def with_kv(batch, hooks=()):
+        """(logits, its keys and values [(keys, values)] per layer) of ``batch`` under ``hooks``."""
+        with model.hooks(list(hooks)):
+            out = model.hf_model(**batch.kwargs(), use_cache=True, **kw)
+        return out.logits, output_kv(out)
     run.last_only = bool(kw)  # only the last position's logits are computed
+    run.with_kv = with_kv
     return run
 
 

@@ -16,20 +16,30 @@ graph (single-edge patching), the shift is a gather instead, and each circuit's 
 its missing edge's receiver layer on (below it they equal the clean run): on hand-written maps the rows
 join the batch at that layer, carrying the clean run's residual stream there
 (:func:`mechkit.patching.engine.rows_join_at_their_layer`), and with a last-position metric the last
-layer's MLP and attention output projection run on the last position only. Chunks of circuits are
-sized by ``max_bytes``.
+layer's MLP and attention output projection run on the last position only. Where the clean and
+corrupted prompts share their first p0 positions (IOI's differ from the subject's second mention on),
+every circuit's run equals the clean run there: only the later positions run, the first p0 positions'
+keys and values coming from the clean run (:func:`_shared_prefix`). Chunks of circuits are sized by
+``max_bytes`` and ``max_tokens``.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from ..hookpoints import has_mechkit_hooks
-from ..patching.engine import fast_paths, last_position_tail, rows_join_at_their_layer
+from ..patching.engine import (
+    fast_paths,
+    inject_hook,
+    kv_prefix_ok,
+    last_position_tail,
+    rows_join_at_their_layer,
+)
 from ..patching.metrics import as_metric, logit_diff
 from ..patching.metrics import evaluate as metric_means
 from ..split_qkv import shared_inputs, shifted_heads
@@ -82,26 +92,26 @@ def evaluate(model: HookedModel, task, circuits, ablation: str = "corrupted", me
     metric = as_metric(metric if metric is not None else logit_diff(task))
     run = _runner(model, metric)
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
-    metric.bind_clean(run(clean_b))
     post = PostNorms.of(model, graph, post_norm_heads)
-    A = ablated_values(model, graph, task, ablation, metric, reference, pre_norm=post is not None)
     absent = torch.stack([graph.real & ~c.edges for c in circuits])  # [K, S, R]
-    n, T = clean_b.input_ids.shape
-    sparse = bool((absent.flatten(1).sum(1) <= 1).all())
-    prefix, order = None, torch.arange(len(circuits))
-    if sparse:  # single-edge patching: rows equal the clean run below their receiver's layer
-        grows = fast_paths(model) and not has_mechkit_hooks(model.hf_model)  # others' hooks may index rows
-        prefix = _clean_prefix(model, graph, clean_b, run, pre_norm=post is not None)
-        prefix["grows"] = grows
+    sparse = bool((absent.flatten(1).sum(1) <= 1).all())  # single-edge patching
+    clean = _clean_run(model, graph, clean_b, run, sparse, _shared_prefix(model, task, ablation, run), post)
+    metric.bind_clean(clean.logits)
+    A = ablated_values(model, graph, task, ablation, metric, reference, pre_norm=post is not None)
+    A = A[:, :, clean.p0:] if A.shape[2] > 1 else A  # [S, n, q, d]: the positions that run
+    order = torch.arange(len(circuits))
+    if sparse:  # rows equal the clean run below their receiver's layer: sorted by it
         order = _receiver_layer(graph, absent).argsort(stable=True)
         absent = absent[order]
-    per_circuit = n * T * (model.cfg.d_model if sparse else graph.n_senders * model.cfg.d_model) * 4
+    n, T = clean_b.input_ids.shape
+    tokens = n * (T - clean.p0)
+    per_circuit = tokens * (model.cfg.d_model if sparse else graph.n_senders * model.cfg.d_model) * 4
     max_bytes = _buffer_bytes(A.device) if max_bytes is None else max_bytes
     max_tokens = _token_budget(model, A.device) if max_tokens is None else max_tokens
-    kc = max(1, min(len(circuits), int(max_bytes // max(1, per_circuit)), max_tokens // (n * T)))
+    kc = max(1, min(len(circuits), int(max_bytes // max(1, per_circuit)), max_tokens // tokens))
     out = []
     for k0 in tqdm(range(0, len(circuits), kc), desc="circuits", disable=not progress):
-        out.append(_chunk(model, graph, clean_b, A, absent[k0:k0 + kc], metric, run, prefix, post))
+        out.append(_chunk(model, graph, clean_b, A, absent[k0:k0 + kc], metric, run, clean, post))
     vals = torch.empty(len(circuits))
     vals[order] = torch.cat(out).float().cpu()
     return float(vals[0]) if single else vals
@@ -137,32 +147,75 @@ def _receiver_layer(graph, absent) -> torch.Tensor:
     return torch.where(flat.any(1), layer, torch.full_like(layer, graph.n_layers - 1))
 
 
-def _clean_prefix(model, graph, clean_b, run, pre_norm: bool = False) -> dict:
-    """The clean run's sender outputs [S, n, p, d] and each layer's input [n, p, d]."""
-    sh = SenderHooks(model, graph, pre_norm=pre_norm)
+@dataclass
+class _Clean:
+    """What the chunks read from the clean run: its ``logits``; for single-edge patching (``sparse``)
+    its sender outputs ``senders`` [S, n, q, d] (what every sender upstream of a row's receiver
+    carries) and each layer's input ``resid`` {layer: [n, T, d]} (injected where rows enter), and
+    ``grows``: row groups join the batch at their receiver's layer; ``past``, its keys and values,
+    and ``p0``: the positions every circuit's run shares with it (:func:`_shared_prefix`), so only
+    the last q = T - p0 run."""
+    logits: torch.Tensor
+    sparse: bool = False
+    senders: torch.Tensor | None = None
+    resid: dict = field(default_factory=dict)
+    grows: bool = False
+    past: list | None = None
+    p0: int = 0
+
+    @property
+    def cached(self) -> tuple | None:
+        """``run``'s ``cached`` argument: (keys and values, p0), or None (every position runs)."""
+        return (self.past, self.p0) if self.p0 else None
+
+
+def _shared_prefix(model: HookedModel, task, ablation: str, run) -> int:
+    """The positions [0, p0) at which every circuit's run is the clean run: the clean and corrupted
+    prompts agree there (tokens and padding), so every sender's corrupted value is its clean one
+    (attention is causal). 0 where this cannot be used: mean ablation (the means differ everywhere),
+    a metric reading more than the last logits, a sliding-window cache or a detected map
+    (:func:`~mechkit.patching.engine.kv_prefix_ok`), or other hooks on the model (they may read
+    every position)."""
+    if ablation != "corrupted" or not run.last_only or not kv_prefix_ok(model) or has_mechkit_hooks(model.hf_model):
+        return 0
+    differ = ((task.clean_tokens != task.corrupt_tokens) | (task.clean_mask != task.corrupt_mask)).any(0)
+    T = differ.shape[0]
+    return int(differ.float().argmax()) if bool(differ.any()) else T - 1
+
+
+def _clean_run(model: HookedModel, graph, clean_b, run, sparse: bool, p0: int, post) -> _Clean:
+    """One clean forward (see :class:`_Clean`); ``p0`` falls back to 0 where the model's cache does
+    not hold every position."""
+    sh = SenderHooks(model, graph, pre_norm=post is not None) if sparse else None
     resid = {}
 
     def keep(l):
         def fn(x, hook):
             resid[l] = x.detach()
         return fn
+    hooks = [] if sh is None else sh.hooks() + [(point("resid_pre", l), keep(l)) for l in range(graph.n_layers)]
     with torch.no_grad():
-        run(clean_b, sh.hooks() + [(point("resid_pre", l), keep(l)) for l in range(graph.n_layers)])
-    return {"senders": sh.complete(), "resid": resid}
+        logits, past = run.with_kv(clean_b, hooks) if p0 else (run(clean_b, hooks), None)
+    T = clean_b.input_ids.shape[1]
+    if past is None or any(k is None or k.shape[-2] != T for k, _ in past):
+        past, p0 = None, 0
+    grows = sparse and fast_paths(model) and not has_mechkit_hooks(model.hf_model)  # others' hooks may index rows
+    senders = None if sh is None else sh.complete()[:, :, p0:]
+    return _Clean(logits, sparse, senders, resid, grows, past, p0)
 
 
-def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=None, post=None) -> torch.Tensor:
+def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, clean: _Clean, post=None) -> torch.Tensor:
     """The metric means of the K circuits missing ``absent`` [K, S, R], run as row groups of one
-    batch of K * n rows. ``A``: ablated values [S, n, p, d] or [S, 1, 1, d]; ``prefix``: the clean
-    run's senders and layer inputs (:func:`_clean_prefix`), given for single-edge patching; ``post``:
-    :class:`~mechkit.circuits.post_norm.PostNorms` for EAP-IG's post-norm reading (None: frozen)."""
+    batch of K * n rows. ``A``: ablated values [S, n, q, d] or [S, 1, 1, d]; ``clean``: what the
+    clean run gives (:class:`_Clean`); ``post``: :class:`~mechkit.circuits.post_norm.PostNorms` for
+    EAP-IG's post-norm reading (None: frozen)."""
     K = absent.shape[0]
     n = clean_b.input_ids.shape[0]
     cut = absent.any(0)  # [S, R]: edges some circuit of the chunk misses; only their ends are hooked
-    shifts = _Shifts(graph, A, absent, n, prefix, needed=cut.any(1), post=post)
+    shifts = _Shifts(graph, A, absent, n, clean.senders if clean.sparse else None, needed=cut.any(1), post=post)
     with torch.no_grad(), ExitStack() as stack:
-        if prefix is not None:  # q/k/v receivers: only the one changed head of each row group is recomputed
-            k_in, start, hooks = _sparse_rows(model, graph, absent, prefix, run, stack)
+        if clean.sparse:  # q/k/v receivers: only the one changed head of each row group is recomputed
+            k_in, start, hooks = _sparse_rows(model, graph, absent, clean, run, stack)
             for layer, parts in shifts.head_shifts().items():
                 stack.enter_context(shifted_heads(model, layer, parts))
         else:
@@ -174,14 +227,14 @@ def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, prefix=No
         hooks += receiver_hooks(model, graph, shifts.receive, needed=cut.any(0))
         batch = type(clean_b)(*(t.repeat(k_in, 1) for t in (clean_b.input_ids, clean_b.attention_mask,
                                                               clean_b.position_ids)))
-        logits = run(batch, hooks, start=start)
+        logits = run(batch, hooks, start=start, cached=clean.cached)
     return metric_means(metric, logits, n)
 
 
-def _sparse_rows(model: HookedModel, graph, absent, prefix: dict, run, stack: ExitStack) -> tuple[int, int, list]:
+def _sparse_rows(model: HookedModel, graph, absent, clean: _Clean, run, stack: ExitStack) -> tuple[int, int, list]:
     """Where a single-edge chunk's rows enter: (row groups in the forward's input, first layer, its
     injection hooks). The chunk begins at its lowest receiver layer with the clean run's input there
-    [n, p, d] repeated over its row groups; with ``prefix["grows"]`` only the row groups of that layer
+    [n, q, d] repeated over its row groups; with ``clean.grows`` only the row groups of that layer
     enter, the others join at their own layers (``absent`` is sorted by receiver layer), and with a
     last-position metric the last layer runs its MLP and attention output on the last position only
     (entered on ``stack``)."""
@@ -189,16 +242,15 @@ def _sparse_rows(model: HookedModel, graph, absent, prefix: dict, run, stack: Ex
     layers = _receiver_layer(graph, absent)
     start = int(layers.min())
     k_in = K
-    if prefix["grows"]:
+    if clean.grows:
         k_in = int((layers == start).sum())
-        n = prefix["resid"][start].shape[0]
-        stack.enter_context(rows_join_at_their_layer(model, layers, prefix["resid"], n))
+        n = clean.resid[start].shape[0]
+        stack.enter_context(rows_join_at_their_layer(model, layers, clean.resid, n))
         if run.last_only:
             stack.enter_context(last_position_tail(model, graph.n_layers - 1))
     if start == 0:
         return k_in, 0, []
-    x0 = prefix["resid"][start].repeat(k_in, 1, 1)
-    return k_in, start, [(point("resid_pre", start), lambda x, hook: x0.to(x.dtype))]
+    return k_in, start, [(point("resid_pre", start), inject_hook(k_in, clean.resid[start]))]
 
 
 def _qkv_layers(graph, cut: torch.Tensor) -> list[int]:
@@ -214,7 +266,7 @@ class _Shifts:
     Dense: every sender's current value is kept sender-major per row group ([K, S, n·p·d]) and a
     receiver layer's shift is ``mask^T A - mask^T current``: one matrix product and one batched
     product over the row groups' masks, with no [K, n, p, S, d] difference ever formed.
-    Sparse (``prefix`` given; every circuit misses at most one edge): the removed edge's sender carries
+    Sparse (``clean_senders`` given; every circuit misses at most one edge): the removed edge's sender carries
     its clean value in its row group (nothing upstream of the receiver changes there), so the shift is
     ``A[s] - clean[s]``; into an MLP or the logits it is a gather, into a query, key or value the one
     changed head is recomputed (:meth:`head_shifts`). Row groups may join the batch at their receiver's
@@ -223,20 +275,20 @@ class _Shifts:
     distinct inputs, which row groups a sender reaches) is made there, so the device is never
     waited on for one; the masks a product needs are copied to the device."""
 
-    def __init__(self, graph, A, absent, n: int, prefix=None, needed: torch.Tensor | None = None, post=None):
+    def __init__(self, graph, A, absent, n: int, clean_senders=None, needed: torch.Tensor | None = None, post=None):
         self.graph, self.A, self.absent, self.n, self.K = graph, A, absent.cpu(), n, absent.shape[0]
         self.device = A.device
         self.needed = needed  # [S] bool: the senders whose values arrive (the others' rows are zeroed)
-        self.sparse = prefix is not None
+        self.sparse = clean_senders is not None
         self.buf = None  # dense: [K, S, n, p, d]
         self.post, self.override = post, {}  # post-norm heads read EAP-IG's way; sparse: their row groups' shifts
         if self.sparse:
             idx = self.absent.flatten(1).float().argmax(1)
             self.has = self.absent.flatten(1).any(1)
             self.rem_s, self.rem_r = idx // graph.n_receivers, idx % graph.n_receivers
-            self.clean = prefix["senders"]  # [S, n, p, d]
+            self.clean = clean_senders  # [S, n, q, d]
             if post is not None:
-                self.override = post.single_deltas(A, prefix["senders"], torch.where(self.has, self.rem_s, -1))
+                self.override = post.single_deltas(A, clean_senders, torch.where(self.has, self.rem_s, -1))
 
     def on_value(self, s0: int, value: torch.Tensor) -> None:
         """Keep the current values [rows, p, c, d] of senders ``s0 .. s0 + c``."""

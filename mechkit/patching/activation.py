@@ -21,7 +21,7 @@ from ..inputs import Batch
 from ..results import Result
 from ..sites import act_name
 from .checkpoint import task_part
-from .engine import FusedRunner, fast_paths
+from .engine import FusedRunner, fast_paths, kv_prefix_ok
 from .memory import tokens_for_budget
 from .metrics import as_metric, check_baselines, evaluate, logit_diff
 from .sites import PREFIXED_SITES, SiteKind, axis_size, check_by, prefixed, site_kind
@@ -74,8 +74,7 @@ def prefix_reusable(model: HookedModel, by) -> bool:
     """Whether a sweep over ``by`` may reuse the base run's KV cache for unpatched positions: it
     needs a position axis, and a sliding-window cache keeps only the last keys (its masks assume
     that layout), so windowed models run every position."""
-    windowed = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None) is not None
-    return "pos" in by and not windowed and fast_paths(model)
+    return "pos" in by and kv_prefix_ok(model)
 
 
 def fused_runner(model: HookedModel, kind: SiteKind, by, base: Batch, source: dict, metric, base_out,

@@ -65,6 +65,14 @@ PRE_MLP_KINDS = frozenset({"resid_pre", "resid_mid", "attn_out", "z", "q", "k", 
 PRE_ATTN_OUT_KINDS = frozenset({"resid_pre", "q", "k", "v", "pattern"})
 
 
+def kv_prefix_ok(model: HookedModel) -> bool:
+    """Whether a run may take its first positions' keys and values from another run's KV cache and
+    compute only the rest: a sliding-window cache keeps only the last keys (its masks assume that
+    layout), and detected maps may need every position (:func:`fast_paths`)."""
+    windowed = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None) is not None
+    return not windowed and fast_paths(model)
+
+
 def fast_paths(model: HookedModel) -> bool:
     """Whether the engine may skip layers, reuse the base run's KV cache and run the last layer's
     MLP on the last position only. Hand-written maps allow it; detected maps set
