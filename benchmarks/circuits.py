@@ -9,9 +9,10 @@
   (20 x 16 rows) and vs 20 separate evaluations;
 - exact single-edge patching of the top 200 edges (fused) vs 200 plain forwards of the batch
   (a lower bound for one patched forward per edge);
-- the curve and the 200 edges again on IOI-shaped prompts, whose clean and corrupted versions share
-  their first 13 of 20 tokens (as the bundled IOI prompts do: they differ from the subject's second
-  mention on), where exact evaluation runs only the positions after the shared prefix.
+- EAP, EAP-IG, the curve and the 200 edges again on IOI-shaped prompts, whose clean and corrupted
+  versions share their first 13 of 20 tokens (as the bundled IOI prompts do: they differ from the
+  subject's second mention on), where only the positions after the shared prefix run (but the first
+  forward).
 
 Timings are medians of ``--repeats`` interleaved repeats. Usage:
 ``flock /work/bench.lock python benchmarks/circuits.py [--threads 2] [--repeats 3] [--device cpu]``
@@ -178,6 +179,8 @@ def main(argv=None) -> int:
         "curve_20_fused": lambda: C.evaluate(m, task, circuits),
         "forward_1": lambda: plain_forward(m, task),
         "edges_200_fused": lambda: C.edge_patching(m, task, top200),
+        "eap_ioi_shaped": lambda: C.attribute(m, ioi, method="eap", progress=False),
+        "eap_ig5_ioi_shaped": lambda: C.attribute(m, ioi, method="eap-ig", ig_steps=5, progress=False),
         "curve_20_fused_ioi_shaped": lambda: C.evaluate(m, ioi, circuits_ioi),
         "edges_200_fused_ioi_shaped": lambda: C.edge_patching(m, ioi, top200_ioi),
     }
@@ -204,6 +207,8 @@ def main(argv=None) -> int:
             "curve_20_fused / forward of the fused batch": med["curve_20_fused"] / med["forward_fused_20"],
             "curve_20_separate / curve_20_fused": t_sep / med["curve_20_fused"],
             "200 plain forwards / edges_200_fused": 200 * med["forward_1"] / med["edges_200_fused"],
+            "IOI-shaped: eap / fwd_bwd": med["eap_ioi_shaped"] / med["fwd_bwd"],
+            "IOI-shaped: eap_ig5 / fwd_bwd": med["eap_ig5_ioi_shaped"] / med["fwd_bwd"],
             "IOI-shaped: curve_20_fused / forward of the fused batch":
                 med["curve_20_fused_ioi_shaped"] / med["forward_fused_20"],
             "IOI-shaped: 200 plain forwards / edges_200_fused": 200 * med["forward_1"] / med["edges_200_fused_ioi_shaped"],

@@ -309,6 +309,40 @@ def test_evaluation_runs_only_positions_after_the_shared_prefix(name):
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_attribution_runs_only_positions_after_the_shared_prefix(name):
+    """Edge attribution on IOI: before the subject's second mention the clean and corrupted runs (and
+    every interpolation between them) are the same run and every sender difference is 0, so after the
+    first forward only the later positions run. Scores equal those of the runs that compute every
+    position (a user's hook on the model turns the shortcut off), per position too (0 before p0)."""
+    m = mk.load(name)
+    task = mk.tasks.ioi(m.tokenizer, n=3, seed=4)
+    T = task.clean_tokens.shape[1]
+    p0 = int(((task.clean_tokens != task.corrupt_tokens) | (task.clean_mask != task.corrupt_mask)).any(0).float().argmax())
+    seen = []
+
+    def count(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+    handle = get_module(m.hf_model, m.hook_map.family["layers"])[-1].register_forward_pre_hook(count, with_kwargs=True)
+    runs = [("eap", {}), ("eap", {"grad_on": "clean", "per_position": True}), ("eap-ig", {"ig_steps": 3}),
+            ("eap-ig-activations", {"ig_steps": 2}), ("eap-ig-activations", {"ig_steps": 2, "ig_scope": "all"}),
+            ("relp", {})]
+    try:
+        for method, kw in runs:
+            seen.clear()
+            short = C.attribute(m, task, method, progress=False, **kw)
+            assert seen.count(T) == 1 and set(seen) == {T, T - p0}, (method, seen)
+            with m.hooks([("blocks.0.hook_resid_mid", lambda x, hook: None)]):
+                whole = C.attribute(m, task, method, progress=False, **kw)
+            scale = float(whole.values.abs().max())
+            torch.testing.assert_close(short.values, whole.values, atol=1e-5 * scale, rtol=0, msg=method)
+            if short.per_position:
+                assert float(short.values[:p0].abs().max()) == 0.0
+    finally:
+        handle.remove()
+    assert not has_mechkit_hooks(m.hf_model)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_single_edge_rows_join_at_their_receivers_layer(name):
     """Single-edge patching runs each edge's rows only from its receiver's layer on (below it they equal
     the clean run): a decoder layer sees the rows of the edges that end at or below it, and the result

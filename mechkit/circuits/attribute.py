@@ -40,8 +40,9 @@ from tqdm.auto import tqdm
 from ..attribution import lrp
 from ..attribution.metrics import prompt_mean
 from ..hf_compat import accepts_logits_to_keep, cache_kwarg, output_kv
+from ..hookpoints import has_mechkit_hooks
 from ..options import merge_options
-from ..patching.engine import start_at_layer
+from ..patching.engine import kv_prefix_ok, start_at_layer
 from ..patching.metrics import as_metric, logit_diff
 from ..patching.prefix_cache import prefix_cache
 from ..split_qkv import FactoredGrad, split_input_grads
@@ -55,38 +56,74 @@ if TYPE_CHECKING:
 METHODS = ("eap", "eap-ig", "eap-ig-activations", "relp")
 
 
-def _runner(model, metric) -> Callable:
-    kw = {"logits_to_keep": 1} if as_metric(metric).last_only and accepts_logits_to_keep(model.hf_model) else {}
-    cache_kw = cache_kwarg(model.hf_model)
+class _Runner:
+    """Runs the HF model on a batch under hooks and returns its logits (the last position's only, where
+    the metric reads no more: ``last_only``).
 
-    def run(batch, hooks=(), start: int = 0, cached: tuple | None = None):
+    After :meth:`share` (the rows' first p0 positions are those of a run already made), calls run only
+    positions ``p0..``, the first p0 positions' keys and values taken from that run (see
+    :func:`~mechkit.patching.prefix_cache.prefix_cache`); activations the hooks see are then
+    ``[b, q, ...]`` with q = T - p0.
+    """
+
+    def __init__(self, model: HookedModel, metric):
+        self.model = model
+        last = as_metric(metric).last_only and accepts_logits_to_keep(model.hf_model)
+        self.kw = {"logits_to_keep": 1} if last else {}
+        self.last_only = last
+        self.cache_kw = cache_kwarg(model.hf_model)
+        self.past, self.p0 = None, 0
+
+    def __call__(self, batch, hooks=(), start: int = 0) -> torch.Tensor:
         """Logits of ``batch`` under ``hooks``; ``start`` > 0 runs only layers ``start..`` (the caller
-        injects that layer's input); ``cached`` = (past, p0): only positions ``p0..`` run, the first p0
-        positions' keys and values come from ``past`` ([(keys, values)] per layer, [n, kv_heads, T,
-        d_head], of a run whose first p0 positions every row shares; see :func:`prefix_cache`)."""
-        call = dict(batch.kwargs(), use_cache=cached is not None)
-        if cached is not None:
-            past, p0 = cached
+        injects that layer's input)."""
+        call = dict(batch.kwargs(), use_cache=self.p0 > 0)
+        if self.p0:
+            p0 = self.p0
             call.update(input_ids=call["input_ids"][:, p0:], position_ids=call["position_ids"][:, p0:])
-            call[cache_kw] = prefix_cache(past, p0)
-        with model.hooks(list(hooks)), start_at_layer(model, start):
-            return model.hf_model(**call, **kw).logits
+            call[self.cache_kw] = prefix_cache(self.past, p0)
+        with self.model.hooks(list(hooks)), start_at_layer(self.model, start):
+            return self.model.hf_model(**call, **self.kw).logits
 
-    def with_kv(batch, hooks=()):
-        """(logits, its keys and values [(keys, values)] per layer) of ``batch`` under ``hooks``."""
-        with model.hooks(list(hooks)):
-            out = model.hf_model(**batch.kwargs(), use_cache=True, **kw)
+    def with_kv(self, batch, hooks=()) -> tuple[torch.Tensor, list]:
+        """(logits, keys and values [(keys, values)] per layer, [b, kv_heads, T, d_head]) of a whole run."""
+        with self.model.hooks(list(hooks)):
+            out = self.model.hf_model(**batch.kwargs(), use_cache=True, **self.kw)
         return out.logits, output_kv(out)
-    run.last_only = bool(kw)  # only the last position's logits are computed
-    run.with_kv = with_kv
-    return run
+
+    def share(self, past: list, p0: int, T: int) -> int:
+        """Run only positions ``p0..`` from now on, the first p0 from ``past`` (:meth:`with_kv` of a run
+        of T positions); returns p0, or 0 (every position keeps running) where the cache does not hold
+        every position."""
+        if p0 and all(k is not None and k.shape[-2] == T for k, _ in past):
+            self.past, self.p0 = past, p0
+        return self.p0
 
 
-def sender_outputs(model: HookedModel, graph: Graph, batch, run, pre_norm: bool = False
+def _runner(model, metric) -> _Runner:
+    return _Runner(model, metric)
+
+
+def shared_prefix(model: HookedModel, task, run: _Runner) -> int:
+    """The positions [0, p0) at which the clean and corrupted prompts of ``task`` agree (tokens and
+    padding): there every run mixing them (patched circuits, interpolations, either run) is the clean
+    run, since attention is causal. 0 where that cannot be used: a metric reading more than the last
+    logits, a sliding-window cache or a detected map (:func:`~mechkit.patching.engine.kv_prefix_ok`),
+    or other hooks on the model (they may read every position). At most T - 1: one position runs."""
+    if not run.last_only or not kv_prefix_ok(model) or has_mechkit_hooks(model.hf_model):
+        return 0
+    differ = ((task.clean_tokens != task.corrupt_tokens) | (task.clean_mask != task.corrupt_mask)).any(0)
+    return int(differ.float().argmax()) if bool(differ.any()) else differ.shape[0] - 1
+
+
+def sender_outputs(model: HookedModel, graph: Graph, batch, run, pre_norm: bool = False, share: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(logits, senders [S, b, p, d], {group: output}) of a plain run (no grad); groups are
     ("attn", l) -> attn_out and ("mlp", l) -> mlp_out, for interpolation; ``pre_norm``: see
-    :class:`SenderHooks` (the attention group is then ``hook_z``, the heads before any post-norm)."""
+    :class:`SenderHooks` (the attention group is then ``hook_z``, the heads before any post-norm).
+    ``share`` > 0: every later run shares this batch's first ``share`` positions
+    (:func:`shared_prefix`): this run keeps its keys and values, ``run`` runs only the later positions
+    from now on (:meth:`_Runner.share`), and the outputs are those positions' (p = T - run.p0)."""
     sh = SenderHooks(model, graph, pre_norm=pre_norm)
     groups: dict = {}
 
@@ -97,10 +134,20 @@ def sender_outputs(model: HookedModel, graph: Graph, batch, run, pre_norm: bool 
     extra = [(point("z" if pre_norm else "attn_out", l), keep(("attn", l))) for l in range(graph.n_layers)]
     extra += [(point("mlp_out", l), keep(("mlp", l))) for l in range(graph.n_layers)]
     with torch.no_grad():
-        logits = run(batch, sh.hooks() + extra)
-    out = sh.complete()
+        if share:
+            logits, past = run.with_kv(batch, sh.hooks() + extra)
+            share = run.share(past, share, batch.input_ids.shape[1])
+        else:
+            logits = run(batch, sh.hooks() + extra)
+    out = sh.complete()[:, :, share:]
+    groups = {k: v[:, share:] for k, v in groups.items()}
     groups[("input", None)] = out[0]
     return logits, out, groups
+
+
+def at_positions(scores: torch.Tensor, run: _Runner) -> torch.Tensor:
+    """``scores`` [S, R], or per position [T, S, R] seen from the first position ``run`` runs (a view)."""
+    return scores[run.p0:] if scores.dim() == 3 else scores
 
 
 def receiver_backward(model: HookedModel, graph: Graph, batch, run, metric_fn, on_grad, extra_hooks=(), senders=None,
@@ -327,13 +374,14 @@ def _plain_logits(run, batch) -> torch.Tensor:
 def _one_batch(model, graph, task, metric, method, o: AttributeOptions, scores, w, bar):
     """One batch's scores added into ``scores``. Returns (clean metric, corrupted metric)."""
     steps, grad_on, rules, run = o.ig_steps, o.grad_on, o.rules, _runner(model, metric)
+    share = shared_prefix(model, task, run)  # the first forward keeps those positions' keys and values
     pre = o.post_norm_heads == "pre_norm"
     metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
     corr_b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
     if method in ("eap", "relp"):  # the gradient run also records its own senders: one forward fewer
         other_b = clean_b if grad_on == "corrupted" else corr_b
-        lo, s_other, _ = sender_outputs(model, graph, other_b, run, pre)
+        lo, s_other, _ = sender_outputs(model, graph, other_b, run, pre, share)
         metric.bind_clean(lo if grad_on == "corrupted" else _plain_logits(run, clean_b))  # sender hooks only record
         sh = SenderHooks(model, graph, pre_norm=pre)
         held: dict = {}
@@ -346,25 +394,27 @@ def _one_batch(model, graph, task, metric, method, o: AttributeOptions, scores, 
 
         with (lrp.rules(model, rules) if method == "relp" else nullcontext()):
             m_grad = receiver_backward(model, graph, corr_b if grad_on == "corrupted" else clean_b, run, metric_fn,
-                                       Scorer(scores, graph, lambda: held["d"], w), senders=sh,
+                                       Scorer(at_positions(scores, run), graph, lambda: held["d"], w), senders=sh,
                                        after_forward=make_delta)
         with torch.no_grad():
             m_other = float(metric_fn(lo))
         bar.update(1)
         return (m_other, m_grad) if grad_on == "corrupted" else (m_grad, m_other)
     if method == "eap-ig":
-        return _eap_ig_inputs(model, graph, clean_b, corr_b, run, metric, metric_fn, (steps, pre), scores, w, bar)
-    return _eap_ig_activations(model, graph, clean_b, corr_b, run, metric, metric_fn, (steps, o.ig_scope, pre),
-                               scores, w, bar)
+        return _eap_ig_inputs(model, graph, clean_b, corr_b, run, metric, metric_fn, (steps, pre, share), scores, w,
+                              bar)
+    return _eap_ig_activations(model, graph, clean_b, corr_b, run, metric, metric_fn,
+                               (steps, o.ig_scope, pre, share), scores, w, bar)
 
 
 def _eap_ig_activations(model, graph, clean_b, corr_b, run, metric, metric_fn, ig, scores, w, bar):
     """EAP-IG on the activations for one batch: one sender group interpolated at a time on the
     clean input; ``ig`` = (steps, scope, pre_norm senders: the heads are interpolated at ``hook_z``,
-    before any post-norm, as EAP-IG interpolates its attention results). Returns (clean metric,
-    corrupted metric)."""
-    steps, scope, pre = ig
-    lc, s_clean, g_clean = sender_outputs(model, graph, clean_b, run, pre)
+    before any post-norm, as EAP-IG interpolates its attention results; the shared prefix, see
+    :func:`sender_outputs`). Returns (clean metric, corrupted metric)."""
+    steps, scope, pre, share = ig
+    lc, s_clean, g_clean = sender_outputs(model, graph, clean_b, run, pre, share)
+    scores = at_positions(scores, run)
     metric.bind_clean(lc)
     lr, s_corr, g_corr = sender_outputs(model, graph, corr_b, run, pre)
     with torch.no_grad():
@@ -393,11 +443,12 @@ def _eap_ig_activations(model, graph, clean_b, corr_b, run, metric, metric_fn, i
 
 
 def _eap_ig_inputs(model, graph, clean_b, corr_b, run, metric, metric_fn, ig, scores, w, bar):
-    """EAP-IG on the inputs for one batch (``ig`` = (steps, pre_norm senders)); returns (clean metric,
-    corrupted metric). Its first step (α = 0) is the corrupted run itself, which also records the
-    corrupted senders: one forward fewer."""
-    steps, pre = ig
-    lc, s_clean, _ = sender_outputs(model, graph, clean_b, run, pre)
+    """EAP-IG on the inputs for one batch (``ig`` = (steps, pre_norm senders, the shared prefix: see
+    :func:`sender_outputs`)); returns (clean metric, corrupted metric). Its first step (α = 0) is the
+    corrupted run itself, which also records the corrupted senders: one forward fewer."""
+    steps, pre, share = ig
+    lc, s_clean, _ = sender_outputs(model, graph, clean_b, run, pre, share)
+    scores = at_positions(scores, run)
     metric.bind_clean(lc)
     with torch.no_grad():
         mc = float(metric_fn(lc))

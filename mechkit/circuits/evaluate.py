@@ -36,14 +36,13 @@ from ..hookpoints import has_mechkit_hooks
 from ..patching.engine import (
     fast_paths,
     inject_hook,
-    kv_prefix_ok,
     last_position_tail,
     rows_join_at_their_layer,
 )
 from ..patching.metrics import as_metric, logit_diff
 from ..patching.metrics import evaluate as metric_means
 from ..split_qkv import shared_inputs, shifted_heads
-from .attribute import _runner, sender_outputs
+from .attribute import _runner, sender_outputs, shared_prefix
 from .circuit import Circuit
 from .flow import SenderHooks, check_model, point, receiver_hooks
 from .post_norm import PostNorms
@@ -95,7 +94,8 @@ def evaluate(model: HookedModel, task, circuits, ablation: str = "corrupted", me
     post = PostNorms.of(model, graph, post_norm_heads)
     absent = torch.stack([graph.real & ~c.edges for c in circuits])  # [K, S, R]
     sparse = bool((absent.flatten(1).sum(1) <= 1).all())  # single-edge patching
-    clean = _clean_run(model, graph, clean_b, run, sparse, _shared_prefix(model, task, ablation, run), post)
+    p0 = shared_prefix(model, task, run) if ablation == "corrupted" else 0  # the means differ everywhere
+    clean = _clean_run(model, graph, clean_b, run, sparse, p0, post)
     metric.bind_clean(clean.logits)
     A = ablated_values(model, graph, task, ablation, metric, reference, pre_norm=post is not None)
     A = A[:, :, clean.p0:] if A.shape[2] > 1 else A  # [S, n, q, d]: the positions that run
@@ -152,40 +152,20 @@ class _Clean:
     """What the chunks read from the clean run: its ``logits``; for single-edge patching (``sparse``)
     its sender outputs ``senders`` [S, n, q, d] (what every sender upstream of a row's receiver
     carries) and each layer's input ``resid`` {layer: [n, T, d]} (injected where rows enter), and
-    ``grows``: row groups join the batch at their receiver's layer; ``past``, its keys and values,
-    and ``p0``: the positions every circuit's run shares with it (:func:`_shared_prefix`), so only
-    the last q = T - p0 run."""
+    ``grows``: row groups join the batch at their receiver's layer; ``p0``: the positions every
+    circuit's run shares with it (:func:`~mechkit.circuits.attribute.shared_prefix`; the runner then
+    runs only the last q = T - p0)."""
     logits: torch.Tensor
     sparse: bool = False
     senders: torch.Tensor | None = None
     resid: dict = field(default_factory=dict)
     grows: bool = False
-    past: list | None = None
     p0: int = 0
-
-    @property
-    def cached(self) -> tuple | None:
-        """``run``'s ``cached`` argument: (keys and values, p0), or None (every position runs)."""
-        return (self.past, self.p0) if self.p0 else None
-
-
-def _shared_prefix(model: HookedModel, task, ablation: str, run) -> int:
-    """The positions [0, p0) at which every circuit's run is the clean run: the clean and corrupted
-    prompts agree there (tokens and padding), so every sender's corrupted value is its clean one
-    (attention is causal). 0 where this cannot be used: mean ablation (the means differ everywhere),
-    a metric reading more than the last logits, a sliding-window cache or a detected map
-    (:func:`~mechkit.patching.engine.kv_prefix_ok`), or other hooks on the model (they may read
-    every position)."""
-    if ablation != "corrupted" or not run.last_only or not kv_prefix_ok(model) or has_mechkit_hooks(model.hf_model):
-        return 0
-    differ = ((task.clean_tokens != task.corrupt_tokens) | (task.clean_mask != task.corrupt_mask)).any(0)
-    T = differ.shape[0]
-    return int(differ.float().argmax()) if bool(differ.any()) else T - 1
 
 
 def _clean_run(model: HookedModel, graph, clean_b, run, sparse: bool, p0: int, post) -> _Clean:
-    """One clean forward (see :class:`_Clean`); ``p0`` falls back to 0 where the model's cache does
-    not hold every position."""
+    """One clean forward (see :class:`_Clean`); after it ``run`` runs only positions ``p0..`` (0 where
+    the model's cache does not hold every position)."""
     sh = SenderHooks(model, graph, pre_norm=post is not None) if sparse else None
     resid = {}
 
@@ -196,12 +176,10 @@ def _clean_run(model: HookedModel, graph, clean_b, run, sparse: bool, p0: int, p
     hooks = [] if sh is None else sh.hooks() + [(point("resid_pre", l), keep(l)) for l in range(graph.n_layers)]
     with torch.no_grad():
         logits, past = run.with_kv(clean_b, hooks) if p0 else (run(clean_b, hooks), None)
-    T = clean_b.input_ids.shape[1]
-    if past is None or any(k is None or k.shape[-2] != T for k, _ in past):
-        past, p0 = None, 0
+    p0 = run.share(past, p0, clean_b.input_ids.shape[1]) if p0 else 0
     grows = sparse and fast_paths(model) and not has_mechkit_hooks(model.hf_model)  # others' hooks may index rows
     senders = None if sh is None else sh.complete()[:, :, p0:]
-    return _Clean(logits, sparse, senders, resid, grows, past, p0)
+    return _Clean(logits, sparse, senders, resid, grows, p0)
 
 
 def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, clean: _Clean, post=None) -> torch.Tensor:
@@ -227,7 +205,7 @@ def _chunk(model: HookedModel, graph, clean_b, A, absent, metric, run, clean: _C
         hooks += receiver_hooks(model, graph, shifts.receive, needed=cut.any(0))
         batch = type(clean_b)(*(t.repeat(k_in, 1) for t in (clean_b.input_ids, clean_b.attention_mask,
                                                               clean_b.position_ids)))
-        logits = run(batch, hooks, start=start, cached=clean.cached)
+        logits = run(batch, hooks, start=start)
     return metric_means(metric, logits, n)
 
 
