@@ -214,11 +214,20 @@ def run_on_last_position(module: nn.Module):
 # (the mask, rotary cos/sin, position ids; verified on the GPT-2, Llama, Gemma, NeoX and Phi-3 layers).
 # A [1, ...] one is a broadcast and stays. Non-tensor arguments (the cache, flags) stay.
 PER_ROW_ARGS = frozenset({"attention_mask", "position_ids", "position_embeddings"})
+# ... and with the heads folded into dim 0, [batch * heads, ...] batch-major (BLOOM's ALiBi biases)
+FOLDED_ROW_ARGS = frozenset({"alibi"})
 
 
 def _grow(value, in_rows: int, rows: int, period: int, name: str, layer: str):
     if isinstance(value, tuple):
         return tuple(_grow(v, in_rows, rows, period, name, layer) for v in value)
+    if name in FOLDED_ROW_ARGS and torch.is_tensor(value) and rows != in_rows:
+        if value.dim() == 0 or value.shape[0] % in_rows:
+            raise RuntimeError(f"cannot add rows to the batch before {layer}: its argument {name!r} should hold "
+                               f"[batch * heads, ...] for {in_rows} rows; got shape {tuple(value.shape)}")
+        per = value.shape[0] // in_rows
+        reps = (rows - in_rows) // period
+        return torch.cat([value, value[:period * per].repeat((reps,) + (1,) * (value.dim() - 1))])
     if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != in_rows or rows == in_rows:
         return value
     if name not in PER_ROW_ARGS:
