@@ -39,12 +39,10 @@ from tqdm.auto import tqdm
 
 from ..attribution import lrp
 from ..attribution.metrics import prompt_mean
-from ..hf_compat import accepts_logits_to_keep, cache_kwarg, output_kv
-from ..hookpoints import has_mechkit_hooks
+from ..hf_compat import accepts_logits_to_keep, output_kv
 from ..options import merge_options
-from ..patching.engine import kv_prefix_ok, start_at_layer
+from ..patching.engine import holds_every_position, prefix_kwargs, shared_prefix, start_at_layer
 from ..patching.metrics import as_metric, logit_diff
-from ..patching.prefix_cache import prefix_cache
 from ..split_qkv import FactoredGrad, split_input_grads
 from .flow import SenderHooks, check_model, point, receiver_hooks
 from .graph import Graph
@@ -71,17 +69,12 @@ class _Runner:
         last = as_metric(metric).last_only and accepts_logits_to_keep(model.hf_model)
         self.kw = {"logits_to_keep": 1} if last else {}
         self.last_only = last
-        self.cache_kw = cache_kwarg(model.hf_model)
         self.past, self.p0 = None, 0
 
     def __call__(self, batch, hooks=(), start: int = 0) -> torch.Tensor:
         """Logits of ``batch`` under ``hooks``; ``start`` > 0 runs only layers ``start..`` (the caller
         injects that layer's input)."""
-        call = dict(batch.kwargs(), use_cache=self.p0 > 0)
-        if self.p0:
-            p0 = self.p0
-            call.update(input_ids=call["input_ids"][:, p0:], position_ids=call["position_ids"][:, p0:])
-            call[self.cache_kw] = prefix_cache(self.past, p0)
+        call = prefix_kwargs(self.model, batch, self.past, self.p0)
         with self.model.hooks(list(hooks)), start_at_layer(self.model, start):
             return self.model.hf_model(**call, **self.kw).logits
 
@@ -95,7 +88,7 @@ class _Runner:
         """Run only positions ``p0..`` from now on, the first p0 from ``past`` (:meth:`with_kv` of a run
         of T positions); returns p0, or 0 (every position keeps running) where the cache does not hold
         every position."""
-        if p0 and all(k is not None and k.shape[-2] == T for k, _ in past):
+        if p0 and holds_every_position(past, T):
             self.past, self.p0 = past, p0
         return self.p0
 
@@ -104,26 +97,15 @@ def _runner(model, metric) -> _Runner:
     return _Runner(model, metric)
 
 
-def shared_prefix(model: HookedModel, task, run: _Runner) -> int:
-    """The positions [0, p0) at which the clean and corrupted prompts of ``task`` agree (tokens and
-    padding): there every run mixing them (patched circuits, interpolations, either run) is the clean
-    run, since attention is causal. 0 where that cannot be used: a metric reading more than the last
-    logits, a sliding-window cache or a detected map (:func:`~mechkit.patching.engine.kv_prefix_ok`),
-    or other hooks on the model (they may read every position). At most T - 1: one position runs."""
-    if not run.last_only or not kv_prefix_ok(model) or has_mechkit_hooks(model.hf_model):
-        return 0
-    differ = ((task.clean_tokens != task.corrupt_tokens) | (task.clean_mask != task.corrupt_mask)).any(0)
-    return int(differ.float().argmax()) if bool(differ.any()) else differ.shape[0] - 1
-
-
 def sender_outputs(model: HookedModel, graph: Graph, batch, run, pre_norm: bool = False, share: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(logits, senders [S, b, p, d], {group: output}) of a plain run (no grad); groups are
     ("attn", l) -> attn_out and ("mlp", l) -> mlp_out, for interpolation; ``pre_norm``: see
     :class:`SenderHooks` (the attention group is then ``hook_z``, the heads before any post-norm).
     ``share`` > 0: every later run shares this batch's first ``share`` positions
-    (:func:`shared_prefix`): this run keeps its keys and values, ``run`` runs only the later positions
-    from now on (:meth:`_Runner.share`), and the outputs are those positions' (p = T - run.p0)."""
+    (:func:`~mechkit.patching.engine.shared_prefix`): this run keeps its keys and values, ``run``
+    runs only the later positions from now on (:meth:`_Runner.share`), and the outputs are those
+    positions' (p = T - run.p0)."""
     sh = SenderHooks(model, graph, pre_norm=pre_norm)
     groups: dict = {}
 
@@ -374,7 +356,7 @@ def _plain_logits(run, batch) -> torch.Tensor:
 def _one_batch(model, graph, task, metric, method, o: AttributeOptions, scores, w, bar):
     """One batch's scores added into ``scores``. Returns (clean metric, corrupted metric)."""
     steps, grad_on, rules, run = o.ig_steps, o.grad_on, o.rules, _runner(model, metric)
-    share = shared_prefix(model, task, run)  # the first forward keeps those positions' keys and values
+    share = shared_prefix(model, task, run.last_only)  # the first forward keeps those positions' keys and values
     pre = o.post_norm_heads == "pre_norm"
     metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)

@@ -19,7 +19,7 @@ join the batch at that layer, carrying the clean run's residual stream there
 layer's MLP and attention output projection run on the last position only. Where the clean and
 corrupted prompts share their first p0 positions (IOI's differ from the subject's second mention on),
 every circuit's run equals the clean run there: only the later positions run, the first p0 positions'
-keys and values coming from the clean run (:func:`_shared_prefix`). Chunks of circuits are sized by
+keys and values coming from the clean run (:func:`~mechkit.patching.engine.shared_prefix`). Chunks of circuits are sized by
 ``max_bytes`` and ``max_tokens``.
 """
 
@@ -38,11 +38,12 @@ from ..patching.engine import (
     inject_hook,
     last_position_tail,
     rows_join_at_their_layer,
+    shared_prefix,
 )
 from ..patching.metrics import as_metric, logit_diff
 from ..patching.metrics import evaluate as metric_means
 from ..split_qkv import shared_inputs, shifted_heads
-from .attribute import _runner, sender_outputs, shared_prefix
+from .attribute import _runner, sender_outputs
 from .circuit import Circuit
 from .flow import SenderHooks, check_model, point, receiver_hooks
 from .post_norm import PostNorms
@@ -94,7 +95,7 @@ def evaluate(model: HookedModel, task, circuits, ablation: str = "corrupted", me
     post = PostNorms.of(model, graph, post_norm_heads)
     absent = torch.stack([graph.real & ~c.edges for c in circuits])  # [K, S, R]
     sparse = bool((absent.flatten(1).sum(1) <= 1).all())  # single-edge patching
-    p0 = shared_prefix(model, task, run) if ablation == "corrupted" else 0  # the means differ everywhere
+    p0 = shared_prefix(model, task, run.last_only) if ablation == "corrupted" else 0  # means differ everywhere
     clean = _clean_run(model, graph, clean_b, run, sparse, p0, post)
     metric.bind_clean(clean.logits)
     A = ablated_values(model, graph, task, ablation, metric, reference, pre_norm=post is not None)
@@ -153,7 +154,7 @@ class _Clean:
     its sender outputs ``senders`` [S, n, q, d] (what every sender upstream of a row's receiver
     carries) and each layer's input ``resid`` {layer: [n, T, d]} (injected where rows enter), and
     ``grows``: row groups join the batch at their receiver's layer; ``p0``: the positions every
-    circuit's run shares with it (:func:`~mechkit.circuits.attribute.shared_prefix`; the runner then
+    circuit's run shares with it (:func:`~mechkit.patching.engine.shared_prefix`; the runner then
     runs only the last q = T - p0)."""
     logits: torch.Tensor
     sparse: bool = False

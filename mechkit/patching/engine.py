@@ -73,6 +73,35 @@ def kv_prefix_ok(model: HookedModel) -> bool:
     return not windowed and fast_paths(model)
 
 
+def shared_prefix(model: HookedModel, task, last_only: bool) -> int:
+    """The positions [0, p0) at which the clean and corrupted prompts of ``task`` agree (tokens and
+    padding): there every run mixing them (either run, a patched or interpolated one) is the clean
+    run, since attention is causal, and every clean - corrupted difference is 0. 0 where that cannot
+    be used: a metric reading more than the last logits (``last_only`` False), a sliding-window cache
+    or a detected map (:func:`kv_prefix_ok`), or other hooks on the model (they may read every
+    position). At most T - 1: one position always runs."""
+    if not last_only or not kv_prefix_ok(model) or has_mechkit_hooks(model.hf_model):
+        return 0
+    differ = ((task.clean_tokens != task.corrupt_tokens) | (task.clean_mask != task.corrupt_mask)).any(0)
+    return int(differ.float().argmax()) if bool(differ.any()) else differ.shape[0] - 1
+
+
+def holds_every_position(past, T: int) -> bool:
+    """Whether a run's kept keys and values ([(keys, values)] per layer) hold all T positions."""
+    return past is not None and all(k is not None and k.shape[-2] == T for k, _ in past)
+
+
+def prefix_kwargs(model: HookedModel, batch: Batch, past, p0: int) -> dict:
+    """HF forward arguments running only positions ``p0..`` of ``batch``, the first p0 positions' keys
+    and values from ``past`` (a run they share: :func:`holds_every_position`); p0 = 0: the whole
+    batch, no cache."""
+    call = dict(batch.kwargs(), use_cache=p0 > 0)
+    if p0:
+        call.update(input_ids=call["input_ids"][:, p0:], position_ids=call["position_ids"][:, p0:])
+        call[cache_kwarg(model.hf_model)] = prefix_cache(past, p0)
+    return call
+
+
 def fast_paths(model: HookedModel) -> bool:
     """Whether the engine may skip layers, reuse the base run's KV cache and run the last layer's
     MLP on the last position only. Hand-written maps allow it; detected maps set
