@@ -235,3 +235,38 @@ def test_prompt_batches_give_the_same_scores(method):
     with pytest.raises(ValueError, match="positive number"):
         attribution_patch(m, task, batch_size=0, progress=False)
     assert not has_mechkit_hooks(m.hf_model)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_attribution_runs_only_positions_after_the_shared_prefix(name):
+    """IOI's clean and corrupted prompts agree up to the subject's second mention: there every
+    activation difference is 0, so after the clean run (which keeps its keys and values) the corrupted
+    and interpolated runs compute only the later positions. Scores equal those of the runs that compute
+    every position (a user's hook turns the shortcut off); per position they are 0 before p0."""
+    from mechkit.hookpoints import get_module
+
+    m = mk.load(name)
+    task = mk.tasks.ioi(m.tokenizer, n=3, seed=4)
+    T = task.clean_tokens.shape[1]
+    p0 = int(((task.clean_tokens != task.corrupt_tokens) | (task.clean_mask != task.corrupt_mask)).any(0).float().argmax())
+    assert 0 < p0 < T - 1
+    seen = []
+
+    def count(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+    handle = get_module(m.hf_model, m.hook_map.family["layers"])[-1].register_forward_pre_hook(count, with_kwargs=True)
+    runs = [("resid_pre", "atp", {}), ("z", "relp", {}), ("neurons", "atp", {}), ("attn_out", "ig", {"ig_steps": 2})]
+    try:
+        for sites, method, kw in runs:
+            seen.clear()
+            short = attribution_patch(m, task, sites=sites, by=None, method=method, progress=False, **kw)
+            assert seen.count(T) == 1 and set(seen) == {T, T - p0}, (sites, method, seen)
+            with m.hooks([("blocks.0.hook_resid_mid", lambda x, hook: None)]):
+                whole = attribution_patch(m, task, sites=sites, by=None, method=method, progress=False, **kw)
+            scale = float(whole.values.abs().max())
+            torch.testing.assert_close(short.values, whole.values, atol=1e-5 * scale, rtol=0, msg=(sites, method))
+            if "pos" in short.axes:
+                assert float(short.values[:, :p0].abs().max()) == 0.0
+    finally:
+        handle.remove()
+    assert not has_mechkit_hooks(m.hf_model)

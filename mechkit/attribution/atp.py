@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..hf_compat import accepts_logits_to_keep
 from ..options import merge_options
 from ..patching.activation import pos_labels
+from ..patching.engine import holds_every_position, prefix_kwargs, shared_prefix
 from ..patching.metrics import as_metric, check_baselines, logit_diff
 from ..patching.sites import PREFIXED_SITES, prefixed
 from ..results import Result
@@ -82,9 +83,11 @@ def _score(a_clean: torch.Tensor, a_corr: torch.Tensor, grad: torch.Tensor, unit
     return s.sum(-1) if unit == "head" else (s if unit == "neuron" else s.sum(-1))
 
 
-def _grad_run(model, batch, names, metric_fn, ig_patch=None, logits_kw=None):
+def _grad_run(model, batch, names, metric_fn, ig_patch=None, logits_kw=None, prefix=(None, 0)):
     """Corrupted forward with every site kept in the graph; returns (metric, acts, grads).
-    ``logits_kw``: extra forward arguments (``logits_to_keep=1`` when the metric reads the last position only)."""
+    ``logits_kw``: extra forward arguments (``logits_to_keep=1`` when the metric reads the last position
+    only); ``prefix`` = (keys and values, p0): run positions p0.. only
+    (:func:`~mechkit.patching.engine.prefix_kwargs`; a fresh cache per call)."""
     acts: dict[str, torch.Tensor] = {}
 
     def keep(x, hook):
@@ -96,7 +99,7 @@ def _grad_run(model, batch, names, metric_fn, ig_patch=None, logits_kw=None):
         return x
 
     with torch.enable_grad(), model.hooks([(n, keep) for n in names]):
-        logits = model.hf_model(**batch.kwargs(), use_cache=False, **(logits_kw or {})).logits
+        logits = model.hf_model(**prefix_kwargs(model, batch, *prefix), **(logits_kw or {})).logits
         m = metric_fn(logits)
         grads = torch.autograd.grad(m, [acts[n] for n in names], allow_unused=True)
     grads = [torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads)]
@@ -104,38 +107,46 @@ def _grad_run(model, batch, names, metric_fn, ig_patch=None, logits_kw=None):
 
 
 def _batch_scores(model, task, names, metric, method, unit, ig_steps, rules, bar):
-    """One batch of prompts: (per-layer scores [pos, (unit)] summed over the batch, M_clean, M_corrupt)."""
+    """One batch of prompts: (per-layer scores [pos, (unit)] summed over the batch, M_clean, M_corrupt).
+
+    Where the clean and corrupted prompts share their first p0 positions
+    (:func:`~mechkit.patching.engine.shared_prefix`) every activation difference is 0 there: the clean
+    run keeps its keys and values, the corrupted and interpolated runs compute positions p0.. only, and
+    the scores of the first p0 positions are 0."""
     metric_fn = lambda logits: prompt_mean(metric, logits)  # noqa: E731
     # the corrupted pass (forward and backward) needs one position of logits for a last-position metric
     kw = {"logits_to_keep": 1} if metric.last_only and accepts_logits_to_keep(model.hf_model) else {}
     clean_b = model.batch(task.clean_tokens, attention_mask=task.clean_mask)
     corr_b = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
-    logits_c, cache = model.run_with_cache(clean_b, names=names)
-    clean_acts = {n: cache[n] for n in names}
+    p0 = shared_prefix(model, task, bool(kw))
+    logits_c, cache = model.run_with_cache(clean_b, names=names, keep_kv=p0 > 0)
+    p0 = p0 if p0 and holds_every_position(cache.kv, clean_b.input_ids.shape[1]) else 0
+    prefix = (cache.kv if p0 else None, p0)
+    clean_acts = {n: cache[n][:, p0:] for n in names}
     metric.bind_clean(logits_c)
     with torch.no_grad():
         clean_metric = float(metric_fn(logits_c))
     if method == "ig":
         with torch.no_grad():
-            corr_metric = float(metric_fn(model.hf_model(**corr_b.kwargs(), use_cache=False, **kw).logits))
-        _, corr_acts, _ = _grad_run(model, corr_b, names, metric_fn, logits_kw=kw)
+            corr_metric = float(metric_fn(model.hf_model(**prefix_kwargs(model, corr_b, *prefix), **kw).logits))
+        _, corr_acts, _ = _grad_run(model, corr_b, names, metric_fn, logits_kw=kw, prefix=prefix)
         per_layer = []
         alphas = [(k + 0.5) / ig_steps for k in range(ig_steps)]
         for n in names:
             total = torch.zeros_like(corr_acts[n], dtype=torch.float64)
             for a in alphas:
                 point = corr_acts[n] + a * (clean_acts[n] - corr_acts[n])
-                _, _, g = _grad_run(model, corr_b, [n], metric_fn, ig_patch={n: point}, logits_kw=kw)
+                _, _, g = _grad_run(model, corr_b, [n], metric_fn, ig_patch={n: point}, logits_kw=kw, prefix=prefix)
                 total += g[n].double() / ig_steps
                 bar.update(1)
             per_layer.append(_score(clean_acts[n], corr_acts[n], total, unit).sum(0))
     else:
         with (lrp.rules(model, rules) if method == "relp" else nullcontext()):
-            corr_metric, corr_acts, grads = _grad_run(model, corr_b, names, metric_fn, logits_kw=kw)
+            corr_metric, corr_acts, grads = _grad_run(model, corr_b, names, metric_fn, logits_kw=kw, prefix=prefix)
         corr_metric = float(corr_metric)
         per_layer = [_score(clean_acts[n], corr_acts[n], grads[n], unit).sum(0) for n in names]
         bar.update(1)
-    return per_layer, clean_metric, corr_metric
+    return [torch.cat([s.new_zeros((p0,) + s.shape[1:]), s]) for s in per_layer], clean_metric, corr_metric
 
 
 @dataclass(frozen=True)
