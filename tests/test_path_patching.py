@@ -143,3 +143,31 @@ def test_path_patching_resumes_and_shards(tmp_path):
     assert (a.isnan() ^ b.isnan()).all()
     torch.testing.assert_close(torch.where(a.isnan(), b, a), whole.values)
     assert not has_mechkit_hooks(m.hf_model)
+
+
+@pytest.mark.parametrize("family,receivers", [("gpt2", [(2, 1, "q"), (2, 3, "v")]), ("llama", "logits")])
+def test_path_patching_runs_only_positions_after_the_shared_prefix(family, receivers):
+    """Where the clean and corrupted prompts agree on their first positions (left padding included),
+    every sender's corrupted z equals its clean z there, so both runs of every chunk compute only the
+    later positions (the clean run's keys and values for the first ones) and still equal the loop."""
+    from mechkit.hookpoints import get_module
+    from mechkit.tasks.base import PatchingTask
+
+    m = HookedModel(random_hf_model(family))
+    t = make_task(m.cfg.d_vocab)
+    p0 = int((t.clean_mask == 0).sum(1).max()) + 1  # one real token past the longest padding is shared
+    corrupt = t.corrupt_tokens.clone()
+    corrupt[:, :p0] = t.clean_tokens[:, :p0]
+    task = PatchingTask(t.clean_tokens, corrupt, t.clean_mask, t.corrupt_mask, t.answer_ids, t.wrong_ids, [], [])
+    n, T = task.clean_tokens.shape
+    seen = []
+    handle = get_module(m.hf_model, m.hook_map.family["layers"])[-1].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+    try:
+        res = path_patch(m, task, receivers, max_batch_tokens=2 * n * T, progress=False, normalise=False)
+    finally:
+        handle.remove()
+    assert seen.count(T) == 2 and set(seen) == {T, T - p0}, seen  # the clean and corrupted runs: every position
+    ref = reference_path_patch(m, task, receivers, logit_diff(task))
+    torch.testing.assert_close(res.values, ref, atol=1e-6, rtol=0)
+    assert not has_mechkit_hooks(m.hf_model)

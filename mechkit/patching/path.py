@@ -20,7 +20,11 @@ score 1.
 Both runs are fused like the patching engine's chunks: a chunk of k senders is one batch of ``k * n``
 rows (row ``g * n + i`` is prompt i under sender g); the sender run starts at the chunk's lowest
 sender layer and stops after the last receiver layer, the receiver run starts at the lowest receiver
-layer (the clean residual stream is injected there, layers below are not run).
+layer (the clean residual stream is injected there, layers below are not run). Where the clean and
+corrupted prompts share their first p0 positions (IOI's differ from the subject's second mention on),
+every sender's corrupted output equals its clean one there and both runs are the clean run: they
+compute positions p0.. only, the first p0 positions' keys and values coming from the clean run
+(:func:`~mechkit.patching.engine.shared_prefix`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from ..results import Result
 from ..sites import act_name
 from .activation import check_aligned
 from .checkpoint import task_part
-from .engine import inject_hook, start_at_layer
+from .engine import holds_every_position, inject_hook, prefix_kwargs, shared_prefix, start_at_layer
 from .metrics import as_metric, check_baselines, evaluate, logit_diff
 from .sweep import SweepOptions, run_sweep
 
@@ -72,8 +76,10 @@ class _PathRunner:
     pos_column = None  # every position runs: a sender's z is replaced at all of them
     grows = False  # every row group runs from the chunk's lowest sender layer
 
-    def __init__(self, model, clean, clean_z, corrupt_z, clean_mlp, corrupt_mlp, clean_resid, receivers, metric):
+    def __init__(self, model, clean, clean_z, corrupt_z, clean_mlp, corrupt_mlp, clean_resid, receivers, metric,
+                 prefix=(None, 0)):
         self.model, self.clean, self.metric = model, clean, metric
+        self.prefix = prefix  # (the clean run's keys and values, p0): only positions p0.. run
         self.clean_z, self.corrupt_z, self.clean_resid = clean_z, corrupt_z, clean_resid
         self.clean_mlp, self.corrupt_mlp = clean_mlp, corrupt_mlp
         self.receivers = receivers
@@ -90,10 +96,11 @@ class _PathRunner:
         clean, corrupt = self.clean_z[layer], self.corrupt_z[layer]
 
         def hook(x, h):
-            xv = x.reshape((k, self.n) + tuple(x.shape[1:]))  # [k, n, T, H, dh]
+            xv = x.reshape((k, self.n) + tuple(x.shape[1:]))  # [k, n, q, H, dh] (q: the positions that run)
+            clean_q, corrupt_q = clean[:, clean.shape[1] - x.shape[1]:], corrupt[:, corrupt.shape[1] - x.shape[1]:]
             m = sender_heads.to(x.device)[:, None, None, :, None]
-            out = torch.where(m, corrupt.to(x.device, x.dtype).unsqueeze(0), clean.to(x.device, x.dtype).unsqueeze(0))
-            return out.expand_as(xv).reshape(x.shape)  # [k, n, T, H, dh] -> rows
+            out = torch.where(m, corrupt_q.to(x.device, x.dtype).unsqueeze(0), clean_q.to(x.device, x.dtype).unsqueeze(0))
+            return out.expand_as(xv).reshape(x.shape)  # [k, n, q, H, dh] -> rows
         return hook
 
     def _mlp(self, k: int, layer: int, senders_here: torch.Tensor, frozen: bool):
@@ -102,12 +109,14 @@ class _PathRunner:
         clean, corrupt = self.clean_mlp.get(layer), self.corrupt_mlp.get(layer)
 
         def hook(x, h):
-            xv = x.reshape((k, self.n) + tuple(x.shape[1:]))  # [k, n, T, d]
-            base = clean.to(x.device, x.dtype).unsqueeze(0).expand_as(xv) if frozen else xv
+            xv = x.reshape((k, self.n) + tuple(x.shape[1:]))  # [k, n, q, d]
+            q = x.shape[1]
+            base = clean[:, clean.shape[1] - q:].to(x.device, x.dtype).unsqueeze(0).expand_as(xv) if frozen else xv
             if not senders_here.any():
                 return base.reshape(x.shape)
             m = senders_here.to(x.device)[:, None, None, None]
-            return torch.where(m, corrupt.to(x.device, x.dtype).unsqueeze(0), base).reshape(x.shape)
+            return torch.where(m, corrupt[:, corrupt.shape[1] - q:].to(x.device, x.dtype).unsqueeze(0),
+                               base).reshape(x.shape)
         return hook
 
     @torch.no_grad()
@@ -116,8 +125,7 @@ class _PathRunner:
         prompt-mean metric of the receiver run."""
         k, m, b = senders.shape[0], self.model, self.clean
         k0 = int(senders[:, 0].min())
-        kw = dict(input_ids=b.input_ids.repeat(k, 1), attention_mask=b.attention_mask.repeat(k, 1),
-                  position_ids=b.position_ids.repeat(k, 1), use_cache=False)
+        rows = type(b)(*(t.repeat(k, 1) for t in (b.input_ids, b.attention_mask, b.position_ids)))
         hooks = [(act_name("resid_pre", k0), inject_hook(k, self.clean_resid[k0]))] if k0 > 0 else []
         for layer in range(k0, self.L):
             here = senders[:, 0] == layer
@@ -137,6 +145,7 @@ class _PathRunner:
         # the sender run only has to reach the last receiver layer (its logits are not read)
         end = None if self.receivers == "logits" else max(l for l, _, _ in self.receivers) + 1
         with m.hooks(hooks), start_at_layer(m, k0, end):
+            kw = prefix_kwargs(m, rows, *self.prefix)  # a fresh cache per forward
             logits = m.hf_model(**kw, **(self.keep_metric if end is None else self.keep_none)).logits
         if self.receivers == "logits":
             return evaluate(self.metric, logits, self.n)
@@ -152,7 +161,7 @@ class _PathRunner:
                 return out
             hooks.append((act_name(which, l), put))
         with m.hooks(hooks), start_at_layer(m, r0):
-            logits = m.hf_model(**kw, **self.keep_metric).logits
+            logits = m.hf_model(**prefix_kwargs(m, rows, *self.prefix), **self.keep_metric).logits
         return evaluate(self.metric, logits, self.n)
 
 
@@ -166,7 +175,10 @@ def _clean_and_corrupt(model: HookedModel, task, recv, include_mlps: bool, metri
     z_names = [act_name("z", l) for l in range(L)]
     mlp_names = [act_name("mlp_out", l) for l in range(L)] if recv == "logits" or include_mlps else []
     resid_names = [act_name("resid_pre", l) for l in range(L)]
-    clean_logits, cc = model.run_with_cache(clean, names=z_names + mlp_names + resid_names)
+    keep = accepts_logits_to_keep(model.hf_model) and metric.last_only
+    p0 = shared_prefix(model, task, keep)  # both runs of every chunk are the clean run there
+    clean_logits, cc = model.run_with_cache(clean, names=z_names + mlp_names + resid_names, keep_kv=p0 > 0)
+    p0 = p0 if p0 and holds_every_position(cc.kv, clean.input_ids.shape[1]) else 0
     corrupt_logits, rc = model.run_with_cache(corrupt, names=z_names + (mlp_names if include_mlps else []))
     metric_key = fingerprint(metric) if fingerprinted else None
     metric.bind_clean(clean_logits)
@@ -175,7 +187,7 @@ def _clean_and_corrupt(model: HookedModel, task, recv, include_mlps: bool, metri
     runner = _PathRunner(model, clean, {l: cc[z_names[l]] for l in range(L)}, {l: rc[z_names[l]] for l in range(L)},
                          {l: cc[mlp_names[l]] for l in range(L)} if mlp_names else {},
                          {l: rc[mlp_names[l]] for l in range(L)} if include_mlps else {},
-                         {l: cc[resid_names[l]] for l in range(L)}, recv, metric)
+                         {l: cc[resid_names[l]] for l in range(L)}, recv, metric, (cc.kv if p0 else None, p0))
     return runner, m_clean, m_corrupt, metric_key
 
 
