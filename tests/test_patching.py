@@ -444,3 +444,34 @@ def test_append_rows_refuses_an_unknown_per_row_argument():
     finally:
         h.remove()
     assert not layer._forward_pre_hooks
+
+
+@pytest.mark.parametrize("family,site,by,mode", [
+    ("gpt2", "z", ("layer", "head"), "denoise"),
+    ("llama", "resid_pre", ("layer", "pos"), "noise"),
+    ("llama", "v", ("layer", "head", "pos"), "denoise"),
+    ("gpt2", "pattern", ("layer", "head", "pos", "key_pos"), "denoise"),
+])
+def test_sweeps_run_only_positions_after_the_shared_prefix(family, site, by, mode):
+    """Where the clean and corrupted prompts agree on their first positions, source and base agree there:
+    every chunk runs only the later positions (the base run's keys and values for the first ones), patches
+    at shared positions change nothing, and every value equals the one-forward-per-patch loop."""
+    m = HookedModel(random_hf_model(family))
+    t = make_task(m.cfg.d_vocab, lengths=[7, 5, 6])
+    p0 = int((t.clean_mask == 0).sum(1).max()) + 2  # two real tokens past the longest padding are shared
+    corrupt = t.corrupt_tokens.clone()
+    corrupt[:, :p0] = t.clean_tokens[:, :p0]
+    task = PatchingTask(t.clean_tokens, corrupt, t.clean_mask, t.corrupt_mask, t.answer_ids, t.wrong_ids, [], [])
+    T = task.clean_tokens.shape[1]
+    seen = []
+    handle = get_module(m.hf_model, m.hook_map.family["layers"])[-1].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+    try:
+        res = activation_patch(m, task, sites=site, by=by, mode=mode, progress=False, max_batch_tokens=10 ** 6,
+                               normalise=False)
+    finally:
+        handle.remove()
+    assert seen.count(T) == 2 and set(seen) == {T, T - p0}, seen  # the source and base runs: every position
+    ref = reference_patch(m, task, site, by, logit_diff(task), mode=mode, normalise=False)
+    torch.testing.assert_close(res.values, ref, atol=1e-6, rtol=0, equal_nan=True)
+    assert not has_mechkit_hooks(m.hf_model)

@@ -21,7 +21,7 @@ from ..inputs import Batch
 from ..results import Result
 from ..sites import act_name
 from .checkpoint import task_part
-from .engine import FusedRunner, fast_paths, kv_prefix_ok
+from .engine import FusedRunner, fast_paths, kv_prefix_ok, shared_prefix
 from .memory import tokens_for_budget
 from .metrics import as_metric, check_baselines, evaluate, logit_diff
 from .sites import PREFIXED_SITES, SiteKind, axis_size, check_by, prefixed, site_kind
@@ -78,16 +78,18 @@ def prefix_reusable(model: HookedModel, by) -> bool:
 
 
 def fused_runner(model: HookedModel, kind: SiteKind, by, base: Batch, source: dict, metric, base_out,
-                 options: SweepOptions) -> FusedRunner:
+                 options: SweepOptions, shared: int = 0) -> FusedRunner:
     """The fused patching runner for a sweep over ``kind`` by ``by`` (see :class:`FusedRunner`).
 
     base: Batch [n, T] patched into; base_out: :func:`base_run` of it; source: {layer: activation
     [n, ...]} written at each patch's index. Positions before a chunk's earliest patch reuse the base
-    run's KV cache when ``by`` has a position axis and the base run kept one.
+    run's KV cache when ``by`` has a position axis and the base run kept one; so do the first ``shared``
+    positions, where source and base agree (the task's clean and corrupted prompts share them:
+    :func:`~mechkit.patching.engine.shared_prefix`), whatever ``by``.
     """
     logits, resid, past = base_out
-    past = past if "pos" in by else None
-    return FusedRunner(model, kind, by, base, source, resid, metric, options.skip_layers, past, logits)
+    past = past if "pos" in by or shared else None
+    return FusedRunner(model, kind, by, base, source, resid, metric, options.skip_layers, past, logits, shared)
 
 
 def _baselines(model: HookedModel, task, kind: SiteKind, by, layers, mode: str, metric, opts: SweepOptions):
@@ -99,7 +101,8 @@ def _baselines(model: HookedModel, task, kind: SiteKind, by, layers, mode: str, 
     corrupt = model.batch(task.corrupt_tokens, attention_mask=task.corrupt_mask)
     base, src = (corrupt, clean) if mode == "denoise" else (clean, corrupt)
     src_logits, src_cache = model.run_with_cache(src, names=[kind.hook_name(l) for l in layers])
-    base_out = base_run(model, base, keep_kv=skip_prefix and prefix_reusable(model, by))
+    shared = shared_prefix(model, task, metric.last_only and accepts_logits_to_keep(model.hf_model)) if skip_prefix else 0
+    base_out = base_run(model, base, keep_kv=skip_prefix and (prefix_reusable(model, by) or shared > 0))
     base_logits = base_out[0]
     clean_logits, corrupt_logits = (src_logits, base_logits) if mode == "denoise" else (base_logits, src_logits)
     metric_key = fingerprint(metric) if opts.checkpoint_dir is not None else None
@@ -109,7 +112,7 @@ def _baselines(model: HookedModel, task, kind: SiteKind, by, layers, mode: str, 
     if metric.last_only and accepts_logits_to_keep(model.hf_model):
         base_out = (None,) + tuple(base_out[1:])  # the chunks never read the base logits: don't hold [n, T, d_vocab]
     source = {l: src_cache[kind.hook_name(l)] for l in layers}
-    return base, source, base_out, m_clean, m_corrupt, metric_key
+    return base, source, base_out, m_clean, m_corrupt, metric_key, shared
 
 
 def _check_args(model: HookedModel, task, sites, by, mode, layers):
@@ -174,13 +177,14 @@ def activation_patch(model: HookedModel, task, sites: str = "resid_pre", by=None
     metric = as_metric(metric if metric is not None else logit_diff(task))
     normalise = metric.normalise if normalise is None else normalise
     cfg, (n, T) = model.cfg, task.clean_tokens.shape
-    base, source, base_out, m_clean, m_corrupt, metric_key = _baselines(model, task, kind, by, layers, mode, metric, opts)
+    base, source, base_out, m_clean, m_corrupt, metric_key, shared = _baselines(model, task, kind, by, layers, mode,
+                                                                                metric, opts)
     check_baselines(m_clean, m_corrupt, normalise, metric)
     if opts.max_batch_bytes is not None:
         opts = replace(opts, max_batch_tokens=tokens_for_budget(cfg, T, not metric.last_only, opts.max_batch_bytes))
     sizes = [len(layers)] + [axis_size(kind, a, cfg, T) for a in by[1:]]
     grid = torch.tensor(list(itertools.product(layers, *[range(s) for s in sizes[1:]])), dtype=torch.long)
-    runner = fused_runner(model, kind, by, base, source, metric, base_out, opts)
+    runner = fused_runner(model, kind, by, base, source, metric, base_out, opts, shared)
     key = dict(task=task_part(task), metric=metric_key,
                options=dict(mode=mode, layers=layers, cfg=cfg.to_dict(), site=kind.name, by=list(by),
                             skip_layers=opts.skip_layers, skip_prefix=runner.base_past is not None))

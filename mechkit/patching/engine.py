@@ -200,6 +200,9 @@ class FusedRunner:
             positions before the earliest patched position of a chunk are not run.
         base_logits: [n, T, d_vocab] of the base run: a metric that reads every position gets
             them for the positions that were not run (they cannot change).
+        shared: the positions [0, shared) where source and base agree (:func:`shared_prefix`; the
+            source is the other run of the task): no chunk runs them (with ``base_past``), a patch there
+            changes nothing.
 
     With a last-position metric the last layer's MLP (and its attention output projection where nothing
     patched sits after it) runs on the last position only (see :func:`last_position_tail`). With
@@ -209,15 +212,17 @@ class FusedRunner:
     """
 
     def __init__(self, model, kind: SiteKind, by, base: Batch, source: dict, base_resid_pre: dict, metric,
-                 skip_layers: bool = True, base_past: list | None = None, base_logits: torch.Tensor | None = None):
+                 skip_layers: bool = True, base_past: list | None = None, base_logits: torch.Tensor | None = None,
+                 shared: int = 0):
         self.model, self.kind, self.by, self.base = model, kind, tuple(by), base
         self.source, self.base_resid_pre, self.metric = source, base_resid_pre, metric
         self.n = base.input_ids.shape[0]
         self.skip_layers = skip_layers
-        self.base_past = base_past if "pos" in self.by else None
+        self.shared = shared if base_past is not None else 0
+        self.base_past = base_past if ("pos" in self.by or self.shared) else None
         self.T = base.input_ids.shape[1]
         self.base_logits = base_logits
-        self.pos_column = self.by.index("pos") if self.base_past is not None else None  # for the planner
+        self.pos_column = self.by.index("pos") if self.base_past is not None and "pos" in self.by else None  # planner
         self.cache_kw = cache_kwarg(model.hf_model)
         self.last_only = as_metric(metric).last_only and accepts_logits_to_keep(model.hf_model)
         # other hooks on the model might read positions the shortcut leaves stale (checked once per sweep)
@@ -230,7 +235,7 @@ class FusedRunner:
 
         def hook(x: torch.Tensor, h) -> torch.Tensor:
             rest = tuple(x.shape[1:])
-            s, ix = src, idx
+            s, ix, gs = src, idx, groups
             if "pos" in kind.dims:  # a KV-cache run computes only the last positions
                 d = kind.dims.index("pos")
                 off = src.shape[1 + d] - rest[d]
@@ -239,10 +244,12 @@ class FusedRunner:
                     if "pos" in by:
                         ix = idx.clone()
                         ix[:, by.index("pos") - 1] -= off
+                        ran = ix[:, by.index("pos") - 1] >= 0  # patches in the shared prefix: source = base there
+                        ix, gs = ix[ran], groups[ran.to(groups.device)]
             k = x.shape[0] // n  # the row groups in the batch at this point (it grows with the layers)
             mask = torch.zeros((k, 1) + tuple(1 if (d not in by) else rest[i] for i, d in enumerate(kind.dims)),
                                dtype=torch.bool, device=x.device)
-            mask[groups.to(x.device)] = patch_mask(kind, by, ix.to(x.device), rest)
+            mask[gs.to(x.device)] = patch_mask(kind, by, ix.to(x.device), rest)
             xv = x.reshape((k, n) + rest)
             return torch.where(mask, s.to(x.device, x.dtype).unsqueeze(0), xv).reshape(x.shape)
 
@@ -266,7 +273,8 @@ class FusedRunner:
             groups = sel.nonzero()[:, 0]
             hooks.append((self.kind.hook_name(layer), self._patch_hook(groups, items[sel, 1:], self.source[layer])))
         b = self.base
-        p0 = int(items[:, self.by.index("pos")].min()) if self.base_past is not None else 0
+        p0 = int(items[:, self.by.index("pos")].min()) if self.pos_column is not None else 0
+        p0 = max(p0, self.shared)
         if not self.last_only and self.base_logits is None:
             p0 = 0
         kw = dict(input_ids=b.input_ids[:, p0:].repeat(k_in, 1), attention_mask=b.attention_mask.repeat(k_in, 1),
