@@ -475,3 +475,32 @@ def test_sweeps_run_only_positions_after_the_shared_prefix(family, site, by, mod
     ref = reference_patch(m, task, site, by, logit_diff(task), mode=mode, normalise=False)
     torch.testing.assert_close(res.values, ref, atol=1e-6, rtol=0, equal_nan=True)
     assert not has_mechkit_hooks(m.hf_model)
+
+
+def test_shared_prefix_is_not_used_where_it_would_be_wrong():
+    """The shortcut needs the first positions' keys and values to be reusable and nothing else to read
+    them: a sliding-window cache, a detected map, a metric reading every position, other hooks on the
+    model, or prompts that differ in padding give p0 = 0."""
+    from mechkit.patching.engine import shared_prefix
+
+    t = make_task(211, lengths=[7, 5, 6])
+    corrupt = t.corrupt_tokens.clone()
+    corrupt[:, :4] = t.clean_tokens[:, :4]
+    task = PatchingTask(t.clean_tokens, corrupt, t.clean_mask, t.corrupt_mask, t.answer_ids, t.wrong_ids, [], [])
+    m = HookedModel(random_hf_model("llama"))
+    assert shared_prefix(m, task, last_only=True) == 4
+    assert shared_prefix(m, task, last_only=False) == 0
+    with m.hooks([("blocks.0.hook_resid_pre", lambda x, hook: None)]):
+        assert shared_prefix(m, task, last_only=True) == 0
+    mask = t.corrupt_mask.clone()
+    mask[1, 1] = 1  # one prompt's corrupted version is padded differently: position 1 is a token there
+    other = PatchingTask(t.clean_tokens, corrupt, t.clean_mask, mask, t.answer_ids, t.wrong_ids, [], [])
+    assert shared_prefix(m, other, last_only=True) == 1
+    assert shared_prefix(HookedModel(random_hf_model("mistral")), task, last_only=True) == 0  # sliding window
+    assert shared_prefix(HookedModel(random_hf_model("gemma2")), task, last_only=True) == 0
+    from mechkit.autodetect import detect_map
+    from mechkit.patching.engine import fast_paths
+
+    hf = random_hf_model("llama")
+    detected = HookedModel(hf, hook_map=detect_map(hf))
+    assert not fast_paths(detected) and shared_prefix(detected, task, last_only=True) == 0
