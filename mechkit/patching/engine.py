@@ -235,7 +235,7 @@ class FusedRunner:
 
         def hook(x: torch.Tensor, h) -> torch.Tensor:
             rest = tuple(x.shape[1:])
-            s, ix, gs = src, idx, groups
+            s, ix, ran = src, idx, None
             if "pos" in kind.dims:  # a KV-cache run computes only the last positions
                 d = kind.dims.index("pos")
                 off = src.shape[1 + d] - rest[d]
@@ -245,11 +245,14 @@ class FusedRunner:
                         ix = idx.clone()
                         ix[:, by.index("pos") - 1] -= off
                         ran = ix[:, by.index("pos") - 1] >= 0  # patches in the shared prefix: source = base there
-                        ix, gs = ix[ran], groups[ran.to(groups.device)]
+                        ix = ix.clamp(min=0)  # (their masks are cleared below: no-ops, not wrapped indices)
             k = x.shape[0] // n  # the row groups in the batch at this point (it grows with the layers)
             mask = torch.zeros((k, 1) + tuple(1 if (d not in by) else rest[i] for i, d in enumerate(kind.dims)),
                                dtype=torch.bool, device=x.device)
-            mask[gs.to(x.device)] = patch_mask(kind, by, ix.to(x.device), rest)
+            written = patch_mask(kind, by, ix.to(x.device), rest)
+            if ran is not None:
+                written &= ran.to(x.device).view((-1,) + (1,) * (written.dim() - 1))
+            mask[groups.to(x.device)] = written
             xv = x.reshape((k, n) + rest)
             return torch.where(mask, s.to(x.device, x.dtype).unsqueeze(0), xv).reshape(x.shape)
 
