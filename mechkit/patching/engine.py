@@ -82,6 +82,8 @@ def shared_prefix(model: HookedModel, task, last_only: bool) -> int:
     position). At most T - 1: one position always runs."""
     if not last_only or not kv_prefix_ok(model) or has_mechkit_hooks(model.hf_model):
         return 0
+    if task.clean_tokens.shape != task.corrupt_tokens.shape or task.clean_mask.shape != task.corrupt_mask.shape:
+        return 0  # not aligned: the callers' own checks say so
     differ = ((task.clean_tokens != task.corrupt_tokens) | (task.clean_mask != task.corrupt_mask)).any(0)
     return int(differ.float().argmax()) if bool(differ.any()) else differ.shape[0] - 1
 
