@@ -51,12 +51,17 @@ def model_and_task(device: str, n: int = 16, T: int = 20, shared: int = 0):
     torch.manual_seed(0)
     hf = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)).eval().to(device)
     m = HookedModel(hf, None)
+    return m, random_task(m, device, n, T, shared)
+
+
+def random_task(m, device: str, n: int = 16, T: int = 20, shared: int = 0) -> PatchingTask:
+    """``n`` random clean prompts of ``T`` tokens; the corrupted ones repeat their first ``shared`` tokens."""
     g = torch.Generator().manual_seed(0)
     clean, corrupt = torch.randint(1, m.cfg.d_vocab, (2, n, T), generator=g)
     corrupt[:, :shared] = clean[:, :shared]
     mask = torch.ones(n, T, dtype=torch.long)
     ans, wrong = torch.randint(1, m.cfg.d_vocab, (2, n), generator=g)
-    return m, PatchingTask(clean, corrupt, mask, mask.clone(), ans, wrong, [], []).to(device)
+    return PatchingTask(clean, corrupt, mask, mask.clone(), ans, wrong, [], []).to(device)
 
 
 def fwd_bwd(m, task):
@@ -166,7 +171,7 @@ def main(argv=None) -> int:
     sizes = [max(1, round(f * g.n_edges)) for f in torch.logspace(-3, torch.log10(torch.tensor(0.5)), 20).tolist()]
     circuits = [eap.circuit(k) for k in sizes]
     top200 = [name for name, _ in eap.top(200)]
-    _, ioi = model_and_task(args.device, shared=SHARED)
+    ioi = random_task(m, args.device, shared=SHARED)
     eap_ioi = C.attribute(m, ioi, method="eap", progress=False)
     circuits_ioi = [eap_ioi.circuit(k) for k in sizes]
     top200_ioi = [name for name, _ in eap_ioi.top(200)]
