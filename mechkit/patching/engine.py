@@ -73,6 +73,11 @@ def kv_prefix_ok(model: HookedModel) -> bool:
     return not windowed and fast_paths(model)
 
 
+# Whether analyses skip the positions a task's clean and corrupted prompts share (:func:`shared_prefix`);
+# the results are the same either way (tested): a switch for measuring what it saves.
+USE_SHARED_PREFIX = True
+
+
 def shared_prefix(model: HookedModel, task, last_only: bool) -> int:
     """The positions [0, p0) at which the clean and corrupted prompts of ``task`` agree (tokens and
     padding): there every run mixing them (either run, a patched or interpolated one) is the clean
@@ -80,7 +85,7 @@ def shared_prefix(model: HookedModel, task, last_only: bool) -> int:
     be used: a metric reading more than the last logits (``last_only`` False), a sliding-window cache
     or a detected map (:func:`kv_prefix_ok`), or other hooks on the model (they may read every
     position). At most T - 1: one position always runs."""
-    if not last_only or not kv_prefix_ok(model) or has_mechkit_hooks(model.hf_model):
+    if not (USE_SHARED_PREFIX and last_only and kv_prefix_ok(model)) or has_mechkit_hooks(model.hf_model):
         return 0
     if task.clean_tokens.shape != task.corrupt_tokens.shape or task.clean_mask.shape != task.corrupt_mask.shape:
         return 0  # not aligned: the callers' own checks say so
