@@ -472,6 +472,7 @@ def test_sweeps_run_only_positions_after_the_shared_prefix(family, site, by, mod
     finally:
         handle.remove()
     assert seen.count(T) == 2 and set(seen) == {T, T - p0}, seen  # the source and base runs: every position
+    assert res.meta["shared_prefix"] == p0
     ref = reference_patch(m, task, site, by, logit_diff(task), mode=mode, normalise=False)
     torch.testing.assert_close(res.values, ref, atol=1e-6, rtol=0, equal_nan=True)
     assert not has_mechkit_hooks(m.hf_model)

@@ -168,6 +168,7 @@ def test_path_patching_runs_only_positions_after_the_shared_prefix(family, recei
     finally:
         handle.remove()
     assert seen.count(T) == 2 and set(seen) == {T, T - p0}, seen  # the clean and corrupted runs: every position
+    assert res.meta["shared_prefix"] == p0
     ref = reference_path_patch(m, task, receivers, logit_diff(task))
     torch.testing.assert_close(res.values, ref, atol=1e-6, rtol=0)
     assert not has_mechkit_hooks(m.hf_model)

@@ -194,7 +194,8 @@ def activation_patch(model: HookedModel, task, sites: str = "resid_pre", by=None
                 metric=repr(metric), normalised=normalise, n_prompts=n, n_pos=T,
                 chunk_size=info["chunk_size"], n_chunks=info["n_chunks"], chunks_computed=info["chunks_computed"],
                 max_batch_tokens=opts.max_batch_tokens, shard=list(opts.shard), model=cfg.to_dict(),
-                skip_layers=opts.skip_layers, skip_prefix=runner.base_past is not None, chunk_sizes=info["chunk_sizes"], seconds=time.perf_counter() - t0)
+                skip_layers=opts.skip_layers, skip_prefix=runner.base_past is not None, shared_prefix=runner.shared,
+                chunk_sizes=info["chunk_sizes"], seconds=time.perf_counter() - t0)
     return Result(values.reshape(sizes), tuple(by), _labels(model, task, by, layers, sizes),
                   {"clean": m_clean, "corrupt": m_corrupt}, meta, name=f"patch_{kind.name}")
 

@@ -248,7 +248,8 @@ def path_patch(model: HookedModel, task, receivers, metric=None, senders=None, n
     values = (raw - m_corrupt) / (m_clean - m_corrupt) if normalise else raw
     labels = {"layer": [str(x) for x in layers], "head": [f"H{h}" for h in range(H)] + (["MLP"] if include_mlps else [])}
     meta = dict(method="path_patch", receivers=recv if recv == "logits" else [list(r) for r in recv],
-                metric=repr(metric), normalised=normalise, n_prompts=runner.n, n_chunks=info["n_chunks"],
+                metric=repr(metric), normalised=normalise, n_prompts=runner.n, shared_prefix=runner.prefix[1],
+                n_chunks=info["n_chunks"],
                 chunks_computed=info["chunks_computed"], chunk_sizes=info["chunk_sizes"], shard=list(opts.shard),
                 model=cfg.to_dict(), seconds=time.perf_counter() - t0)
     return Result(values.reshape(len(layers), width), ("layer", "head"), labels, {"clean": m_clean, "corrupt": m_corrupt},
