@@ -35,11 +35,14 @@ CONFIGS = {
 FAMILIES = list(CONFIGS)
 
 
-def random_hf_model(family: str, seed: int = 0, attn: str = "sdpa", dtype=torch.float32, bias_noise: bool = True):
+def random_hf_model(family: str, seed: int = 0, attn: str = "sdpa", dtype=torch.float32, bias_noise: bool = True,
+                    **config):
     """An HF causal LM of ``family`` with seeded random weights (biases and norm weights perturbed
-    so that no decomposition holds by accident)."""
+    so that no decomposition holds by accident); ``config``: attributes set on its config."""
     torch.manual_seed(seed)
     cfg = CONFIGS[family]()
+    for k, v in config.items():
+        setattr(cfg, k, v)
     try:
         model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
     except ValueError:  # Gemma 2 has no sdpa path: its own default is eager

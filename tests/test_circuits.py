@@ -27,6 +27,8 @@ def test_edge_counts():
     assert g.edge_name(*g.edge_index("a0.h3->a1.kv1<k>")) == "a0.h3->a1.kv1<k>"
     with pytest.raises(KeyError, match="no edge named"):
         g.edge_index("a1.h0->a0.h0<q>")
+    with pytest.raises(KeyError, match=r"names look like 'input->a0\.kv0<k>', 'm1->logits'"):  # the example is this graph's
+        g.edge_index("a0.h1->a1.h1<v>")  # a query head's number where GQA names the KV head
 
 
 HAND = ["a1.h0->logits", "input->a1.h0<v>", "input->a1.h0<q>", "a0.h0->a1.h0<k>", "input->a0.h0<v>"]
@@ -306,6 +308,48 @@ def test_evaluation_runs_only_positions_after_the_shared_prefix(name):
     assert_single_edges_equal_the_hand_loop(m, task, g, edges, short_edges)
     assert abs(mean - hand_evaluate(m, task, circuits[0], ablation="mean")) < 1e-5
     assert not has_mechkit_hooks(m.hf_model)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+def test_shared_prefix_on_a_sliding_window_longer_than_the_prompts(family):
+    """Sliding-window models (Gemma 2 with its post-norms, Mistral) whose window the prompts do not reach
+    take the shortcut too: evaluation, single edges and attribution run only the later positions and equal
+    the hand loops and the runs over every position."""
+    from factories import random_hf_model
+    from test_patching import make_task
+
+    from mechkit.model import HookedModel
+    from mechkit.tasks.base import PatchingTask
+
+    t = make_task(211, lengths=[7, 5, 6])
+    T, p0 = t.clean_tokens.shape[1], 4
+    corrupt = t.corrupt_tokens.clone()
+    corrupt[:, :p0] = t.clean_tokens[:, :p0]
+    task = PatchingTask(t.clean_tokens, corrupt, t.clean_mask, t.corrupt_mask, t.answer_ids, t.wrong_ids, [], [])
+    m = HookedModel(random_hf_model(family, sliding_window=T + 1))
+    g = C.Graph.from_model(m)
+    gen = torch.Generator().manual_seed(1)
+    circuits = [C.Circuit(g, torch.rand(g.real.shape, generator=gen) < p) for p in (0.05, 0.5)]
+    edges = ["input->a0.h0<q>", "a0.h3->m1", "m1->logits", "a0.h1->a2.kv1<v>"]
+    seen = []
+    handle = get_module(m.hf_model, m.hook_map.family["layers"])[-1].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+    try:
+        short, (_, short_edges), short_eap = (C.evaluate(m, task, circuits), C.edge_patching(m, task, edges),
+                                              C.attribute(m, task, "eap", progress=False))
+        assert T - p0 in seen
+        seen.clear()
+        with m.hooks([("blocks.0.hook_resid_mid", lambda x, hook: None)]):
+            whole, (_, whole_edges), whole_eap = (C.evaluate(m, task, circuits), C.edge_patching(m, task, edges),
+                                                  C.attribute(m, task, "eap", progress=False))
+        assert set(seen) == {T}
+    finally:
+        handle.remove()
+    torch.testing.assert_close(short, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short, torch.tensor([hand_evaluate(m, task, c) for c in circuits]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short_edges, whole_edges, atol=1e-5, rtol=1e-5)
+    assert_single_edges_equal_the_hand_loop(m, task, g, edges, short_edges)
+    torch.testing.assert_close(short_eap.values, whole_eap.values, atol=1e-5 * float(whole_eap.values.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])

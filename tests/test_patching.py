@@ -478,6 +478,27 @@ def test_sweeps_run_only_positions_after_the_shared_prefix(family, site, by, mod
     assert not has_mechkit_hooks(m.hf_model)
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
+def test_shared_prefix_with_a_sliding_window_longer_than_the_prompts(family):
+    """A sliding window longer than the prompts masks nothing and its cache keeps every position: the
+    shortcut applies (and values equal the loop); a window the prompts reach turns it off."""
+    from mechkit.patching.engine import shared_prefix
+
+    t = make_task(211, lengths=[7, 5, 6])
+    T = t.clean_tokens.shape[1]
+    corrupt = t.corrupt_tokens.clone()
+    corrupt[:, :4] = t.clean_tokens[:, :4]
+    task = PatchingTask(t.clean_tokens, corrupt, t.clean_mask, t.corrupt_mask, t.answer_ids, t.wrong_ids, [], [])
+    assert shared_prefix(HookedModel(random_hf_model(family, sliding_window=T)), task, last_only=True) == 0
+    m = HookedModel(random_hf_model(family, sliding_window=T + 1))
+    assert shared_prefix(m, task, last_only=True) == 4
+    for site, by in (("z", ("layer", "head")), ("resid_pre", ("layer", "pos"))):
+        res = activation_patch(m, task, sites=site, by=by, progress=False, normalise=False)
+        assert res.meta["shared_prefix"] == 4
+        ref = reference_patch(m, task, site, by, logit_diff(task), normalise=False)
+        torch.testing.assert_close(res.values, ref, atol=1e-5, rtol=0)
+
+
 def test_shared_prefix_is_not_used_where_it_would_be_wrong():
     """The shortcut needs the first positions' keys and values to be reusable and nothing else to read
     them: a sliding-window cache, a detected map, a metric reading every position, other hooks on the

@@ -133,8 +133,9 @@ class Graph:
         try:
             return self._edge_index[name]
         except KeyError:
+            examples = f"{self.edge_name(0, self.n_heads)!r}, {self.edge_name(self.n_senders - 1, self.logits)!r}"
             raise KeyError(f"no edge named {name!r} in this graph ({self.n_layers} layers, {self.n_heads} heads, "
-                           f"{self.n_kv_heads} KV heads); names look like 'a0.h1->a2.h3<k>', 'm0->logits'") from None
+                           f"{self.n_kv_heads} KV heads); names look like {examples}") from None
 
     # ------------------------------------------------------------------ structure
     @cached_property

@@ -70,11 +70,12 @@ def base_run(model: HookedModel, base: Batch, keep_kv: bool):
     return logits, {l: cache[names[l]] for l in range(L)}, past
 
 
-def prefix_reusable(model: HookedModel, by) -> bool:
-    """Whether a sweep over ``by`` may reuse the base run's KV cache for unpatched positions: it
-    needs a position axis, and a sliding-window cache keeps only the last keys (its masks assume
-    that layout), so windowed models run every position."""
-    return "pos" in by and kv_prefix_ok(model)
+def prefix_reusable(model: HookedModel, by, T: int) -> bool:
+    """Whether a sweep over ``by`` of prompts of ``T`` positions may reuse the base run's KV cache for
+    unpatched positions: it needs a position axis, and a sliding-window cache keeps only the last keys
+    (its masks assume that layout), so windowed models run every position unless the prompts are
+    shorter than the window (:func:`~mechkit.patching.engine.kv_prefix_ok`)."""
+    return "pos" in by and kv_prefix_ok(model, T)
 
 
 def fused_runner(model: HookedModel, kind: SiteKind, by, base: Batch, source: dict, metric, base_out,
@@ -102,7 +103,7 @@ def _baselines(model: HookedModel, task, kind: SiteKind, by, layers, mode: str, 
     base, src = (corrupt, clean) if mode == "denoise" else (clean, corrupt)
     src_logits, src_cache = model.run_with_cache(src, names=[kind.hook_name(l) for l in layers])
     shared = shared_prefix(model, task, metric.last_only and accepts_logits_to_keep(model.hf_model)) if skip_prefix else 0
-    base_out = base_run(model, base, keep_kv=skip_prefix and (prefix_reusable(model, by) or shared > 0))
+    base_out = base_run(model, base, keep_kv=skip_prefix and (prefix_reusable(model, by, base.input_ids.shape[1]) or shared > 0))
     base_logits = base_out[0]
     clean_logits, corrupt_logits = (src_logits, base_logits) if mode == "denoise" else (base_logits, src_logits)
     metric_key = fingerprint(metric) if opts.checkpoint_dir is not None else None

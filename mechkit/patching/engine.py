@@ -65,12 +65,14 @@ PRE_MLP_KINDS = frozenset({"resid_pre", "resid_mid", "attn_out", "z", "q", "k", 
 PRE_ATTN_OUT_KINDS = frozenset({"resid_pre", "q", "k", "v", "pattern"})
 
 
-def kv_prefix_ok(model: HookedModel) -> bool:
-    """Whether a run may take its first positions' keys and values from another run's KV cache and
-    compute only the rest: a sliding-window cache keeps only the last keys (its masks assume that
-    layout), and detected maps may need every position (:func:`fast_paths`)."""
-    windowed = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None) is not None
-    return not windowed and fast_paths(model)
+def kv_prefix_ok(model: HookedModel, T: int | None = None) -> bool:
+    """Whether a run of ``T`` positions may take its first positions' keys and values from another
+    run's KV cache and compute only the rest. A sliding-window cache keeps only the last ``window - 1``
+    keys (its masks assume that layout): fine for prompts shorter than the window (``T`` given), where
+    the window masks nothing and the cache holds every position. Detected maps may need every position
+    (:func:`fast_paths`)."""
+    window = getattr(model.hf_model.config.get_text_config(decoder=True), "sliding_window", None)
+    return fast_paths(model) and (window is None or (T is not None and T < window))
 
 
 # Whether analyses skip the positions a task's clean and corrupted prompts share (:func:`shared_prefix`);
@@ -82,10 +84,11 @@ def shared_prefix(model: HookedModel, task, last_only: bool) -> int:
     """The positions [0, p0) at which the clean and corrupted prompts of ``task`` agree (tokens and
     padding): there every run mixing them (either run, a patched or interpolated one) is the clean
     run, since attention is causal, and every clean - corrupted difference is 0. 0 where that cannot
-    be used: a metric reading more than the last logits (``last_only`` False), a sliding-window cache
-    or a detected map (:func:`kv_prefix_ok`), or other hooks on the model (they may read every
-    position). At most T - 1: one position always runs."""
-    if not (USE_SHARED_PREFIX and last_only and kv_prefix_ok(model)) or has_mechkit_hooks(model.hf_model):
+    be used: a metric reading more than the last logits (``last_only`` False), a sliding window the
+    prompts reach or a detected map (:func:`kv_prefix_ok`), or other hooks on the model (they may read
+    every position). At most T - 1: one position always runs."""
+    T = task.clean_tokens.shape[-1]
+    if not (USE_SHARED_PREFIX and last_only and kv_prefix_ok(model, T)) or has_mechkit_hooks(model.hf_model):
         return 0
     if task.clean_tokens.shape != task.corrupt_tokens.shape or task.clean_mask.shape != task.corrupt_mask.shape:
         return 0  # not aligned: the callers' own checks say so
