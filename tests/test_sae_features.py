@@ -61,6 +61,81 @@ def test_fused_feature_patching_equals_loop(family, arch, hook):
     assert not has_mechkit_hooks(m.hf_model)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_feature_patching_runs_from_each_chunks_first_change(family):
+    """A patched run equals the base run before the first position its patch changes (attention is
+    causal): each chunk runs only from there (the base run's keys and values before it), which skips the
+    positions clean and corrupted prompts share (before position 3 here) and, by (pos, feature), those
+    before the patched one. Values equal one spliced forward per patch; a user's hook turns it off."""
+    from mechkit.hookpoints import get_module
+
+    m = mk.load(random_hf_model(family))
+    sae = random_sae("topk", hook="blocks.1.hook_resid_post", scale=0.3, k=6)
+    task = make_task(n=2, T=7, changed=(3, 5))
+    n, T, p0 = 2, 7, 3
+    metric = mk.metrics.logit_diff(task, normalise=False)
+    _, cc = m.run_with_cache(task.clean_tokens, names=[sae.hook_name])
+    _, cr = m.run_with_cache(task.corrupt_tokens, names=[sae.hook_name])
+    moved = (sae.encode(cc[sae.hook_name]) != sae.encode(cr[sae.hook_name])).flatten(0, -2).any(0).nonzero()[:, 0]
+    feats = moved[:6].tolist() + [int(f) for f in range(96) if f not in moved][:2]  # 2 that change nothing
+    seen = []
+    handle = get_module(m.hf_model, m.hook_map.family["layers"])[-1].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+    try:
+        for by in (("feature",), ("pos", "feature")):
+            seen.clear()
+            r = feature_patch(m, task, sae, by=by, features=feats, metric=metric, progress=False,
+                              max_batch_tokens=n * T)  # one patch per chunk
+            base_runs, runs = seen[:2], seen[2:]  # the source and base runs, then the chunks
+            assert base_runs == [T, T] and len(runs) == r.values.numel(), seen
+            ref = loop_patch(m, task, sae, by, feats, metric)
+            assert (r.values - ref).abs().max() <= 1e-5, by
+            assert (ref - r.baselines["corrupt"]).abs().max() > 1e-4  # the patches matter
+            if by == ("feature",):
+                assert max(runs) <= T - p0, runs
+            else:
+                first = [max(p0, p) for p in range(T) for _ in feats]
+                assert all(q <= max(1, T - f) for q, f in zip(runs, first)), runs
+                assert max(runs[len(feats) * p0:]) == T - p0  # a patch at p0 runs every later position
+        seen.clear()
+        with m.hooks([("blocks.0.hook_resid_mid", lambda x, hook: None)]):
+            whole = feature_patch(m, task, sae, features=feats, metric=metric, progress=False, max_batch_tokens=n * T)
+        assert set(seen) == {T}
+    finally:
+        handle.remove()
+    torch.testing.assert_close(whole.values, loop_patch(m, task, sae, ("feature",), feats, metric), atol=1e-5, rtol=0)
+    assert not has_mechkit_hooks(m.hf_model)
+
+
+def test_feature_attribution_runs_only_positions_after_the_shared_prefix():
+    """Feature AtP / RelP: where the clean and corrupted prompts agree (positions 0-2 here) every feature's
+    clean - corrupted difference is 0, so the corrupted forward and backward run positions 3.. only (the
+    clean run's keys and values before); scores equal those of the run over every position."""
+    from mechkit.hookpoints import get_module
+
+    m = mk.load(random_hf_model("llama"))
+    sae = random_sae("standard", hook="blocks.1.hook_resid_post", scale=0.3)
+    task = make_task(n=2, T=7, changed=(3, 5))
+    metric = mk.metrics.logit_diff(task, normalise=False)
+    seen = []
+    handle = get_module(m.hf_model, m.hook_map.family["layers"])[-1].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+    try:
+        for method in ("atp", "relp"):
+            seen.clear()
+            short = feature_attribution(m, task, sae, by=("pos", "feature"), method=method, metric=metric, progress=False)
+            assert seen == [7, 4], seen
+            with m.hooks([("blocks.0.hook_resid_mid", lambda x, hook: None)]):
+                whole = feature_attribution(m, task, sae, by=("pos", "feature"), method=method, metric=metric,
+                                            progress=False)
+            assert float(whole.values.abs().max()) > 0
+            torch.testing.assert_close(short.values, whole.values, atol=1e-6 * float(whole.values.abs().max()), rtol=0)
+            assert float(short.values[:3].abs().max()) == 0.0
+    finally:
+        handle.remove()
+    assert not has_mechkit_hooks(m.hf_model)
+
+
 def test_feature_patching_transcoder_and_spliced_site():
     m = mk.load(random_hf_model("qwen3"))
     tc = random_sae("transcoder", d_out=64, hook="blocks.1.mlp.hook_in", apply_b_dec_to_input=False,

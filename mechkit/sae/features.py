@@ -7,8 +7,12 @@ scale a normalising dictionary undoes; divided by ``|W_dec[f]|`` for a topk dict
 ``rescale_acts_by_decoder_norm``). Patching feature f (denoising) writes its clean activation
 into the corrupted run; that is the same as adding ``(a_clean - a_corrupt)[f] * d_f`` at the
 point, which is what the fused runner does for many features in one forward pass (row group g
-of a ``k * n`` batch carries feature g's patch; layers below the point are not run). The tests
-compare it with one spliced forward per feature that hooks ``hook_sae_acts_post``.
+of a ``k * n`` batch carries feature g's patch; layers below the point are not run). A patched run
+equals the base run before the first position its patch changes (attention is causal): each chunk
+runs only from there, the earlier positions' keys and values taken from the base run (on hand-written
+maps with no other hooks and a last-position metric), which skips the positions a task's clean and
+corrupted prompts share and, by (pos, feature), those before the patched one. The tests compare it
+with one spliced forward per feature that hooks ``hook_sae_acts_post``.
 
 AtP over features: ``score[pos, f] = sum_prompts (a_c - a_r)[pos, f] * dM/da[pos, f]`` with
 ``dM/da[pos, f] = g[pos] . d_f``, ``g`` the gradient of the metric at the point on the corrupted
@@ -19,11 +23,15 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
+from ..hf_compat import accepts_logits_to_keep
+from ..hookpoints import has_mechkit_hooks
+from ..patching.engine import holds_every_position, kv_prefix_ok, prefix_kwargs, shared_prefix, start_at_layer
 from ..patching.sweep import SweepOptions
 from ..results import Result
 from .dictionary import SAE
@@ -131,7 +139,9 @@ def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | 
     cfg = sae.cfg
     k0, inj = _start_layer(model, cfg.out_hook, skip_layers)
     names = list(dict.fromkeys([cfg.hook_name, cfg.out_hook] + ([inj] if k0 else [])))
-    src_cache, base_cache, m_clean, m_corrupt = _baselines(model, base, src, mode, metric, names)
+    last = metric.last_only and accepts_logits_to_keep(model.hf_model)
+    keep_kv = last and kv_prefix_ok(model, base.input_ids.shape[1]) and not has_mechkit_hooks(model.hf_model)
+    src_cache, base_cache, m_clean, m_corrupt, past = _baselines(model, base, src, mode, metric, names, keep_kv)
     check_baselines(m_clean, m_corrupt, normalise, metric)
     n, T = base.input_ids.shape
     xb = base_cache[cfg.hook_name]
@@ -141,12 +151,11 @@ def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | 
     grid = feats[:, None] if by == ("feature",) else torch.cartesian_prod(torch.arange(T), feats)
     kmax = max(1, max_batch_tokens // max(1, n * T))
     raw = torch.empty(len(grid))
-    resid = base_cache[inj] if k0 else None
+    run = _Patched(base, cfg.out_hook, k0, inj, base_cache[inj] if k0 else None, past, last)
     for s in tqdm(range(0, len(grid), kmax), desc=f"patch features at {cfg.hook_name}", disable=not progress,
                   unit="chunk"):
         items = grid[s:s + kmax]
-        delta = _delta(diff, scale, D, items, T)
-        raw[s:s + items.shape[0]] = _patched_run(model, base, metric, delta, cfg.out_hook, k0, inj, resid)
+        raw[s:s + items.shape[0]] = _patched_run(model, run, metric, _delta(diff, scale, D, items, T))
     values = (raw - m_corrupt) / (m_clean - m_corrupt) if normalise else raw
     shape = [len(feats)] if by == ("feature",) else [T, len(feats)]
     meta = dict(method="feature_patch", site=f"sae:{cfg.hook_name}", by=list(by), mode=mode, metric=repr(metric),
@@ -179,19 +188,22 @@ def _start_layer(model: HookedModel, out_name: str, skip_layers: bool) -> tuple[
     return k0, site_kind("resid_pre").hook_name(k0)
 
 
-def _baselines(model: HookedModel, base, src, mode: str, metric, names: list[str]):
+def _baselines(model: HookedModel, base, src, mode: str, metric, names: list[str], keep_kv: bool = False):
     """Run the base and source batches caching ``names`` and bind ``metric`` to the clean run's
-    logits. Returns (source cache, base cache, clean metric, corrupted metric) (prompt means)."""
+    logits. Returns (source cache, base cache, clean metric, corrupted metric (prompt means), the base
+    run's keys and values [(keys, values)] per layer where ``keep_kv`` and they hold every position, else
+    None)."""
     from ..patching.metrics import evaluate
 
     src_logits, src_cache = model.run_with_cache(src, names=names)
-    base_logits, base_cache = model.run_with_cache(base, names=names)
+    base_logits, base_cache = model.run_with_cache(base, names=names, keep_kv=keep_kv)
     clean_logits, corrupt_logits = (src_logits, base_logits) if mode == "denoise" else (base_logits, src_logits)
     metric.bind_clean(clean_logits)
-    n = base.input_ids.shape[0]
+    n, T = base.input_ids.shape
     m_clean = float(evaluate(metric, clean_logits, n)[0])
     m_corrupt = float(evaluate(metric, corrupt_logits, n)[0])
-    return src_cache, base_cache, m_clean, m_corrupt
+    past = base_cache.kv if keep_kv and holds_every_position(base_cache.kv, T) else None
+    return src_cache, base_cache, m_clean, m_corrupt, past
 
 
 def _delta(diff: torch.Tensor, scale: torch.Tensor, D: torch.Tensor, items: torch.Tensor, T: int) -> torch.Tensor:
@@ -208,28 +220,55 @@ def _delta(diff: torch.Tensor, scale: torch.Tensor, D: torch.Tensor, items: torc
     return (coef[..., None] * scale[None]) * D[f][:, None, None, :]
 
 
-def _patched_run(model: HookedModel, base, metric, delta: torch.Tensor, out_name: str, k0: int, inj: str,
-                 resid: torch.Tensor | None) -> torch.Tensor:
+@dataclass
+class _Patched:
+    """What every chunk's run reads: the ``base`` batch [n, T]; the point the deltas are added at
+    (``out_name``); the layer the runs start at (``k0``) and the hook of its input (``inj``) with the base
+    run's residual there (``resid`` [n, T, d_model], None for k0 = 0); the base run's keys and values
+    (``past``, every position; None: every run computes every position); ``last``: the metric reads the
+    last position's logits only."""
+    base: object
+    out_name: str
+    k0: int
+    inj: str
+    resid: torch.Tensor | None
+    past: list | None
+    last: bool
+
+
+def _first_change(delta: torch.Tensor) -> int:
+    """The first position where ``delta`` [k, n, T, d] is not 0 (T - 1 if none: one position runs)."""
+    moved = delta.abs().amax(dim=(0, 1, 3)) > 0
+    return int(moved.float().argmax()) if bool(moved.any()) else delta.shape[2] - 1
+
+
+def _patched_run(model: HookedModel, run: _Patched, metric, delta: torch.Tensor) -> torch.Tensor:
     """[k] metric (prompt means) of the base batch repeated k times, row group g with ``delta[g]``
-    [n, T, d_out] added at ``out_name``. With ``k0 > 0`` the run starts at layer ``k0``, whose input
-    (hook ``inj``) is the base run's residual ``resid`` [n, T, d_model]."""
-    from ..patching.engine import start_at_layer
+    [n, T, d_out] added at ``run.out_name``. With ``run.k0 > 0`` the run starts at that layer, whose
+    input is the base run's residual. With ``run.past`` only positions from the first one a delta
+    changes run (the base run's keys and values before it)."""
     from ..patching.metrics import evaluate
 
     k = delta.shape[0]
-    n, T = base.input_ids.shape
+    n, T = run.base.input_ids.shape
+    p = _first_change(delta) if run.past is not None else 0
+    delta, q = delta[:, :, p:], T - p
+    resid = None if run.resid is None else run.resid[:, p:]
 
-    def add(x, hook, _delta=delta, _k=k):
-        if hook.name == inj and resid is not None:
-            x = resid.to(x.device, x.dtype).repeat((_k,) + (1,) * (resid.dim() - 1))
-        if hook.name != out_name:
+    def add(x, hook):
+        if hook.name == run.inj and resid is not None:
+            x = resid.to(x.device, x.dtype).repeat((k,) + (1,) * (resid.dim() - 1))
+        if hook.name != run.out_name:
             return x
-        v = x.reshape((_k, n, T, -1))
-        return (v + _delta.to(x.device, x.dtype)).reshape(x.shape)
-    hooks = [(out_name, add)] if (not k0 or inj == out_name) else [(inj, add), (out_name, add)]
-    kw = dict(input_ids=base.input_ids.repeat(k, 1), attention_mask=base.attention_mask.repeat(k, 1),
-              position_ids=base.position_ids.repeat(k, 1), use_cache=False)
-    with model.hooks(hooks), start_at_layer(model, k0):
+        v = x.reshape((k, n, q, -1))
+        return (v + delta.to(x.device, x.dtype)).reshape(x.shape)
+    hooks = [(run.out_name, add)] if (not run.k0 or run.inj == run.out_name) else [(run.inj, add), (run.out_name, add)]
+    batch = type(run.base)(*(t.repeat(k, 1) for t in (run.base.input_ids, run.base.attention_mask,
+                                                       run.base.position_ids)))
+    kw = prefix_kwargs(model, batch, run.past, p)
+    if run.last:
+        kw["logits_to_keep"] = 1
+    with model.hooks(hooks), start_at_layer(model, run.k0):
         logits = model.hf_model(**kw).logits
     return evaluate(metric, logits, n).float().cpu()
 
@@ -256,7 +295,10 @@ def feature_attribution(model: HookedModel, task, sae: SAE | None = None, site: 
     normalise = metric.normalise if normalise is None else normalise
     clean, corrupt = _task_batches(model, task)
     names = list(dict.fromkeys([cfg.hook_name, cfg.out_hook]))
-    logits_c, cache_c = model.run_with_cache(clean, names=names)
+    kw = {"logits_to_keep": 1} if metric.last_only and accepts_logits_to_keep(model.hf_model) else {}
+    p0 = shared_prefix(model, task, bool(kw))  # every feature's clean - corrupted difference is 0 there
+    logits_c, cache_c = model.run_with_cache(clean, names=names, keep_kv=p0 > 0)
+    p0 = p0 if p0 and holds_every_position(cache_c.kv, clean.input_ids.shape[1]) else 0
     metric.bind_clean(logits_c)
     metric_fn = lambda lg: prompt_mean(metric, lg)  # noqa: E731
     with torch.no_grad():
@@ -264,17 +306,13 @@ def feature_attribution(model: HookedModel, task, sae: SAE | None = None, site: 
     rules = lrp.DEFAULT_RULES if rules is None else rules
     with tqdm(total=1, desc=f"{method} features at {cfg.hook_name}", disable=not progress) as bar:
         ctx = lrp.rules(model, rules) if method == "relp" else _null()
-        with ctx:
-            m_corr, acts_r, grads = _grad_run(model, corrupt, names, metric_fn)
+        with ctx:  # positions p0.. only, the first p0 from the clean run's keys and values
+            m_corr, acts_r, grads = _grad_run(model, corrupt, names, metric_fn, logits_kw=kw,
+                                              prefix=(cache_c.kv if p0 else None, p0))
         bar.update(1)
     with torch.no_grad():
-        x_r = acts_r[cfg.hook_name]
-        a_c, a_r = sae.encode(cache_c[cfg.hook_name]).double(), sae.encode(x_r).double()
-        scale, D = _directions(sae, x_r)
-        g = grads[cfg.out_hook]
-        g = g.flatten(-2) if g.dim() == 4 else g
-        grad_a = ((g.double() * scale.double()) @ D.double().T)  # [n, T, d_sae]
-        s = ((a_c - a_r) * grad_a).sum(0)  # [T, d_sae]
+        s = _feature_scores(sae, cache_c[cfg.hook_name][:, p0:], acts_r[cfg.hook_name], grads[cfg.out_hook])
+        s = torch.cat([s.new_zeros(p0, sae.d_sae), s])  # [T, d_sae]
         if by == ("feature",):
             s = s.sum(0)
         if normalise:
@@ -285,6 +323,17 @@ def feature_attribution(model: HookedModel, task, sae: SAE | None = None, site: 
                 n_prompts=n, dictionary=repr(sae), seconds=time.perf_counter() - t0)
     return Result(s.float().cpu(), by, _labels(model, task, by, feats), {"clean": m_clean, "corrupt": float(m_corr)},
                   meta, name=f"{method}_features")
+
+
+def _feature_scores(sae: SAE, x_c: torch.Tensor, x_r: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[q, d_sae] AtP scores summed over prompts: ``(a_c - a_r) * (g . d_f)`` from the clean and corrupted
+    inputs of the dictionary ``x_c``, ``x_r`` [n, q, d_in] and the metric's gradient at its output ``g``
+    [n, q, d_out] (or [n, q, heads, d_head])."""
+    a_c, a_r = sae.encode(x_c).double(), sae.encode(x_r).double()
+    scale, D = _directions(sae, x_r)
+    g = g.flatten(-2) if g.dim() == 4 else g
+    grad_a = (g.double() * scale.double()) @ D.double().T  # [n, q, d_sae]
+    return ((a_c - a_r) * grad_a).sum(0)
 
 
 @contextmanager
