@@ -79,13 +79,17 @@ def _task_from_jsonl(model, path: str):
 
 
 def top_table(title: str, res, k: int = 5) -> str:
-    """The ``k`` cells of largest |score| of a result as a small aligned text table under ``title``:
-    a rank column, one column per axis (its labels: layer, head, position token ...) and the score."""
+    """The ``k`` cells of largest change of a result (:meth:`~mechkit.results.Result.top`: by |score|, or by
+    the distance from the unpatched value where the result has one other than 0) as a small aligned text
+    table under ``title``: a rank column, one column per axis (its labels: layer, head, position token ...)
+    and the score."""
     rows = [[str(i + 1), *labels, f"{v:+.4f}"] for i, (labels, v) in enumerate(res.top(k))]
     head = ["#", *res.axes, "score"]
     widths = [max(len(r[j]) for r in [head, *rows]) for j in range(len(head))]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    return "\n".join([f"{title}: top {len(rows)} of {res.values.numel()} by |score|", fmt.format(*head),
+    ref = res.baselines.get("unpatched", 0.0)
+    by = f"|score - {ref:.4f}| ({ref:.4f}: unpatched)" if ref else "|score|"
+    return "\n".join([f"{title}: top {len(rows)} of {res.values.numel()} by {by}", fmt.format(*head),
                       *(fmt.format(*r) for r in rows)])
 
 

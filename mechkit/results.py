@@ -2,7 +2,8 @@
 
 ``values`` has one axis per name in ``axes`` (e.g. ``("layer", "pos")``); ``labels[axis]`` is a
 list of strings of that axis's length (token strings for positions, ``L3H2`` style for heads).
-``baselines`` holds scalars such as the clean and corrupted metric; ``meta`` says how the result
+``baselines`` holds scalars such as the clean and corrupted metric (and, for patching, ``unpatched``:
+what a cell reads when its intervention changes nothing); ``meta`` says how the result
 was computed (method, model, task, sites, timings). Results convert to a pandas DataFrame,
 to a Plotly figure, and save to safetensors + JSON (never pickle).
 """
@@ -10,6 +11,7 @@ to a Plotly figure, and save to safetensors + JSON (never pickle).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,9 +75,13 @@ class Result:
         return result_figure(self, **kwargs)
 
     def top(self, k: int = 10, absolute: bool = True) -> list[tuple[tuple[str, ...], float]]:
-        """The k largest cells as (labels, value)."""
+        """The k cells of largest change as (labels, value): ranked by ``|value - unpatched|`` where
+        ``baselines["unpatched"]`` says what a cell reads when its intervention changes nothing (1 for
+        normalised path patching and noising, the base run's metric for raw values), else by
+        ``|value|``; ``absolute=False``: the largest values. NaN cells (none there) come last."""
         flat = self.values.detach().float().reshape(-1)
-        order = (flat.abs() if absolute else flat).argsort(descending=True)[:k]
+        key = (flat - self.baselines.get("unpatched", 0.0)).abs() if absolute else flat
+        order = key.nan_to_num(nan=-math.inf).argsort(descending=True, stable=True)[:k]
         out = []
         for i in order.tolist():
             idx = torch.unravel_index(torch.tensor(i), self.shape)

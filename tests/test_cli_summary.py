@@ -34,6 +34,38 @@ def test_top_table_aligns_labels_with_spaces():
     assert len({len(r) for r in table[1:]}) == 1  # aligned columns
 
 
+def test_top_ranks_by_the_change_from_the_unpatched_value():
+    """A patching result whose cells read 1 where nothing changed (path patching, noising) ranks its cells
+    by their distance from that value, not by |value|; NaN cells (no such cell) come last."""
+    import math
+
+    import torch
+
+    res = mk.results.Result(torch.tensor([[1.0, 0.1], [math.nan, 1.5]]), ("layer", "head"),
+                            baselines={"clean": 2.0, "corrupt": 0.5, "unpatched": 1.0})
+    assert [labels for labels, _ in res.top(3)] == [("0", "1"), ("1", "1"), ("0", "0")]
+    assert res.top(4)[-1][0] == ("1", "0")
+    assert top_table("path", res, 1).splitlines()[0] == "path: top 1 of 4 by |score - 1.0000| (1.0000: unpatched)"
+    plain = mk.results.Result(torch.tensor([0.2, math.nan, -0.5]), ("head",))  # no such value: |score|
+    assert [labels for labels, _ in plain.top(3)] == [("2",), ("0",), ("1",)]
+
+
+def test_path_patching_top_cells_are_the_heads_that_matter():
+    """tiny-gpt2's IOI route (its model card): L0H1's output reaches L3H5's keys and values and carries most of
+    the effect; path patching's top cell is that head (its normalised score is far from 1, the unpatched
+    value), also in the command line's table."""
+    model = mk.load("tiny-gpt2")
+    task = mk.tasks.ioi(model.tokenizer, n=8, seed=0)
+    res = mk.path_patch(model, task, receivers=[(3, 5, "k"), (3, 5, "v")], progress=False)
+    assert res.baselines["unpatched"] == 1.0
+    (labels, value), *_ = res.top(1)
+    assert labels == ("0", "H1") and value < 0.5, res.top(3)
+    noised = mk.activation_patch(model, task, sites="z", by=("layer", "head"), mode="noise", progress=False)
+    assert noised.baselines["unpatched"] == 1.0
+    raw = mk.activation_patch(model, task, sites="z", by=("layer", "head"), normalise=False, progress=False)
+    assert raw.baselines["unpatched"] == raw.baselines["corrupt"]
+
+
 @pytest.mark.parametrize("cmd", ["patch", "attribute", "path"])
 def test_help_names_the_defaults(cmd, capsys):
     with pytest.raises(SystemExit) as e:

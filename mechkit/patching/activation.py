@@ -23,7 +23,7 @@ from ..sites import act_name
 from .checkpoint import task_part
 from .engine import FusedRunner, fast_paths, kv_prefix_ok, shared_prefix
 from .memory import tokens_for_budget
-from .metrics import as_metric, check_baselines, evaluate, logit_diff
+from .metrics import as_metric, check_baselines, evaluate, logit_diff, patch_baselines
 from .sites import PREFIXED_SITES, SiteKind, axis_size, check_by, prefixed, site_kind
 from .sweep import SweepOptions, check_batch_tokens, run_sweep  # noqa: F401 - check_batch_tokens re-exported
 
@@ -198,7 +198,8 @@ def activation_patch(model: HookedModel, task, sites: str = "resid_pre", by=None
                 skip_layers=opts.skip_layers, skip_prefix=runner.base_past is not None, shared_prefix=runner.shared,
                 chunk_sizes=info["chunk_sizes"], seconds=time.perf_counter() - t0)
     return Result(values.reshape(sizes), tuple(by), _labels(model, task, by, layers, sizes),
-                  {"clean": m_clean, "corrupt": m_corrupt}, meta, name=f"patch_{kind.name}")
+                  patch_baselines(m_clean, m_corrupt, mode, normalise), meta, name=f"patch_{kind.name}")
+
 
 
 def patch_every(model: HookedModel, task, sites=("resid_pre", "attn_out", "mlp_out"), by=("layer", "pos"), **kw) -> Result:

@@ -207,6 +207,14 @@ def evaluate(metric, logits: torch.Tensor, n: int) -> torch.Tensor:
     return vals.reshape(g, n).mean(1)
 
 
+def patch_baselines(m_clean: float, m_corrupt: float, mode: str, normalise: bool) -> dict[str, float]:
+    """A patching result's baselines: the clean and corrupted metric and ``unpatched``, what a cell reads
+    when its patch changes nothing (the base run: corrupted when denoising, clean when noising)."""
+    base = m_corrupt if mode == "denoise" else m_clean
+    unpatched = (base - m_corrupt) / (m_clean - m_corrupt) if normalise else base
+    return {"clean": m_clean, "corrupt": m_corrupt, "unpatched": float(unpatched)}
+
+
 def check_baselines(m_clean: float, m_corrupt: float, normalise: bool, metric) -> None:
     """Refuse baselines that make the values undefined: non-finite, or equal when normalising."""
     import math

@@ -42,7 +42,7 @@ from ..sites import act_name
 from .activation import check_aligned
 from .checkpoint import task_part
 from .engine import holds_every_position, inject_hook, prefix_kwargs, shared_prefix, start_at_layer
-from .metrics import as_metric, check_baselines, evaluate, logit_diff
+from .metrics import as_metric, check_baselines, evaluate, logit_diff, patch_baselines
 from .sweep import SweepOptions, run_sweep
 
 if TYPE_CHECKING:
@@ -252,5 +252,5 @@ def path_patch(model: HookedModel, task, receivers, metric=None, senders=None, n
                 n_chunks=info["n_chunks"],
                 chunks_computed=info["chunks_computed"], chunk_sizes=info["chunk_sizes"], shard=list(opts.shard),
                 model=cfg.to_dict(), seconds=time.perf_counter() - t0)
-    return Result(values.reshape(len(layers), width), ("layer", "head"), labels, {"clean": m_clean, "corrupt": m_corrupt},
-                  meta, name="path_patch")
+    return Result(values.reshape(len(layers), width), ("layer", "head"), labels,
+                  patch_baselines(m_clean, m_corrupt, "noise", normalise), meta, name="path_patch")

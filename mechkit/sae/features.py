@@ -122,7 +122,7 @@ def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | 
     Returns:
         Result over ``by`` (raw or normalised metric of each patched run, like activation_patch).
     """
-    from ..patching.metrics import as_metric, check_baselines, logit_diff
+    from ..patching.metrics import as_metric, check_baselines, logit_diff, patch_baselines
 
     t0 = time.perf_counter()
     opts = _feature_options(options, sweep_options)
@@ -161,8 +161,8 @@ def feature_patch(model: HookedModel, task, sae: SAE | None = None, site: str | 
     meta = dict(method="feature_patch", site=f"sae:{cfg.hook_name}", by=list(by), mode=mode, metric=repr(metric),
                 normalised=normalise, n_prompts=n, n_pos=T, features=feats.tolist() if features is not None else "all",
                 dictionary=repr(sae), seconds=time.perf_counter() - t0)
-    return Result(values.reshape(shape), by, _labels(model, task, by, feats), {"clean": m_clean, "corrupt": m_corrupt},
-                  meta, name="patch_features")
+    return Result(values.reshape(shape), by, _labels(model, task, by, feats),
+                  patch_baselines(m_clean, m_corrupt, mode, normalise), meta, name="patch_features")
 
 
 def _feature_options(options: SweepOptions | None, overrides: dict) -> SweepOptions:
