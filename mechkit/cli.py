@@ -13,13 +13,17 @@ import time
 from pathlib import Path
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="bundled model name (see `mechkit models`), local folder or hub name")
+def _common(p: argparse.ArgumentParser, out: bool = True, table: bool = True) -> None:
+    """The model options, and where a command writes files (``out``) and prints a table (``table``)."""
+    p.add_argument("--model", default=None, help="bundled model name (see `mechkit models`), local folder or hub name "
+                                                 "(default: the bundled tiny-gpt2)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-    p.add_argument("--out", default="mechkit_out", help="output folder (default: %(default)s)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    if out:
+        p.add_argument("--out", default="mechkit_out", help="output folder (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--top", type=int, default=5, help="rows of the printed top-results table (default: %(default)s)")
+    if table:
+        p.add_argument("--top", type=int, default=5, help="rows of the printed top-results table (default: %(default)s)")
 
 
 def _task_args(p: argparse.ArgumentParser) -> None:
@@ -122,7 +126,7 @@ def cmd_patch(args) -> None:
 
     model = _load(args)
     task = _task(model, args)
-    by = tuple(args.by.split(","))
+    by = None if args.by is None else tuple(args.by.split(","))
     if args.distributed:  # under torchrun: shard the chunks over the ranks, gather, rank 0 writes
         from .distributed import gather, init_from_env
 
@@ -136,7 +140,7 @@ def cmd_patch(args) -> None:
         res = activation_patch(model, task, sites=args.site, by=by, checkpoint_dir=args.checkpoint_dir,
                                progress=not args.quiet, max_batch_bytes=args.max_batch_bytes)
     _write({f"activation patching: {args.site}": res}, args, model, f"patch_{args.site}", "patch",
-           site=args.site, by=args.by, method="activation patching")
+           site=args.site, by=",".join(res.axes), method="activation patching")
 
 
 def cmd_attribute(args) -> None:
@@ -144,11 +148,11 @@ def cmd_attribute(args) -> None:
 
     model = _load(args)
     task = _task(model, args)
-    by = tuple(args.by.split(","))
+    by = None if args.by is None else tuple(args.by.split(","))
     res = attribution_patch(model, task, sites=args.site, by=by, method=args.method, batch_size=args.batch_size,
                             progress=not args.quiet)
     _write({f"{args.method}: {args.site}": res}, args, model, f"{args.method}_{args.site}", "attribute",
-           site=args.site, by=args.by, method=args.method)
+           site=args.site, by=",".join(res.axes), method=args.method)
 
 
 def parse_receivers(text: str):
@@ -230,28 +234,45 @@ def cmd_circuit(args) -> None:
     c, mib = s["curves"][s["best_method"]], (s.get("mib") or {}).get(s["best_method"])
     mib_txt = "" if not mib else (f"; MIB CPR {mib['cpr']:.3f}, CMD {mib['cmd']:.3f}"
                                   + (" on the grouped graph (not MIB's edges: --as-eap-ig)" if mib["grouped_graph"] else ""))
+    print(_edge_table(s, args.top))
+    print()
     print(f"best: {s['best_method']} (area {c['area']:.3f}{mib_txt}); circuit of {s['circuit']['edges']} edges -> "
           f"{Path(args.out) / 'circuit.json'}")
+    print(Path(args.out) / "dashboard.html")
+
+
+def _edge_table(summary: dict, k: int) -> str:
+    """The best method's top ``k`` edges (of those verified) with their scores and exact effects, aligned."""
+    top = summary["top_edges"][:k]
+    rows = [[str(i + 1), e["edge"], f"{e['score']:+.4f}", f"{e['exact_effect']:+.4f}"] for i, e in enumerate(top)]
+    head = ["#", "edge", "score", "exact"]
+    widths = [max(len(r[j]) for r in [head, *rows]) for j in range(len(head))]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([f"{summary['best_method']} edges: top {len(rows)} of {summary['n_edges']} by |score| "
+                      "(exact: the metric's change when that edge alone is removed)", fmt.format(*head),
+                      *(fmt.format(*r) for r in rows)])
 
 
 def _circuit_args(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--methods", default="eap,eap-ig,relp", help="comma-separated: eap, eap-ig, eap-ig-activations, relp")
-    p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--methods", default="eap,eap-ig,relp",
+                   help="comma-separated: eap, eap-ig, eap-ig-activations, relp (default: %(default)s)")
+    p.add_argument("--ig-steps", type=int, default=5, help="EAP-IG's integration steps (default: %(default)s)")
     p.add_argument("--ig-scope", default="sender", choices=["sender", "all"],
                    help="eap-ig-activations: score each edge from its sender group's runs, or from all runs "
-                        "as EAP-IG's code does")
+                        "as EAP-IG's code does (default: %(default)s)")
     p.add_argument("--post-norm-heads", default="frozen", choices=["frozen", "pre_norm"],
                    help="models with a norm after attention (Gemma 2/3): heads through it at the output's scale, "
-                        "or before it as EAP-IG scores them")
+                        "or before it as EAP-IG scores them (default: %(default)s)")
     p.add_argument("--as-eap-ig", action="store_true",
                    help="EAP-IG's and MIB's numbers: ungrouped KV heads, --ig-scope all, --post-norm-heads pre_norm, "
                         "EAP's gradient on the clean run")
-    p.add_argument("--mode", default="topn", choices=["topn", "greedy"])
-    p.add_argument("--ablation", default="corrupted", choices=["corrupted", "mean"])
-    p.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")
-    p.add_argument("--n", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", default="topn", choices=["topn", "greedy"],
+                   help="circuits of the top-n edges, or grown greedily from the logits (default: %(default)s)")
+    p.add_argument("--ablation", default="corrupted", choices=["corrupted", "mean"],
+                   help="what an edge outside the circuit carries: its sender's corrupted value or its mean "
+                        "(default: %(default)s)")
+    _task_args(p)
     p.set_defaults(fn=cmd_circuit)
 
 
@@ -263,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the bundled models")
     p.set_defaults(fn=cmd_models)
     p = sub.add_parser("demo", help="run the main analyses on a bundled model and write a dashboard")
-    _common(p)
+    _common(p, table=False)
     p.set_defaults(fn=cmd_demo)
     for name, fn, helptext in (("patch", cmd_patch, "activation patching"), ("attribute", cmd_attribute, "AtP / RelP")):
         p = sub.add_parser(name, help=helptext)
@@ -272,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--site", default="resid_pre",
                        help=f"what to patch: one of {', '.join(kinds)} (or an alias; neuron = MLP neurons) "
                             "(default: %(default)s)")
-        p.add_argument("--by", default="layer,pos",
+        p.add_argument("--by", default=None,
                        help="axes of the result, comma-separated from layer, pos, head, key_pos, neuron "
-                            "(default: %(default)s; per-head sites: layer,head or layer,head,pos)")
+                            "(default: the site's own, as in Python: layer,pos for residual and output sites, "
+                            "layer,head for per-head sites, layer,neuron for neurons)")
         _task_args(p)
         if name == "patch":
             p.add_argument("--checkpoint-dir", default=None, help="finished chunks go here; a rerun resumes")
@@ -282,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--distributed", action="store_true",
                            help="run under torchrun: shard the sweep over the ranks (see scripts/sweep_distributed.py)")
         if name == "attribute":
-            p.add_argument("--method", default="relp", choices=["atp", "relp", "ig"])
+            p.add_argument("--method", default="relp", choices=["atp", "relp", "ig"],
+                           help="AtP, RelP (AtP through LRP rules) or integrated gradients (default: %(default)s)")
             p.add_argument("--batch-size", type=int, default=None, help="prompts per forward/backward (default: all)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("path", help="path patching: every sender head through receivers' q/k/v or to the logits")
@@ -296,16 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(fn=cmd_heads)
     p = sub.add_parser("steer", help="generate with a saved steering file")
-    _common(p)
+    _common(p, out=False, table=False)
     p.add_argument("steering", help="a .safetensors steering file")
-    p.add_argument("--prompt", default="I think the film was")
-    p.add_argument("--strength", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--prompt", default="I think the film was", help="the prompt to continue (default: %(default)r)")
+    p.add_argument("--strength", type=float, default=1.0, help="scale of the steering (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate, greedily (default: %(default)s)")
     p.set_defaults(fn=cmd_steer)
     return ap
 
 
-TIMED = ("patch", "attribute", "path", "heads", "demo")  # commands that compute and write results
+TIMED = ("patch", "attribute", "path", "heads", "demo", "circuit")  # commands that compute and write results
 
 
 def main(argv: list[str] | None = None) -> int:
