@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Circuit discovery: rank components by RelP, verify the top ones by activation patching, and
-measure faithfulness as the circuit grows.
+"""Circuit discovery: score every edge (or component), verify the top ones exactly, and measure
+faithfulness as the circuit grows.
 
     python scripts/discover_circuit.py --model tiny-llama --out runs/circuit            # edges, built-in IOI
     python scripts/discover_circuit.py --level nodes --task my_task.jsonl --top-k 20 --out runs/circuit
@@ -36,18 +36,22 @@ from pathlib import Path
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="bundled name, local folder or hub name (default: tiny-gpt2)")
     ap.add_argument("--task", default=None, help="JSONL of clean/corrupt/answer/wrong (default: built-in IOI)")
-    ap.add_argument("--n", type=int, default=32, help="IOI prompt pairs when no --task is given")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--level", default="edges", choices=["edges", "nodes"])
-    ap.add_argument("--methods", default="eap,eap-ig,relp", help="edge level: comma-separated methods")
-    ap.add_argument("--mode", default="topn", choices=["topn", "greedy"], help="edge level: circuit extraction")
-    ap.add_argument("--method", default="relp", choices=["relp", "atp"], help="node level: the attribution method")
-    ap.add_argument("--top-k", type=int, default=12)
-    ap.add_argument("--out", default="runs/circuit")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--n", type=int, default=32, help="IOI prompt pairs when no --task is given (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the IOI prompts (default: %(default)s)")
+    ap.add_argument("--level", default="edges", choices=["edges", "nodes"],
+                    help="edges (EAP, EAP-IG, RelP on every edge) or nodes (heads and MLPs) (default: %(default)s)")
+    ap.add_argument("--methods", default="eap,eap-ig,relp",
+                    help="edge level: comma-separated methods (default: %(default)s)")
+    ap.add_argument("--mode", default="topn", choices=["topn", "greedy"],
+                    help="edge level: circuit extraction (default: %(default)s)")
+    ap.add_argument("--method", default="relp", choices=["relp", "atp"],
+                    help="node level: the attribution method (default: %(default)s)")
+    ap.add_argument("--top-k", type=int, default=12, help="node level: components verified (default: %(default)s)")
+    ap.add_argument("--out", default="runs/circuit", help="output folder (default: %(default)s)")
+    ap.add_argument("--device", default=None, help="cpu, cuda ... (default: where the model loads)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap.parse_args(argv)
 
 

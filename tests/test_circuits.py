@@ -430,6 +430,7 @@ def test_circuit_extraction_pruning_json_and_scores_files(tmp_path):
     scores = C.EdgeScores(torch.randn(g.n_senders, g.n_receivers, generator=gen) * g.real, g, {}, {"method": "x"})
     top = scores.circuit(10, prune=False)
     assert top.n_edges == 10 and set(top.edge_names) == {n for n, _ in scores.top(10)}
+    assert repr(top) == f"Circuit(10 of {g.n_edges} edges, {len(top.nodes)} nodes, {g})"  # short: no tensors
     pruned = scores.circuit(10)
     # MIB's rule: every kept sender reaches a kept receiver and (but the input) is reached
     own = g.receiver_owner.float()

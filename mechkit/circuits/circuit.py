@@ -30,6 +30,9 @@ class Circuit:
     def __post_init__(self):
         self.edges = self.edges.bool().cpu() & self.graph.real
 
+    def __repr__(self) -> str:
+        return f"Circuit({self.n_edges} of {self.graph.n_edges} edges, {len(self.nodes)} nodes, {self.graph})"
+
     @property
     def n_edges(self) -> int:
         return int(self.edges.sum())
