@@ -585,6 +585,13 @@ def _source(src: Any) -> tuple[Any, Any]:
     name = src if isinstance(src, (str, Path)) else type(src).__name__
     if isinstance(src, str) and src in models.list_models():
         src = models.model_path(src)
+    elif isinstance(src, str) and "/" not in src and not Path(src).exists():
+        import difflib
+
+        close = difflib.get_close_matches(src, models.list_models(), n=1, cutoff=0.8)
+        if close:  # a typo, not a hub name (the hub would be asked, and retried, first)
+            raise ValueError(f"no bundled model {src!r}: did you mean {close[0]!r}? Bundled: "
+                             f"{', '.join(models.list_models())}; a hub name is 'org/name'")
     return src, name
 
 

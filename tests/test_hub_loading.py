@@ -93,6 +93,17 @@ def test_hub_name_absent_from_the_cache_is_one_clear_error(hub_cache):
         mk.load("someorg/tiny-gpt2-test", revision="nope")
 
 
+def test_a_misspelt_bundled_name_fails_at_once():
+    """A name like a bundled model's (no org/ part, not a folder) is a typo, not a hub name: one error naming
+    the bundled model, before any hub lookup (online that lookup retried for ~25 s before failing)."""
+    if "tiny-gpt2" not in mk.list_models():
+        pytest.skip("bundled tiny-gpt2 has no weights")
+    with pytest.raises(ValueError, match=r"no bundled model 'tiny-gpt3'.*did you mean 'tiny-gpt2'"):
+        mk.load("tiny-gpt3")
+    with pytest.raises(OSError, match="could not load model 'gpt2'"):  # a hub name (offline here): not a typo
+        mk.load("gpt2")
+
+
 def test_cli_model_hub_name(hub_cache, tmp_path):
     cache, _, _ = hub_cache
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1",
