@@ -7,6 +7,7 @@ STAMP := $(VENV)/.mechkit-installed
 .PHONY: demo test lint bench clean browser installed
 
 $(STAMP): pyproject.toml
+	@echo "installing torch (CPU build) and mechkit into $(VENV): a few quiet minutes the first time"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first: the pinned CPU build lies on these machines; an unpinned torch pulls CUDA.
 	$(BIN)/pip install -q torch==2.13.0
