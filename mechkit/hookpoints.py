@@ -199,6 +199,16 @@ class HookMap:
     def name(self) -> str:
         return self.family.get("name", "custom")
 
+    def unmet(self, hf_config: Any) -> str | None:
+        """Why this map does not hold for a model with ``hf_config`` (its ``[family] requires`` table:
+        config attribute -> the value the map assumes), or None."""
+        for key, want in dict(self.family.get("requires", {})).items():
+            got = config_get(hf_config, key, None)
+            if got != want:
+                return (f"mechkit's {self.name} map assumes config.{key} = {want!r} (the released checkpoints' "
+                        f"value); this model has {got!r}")
+        return None
+
     def path(self, template: str, layer: int | None = None) -> str:
         """Expand ``{block}`` and ``{l}`` in a module path."""
         block = self.family["block"]

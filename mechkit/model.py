@@ -84,12 +84,13 @@ class HookedModel(TLSurface, nn.Module):
         self.tokenizer = tokenizer
         config = hf_model.config
         self._kv_at_load = config_get(config, "num_key_value_heads", None)  # see _check_unchanged
+        unmet = None
         if hook_map is None:
             hook_map = map_for_model_type(config.model_type)
+            unmet = hook_map.unmet(config) if hook_map is not None else None
+            hook_map = None if unmet else hook_map
         if hook_map is None:
-            from .autodetect import detect_map
-
-            hook_map = detect_map(hf_model)
+            hook_map = _detected(hf_model, unmet)
         self.hook_map = _resolve_config_values(hook_map, config)
         if not self.hook_map.verified:  # a user's map is verified like a detected one
             from .autodetect import verify
@@ -572,6 +573,19 @@ def load(
     hooked = HookedModel(hf, tokenizer, _hook_map_arg(hook_map))
     hooked.name = str(name)
     return hooked
+
+
+def _detected(hf_model: nn.Module, unmet: str | None) -> HookMap:
+    """A detected map for ``hf_model``; ``unmet``: why the shipped map of its type does not hold (said
+    in the error when detection fails too)."""
+    from .autodetect import HookMapDetectionError, detect_map
+
+    try:
+        return detect_map(hf_model)
+    except HookMapDetectionError as e:
+        if unmet is None:
+            raise
+        raise HookMapDetectionError(f"{unmet}, so that map does not apply, and {e}") from None
 
 
 def _source(src: Any) -> tuple[Any, Any]:

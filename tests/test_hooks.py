@@ -216,6 +216,46 @@ def test_unknown_name_lists_closest():
     assert not has_mechkit_hooks(m.hf_model)
 
 
+def _writable_models():
+    """Every hand-written map's model with a resid_mid (sequential blocks), BLOOM and GPT-Neo from the zoo."""
+    from arch_zoo import build
+
+    fams = [f for f in FAMILIES if f != "gpt_neox"]  # parallel GPT-NeoX has no resid_mid
+    return [(f, random_hf_model(f)) for f in fams] + [(t, build(t)) for t in ("bloom", "gpt_neo")]
+
+
+@pytest.mark.parametrize("site", ["resid_mid", "resid_pre", "resid_post"])
+def test_writing_the_residual_stream_moves_everything_downstream(site):
+    """A residual-stream point carries the whole stream: writing the clean run's value into the corrupted
+    run at every position of the last layer gives the clean logits (BLOOM's resid_mid was the MLP norm's
+    input only: the write reached the MLP but not the residual its block adds back)."""
+    for family, hf in _writable_models():
+        m = HookedModel(hf)
+        L = m.cfg.n_layers - 1
+        name = f"blocks.{L}.hook_{site}"
+        clean, corrupt = random_tokens(2, 6, m.cfg.d_vocab, seed=1), random_tokens(2, 6, m.cfg.d_vocab, seed=2)
+        logits_clean, cache = m.run_with_cache(clean, names=[name])
+        with m.hooks({name: lambda x, hook, _v=cache[name]: _v}):
+            patched = m(corrupt)
+        assert (m(corrupt) - logits_clean).abs().max() > 1e-3, family
+        torch.testing.assert_close(patched, logits_clean, atol=1e-5, rtol=1e-5, msg=f"{family} {name}")
+        assert not has_mechkit_hooks(hf)
+
+
+def test_a_map_whose_config_requirement_fails_does_not_apply():
+    """BLOOM with apply_residual_connection_post_layernorm=True adds its normalised input back to the residual
+    stream, so the stream is not a sum of block outputs (decompositions and edge circuits would be silently
+    wrong): its map requires the flag off, and with it on the model is refused with the reason (detection
+    finds no additive residual either)."""
+    from arch_zoo import build
+
+    from mechkit.autodetect import HookMapDetectionError
+
+    with pytest.raises(HookMapDetectionError, match=r"bloom map assumes config.apply_residual_connection_post_layernorm = False.*has True"):
+        mk.load(build("bloom", apply_residual_connection_post_layernorm=True))
+    assert mk.load(build("bloom")).hook_map.family["name"] == "bloom"
+
+
 def test_parallel_residual_has_no_resid_mid():
     m = wrap("gpt_neox")
     assert "blocks.0.hook_resid_mid" not in m.hook_names()
