@@ -129,6 +129,23 @@ def test_circuit_prints_the_top_edges_then_the_dashboard(tmp_path, capsys):
     assert any(line.startswith("best: eap") for line in lines)
 
 
+def test_circuit_evaluation_shows_a_progress_bar_unless_silenced(capfd):
+    """Exact evaluation (curves, single edges) is a long job on big graphs: a bar by default, none with
+    progress=False or the command line's --quiet."""
+    from mechkit import circuits as C
+
+    model = mk.load("tiny-gpt2")
+    task = mk.tasks.ioi(model.tokenizer, n=4, seed=0)
+    capfd.readouterr()  # the load's own output
+    C.edge_patching(model, task, ["m2->logits", "a0.h1->a3.h5<k>"])
+    assert "circuits" in capfd.readouterr().err
+    C.edge_patching(model, task, ["m2->logits"], progress=False)
+    assert capfd.readouterr().err == ""
+    assert main(["circuit", "--model", "tiny-gpt2", "--methods", "eap", "--n", "4", "--quiet", "--out", "/tmp/q"]) == 0
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "%|" not in err, err
+
+
 @pytest.mark.parametrize("site,by", [("neurons", ["layer", "neuron"]), ("z", ["layer", "head"]),
                                      ("resid_pre", ["layer", "pos"])])
 def test_cli_by_defaults_to_the_sites_own_axes(tmp_path, capsys, site, by):

@@ -48,13 +48,14 @@ def discover(model: HookedModel, task, out: str | Path | None = None, options: D
         scores[m] = attribute(model, task, method=m, ig_steps=o.ig_steps, batch_size=o.batch_size, progress=o.progress,
                               ig_scope=o.ig_scope, post_norm_heads=o.post_norm_heads, grad_on=o.grad_on)
         curves[m] = faithfulness_curve(model, task, scores[m], fractions=o.fractions, mode=o.mode, ablation=o.ablation,
-                                       post_norm_heads=o.post_norm_heads)
+                                       post_norm_heads=o.post_norm_heads, progress=o.progress)
     best = max(curves, key=lambda m: curves[m].area)
     hit = curves[best].smallest(o.level)
     n_keep = max(1, round((hit[0] if hit else o.fractions[-1]) * scores[best].graph.n_edges))
     circuit = scores[best].circuit(n_keep, mode=o.mode)
     top = [name for name, _ in scores[best].top(o.verify_top)]
-    names, exact = edge_patching(model, task, top, ablation=o.ablation, post_norm_heads=o.post_norm_heads)
+    names, exact = edge_patching(model, task, top, ablation=o.ablation, post_norm_heads=o.post_norm_heads,
+                                 progress=o.progress)
     summary = {
         "model": model.cfg.to_dict(), "n_prompts": len(task), "n_edges": scores[best].graph.n_edges,
         "options": {k: v for k, v in o.__dict__.items() if k != "extra"},
@@ -71,7 +72,8 @@ def discover(model: HookedModel, task, out: str | Path | None = None, options: D
 
 
 def _mib(model, task, scores, o: DiscoverOptions) -> dict:
-    r = mib_scores(model, task, scores, ablation=o.ablation, post_norm_heads=o.post_norm_heads, grouped=True)
+    r = mib_scores(model, task, scores, ablation=o.ablation, post_norm_heads=o.post_norm_heads, grouped=True,
+                   progress=o.progress)
     return {"cpr": r["cpr"], "cmd": r["cmd"], "signed": r["signed"].faithfulness, "absolute": r["absolute"].faithfulness,
             "grouped_graph": scores.graph.grouped}  # True: mechkit's grouped edges, not MIB's count
 

@@ -70,7 +70,7 @@ def ablated_values(model: HookedModel, graph, task, ablation: str, metric, refer
 
 
 def evaluate(model: HookedModel, task, circuits, ablation: str = "corrupted", metric=None, reference=None,
-             max_bytes: int | None = None, max_tokens: int | None = None, progress: bool = False,
+             max_bytes: int | None = None, max_tokens: int | None = None, progress: bool = True,
              post_norm_heads: str = "frozen") -> torch.Tensor | float:
     """The metric (prompt mean) of each circuit: a float for one :class:`Circuit`, a [K] tensor
     for a list. ``reference``: the task whose clean prompts give the means (``ablation="mean"``).
