@@ -146,8 +146,8 @@ def cpu_agreement(m, task, eap, sizes, device: str) -> dict:
     on_cpu = C.EdgeScores(eap.values.detach().cpu(), ref.graph)
     return {"device": device, "eap_max_abs_diff / max_abs_score": float((got - want).abs().max() / want.abs().max()),
             "eap_pearson": float(torch.corrcoef(torch.stack([got, want]))[0, 1]), "circuit_sizes": sizes,
-            "circuit_metric_device": C.evaluate(m, task, [eap.circuit(k) for k in sizes]).tolist(),
-            "circuit_metric_cpu": C.evaluate(mc, tc, [on_cpu.circuit(k) for k in sizes]).tolist()}
+            "circuit_metric_device": C.evaluate(m, task, [eap.circuit(k) for k in sizes], progress=False).tolist(),
+            "circuit_metric_cpu": C.evaluate(mc, tc, [on_cpu.circuit(k) for k in sizes], progress=False).tolist()}
 
 
 def main(argv=None) -> int:
@@ -181,13 +181,13 @@ def main(argv=None) -> int:
         "eap_ig5": lambda: C.attribute(m, task, method="eap-ig", ig_steps=5, progress=False),
         "relp": lambda: C.attribute(m, task, method="relp", progress=False),
         "forward_fused_20": lambda: plain_forward(m, task, repeat=20),
-        "curve_20_fused": lambda: C.evaluate(m, task, circuits),
+        "curve_20_fused": lambda: C.evaluate(m, task, circuits, progress=False),
         "forward_1": lambda: plain_forward(m, task),
-        "edges_200_fused": lambda: C.edge_patching(m, task, top200),
+        "edges_200_fused": lambda: C.edge_patching(m, task, top200, progress=False),
         "eap_ioi_shaped": lambda: C.attribute(m, ioi, method="eap", progress=False),
         "eap_ig5_ioi_shaped": lambda: C.attribute(m, ioi, method="eap-ig", ig_steps=5, progress=False),
-        "curve_20_fused_ioi_shaped": lambda: C.evaluate(m, ioi, circuits_ioi),
-        "edges_200_fused_ioi_shaped": lambda: C.edge_patching(m, ioi, top200_ioi),
+        "curve_20_fused_ioi_shaped": lambda: C.evaluate(m, ioi, circuits_ioi, progress=False),
+        "edges_200_fused_ioi_shaped": lambda: C.edge_patching(m, ioi, top200_ioi, progress=False),
     }
     if args.only:
         jobs = {k: jobs[k] for k in args.only.split(",")}
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     if args.only:
         print(json.dumps({k: statistics.median(v) for k, v in samples.items()}))
         return 0
-    t_sep = timed(lambda: [C.evaluate(m, task, c) for c in circuits], sync)  # 20 separate evaluations, once
+    t_sep = timed(lambda: [C.evaluate(m, task, c, progress=False) for c in circuits], sync)  # 20 separate evaluations, once
     agree = None if args.device == "cpu" else cpu_agreement(m, task, eap, sizes[::6], args.device)
     med = {k: statistics.median(v) for k, v in samples.items()}
     mem = {"fwd_bwd_MiB": peak_child("fwdbwd", args), "eap_MiB": peak_child("eap", args)}

@@ -54,7 +54,7 @@ def run(name: str, task_name: str, n: int) -> dict:
     task = (mk.tasks.ioi(model.tokenizer, n=n, seed=3) if task_name == "ioi"
             else mk.tasks.induction_task(model.tokenizer, n=n, T=8, seed=3))
     t = time.perf_counter()
-    exact = C.edge_patching_scores(model, task)
+    exact = C.edge_patching_scores(model, task, progress=False)
     out = {"model": name, "task": task_name, "n_prompts": n, "edges": exact.graph.n_edges,
            "exact_seconds": time.perf_counter() - t, "exact_top10": exact.top(10), "methods": {}}
     _, ev = exact.edge_values()
@@ -64,8 +64,8 @@ def run(name: str, task_name: str, n: int) -> dict:
         t = time.perf_counter()
         s = C.attribute(model, task, progress=False, **kw)
         sec = time.perf_counter() - t
-        curve = C.faithfulness_curve(model, task, s)
-        mib = C.mib_scores(model, task, s, grouped=True)  # tiny-llama: its grouped graph
+        curve = C.faithfulness_curve(model, task, s, progress=False)
+        mib = C.mib_scores(model, task, s, grouped=True, progress=False)  # tiny-llama: its grouped graph
         out["methods"][m] = {
             "seconds": sec, "pearson_vs_exact": pearson(s.edge_values()[1], ev),
             "routes": {r: {"rank": s.rank(r), "score": s[r]} for r in names},

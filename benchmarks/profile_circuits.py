@@ -27,7 +27,7 @@ def jobs(m, task) -> dict:
     circuits = [eap.circuit(k) for k in sizes]
     top200 = [name for name, _ in eap.top(200)]
     return {"fwd_bwd": lambda: B.fwd_bwd(m, task), "eap": lambda: C.attribute(m, task, method="eap", progress=False),
-            "curve": lambda: C.evaluate(m, task, circuits), "edges200": lambda: C.edge_patching(m, task, top200)}
+            "curve": lambda: C.evaluate(m, task, circuits, progress=False), "edges200": lambda: C.edge_patching(m, task, top200, progress=False)}
 
 
 def main(argv=None) -> int:

@@ -56,8 +56,8 @@ def analyses(m, task, edges_n: int) -> dict:
             lambda: mk.attribution_patch(m, task, sites="attn_out", method="ig", ig_steps=2, progress=False).values,
         "EAP (all edges)": lambda: C.attribute(m, task, method="eap", progress=False).values,
         "EAP-IG, 5 steps": lambda: C.attribute(m, task, method="eap-ig", ig_steps=5, progress=False).values,
-        "10-point faithfulness curve": lambda: C.evaluate(m, task, circuits),
-        f"exact patching of the top {edges_n} edges": lambda: C.edge_patching(m, task, top)[1],
+        "10-point faithfulness curve": lambda: C.evaluate(m, task, circuits, progress=False),
+        f"exact patching of the top {edges_n} edges": lambda: C.edge_patching(m, task, top, progress=False)[1],
     }
 
 
