@@ -6,7 +6,8 @@
 - :func:`fingerprint`: any value: tensors by their bytes, modules (and HookedModels) by their weights,
   containers element by element, and callables by what they compute: qualified name, bytecode
   (nested code objects included), defaults, closure cells, the module-level values their code
-  names, and for callable objects their class's methods and attributes. A metric defined the same
+  names (of the user's own modules the code names, the attributes it names: ``helpers.score`` by
+  ``score``'s code and values), and for callable objects their class's methods and attributes. A metric defined the same
   way in another process has the same fingerprint; one whose code or bound tensors changed has
   another.
 
@@ -85,9 +86,26 @@ def _code(h, co: types.CodeType, fn_globals, depth, seen) -> None:
                 v = fn_globals[name]
                 h.update(f"g:{name}".encode())
                 if isinstance(v, types.ModuleType):
-                    h.update(v.__name__.encode())
+                    _module_names(h, v, co.co_names, depth + 1, seen)
                 else:
                     _feed(h, v, depth + 1, seen)
+
+
+def _module_names(h, mod: types.ModuleType, names, depth, seen) -> None:
+    """A module the code names: library modules by name; the user's own also by the attributes the code
+    names (``helpers.score(...)``: ``score``'s code and the values it reads), nested modules alike."""
+    h.update(mod.__name__.encode())
+    top = mod.__name__.split(".")[0]
+    if top in LIBRARIES or top in sys.stdlib_module_names or depth > _MAX_DEPTH:
+        return
+    for attr in sorted(set(names)):
+        if attr in vars(mod):
+            a = vars(mod)[attr]
+            h.update(f"a:{attr}".encode())
+            if isinstance(a, types.ModuleType):
+                _module_names(h, a, names, depth + 1, seen)
+            else:
+                _feed(h, a, depth + 1, seen)
 
 
 def _function(h, fn: types.FunctionType, depth, seen) -> None:

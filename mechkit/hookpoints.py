@@ -656,6 +656,20 @@ def run_attention_handlers(module: nn.Module, tensor: str, x: torch.Tensor) -> t
     return x
 
 
+def installed_hooks(model: nn.Module) -> list[tuple[str, list]]:
+    """What runs on ``model`` besides its own code: (module path, [its forward hooks and pre-hooks, mechkit's
+    output taps and attention handler]) for every module that has any (mechkit's or anyone's); [] for a
+    model without hooks. Fingerprinted into checkpoint keys: a sweep under an ablation, a steering or a
+    user's hook computes other values."""
+    out = []
+    for name, m in model.named_modules():
+        found = list(torch_hooks(m))
+        found += [m.__dict__[k] for k in ("_mechkit_taps", "_mechkit_attn") if k in m.__dict__]
+        if in_use := [f for f in found if not (hasattr(f, "in_use") and not f.in_use())]:
+            out.append((name, in_use))
+    return out
+
+
 def has_mechkit_hooks(model: nn.Module) -> bool:
     """True if any torch hook or attention handler installed by mechkit remains on ``model``."""
     for m in model.modules():

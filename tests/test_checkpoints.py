@@ -159,6 +159,55 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("context", ["ablate", "hooks"])
+def test_hooks_on_the_model_are_part_of_the_key(model, tmp_path, context):
+    """A sweep run while the model carries hooks (an ablation, a steering, a user's hook) computed other values:
+    a rerun without them (or with other ones) recomputes, even with options that do not change the chunk
+    plan; a rerun under the same hooks resumes."""
+    import mechkit as mk
+
+    task = make_task()
+    kw = dict(skip_layers=False, skip_prefix=False)
+
+    def hooked():
+        if context == "ablate":
+            return mk.ablate(model, heads=[(1, 2)], how="zero")
+        return model.hooks({"blocks.1.hook_mlp_out": lambda x, hook: 2 * x})
+    with hooked():
+        under = sweep(model, task, tmp_path, **kw)
+    with hooked():
+        again = sweep(model, task, tmp_path, **kw)
+    assert again.meta["chunks_computed"] == 0 and torch.equal(again.values, under.values)
+    with pytest.warns(UserWarning, match="checkpoint"):
+        plain = sweep(model, task, tmp_path, **kw)
+    assert plain.meta["chunks_computed"] == plain.meta["n_chunks"]
+    assert torch.equal(plain.values, activation_patch(model, task, **dict(KW, **kw)).values)
+    assert not torch.equal(plain.values, under.values)
+
+
+def test_a_metric_helper_in_a_module_is_keyed_by_its_code_and_values(model, tmp_path, monkeypatch):
+    """A metric calling ``helpers.score(...)`` from the user's own module: editing that function's constant
+    changes the key (the module's attributes the code names are fingerprinted, not only its name)."""
+    import types
+
+    from mechkit.patching.metrics import logit_diff
+
+    helpers = types.ModuleType("user_helpers")
+    helpers.SCALE = 1.0
+    exec("def score(x):\n    return SCALE * x", helpers.__dict__)
+    monkeypatch.setitem(sys.modules, "user_helpers", helpers)
+    task = make_task()
+    base = logit_diff(task)
+    ns = {"helpers": helpers, "base": base}
+    exec("def metric(logits):\n    return helpers.score(base(logits))", ns)
+    first = sweep(model, task, tmp_path, metric=ns["metric"])
+    helpers.SCALE = 3.0
+    with pytest.warns(UserWarning, match="the metric"):
+        again = sweep(model, task, tmp_path, metric=ns["metric"])
+    assert again.meta["chunks_computed"] == again.meta["n_chunks"]
+    torch.testing.assert_close(again.values, 3 * first.values)
+
+
 def test_custom_metric_resumes_in_a_new_process(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests")))

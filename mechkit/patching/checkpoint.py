@@ -3,7 +3,9 @@
 The key (:func:`sweep_key`) covers everything the chunks' values depend on, each part fingerprinted
 by :mod:`mechkit.fingerprint`: the model's weights (every parameter's bytes), the task's tokens,
 masks and answers, the metric (by what it computes, so the same metric resumes in a new process),
-and the sweep options (site, axes, mode, layers, chunk plan...); plus mechkit's version.
+the sweep options (site, axes, mode, layers, chunk plan...) and any hooks on the model when the sweep
+starts (an ablation, a steering, a user's own: :func:`mechkit.hookpoints.installed_hooks`); plus
+mechkit's version.
 
 Files in ``checkpoint_dir``:
 
@@ -32,7 +34,8 @@ from ..io import atomic_path, write_json
 
 FORMAT = "mechkit.chunks/2"
 _PART_WORDS = {"weights": "the model's weights", "task": "the task (tokens, masks, answers)",
-               "metric": "the metric", "options": "the sweep options"}
+               "metric": "the metric", "options": "the sweep options",
+               "hooks": "the hooks on the model (an ablation, a steering, your own)"}
 
 
 class SweepKey(str):

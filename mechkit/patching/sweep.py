@@ -29,6 +29,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
+from ..hookpoints import installed_hooks
 from ..options import merge_options
 from .checkpoint import ChunkStore, sweep_key
 from .plan import overhead_token_layers, plan_chunks
@@ -142,6 +143,8 @@ def run_sweep(runner: Runner, grid: torch.Tensor, options: SweepOptions, key: Ma
         parts = dict(key)
         parts.setdefault("weights", runner.model)
         parts["options"] = dict(parts.get("options", {}), plan=spans)
+        if hooks := installed_hooks(runner.model.hf_model):  # an ablation, a steering, a user's hook
+            parts["hooks"] = hooks
         store_key = sweep_key(**parts)
     store = ChunkStore(options.checkpoint_dir, store_key, len(spans))
     raw = torch.full((len(grid),), math.nan)
