@@ -143,7 +143,8 @@ def run_sweep(runner: Runner, grid: torch.Tensor, options: SweepOptions, key: Ma
         parts = dict(key)
         parts.setdefault("weights", runner.model)
         parts["options"] = dict(parts.get("options", {}), plan=spans)
-        if hooks := installed_hooks(runner.model.hf_model):  # an ablation, a steering, a user's hook
+        hf = getattr(runner.model, "hf_model", runner.model)
+        if isinstance(hf, torch.nn.Module) and (hooks := installed_hooks(hf)):  # an ablation, a steering, a hook
             parts["hooks"] = hooks
         store_key = sweep_key(**parts)
     store = ChunkStore(options.checkpoint_dir, store_key, len(spans))
