@@ -415,6 +415,9 @@ def _apply(handlers: list[_Handler], x: torch.Tensor, n_heads: int, module: nn.M
                 raise ValueError(
                     f"hook on '{h.name}' returned a tensor of shape {tuple(new.shape)}; expected {tuple(view.shape)}"
                 )
+            if view.is_floating_point() and not new.is_floating_point():  # x > 0 would be cast to 0/1 silently
+                raise TypeError(f"hook on '{h.name}' returned a tensor of dtype {new.dtype}; expected a floating "
+                                f"tensor like the activation ({view.dtype})")
             if new.device != view.device or new.dtype != view.dtype:  # follow the module's device (device_map)
                 new = new.to(device=view.device, dtype=view.dtype)
             x = _unview(h, new, x)

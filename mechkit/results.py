@@ -79,6 +79,8 @@ class Result:
         ``baselines["unpatched"]`` says what a cell reads when its intervention changes nothing (1 for
         normalised path patching and noising, the base run's metric for raw values), else by
         ``|value|``; ``absolute=False``: the largest values. NaN cells (none there) come last."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be a non-negative integer, got {k!r}")
         flat = self.values.detach().float().reshape(-1)
         key = (flat - self.baselines.get("unpatched", 0.0)).abs() if absolute else flat
         order = key.nan_to_num(nan=-math.inf).argsort(descending=True, stable=True)[:k]

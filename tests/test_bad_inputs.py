@@ -278,6 +278,26 @@ CASES = [
     ("model_loss_one_token", lambda m, f: m(torch.tensor([[5]]), return_type="loss"), ValueError, "at least 2 tokens"),
     ("generate_tl_only_kwarg", lambda m, f: m.generate("the food", verbose=False), TypeError,
      r"does not take TransformerLens's \['verbose'\]"),
+    # indices and counts: a float, a bool or a repeat is not silently truncated or repeated (outside audit)
+    ("ig_steps_zero", lambda m, f: mk.attribution_patch(m, ioi(m), method="ig", ig_steps=0, progress=False),
+     ValueError, "ig_steps must be a positive integer, got 0"),
+    ("ig_steps_float", lambda m, f: mk.attribution_patch(m, ioi(m), method="ig", ig_steps=2.5, progress=False),
+     TypeError, "ig_steps must be a positive integer, got 2.5"),
+    ("layers_float", lambda m, f: activation_patch(m, ioi(m), layers=[1.9], progress=False), TypeError,
+     r"layers: 1.9 is not a layer index \(an int\)"),
+    ("layers_bool", lambda m, f: activation_patch(m, ioi(m), layers=[True], progress=False), TypeError,
+     "layers: True is not a layer index"),
+    ("layers_repeat", lambda m, f: activation_patch(m, ioi(m), layers=[1, 1], progress=False), ValueError,
+     "layers: 1 is given twice"),
+    ("ablate_head_float", lambda m, f: mk.ablate(m, heads=[(1.7, 3)]).__enter__(), TypeError,
+     r"heads: 1.7 is not a layer index \(an int\)"),
+    ("shard_float", lambda m, f: activation_patch(m, ioi(m), shard=(0.5, 2), progress=False), ValueError,
+     r"shard must be \(rank, world\) ints .*got \(0.5, 2\)"),
+    ("top_negative", lambda m, f: mk.Result(torch.zeros(3), ("a",)).top(-2), ValueError,
+     "k must be a non-negative integer, got -2"),
+    ("hook_returns_bool", lambda m, f: m.run_with_hooks("the food was", fwd_hooks=[("blocks.0.hook_resid_pre",
+                                                                                     lambda x, hook: x > 0)]),
+     TypeError, "blocks.0.hook_resid_pre.*dtype torch.bool.*expected a floating"),
 ]
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import positive
 from ..hf_compat import accepts_logits_to_keep
 from ..options import merge_options
 from ..patching.activation import pos_labels
@@ -162,6 +163,9 @@ class AttributionOptions:
     rules: tuple = lrp.DEFAULT_RULES
     batch_size: int | None = None
     progress: bool = True
+
+    def __post_init__(self):
+        positive(self.ig_steps, "ig_steps")  # 0 steps gave all-zero scores
 
 
 def _prompt_batches(n: int, batch_size, metric) -> list[tuple[int, int]]:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..checks import index
 from ..inputs import CallPositions
 from ..sites import act_name
 
@@ -60,7 +61,7 @@ def _group(items, n_layers: int, width: int, what: str) -> dict[int, torch.Tenso
     for it in items or ():
         if not (isinstance(it, (tuple, list)) and len(it) == 2):
             raise TypeError(f"{what} must be (layer, index) pairs; got {it!r}")
-        l, i = int(it[0]), int(it[1])
+        l, i = index(it[0], what), index(it[1], what, "head or neuron index" if what != "heads" else "head index")
         if not (0 <= l < n_layers and 0 <= i < width):
             raise ValueError(f"{what} ({l}, {i}) out of range: layers 0..{n_layers - 1}, index 0..{width - 1}")
         out.setdefault(l, torch.zeros(width, dtype=torch.bool))[i] = True

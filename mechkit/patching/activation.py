@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..checks import indices
 from ..fingerprint import fingerprint
 from ..hf_compat import accepts_logits_to_keep
 from ..inputs import Batch
@@ -128,8 +129,8 @@ def _check_args(model: HookedModel, task, sites, by, mode, layers):
     if mode not in ("denoise", "noise"):
         raise ValueError(f"mode must be 'denoise' or 'noise', got {mode!r}")
     L = model.cfg.n_layers
-    layers = list(range(L)) if layers is None else [int(l) for l in layers]
-    if not layers or any(not 0 <= l < L for l in layers):
+    layers = list(range(L)) if layers is None else indices(layers, "layers", L)
+    if not layers:
         raise ValueError(f"layers must be a non-empty list within 0..{L - 1}, got {layers}")
     return kind, by, layers
 

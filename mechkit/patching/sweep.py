@@ -49,9 +49,12 @@ def check_batch_tokens(value, name: str = "max_batch_tokens") -> int:
 def check_shard(shard) -> tuple[int, int]:
     """``shard`` as ``(rank, world)`` ints with ``0 <= rank < world``; ``ValueError`` otherwise."""
     try:
-        rank, world = (int(x) for x in shard)
+        rank, world = shard
     except (TypeError, ValueError):
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}") from None
+    if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in (rank, world)):  # 0.5 was truncated
+        raise ValueError(f"shard must be (rank, world) ints with 0 <= rank < world, got {shard!r}")
+    rank, world = int(rank), int(world)
     if not (0 <= rank < world):
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
     return rank, world
