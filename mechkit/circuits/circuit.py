@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..io import atomic_path
-from .graph import Graph
+from .graph import Graph, check_bool, check_int
 
 
 @dataclass
@@ -75,7 +77,9 @@ class Circuit:
         """EAP-IG's graph JSON (``cfg``, ``nodes`` {name: {in_graph}}, ``edges`` {name: {score, in_graph}}),
         readable by EAP-IG's ``Graph.from_json`` (which needs ``d_model``: graphs from a model have it).
         Grouped-query models are written ungrouped, as EAP-IG sees them: the edge into KV head g's
-        key input appears once per query head of the group, with the same score and membership."""
+        key input appears once per query head of the group, with the same membership and the score
+        split evenly among them (mechkit's grouped score is the sum over the ungrouped heads, which
+        :meth:`from_json` adds back: a round trip is exact)."""
         g = self.graph
         cfg = {"n_layers": g.n_layers, "n_heads": g.n_heads, "parallel_attn_mlp": g.parallel, "n_kv_heads": g.n_kv_heads}
         if g.d_model is not None:  # EAP-IG's Graph.from_json builds its graph from it
@@ -85,8 +89,10 @@ class Circuit:
         edges = {}
         sc = self.scores
         for s, r in g.real.nonzero().tolist():
-            entry = {"score": 0.0 if sc is None else float(sc[s, r]), "in_graph": bool(self.edges[s, r])}
-            for name in _ungrouped(g, s, r):
+            names = _ungrouped(g, s, r)
+            score = 0.0 if sc is None else float(sc[s, r]) / len(names)
+            entry = {"score": score, "in_graph": bool(self.edges[s, r])}
+            for name in names:
                 edges[name] = entry
         d = {"cfg": cfg, "nodes": nodes, "edges": edges}
         if path is not None:
@@ -96,29 +102,109 @@ class Circuit:
 
     @classmethod
     def from_json(cls, graph: Graph, src: str | Path | dict) -> Circuit:
-        """Read EAP-IG's graph JSON for ``graph`` (a dict or a file). Every edge name must exist; a
-        KV receiver is in the circuit when its edge is in for any query head of its group."""
-        d = json.loads(Path(src).read_text()) if not isinstance(src, dict) else src
-        if not isinstance(d, dict) or "edges" not in d or "cfg" not in d:
-            raise ValueError(f"{src if not isinstance(src, dict) else 'the dict'}: not an EAP-IG graph JSON "
-                             "(expected keys 'cfg', 'nodes', 'edges')")
-        cfg = d["cfg"]
-        if int(cfg.get("n_layers", -1)) != graph.n_layers or int(cfg.get("n_heads", -1)) != graph.n_heads:
-            raise ValueError(f"graph JSON is for {cfg.get('n_layers')} layers x {cfg.get('n_heads')} heads; "
-                             f"this model has {graph.n_layers} x {graph.n_heads}")
-        lookup = {}
-        for s, r in graph.real.nonzero().tolist():
-            for name in _ungrouped(graph, s, r):
-                lookup[name] = (s, r)
-        edges = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
-        scores = torch.zeros(graph.n_senders, graph.n_receivers)
-        for name, info in d["edges"].items():
-            if name not in lookup:
-                raise ValueError(f"graph JSON edge {name!r} does not exist in this model's graph")
-            s, r = lookup[name]
-            edges[s, r] |= bool(info.get("in_graph", False))
-            scores[s, r] = float(info.get("score", 0.0) or 0.0)
+        """Read EAP-IG's graph JSON for ``graph`` (a dict or a file), validated: its ``cfg`` must
+        describe ``graph`` (``n_layers``, ``n_heads``; ``n_kv_heads``, ``parallel_attn_mlp`` and
+        ``d_model`` where given), it must list every edge, by existing names, each with a boolean
+        ``in_graph`` and a finite ``score`` (or null: 0). A KV receiver is in the circuit when its
+        edge is in for any query head of its group, and its score is the sum over those heads."""
+        d, where = _read_graph_json(src)
+        _check_cfg(graph, d["cfg"], where)
+        edges, scores = _read_edges(graph, d["edges"], where)
         return cls(graph, edges, scores)
+
+
+def _read_graph_json(src) -> tuple[dict, str]:
+    """(the JSON object, how errors name it) of a dict or a file."""
+    if isinstance(src, dict):
+        d, where = src, "graph JSON (a dict)"
+    else:
+        path = Path(src)
+        where = f"circuit file {path}"
+        if not path.is_file():
+            raise FileNotFoundError(f"{where} does not exist")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{where} is not valid JSON ({json_reason(e)}); "
+                             "expected EAP-IG's graph JSON") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} holds a JSON {type(d).__name__}, expected an object with keys 'cfg', 'nodes', "
+                         "'edges' (EAP-IG's graph JSON)")
+    for key in ("cfg", "edges", "nodes"):
+        if (key in d or key != "nodes") and not isinstance(d.get(key), dict):
+            got = type(d[key]).__name__ if key in d else "nothing"
+            raise ValueError(f"{where}: '{key}' must be a JSON object (EAP-IG's graph JSON), got {got}")
+    return d, where
+
+
+def json_reason(e: json.JSONDecodeError | UnicodeDecodeError) -> str:
+    """A short reason: where the JSON breaks, or that the bytes are not text (a binary file)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg}: line {e.lineno}, column {e.colno}"
+    return f"not UTF-8 text: {e.reason} at byte {e.start}"
+
+
+_CFG = (("n_layers", "n_layers", True), ("n_heads", "n_heads", True), ("n_kv_heads", "n_kv_heads", False),
+        ("parallel_attn_mlp", "parallel", False), ("d_model", "d_model", False))
+
+
+def _check_cfg(graph: Graph, cfg: dict, where: str) -> None:
+    """Refuse a ``cfg`` of wrong types, or one that describes another graph (keys it lacks, and a
+    ``d_model`` the graph does not know, are not compared)."""
+    theirs, ours = [], []
+    for key, attr, required in _CFG:
+        if key not in cfg and not required or key == "d_model" and cfg.get(key) is None:
+            continue
+        value = check_bool(cfg.get(key), where, f"cfg.{key}") if key == "parallel_attn_mlp" else \
+            check_int(cfg.get(key), where, f"cfg.{key}")
+        mine = getattr(graph, attr)
+        if mine is not None and value != mine:
+            theirs.append(f"{key}={value}")
+            ours.append(f"{key}={mine}")
+    if theirs:
+        raise ValueError(f"{where} is for {', '.join(theirs)}; this graph has {', '.join(ours)} ({graph})")
+
+
+def _read_edges(graph: Graph, entries: dict, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(edges, scores) of a graph JSON's ``edges``; every edge of ``graph`` must be listed."""
+    lookup = {}
+    for s, r in graph.real.nonzero().tolist():
+        for name in _ungrouped(graph, s, r):
+            lookup[name] = (s, r)
+    edges = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
+    scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
+    for name, info in entries.items():
+        if name not in lookup:
+            raise ValueError(f"{where}: edge {name!r} does not exist in this model's graph ({graph})")
+        if not isinstance(info, dict):
+            raise ValueError(f"{where}: edge {name!r} must be an object {{\"score\": ..., \"in_graph\": ...}}, "
+                             f"got {info!r}")
+        inside, score = info.get("in_graph"), info.get("score")
+        if not isinstance(inside, bool):
+            got = f"in_graph {inside!r}" if "in_graph" in info else "no 'in_graph'"
+            raise ValueError(f"{where}: edge {name!r} has {got}, expected in_graph true or false")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
+                                  or not math.isfinite(score)):
+            raise ValueError(f"{where}: edge {name!r} has score {score!r}, expected a finite number (or null)")
+        s, r = lookup[name]
+        edges[s, r] |= inside
+        scores[s, r] += score or 0.0
+    if len(entries) < len(lookup):
+        raise ValueError(f"{where} lists {len(entries)} of the {len(lookup)} edges of this graph; EAP-IG's graph "
+                         "JSON lists every edge (in_graph false for those outside the circuit)")
+    out = scores.float()
+    if not torch.isfinite(out).all():
+        s, r = (~torch.isfinite(out)).nonzero()[0].tolist()
+        raise ValueError(f"{where}: the score of {graph.edge_name(s, r)!r} is beyond float32's range")
+    return edges, out
+
+
+def check_n(n, most: int | None = None) -> int:
+    """``n`` (a number of edges) as an int in [0, most], else one sentence."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0 or (most is not None and n > most):
+        limit = "a whole number >= 0" if most is None else f"a whole number from 0 to the graph's {most} edges"
+        raise ValueError(f"n (the number of edges) must be {limit}; got {n!r}")
+    return int(n)
 
 
 def _ungrouped(g: Graph, s: int, r: int) -> list[str]:
@@ -153,8 +239,7 @@ def prune(graph: Graph, edges: torch.Tensor) -> torch.Tensor:
 def topn(scores, n: int, absolute: bool = True, prune: bool = True) -> Circuit:
     """The ``n`` best edges (then pruned)."""
     g = scores.graph
-    if not 0 <= n <= g.n_edges:
-        raise ValueError(f"n must be between 0 and the graph's {g.n_edges} edges; got {n}")
+    n = check_n(n, g.n_edges)
     e = torch.zeros(g.n_senders * g.n_receivers, dtype=torch.bool)
     e[scores.order(absolute)[:n]] = True
     c = Circuit(g, e.view(g.n_senders, g.n_receivers), scores.matrix)
@@ -165,8 +250,7 @@ def greedy(scores, n: int, absolute: bool = True, prune: bool = True) -> Circuit
     """EAP-IG's greedy extraction: grow from ``logits``, always adding the best edge into a
     receiver whose node is already in the circuit."""
     g = scores.graph
-    if not 0 <= n <= g.n_edges:
-        raise ValueError(f"n must be between 0 and the graph's {g.n_edges} edges; got {n}")
+    n = check_n(n, g.n_edges)
     m = scores.matrix.abs() if absolute else scores.matrix
     own = g.receiver_owner
     heap: list[tuple[float, int, int]] = []

@@ -18,7 +18,7 @@ Index layout (same as EAP-IG's): sender ``input`` = 0, head (l, h) = 1 + l (H + 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,18 @@ class Graph:
     n_heads: int
     n_kv_heads: int
     parallel: bool = False
-    d_model: int | None = field(default=None, compare=False)  # written into circuit files (EAP-IG reads it)
+    d_model: int | None = None  # written into circuit files (EAP-IG reads it); None: unknown
+
+    def __eq__(self, other) -> bool:
+        """Same sizes; ``d_model`` too when both graphs know it (a graph built by hand may not)."""
+        if not isinstance(other, Graph):
+            return NotImplemented
+        same = (self.n_layers, self.n_heads, self.n_kv_heads, self.parallel) == (
+            other.n_layers, other.n_heads, other.n_kv_heads, other.parallel)
+        return same and (self.d_model is None or other.d_model is None or self.d_model == other.d_model)
+
+    def __hash__(self) -> int:  # without d_model: graphs equal under __eq__ hash alike
+        return hash((self.n_layers, self.n_heads, self.n_kv_heads, self.parallel))
 
     @classmethod
     def from_model(cls, model: HookedModel) -> Graph:
@@ -172,6 +183,32 @@ class Graph:
     def to_dict(self) -> dict:
         return {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
                 "parallel_attn_mlp": self.parallel, "d_model": self.d_model}
+
+    @classmethod
+    def from_dict(cls, d, where: str) -> Graph:
+        """The graph :meth:`to_dict` wrote, validated; ``where`` (the file) starts every error."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: 'graph' must be a JSON object, got {type(d).__name__}")
+        n_layers, n_heads, n_kv = (check_int(d.get(k), where, k) for k in ("n_layers", "n_heads", "n_kv_heads"))
+        parallel = check_bool(d.get("parallel_attn_mlp"), where, "parallel_attn_mlp")
+        d_model = None if d.get("d_model") is None else check_int(d["d_model"], where, "d_model")
+        if n_heads % n_kv:
+            raise ValueError(f"{where}: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
+        return cls(n_layers, n_heads, n_kv, parallel, d_model)
+
+
+def check_int(value, where: str, key: str) -> int:
+    """``value`` as a positive integer (a JSON integer, not a float or a boolean), else one sentence."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def check_bool(value, where: str, key: str) -> bool:
+    """``value`` as a boolean (JSON true or false, not a string or a number), else one sentence."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: '{key}' must be true or false (a JSON boolean), got {value!r}")
+    return value
 
 
 def ungroup_kv(model: HookedModel | torch.nn.Module):

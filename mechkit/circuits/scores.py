@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io import atomic_path
+from .circuit import check_n, json_reason
 from .graph import Graph
 
 
@@ -51,13 +52,15 @@ class EdgeScores:
         return float(self.matrix[s, r])
 
     def order(self, absolute: bool = True) -> torch.Tensor:
-        """Flat indices (into [S * R]) of every edge, best first."""
+        """Flat indices (into [S * R]) of every edge, best first (NaN scores last)."""
         m = self.matrix.abs() if absolute else self.matrix
-        m = m.masked_fill(~self.graph.real, -float("inf"))
-        return m.reshape(-1).argsort(descending=True, stable=True)[: self.graph.n_edges]
+        idx = self.graph.real.reshape(-1).nonzero()[:, 0]
+        key = m.reshape(-1)[idx].nan_to_num(nan=-float("inf"))
+        return idx[key.argsort(descending=True, stable=True)]
 
     def top(self, n: int = 10, absolute: bool = True) -> list[tuple[str, float]]:
         """The ``n`` best edges as (name, score), by |score| (or signed score)."""
+        n = check_n(n)
         R = self.graph.n_receivers
         m = self.matrix
         return [(self.graph.edge_name(i // R, i % R), float(m.reshape(-1)[i])) for i in self.order(absolute)[:n].tolist()]
@@ -92,30 +95,86 @@ class EdgeScores:
         return pd.DataFrame({"edge": names, "score": vals.tolist()})
 
     def save(self, path: str | Path) -> None:
-        """``path`` (.safetensors) holds the values; ``path`` + ``.json`` the graph, baselines, meta."""
+        """``path`` (.safetensors) holds the values; ``path`` + ``.json`` the graph, baselines, meta and
+        the values' checksum (which :meth:`load` requires)."""
+        from ..fingerprint import fingerprint
+
         path = Path(path)
+        values = self.values.detach().cpu().contiguous()
+        header = {"kind": "edge_scores", "graph": self.graph.to_dict(), "baselines": self.baselines, "meta": self.meta,
+                  "values_checksum": fingerprint(values)}
         with atomic_path(path) as tmp:
-            save_file({"values": self.values.detach().cpu().contiguous()}, str(tmp))
-        header = {"kind": "edge_scores", "graph": self.graph.to_dict(), "baselines": self.baselines, "meta": self.meta}
+            save_file({"values": values}, str(tmp))
         with atomic_path(path.with_name(path.name + ".json")) as tmp:
             tmp.write_text(json.dumps(header, indent=1, default=str))
 
     @classmethod
     def load(cls, path: str | Path) -> EdgeScores:
+        """Read what :meth:`save` wrote, validated: the header's fields and types, the graph's sizes,
+        the values' checksum, dtype (floating point), shape (the header's graph) and finiteness.
+        Errors name the file. Files saved without a checksum (before mechkit recorded one) are refused."""
         path = Path(path)
-        head_path = path.with_name(path.name + ".json")
-        try:
-            header = json.loads(head_path.read_text())
-            g = header["graph"]
-            d_model = None if g.get("d_model") is None else int(g["d_model"])
-            graph = Graph(int(g["n_layers"]), int(g["n_heads"]), int(g["n_kv_heads"]), bool(g["parallel_attn_mlp"]),
-                          d_model)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{head_path}: not an edge-scores header ({type(e).__name__}: {e})") from None
-        if header.get("kind") != "edge_scores":
-            raise ValueError(f"{head_path}: kind is {header.get('kind')!r}, expected 'edge_scores'")
-        return cls(load_file(str(path))["values"], graph, header.get("baselines", {}), header.get("meta", {}))
+        hpath = path.with_name(path.name + ".json")
+        header = _read_header(hpath, path)
+        graph = Graph.from_dict(header["graph"], f"edge-scores header {hpath}")
+        values = _read_values(path, hpath, header["values_checksum"], graph)
+        return cls(values, graph, header["baselines"], header["meta"])
 
     def __repr__(self) -> str:
         return (f"EdgeScores({self.meta.get('method', '?')}, {self.graph.n_edges} edges, "
                 f"per_position={self.per_position}, baselines={self.baselines})")
+
+
+def _read_header(hpath: Path, path: Path) -> dict:
+    """The JSON header of an edge-scores file, its fields' types checked."""
+    if not hpath.is_file():
+        raise FileNotFoundError(f"edge-scores header {hpath} does not exist (edge scores are {path.name} + {hpath.name})")
+    try:
+        header = json.loads(hpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"edge-scores header {hpath} is not valid JSON ({json_reason(e)})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"edge-scores header {hpath} holds a JSON {type(header).__name__}, expected an object")
+    if header.get("kind") != "edge_scores":
+        raise ValueError(f"edge-scores header {hpath}: 'kind' is {header.get('kind')!r}, expected 'edge_scores'")
+    for key in ("graph", "baselines", "meta"):
+        if not isinstance(header.get(key), dict):
+            got = type(header[key]).__name__ if key in header else "nothing"
+            raise ValueError(f"edge-scores header {hpath}: '{key}' must be a JSON object, got {got}")
+    for k, v in header["baselines"].items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"edge-scores header {hpath}: baselines '{k}' must be a number, got {v!r}")
+    if not isinstance(header.get("values_checksum"), str):
+        raise ValueError(f"edge-scores header {hpath} has no values checksum (it was saved before mechkit recorded "
+                         f"one, so nothing ties {path.name}'s values to it): compute the scores again and save them")
+    return header
+
+
+def _read_values(path: Path, hpath: Path, checksum: str, graph: Graph) -> torch.Tensor:
+    """The values tensor of an edge-scores file, checked against its header's checksum and graph."""
+    from ..fingerprint import fingerprint
+
+    if not path.is_file():
+        raise FileNotFoundError(f"edge-scores file {path} does not exist (edge scores are {path.name} + {hpath.name})")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"edge-scores file {path} is not a readable safetensors file ({type(e).__name__})") from None
+    if "values" not in tensors:
+        raise ValueError(f"edge-scores file {path} has no tensor 'values' (found {sorted(tensors)})")
+    values = tensors["values"]
+    if not values.is_floating_point():
+        raise ValueError(f"edge-scores file {path} holds {values.dtype} values, expected floating-point scores")
+    if fingerprint(values) != checksum:
+        raise ValueError(f"edge-scores file {path} fails the checksum in {hpath.name}: its values changed since they "
+                         f"were saved (damaged file, or the two files come from different scores)")
+    want = [graph.n_senders, graph.n_receivers]
+    if values.dim() not in (2, 3) or list(values.shape[-2:]) != want:
+        raise ValueError(f"edge-scores file {path} holds values of shape {list(values.shape)}; the graph in "
+                         f"{hpath.name} ({graph}) needs [senders, receivers] = {want}, optionally per position")
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        s, r = bad.nonzero()[0].tolist()[-2:]
+        raise ValueError(f"edge-scores file {path} holds {int(bad.sum())} NaN or infinite values "
+                         f"(the first at {graph.edge_name(s, r)!r}); scores must be finite")
+    return values
