@@ -121,11 +121,7 @@ class Result:
             raise ValueError(f"result header {hpath} is not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(header, dict):
             raise ValueError(f"result header {hpath} holds {type(header).__name__}, expected a JSON object")
-        want = {"name": str, "axes": list, "labels": dict, "baselines": dict, "meta": dict}
-        for k, t in want.items():
-            if not isinstance(header.get(k), t):
-                raise ValueError(f"result header {hpath}: '{k}' must be a JSON {t.__name__}, got "
-                                 f"{type(header.get(k)).__name__}")
+        _check_header(header, hpath)
         try:
             tensors = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
@@ -133,7 +129,9 @@ class Result:
         if "values" not in tensors:
             raise ValueError(f"result file {path} has no tensor 'values' (found {sorted(tensors)})")
         values = tensors["values"]
-        if "values_checksum" in header and header["values_checksum"] != fingerprint(values):
+        if not values.is_floating_point():
+            raise ValueError(f"result file {path}: values have dtype {values.dtype}, expected a floating dtype")
+        if header["values_checksum"] != fingerprint(values):
             raise ValueError(f"result file {path} fails the checksum in {hpath.name}: its values changed since they "
                              f"were saved (damaged file, or the two files come from different results)")
         try:
@@ -142,3 +140,23 @@ class Result:
         except ValueError as e:
             raise ValueError(f"result {path}: {e}") from None
 
+
+def _check_header(header: dict, hpath: Path) -> None:
+    """The fields of a result header and their types (each failure names the file and the field)."""
+    want = {"name": str, "axes": list, "labels": dict, "baselines": dict, "meta": dict, "values_checksum": str}
+    for k, t in want.items():
+        if k == "values_checksum" and k not in header:
+            raise ValueError(f"result header {hpath} has no 'values_checksum': its values cannot be verified "
+                             f"(saved by an older mechkit, or edited); compute the result again and save it")
+        if not isinstance(header.get(k), t):
+            raise ValueError(f"result header {hpath}: '{k}' must be a JSON {t.__name__}, got "
+                             f"{type(header.get(k)).__name__}")
+    if not all(isinstance(a, str) for a in header["axes"]):
+        raise ValueError(f"result header {hpath}: 'axes' must be a list of strings, got {header['axes']!r}")
+    for ax, labels in header["labels"].items():
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ValueError(f"result header {hpath}: labels of axis {ax!r} must be a list of strings, got "
+                             f"{labels!r:.80}")
+    for k, v in header["baselines"].items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"result header {hpath}: baseline {k!r} must be a finite number, got {v!r}")

@@ -121,6 +121,17 @@ def files(m, tmp_path_factory):
     out["res_flipped"].write_bytes(bytes(raw))
     hdr = json.loads((d / "res_header.safetensors.json").read_text())
     (d / "res_header.safetensors.json").write_text(json.dumps({k: v for k, v in hdr.items() if k != "axes"}))
+    for tag, edit in (("nosum", lambda h: {k: v for k, v in h.items() if k != "values_checksum"}),
+                      ("basestr", lambda h: dict(h, baselines={"unpatched": "0"})),
+                      ("baseinf", lambda h: dict(h, baselines={"unpatched": float("inf")})),
+                      ("labelstr", lambda h: dict(h, labels={"a": "ab", "b": ["0", "1", "2"]})),
+                      ("axisnum", lambda h: dict(h, axes=[1, "b"]))):
+        res.save(d / f"res_{tag}.safetensors")
+        hp = d / f"res_{tag}.safetensors.json"
+        hp.write_text(json.dumps(edit(json.loads(hp.read_text()))))
+        out[f"res_{tag}"] = d / f"res_{tag}.safetensors"
+    mk.Result(torch.arange(6).reshape(2, 3), ("a", "b")).save(d / "res_int.safetensors")
+    out["res_int"] = d / "res_int.safetensors"
     hdr = json.loads((d / "res_labels.safetensors.json").read_text())
     hdr["labels"]["b"] = ["x"]
     (d / "res_labels.safetensors.json").write_text(json.dumps(hdr))
@@ -267,6 +278,18 @@ CASES = [
     ("result_flipped", lambda m, f: mk.Result.load(f["res_flipped"]), ValueError, "res_flipped.safetensors fails the checksum"),
     ("result_header", lambda m, f: mk.Result.load(f["res_header"]), ValueError, r"res_header.safetensors.json: 'axes'"),
     ("result_labels", lambda m, f: mk.Result.load(f["res_labels"]), ValueError, "res_labels.safetensors: axis 'b' has 3"),
+    ("result_no_checksum", lambda m, f: mk.Result.load(f["res_nosum"]), ValueError,
+     "res_nosum.safetensors.json has no 'values_checksum'"),
+    ("result_baseline_str", lambda m, f: mk.Result.load(f["res_basestr"]), ValueError,
+     r"res_basestr.safetensors.json: baseline 'unpatched' must be a finite number, got '0'"),
+    ("result_baseline_inf", lambda m, f: mk.Result.load(f["res_baseinf"]), ValueError,
+     "baseline 'unpatched' must be a finite number, got inf"),
+    ("result_label_str", lambda m, f: mk.Result.load(f["res_labelstr"]), ValueError,
+     "res_labelstr.safetensors.json: labels of axis 'a' must be a list of strings"),
+    ("result_axis_num", lambda m, f: mk.Result.load(f["res_axisnum"]), ValueError,
+     "res_axisnum.safetensors.json: 'axes' must be a list of strings"),
+    ("result_int_values", lambda m, f: mk.Result.load(f["res_int"]), ValueError,
+     "res_int.safetensors: values have dtype torch.int64, expected a floating"),
     # 7. TransformerLens-style calls
     ("model_unknown_kwarg", lambda m, f: m("the food was", foo=1), TypeError,
      r"unknown keyword arguments \['foo'\].*passed through: \['use_cache'"),
