@@ -95,6 +95,7 @@ class SAEConfig:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        self._check_types()
         self.architecture = architecture_name(self.architecture)
         act, transcoder, _, _ = ARCHITECTURES[self.architecture]
         for name in ("d_in", "d_sae"):
@@ -120,9 +121,23 @@ class SAEConfig:
         if str(self.dtype) not in DTYPES:
             raise ValueError(f"dictionary config: dtype must be one of {sorted(set(DTYPES))}, got {self.dtype!r}")
         self.dtype = str(DTYPES[str(self.dtype)]).removeprefix("torch.")
-        if act == "topk" and (not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae):
+        if act == "topk" and (not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= self.d_sae):
             raise ValueError(f"dictionary config: a topk dictionary needs an integer k in 1..d_sae={self.d_sae}, "
                              f"got {self.k!r}")
+
+    def _check_types(self) -> None:
+        """The fields that are not checked by value below: flags are booleans, names strings (or None)."""
+        if not isinstance(self.architecture, str):
+            raise ValueError(f"dictionary config: architecture must be a string, got {self.architecture!r}")
+        for name in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"dictionary config: {name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("hook_name", "hook_name_out"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"dictionary config: {name} must be a hook point name (a string) or None, got {v!r}")
+        if not isinstance(self.metadata, dict):
+            raise ValueError(f"dictionary config: metadata must be a dict, got {type(self.metadata).__name__}")
 
     @property
     def activation(self) -> str:
@@ -332,6 +347,14 @@ def finite_or_raise(name: str, t: torch.Tensor, source: str) -> None:
         raise ValueError(f"{source}: weight {name!r} has {bad} non-finite values (NaN or inf)")
 
 
+def global_threshold(t, d_sae: int, source: str) -> torch.Tensor:
+    """A BatchTopK checkpoint's single ``topk_threshold`` as every feature's threshold [d_sae]."""
+    if not isinstance(t, torch.Tensor) or t.numel() != 1:
+        raise ValueError(f"{source}: weight 'topk_threshold' has shape {tuple(getattr(t, 'shape', ()))}, expected "
+                         f"one value (a BatchTopK checkpoint's single threshold, shape () or (1,))")
+    return t.reshape(()).expand(d_sae).clone()
+
+
 def check_weights(cfg: SAEConfig, weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Validate ``weights`` against ``cfg`` and return them with SAELens's training-only names
     converted (``log_threshold`` -> ``threshold``, ``topk_threshold`` -> per-feature ``threshold``)."""
@@ -339,7 +362,7 @@ def check_weights(cfg: SAEConfig, weights: dict[str, torch.Tensor], source: str)
     if "threshold" not in w and "log_threshold" in w:
         w["threshold"] = torch.exp(w.pop("log_threshold"))
     if "threshold" not in w and "topk_threshold" in w:  # a batchtopk training checkpoint
-        w["threshold"] = w.pop("topk_threshold").reshape(()).expand(cfg.d_sae).clone()
+        w["threshold"] = global_threshold(w.pop("topk_threshold"), cfg.d_sae, source)
     if "scaling_factor" in w:
         sf = w.pop("scaling_factor")
         if not torch.allclose(sf, torch.ones_like(sf)):

@@ -11,7 +11,8 @@ Gemma Scope (``params.npz``): ``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``, ``thre
 JumpReLU SAE without ``b_dec`` applied to its input.
 
 Everything read is validated: every weight the architecture needs is present with the shape
-``cfg.json`` implies, nothing else is there, values are finite; the config fields are checked.
+``cfg.json`` implies, nothing else is there, values are finite; every config field read is checked
+(its JSON type: booleans are JSON booleans, integers not booleans, ...; then its value).
 Nothing is unpickled (``np.load(allow_pickle=False)``, safetensors).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,7 @@ from .dictionary import (
     SAEConfig,
     architecture_name,
     check_weights,
+    global_threshold,
 )
 from .format import CFG_FILE, WEIGHTS_FILE, save, to_saelens_dict  # noqa: F401 - re-exported
 
@@ -46,17 +49,59 @@ _CFG_FIELDS = ("d_in", "d_sae", "d_out", "dtype", "apply_b_dec_to_input", "norma
                "reshape_activations", "k", "rescale_acts_by_decoder_norm")
 
 
+# the JSON type(s) each cfg.json field read here must have (the kinds of :func:`_is`)
+_FIELD_KINDS = {"architecture": ("string", "null"), "d_in": ("integer",), "d_sae": ("integer",),
+                "d_out": ("integer", "null"), "dtype": ("string",), "apply_b_dec_to_input": ("boolean",),
+                "rescale_acts_by_decoder_norm": ("boolean",), "normalize_activations": ("string", "boolean", "null"),
+                "reshape_activations": ("string", "null"), "k": ("integer", "null"), "metadata": ("object", "null"),
+                "activation_fn": ("string", "null"), "activation_fn_kwargs": ("object", "null"),
+                "finetuning_scaling_factor": ("boolean", "null"), "hook_head_index": ("integer", "null"),
+                "hook_name": ("string", "null"), "hook_name_out": ("string", "null"), "model_name": ("string", "null"),
+                "sae_lens_version": ("string", "null"), "sae_lens_training_version": ("string", "null")}
+_META_KINDS = ("hook_name", "hook_name_out", "model_name", "sae_lens_version", "sae_lens_training_version",
+               "hook_head_index")
+_JSON_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "an object",
+               list: "a list", type(None): "null"}
+
+
+def _is(v, kind: str) -> bool:
+    return {"boolean": isinstance(v, bool), "integer": isinstance(v, int) and not isinstance(v, bool),
+            "number": isinstance(v, (int, float)) and not isinstance(v, bool), "string": isinstance(v, str),
+            "object": isinstance(v, dict), "null": v is None}[kind]
+
+
+def _check_kinds(d: dict, meta: dict, source: str) -> None:
+    """Every field read here has its JSON type (a bool a JSON boolean, an int an integer and not a
+    boolean, ...); ValueError naming the file and the field. A BatchTopK checkpoint's ``k`` (training
+    only, a float in SAELens) may be any number."""
+    batchtopk = isinstance(d.get("architecture"), str) and d["architecture"] in (
+        "batchtopk", "matryoshka_batchtopk", "batch_topk", "matryoshka")
+    checks = [(f"'{k}'", d[k], _FIELD_KINDS[k]) for k in _FIELD_KINDS if k in d]
+    if isinstance(d.get("metadata"), dict):
+        checks += [(f"'metadata'.{k}", meta[k], _FIELD_KINDS[k]) for k in _META_KINDS if k in meta]
+    for name, v, kinds in checks:
+        if name == "'k'" and batchtopk:
+            kinds = ("number", "null")
+        if not any(_is(v, kind) for kind in kinds):
+            want = " or ".join(("an " if kd[0] in "aeiou" else "a ") + kd if kd != "null" else "null" for kd in kinds)
+            raise ValueError(f"{source}: field {name} is {_JSON_NAMES.get(type(v), type(v).__name__)} ({v!r}), "
+                             f"expected {want}")
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "<cfg>") -> SAEConfig:
     """An :class:`SAEConfig` from a SAELens ``cfg.json`` dict (6.x, or older with its renames)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     d = {_RENAMES.get(k, k): v for k, v in raw.items()}
-    meta = dict(d.get("metadata") or {})
+    meta = d.get("metadata") if isinstance(d.get("metadata"), dict) else {}
+    _check_kinds(d, meta, source)
+    meta = dict(meta)
     arch = d.get("architecture") or "standard"
     version = str(meta.get("sae_lens_version") or d.get("sae_lens_version") or "0")
     if not version[:1].isdigit() or int(version.split(".")[0]) < 6:  # SAELens < 6: topk was an activation_fn
         kwargs = d.get("activation_fn_kwargs") or {}
         if d.get("activation_fn") == "topk" and kwargs.get("k") is not None:
+            _check_kinds({"k": kwargs["k"]}, {}, f"{source}: 'activation_fn_kwargs'")
             arch = "topk"
             d["k"] = kwargs["k"]
     if "d_in" not in d or "d_sae" not in d:
@@ -72,7 +117,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "<cfg>") -> SAEConfig:
     if d.get("hook_head_index") is not None or meta.get("hook_head_index") is not None:
         raise ValueError(f"{source}: hook_head_index (an SAE on one head's slice) is not supported")
     kw = {k: d[k] for k in _CFG_FIELDS if k in d and d[k] is not None}
-    arch_name = architecture_name(arch)
+    try:
+        arch_name = architecture_name(arch)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     if arch_name in ("batchtopk", "matryoshka_batchtopk"):  # a training checkpoint: inference is JumpReLU
         kw.pop("k", None)
         kw.pop("rescale_acts_by_decoder_norm", None)
@@ -115,22 +163,22 @@ def read_saelens(folder: Path, dtype=None, hook_name: str | None = None) -> SAE:
         cfg.hook_name = hook_name
     weights = _read_safetensors(w_path)
     if architecture_name(str(raw.get("architecture", "standard"))) in ("batchtopk", "matryoshka_batchtopk"):
-        weights = batchtopk_to_jumprelu(weights, bool(raw.get("rescale_acts_by_decoder_norm", True)), cfg)
+        weights = batchtopk_to_jumprelu(weights, bool(raw.get("rescale_acts_by_decoder_norm", True)), cfg, str(w_path))
     weights = check_weights(cfg, weights, str(w_path))
     return SAE(cfg, weights)
 
 
-def batchtopk_to_jumprelu(w: dict[str, torch.Tensor], rescale: bool, cfg: SAEConfig) -> dict[str, torch.Tensor]:
+def batchtopk_to_jumprelu(w: dict[str, torch.Tensor], rescale: bool, cfg: SAEConfig,
+                          source: str = "<weights>") -> dict[str, torch.Tensor]:
     """SAELens's conversion of a BatchTopK training checkpoint for inference: the running
     ``topk_threshold`` becomes every feature's JumpReLU threshold and, when it was trained with
     ``rescale_acts_by_decoder_norm``, the decoder row norms n are folded in (``W_enc * n``,
     ``b_enc * n``, ``W_dec / n``)."""
-    w = dict(w)
     dt = DTYPES[cfg.dtype]
-    w = {k: v.to(dt) for k, v in w.items()}
+    w = {k: v.to(dt) if v.is_floating_point() else v for k, v in w.items()}  # others: refused by check_weights
     if "topk_threshold" in w:
-        w["threshold"] = w.pop("topk_threshold").reshape(()).expand(cfg.d_sae).clone()
-    if rescale and {"W_dec", "W_enc", "b_enc"} <= set(w):
+        w["threshold"] = global_threshold(w.pop("topk_threshold"), cfg.d_sae, source)
+    if rescale and all(k in w and w[k].is_floating_point() for k in ("W_dec", "W_enc", "b_enc")):
         n = w["W_dec"].norm(dim=-1)
         w["W_enc"], w["b_enc"], w["W_dec"] = w["W_enc"] * n, w["b_enc"] * n, w["W_dec"] / n[:, None]
     return w
@@ -150,15 +198,16 @@ def read_gemma_scope(path: Path, hook_name: str | None = None, dtype=None) -> SA
             arrays = {k: np.asarray(data[k]) for k in data.files}
     except (ValueError, OSError) as e:
         raise ValueError(f"{path} is not a readable .npz file of plain arrays: {e}") from e
-    try:
-        weights = {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(v.astype(np.float32, copy=False))
-                   for k, v in arrays.items()}
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: Gemma Scope arrays must be numeric: {e}") from e
+    not_float = {k: str(v.dtype) for k, v in arrays.items() if v.dtype.kind != "f"}
+    if not_float:
+        k, dt = next(iter(not_float.items()))
+        raise ValueError(f"{path}: array '{k}' has dtype {dt}, expected floating-point weights (Gemma Scope's are float32)")
+    weights = {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(v.astype(np.float32, copy=False))
+               for k, v in arrays.items()}
     if "W_enc" not in weights or weights["W_enc"].dim() != 2:
         raise ValueError(f"{path}: a Gemma Scope file needs a 2-D 'W_enc'; got keys {sorted(arrays)}")
     d_in, d_sae = weights["W_enc"].shape
-    if "embedding" in str(path):  # as SAELens: Gemma Scope's embedding SAEs were trained on sqrt(d_model)-scaled inputs
+    if "embedding" in str(path) and "W_dec" in weights:  # as SAELens: Gemma Scope's embedding SAEs were trained on sqrt(d_model)-scaled inputs
         weights["W_enc"] = weights["W_enc"] / np.sqrt(d_in)
         weights["W_dec"] = weights["W_dec"] * np.sqrt(d_in)
     cfg = SAEConfig("jumprelu", d_in=int(d_in), d_sae=int(d_sae), dtype=_dtype_name(dtype or "float32"),
@@ -191,6 +240,9 @@ def load(source, model: HookedModel=None, hook_name: str | None = None, dtype=No
     its width matches). ``hook_name``: override (Gemma Scope files don't say where they sit;
     mechkit infers it from a ``...-res/layer_N`` path). ``dtype``/``device``: as loaded.
     """
+    if hook_name is not None and not isinstance(hook_name, str):
+        raise TypeError(f"hook_name must be a hook point name (a string) or None, got {hook_name!r} "
+                        f"({type(hook_name).__name__})")
     p = Path(str(source))
     if not p.exists():
         if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+)?", source) and not source.startswith("."):
@@ -212,7 +264,10 @@ def load(source, model: HookedModel=None, hook_name: str | None = None, dtype=No
     if device is not None:
         sae = sae.to(device)
     if model is not None:
-        check_fits(sae, model)
+        try:
+            check_fits(sae, model)
+        except ValueError as e:  # name the file too (a HookNameError, a KeyError, names the point already)
+            raise ValueError(f"{p}: {e}") from None
     return sae
 
 
@@ -234,8 +289,32 @@ def _download(location: str) -> Path:
     return root / sub if sub else root
 
 
+def _short_name(name) -> str | None:
+    """A model name compared across conventions: the last part of a path or hub name, lower case, without
+    mechkit's " (processed)" suffix."""
+    if not isinstance(name, str) or not name.strip():
+        return None
+    return name.removesuffix(" (processed)").rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
+
+
+def warn_other_model(sae: SAE, model: HookedModel) -> None:
+    """A UserWarning when the dictionary names the model it was trained for (``metadata.model_name``)
+    and ``model`` has a known name that is another one (neither name contains the other). Names are not
+    identities (aliases, local paths), so this never refuses."""
+    trained = sae.cfg.metadata.get("model_name")
+    name = getattr(model, "name", None)
+    if name == type(getattr(model, "hf_model", None)).__name__:  # not set by mk.load: unknown
+        return
+    a, b = _short_name(trained), _short_name(name)
+    if a and b and a not in b and b not in a:
+        warnings.warn(f"dictionary {sae!r} was trained for model {trained!r} (its metadata.model_name), but it is "
+                      f"used with model {name!r}; the widths match, but its features may mean nothing there",
+                      UserWarning, stacklevel=3)
+
+
 def check_fits(sae: SAE, model: HookedModel) -> None:
-    """Refuse a dictionary whose hook points the model lacks or whose width differs from them."""
+    """Refuse a dictionary whose hook points the model lacks or whose width differs from them; warn when
+    it names another model than ``model`` (:func:`warn_other_model`)."""
     cfg = sae.cfg
     if cfg.hook_name is None:
         raise ValueError(f"{sae!r} does not say which hook point it reads (hook_name is None): pass hook_name=")
@@ -246,19 +325,31 @@ def check_fits(sae: SAE, model: HookedModel) -> None:
         have = point_width(model, name, cfg.reshape_activations == "hook_z")
         if have is not None and have != width:
             raise ValueError(f"dictionary {role} {name} with width {width}, but the model's {name} has width {have}")
+    warn_other_model(sae, model)
+
+
+_D_MODEL_TAILS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_embed",
+                  "hook_pos_embed", "hook_normalized", "hook_mlp_in", "hook_in")
+# points with a head axis before the last one: which head count it has
+_HEAD_TAILS = {"hook_z": "n_heads", "hook_q": "n_heads", "hook_rot_q": "n_heads", "hook_k": "n_kv_heads",
+               "hook_v": "n_kv_heads", "hook_rot_k": "n_kv_heads"}
 
 
 def point_width(model: HookedModel, name: str, flat_heads: bool = False) -> int | None:
-    """Width of the last axis of hook point ``name`` (heads x d_head for hook_z when ``flat_heads``)."""
+    """Width of the last axis of hook point ``name`` (heads x d_head for a per-head point such as hook_z
+    when ``flat_heads``); None where the model's sizes do not give it (attention patterns: key positions)."""
     c = model.cfg
     tail = name.split(".")[-1]
-    if tail in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                "hook_embed", "hook_pos_embed", "hook_normalized"):
+    if tail in _D_MODEL_TAILS:
         return c.d_model
     if tail in ("hook_pre", "hook_post", "hook_pre_linear"):
         return c.d_mlp
-    if tail == "hook_z":
-        return c.n_heads * c.d_head if flat_heads else c.d_head
+    if tail in _HEAD_TAILS:
+        return getattr(c, _HEAD_TAILS[tail]) * c.d_head if flat_heads else c.d_head
+    if tail == "hook_result":
+        return c.n_heads * c.d_model if flat_heads else c.d_model
+    if tail == "hook_scale":
+        return 1
+    if tail == "hook_logits":
+        return c.d_vocab
     return None
-
-

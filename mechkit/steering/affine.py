@@ -41,6 +41,18 @@ class AffineSteering(Steering):
         return [(p, affine_fn(d["w"], d["b"], strength, where, d.get("lo"), d.get("hi")))
                 for p, d in self.tensors.items()]
 
+    def _check_point(self, p, d, width, at):
+        """As :meth:`Steering._check_point`, and a range ``lo``/``hi`` must not be inverted (``lo == hi``,
+        an empty range, comes from a neuron constant on the source text)."""
+        super()._check_point(p, d, width, at)
+        if "lo" in d:
+            bad = d["lo"] > d["hi"]
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise ValueError(f"{at}tensor '{p}|lo' is above '{p}|hi' at {int(bad.sum())} neuron(s) (first: neuron "
+                                 f"{i}, lo {float(d['lo'][i]):.6g} > hi {float(d['hi'][i]):.6g}); expected lo <= hi "
+                                 f"(the map acts only where lo < a < hi, so there it would never act)")
+
     def _affine(self, point, strength):
         d = self.tensors[point]
         if "lo" in d:  # range-gated: not affine

@@ -74,6 +74,47 @@ def check_strength(strength, name: str = "strength") -> float:
     return float(strength)
 
 
+def check_real(owner: str, name: str, value, low: float | None = None, strict: bool = False,
+               high: float | None = None) -> float:
+    """``value`` (hyperparameter ``name`` of ``owner``) as a float: TypeError unless a real number (not a
+    bool), ValueError unless finite and ``>= low`` (``> low`` when ``strict``) and ``< high``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a finite number, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    bad = not math.isfinite(v) or (low is not None and (v <= low if strict else v < low)) or (
+        high is not None and not v < high)
+    if bad:
+        rng = "".join([f" {'>' if strict else '>='} {low}" if low is not None else "",
+                       " and" if low is not None and high is not None else "", f" < {high}" if high is not None else ""])
+        raise ValueError(f"{owner}: {name} must be a finite number{rng}, got {v}")
+    return v
+
+
+def _index(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and int(x) >= 0
+
+
+def check_layers(owner: str, layers):
+    """A ``layers`` argument ("all" | "middle" | None | a layer index | a non-empty list of them), with
+    numpy integers made ints (JSON-able); ValueError naming what came otherwise."""
+    if layers is None or (isinstance(layers, str) and layers in ("all", "middle")):
+        return layers
+    if _index(layers):
+        return int(layers)
+    if isinstance(layers, (list, tuple)) and layers and all(_index(x) for x in layers):
+        return [int(x) for x in layers]
+    raise ValueError(f"{owner}: layers must be 'all', 'middle', None, a layer index >= 0 or a non-empty list of them, "
+                     f"got {layers!r}")
+
+
+def check_pool(owner: str, pool) -> str:
+    from ._stats import POOLS
+
+    if not (isinstance(pool, str) and pool in POOLS):
+        raise ValueError(f"{owner}: pool must be one of {sorted(POOLS)}, got {pool!r}")
+    return pool
+
+
 def check_texts(**named) -> None:
     """Each argument must be a non-empty list (or tuple) of strings (the methods fit on text)."""
     for name, texts in named.items():
@@ -88,19 +129,28 @@ def check_texts(**named) -> None:
 
 
 _POINT_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_D_MODEL_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+_D_MODEL_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+                   "hook_mlp_in", "mlp.hook_in", "hook_q_input", "hook_k_input", "hook_v_input")
 _D_MLP_POINTS = ("mlp.hook_pre", "mlp.hook_post")
+# points whose last axis is not a fixed width (attention over key positions): no steering vector fits them
+_NO_WIDTH = ("attn.hook_pattern", "attn.hook_attn_scores")
 
 
 def point_width(point: str, info: dict) -> int | None:
-    """The width of a steering tensor at ``point`` from a model description (d_model or d_mlp), None if
-    the point is not one whose width the description gives."""
+    """The width of a steering tensor at ``point`` from a model description (d_model or d_mlp; 1 at a
+    norm's ``hook_scale``), None if the point is not one whose width the description gives (the model's
+    own sizes give it: :meth:`Steering.validate` with a model). ValueError at a point without a fixed width."""
     m = _POINT_RE.match(point)
     suffix = m.group(2) if m else point
-    if suffix in _D_MODEL_POINTS or point in ("hook_embed", "ln_final.hook_normalized"):
+    if suffix in _NO_WIDTH:
+        raise ValueError(f"point '{point}' has no fixed width (its last axis is the key positions), so no steering "
+                         f"vector fits it")
+    if suffix in _D_MODEL_POINTS or suffix.endswith("hook_normalized") or point in ("hook_embed", "hook_pos_embed"):
         return info.get("d_model")
     if suffix in _D_MLP_POINTS:
         return info.get("d_mlp")
+    if suffix.endswith("hook_scale"):
+        return 1
     return None
 
 
@@ -126,9 +176,14 @@ def _layer_list(model, layers) -> list[int]:
 DEFAULT_POINTS = ("hook_attn_out", "hook_mlp_out")
 
 
-def point_param(point):
-    """A ``point`` argument as stored in the JSON hyperparameters: a string, or a list of strings."""
-    return list(point) if isinstance(point, (list, tuple)) else point
+def point_param(point, owner: str = "steering"):
+    """A ``point`` argument as stored in the JSON hyperparameters: a string, or a list of strings;
+    ValueError naming what came otherwise."""
+    if isinstance(point, str) and point:
+        return point
+    if isinstance(point, (list, tuple)) and point and all(isinstance(p, str) and p for p in point):
+        return list(point)
+    raise ValueError(f"{owner}: point must be a hook name or a non-empty list of hook names, got {point!r}")
 
 # where each per-layer point sits in a block's forward pass (incremental fits go in this order)
 _FORWARD_RANK = {"hook_resid_pre": 0, "attn.hook_q": 1, "attn.hook_k": 1, "attn.hook_v": 1, "attn.hook_pattern": 2,
@@ -302,26 +357,41 @@ class Steering(SteeringAlgebra):
         self._require_fitted()
         at = f"{where}: " if where else f"{self.method} steering: "
         n_layers = self.info.get("n_layers")
-        for p, d in self.tensors.items():
+        widths = {}
+        for p in self.tensors:
             lm = _POINT_RE.match(p)
             if lm and isinstance(n_layers, int) and not int(lm.group(1)) < n_layers:
                 raise ValueError(f"{at}point '{p}' is at layer {lm.group(1)}, but the model it was fitted on has "
                                  f"{n_layers} layers")
-            self._check_point(p, d, point_width(p, self.info), at)
-        if model is not None:
             try:
-                self.check_model(model)
+                widths[p] = point_width(p, self.info)
             except ValueError as e:
-                if not where:
-                    raise
                 raise ValueError(f"{at}{e}") from None
-            from ..hookpoints import HookNameError
+        if model is not None:
+            self._check_fits(model, at, where, widths)
+        for p, d in self.tensors.items():
+            self._check_point(p, d, widths[p], at)
 
-            for p in self.points:
-                try:
-                    model.points.resolve(p)
-                except HookNameError as e:
-                    raise ValueError(f"{at}point '{p}': {e}") from None
+    def _check_fits(self, model: HookedModel, at: str, where: str | None, widths: dict) -> None:
+        """The model is the one this was fitted on and has every point; fills the widths the model
+        description does not give from the model's own sizes (heads, d_head, vocabulary)."""
+        from ..hookpoints import HookNameError
+        from ..sae.io import point_width as model_width
+
+        model = as_hooked(model)
+        try:
+            self.check_model(model)
+        except ValueError as e:
+            if not where:
+                raise
+            raise ValueError(f"{at}{e}") from None
+        for p in self.points:
+            try:
+                model.points.resolve(p)
+            except HookNameError as e:
+                raise ValueError(f"{at}point '{p}': {e}") from None
+            if widths[p] is None:
+                widths[p] = model_width(model, p)
 
     def _check_point(self, p: str, d: dict, width: int | None, at: str) -> None:
         """One point's tensors: the method's keys, float dtype, shape ``(width,)``, finite values

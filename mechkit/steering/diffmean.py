@@ -12,7 +12,18 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._stats import pooled_activations
-from .base import DEFAULT_POINTS, Cast, Steering, check_texts, masked, model_info, point_param, resolve_points
+from .base import (
+    DEFAULT_POINTS,
+    Cast,
+    Steering,
+    check_layers,
+    check_pool,
+    check_texts,
+    masked,
+    model_info,
+    point_param,
+    resolve_points,
+)
 
 if TYPE_CHECKING:
     from ..model import HookedModel
@@ -35,8 +46,12 @@ class DiffMean(Steering):
     trainable = ("v",)
     vector_keys = ("v",)  # additive: a + b, 2 * a, -a (mechkit.steering.conventions)
 
-    def __init__(self, layers="all", point=DEFAULT_POINTS, pool: str = "mean"):
-        super().__init__(layers=layers, point=point_param(point), pool=pool)
+    def __init__(self, layers="all", point=DEFAULT_POINTS, pool: str = "mean", combined: bool = False):
+        """``combined``: set by ``a + b`` / ``a - b`` (:mod:`.conventions`) so that a sum saved to a file loads."""
+        if not isinstance(combined, bool):
+            raise ValueError(f"DiffMean: combined must be true or false, got {combined!r}")
+        super().__init__(layers=check_layers("DiffMean", layers), point=point_param(point, "DiffMean"),
+                         pool=check_pool("DiffMean", pool), **({"combined": True} if combined else {}))
 
     def fit(self, model: HookedModel, source: list[str], target: list[str], batch_size: int = 64):
         check_texts(source=source, target=target)

@@ -16,6 +16,7 @@ Either way it is a :class:`~mechkit.steering.Steering`: ``apply`` / ``attach`` /
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,7 +60,14 @@ class FeatureSteering(Steering):
                  dictionary: str = ""):
         if mode not in ("add", "clamp"):
             raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}")
-        super().__init__(mode=mode, features=[int(f) for f in features], point=point, activation=activation,
+        feats = list(features) if isinstance(features, (list, tuple)) else None
+        if feats is None or not all(isinstance(f, numbers.Integral) and not isinstance(f, bool) and f >= 0
+                                    for f in feats):
+            raise ValueError(f"FeatureSteering: features must be a list of feature indices >= 0, got {features!r}")
+        for name, v in (("point", point), ("activation", activation), ("dictionary", dictionary)):
+            if not (isinstance(v, str) or (name == "point" and v is None)):
+                raise ValueError(f"FeatureSteering: {name} must be a string, got {v!r}")
+        super().__init__(mode=mode, features=[int(f) for f in feats], point=point, activation=activation,
                          dictionary=dictionary)
 
     @classmethod

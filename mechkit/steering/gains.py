@@ -27,6 +27,7 @@ model the same one. 2 trainable parameters per gated neuron.
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ._stats import masked_mean
-from .base import Cast, Steering, blend, check_texts, everywhere, frozen, masked, model_info, resolve_points
+from .base import (
+    Cast,
+    Steering,
+    blend,
+    check_layers,
+    check_real,
+    check_texts,
+    everywhere,
+    frozen,
+    masked,
+    model_info,
+    resolve_points,
+)
 
 if TYPE_CHECKING:
     from ..model import HookedModel
@@ -54,6 +67,7 @@ def _default_neutral() -> list[str]:
     return [filler_sentence(rng) for _ in range(64)]
 
 
+_GATED_POINT = re.compile(r"blocks\.\d+\.mlp\.hook_post")
 EVAL_EVERY, PATIENCE = 5, 5  # held-out checks: every 5 steps; stop after 5 checks without improvement
 
 
@@ -122,14 +136,24 @@ class Gains(Steering):
     def __init__(self, layers="all", tau_init: float = -3.0, s_start: float = 1.0, s_end: float = 50.0,
                  sparsity: float = 0.0, kl: float = 10.0, g_max: float | None = 2.0,
                  support_threshold: float = 1e-3, holdout: float = 0.25):
-        if kl < 0 or (g_max is not None and g_max <= 0):
-            raise ValueError(f"Gains needs kl >= 0 and g_max > 0 (or None); got kl={kl!r}, g_max={g_max!r}")
-        if not 0.0 <= holdout < 1.0:
-            raise ValueError(f"Gains needs 0 <= holdout < 1 (the share of target and neutral text held out); "
-                             f"got holdout={holdout!r}")
-        super().__init__(layers=layers, tau_init=tau_init, s_start=s_start, s_end=s_end, sparsity=sparsity,
-                         kl=kl, g_max=g_max, support_threshold=support_threshold, holdout=holdout)
+        me = "Gains"
+        super().__init__(layers=check_layers(me, layers), tau_init=check_real(me, "tau_init", tau_init),
+                         s_start=check_real(me, "s_start", s_start, low=0, strict=True),
+                         s_end=check_real(me, "s_end", s_end, low=0, strict=True),
+                         sparsity=check_real(me, "sparsity", sparsity, low=0), kl=check_real(me, "kl", kl, low=0),
+                         g_max=None if g_max is None else check_real(me, "g_max", g_max, low=0, strict=True),
+                         support_threshold=check_real(me, "support_threshold", support_threshold, low=0),
+                         holdout=check_real(me, "holdout (the share of target and neutral text held out)", holdout,
+                                            low=0, high=1))
         self.hard = True
+
+    def _check_point(self, p, d, width, at):
+        """As :meth:`Steering._check_point`, at a gated point ``blocks.{l}.mlp.hook_post`` only (the gate
+        reads that layer's ``mlp.hook_pre``: at another point it would mean something else)."""
+        if not _GATED_POINT.fullmatch(p):
+            raise ValueError(f"{at}point '{p}': Gains gates MLP neurons at 'blocks.<layer>.mlp.hook_post' (reading "
+                             f"'blocks.<layer>.mlp.hook_pre'), expected a point of that form")
+        super()._check_point(p, d, width, at)
 
     def _gate_hooks(self, taus, gains, s, strength, where, record=None, straight_through=False):
         hooks = []

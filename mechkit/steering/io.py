@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,29 +81,49 @@ def _metadata(path: Path, md: dict) -> dict:
     unknown = sorted(set(hp) - set(takes))
     if unknown:
         raise ValueError(f"{path}: 'hparams' has {unknown}, which {meta['method']} does not take (it takes {takes})")
-    info = meta.get("model")
+    _check_model_info(path, meta.get("model"))
+    hist = meta.get("history", [])
+    if not (isinstance(hist, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in hist)):
+        raise ValueError(f"{path}: 'history' must be a list of numbers, got {_what(hist)}")
+    bad = [x for x in hist if not math.isfinite(x)]
+    if bad:
+        raise ValueError(f"{path}: 'history' (the training losses) must hold finite numbers, got {len(bad)} "
+                         f"non-finite ({bad[0]})")
+    return meta
+
+
+def _check_model_info(path: Path, info) -> None:
+    """The metadata's ``model`` object: family and model_type strings, positive integer sizes."""
     if not isinstance(info, dict):
         raise ValueError(f"{path}: 'model' must be a JSON object describing the model, got {_what(info)}")
     lacks = [k for k in ("family", "n_layers", "d_model", "d_mlp") if k not in info]
     if lacks:
         raise ValueError(f"{path}: 'model' lacks {lacks}")
+    for k in ("family", "model_type"):
+        if k in info and not (isinstance(info[k], str) and info[k]):
+            raise ValueError(f"{path}: 'model'.{k} must be a non-empty string, got {info[k]!r}")
     for k in ("n_layers", "d_model", "d_mlp"):
         if isinstance(info[k], bool) or not isinstance(info[k], int) or info[k] <= 0:
             raise ValueError(f"{path}: 'model'.{k} must be a positive integer, got {info[k]!r}")
-    hist = meta.get("history", [])
-    if not (isinstance(hist, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in hist)):
-        raise ValueError(f"{path}: 'history' must be a list of numbers, got {_what(hist)}")
-    return meta
+
+
+def _build(path: Path, meta: dict):
+    """The method's object from the checked hyperparameters (its constructor checks their values)."""
+    try:
+        return _classes()[meta["method"]](**meta["hparams"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: 'hparams': {e}") from None
 
 
 def load(path, model: HookedModel | None = None):
     """A steering from ``path`` (``.safetensors``); with ``model``, also check it fits that model.
 
     The whole file is validated: the metadata against its schema (method, points, hparams the
-    method takes, model description, history), and every tensor: named ``"{point}|{key}"`` with a
-    point of the metadata and a key of the method, every point holding every key, a float dtype,
-    shape ``[d_model]`` or ``[d_mlp]`` as the point needs, finite values. Errors name the file and
-    the field or tensor.
+    method takes with the types and ranges its constructor checks, model description, finite
+    history), and every tensor: named ``"{point}|{key}"`` with a point of the metadata (of the form
+    the method needs) and a key of the method, every point holding every key, a float dtype, shape
+    ``[width]`` as the point needs (d_model, d_mlp; with ``model``, also d_head at per-head points),
+    finite values. Errors name the file and the field or tensor.
     """
     path = Path(path)
     if not path.exists():
@@ -116,7 +137,7 @@ def load(path, model: HookedModel | None = None):
                          f"{(str(e).splitlines() or [''])[0]})") from None
     meta = _metadata(path, md)
     points = meta["points"]
-    st = _classes()[meta["method"]](**meta["hparams"])
+    st = _build(path, meta)
     st.tensors = {p: {} for p in points}
     for k, t in flat.items():
         if "|" not in k:

@@ -18,7 +18,17 @@ from tqdm.auto import tqdm
 
 from ._stats import affine_fit, pooled_activations
 from .affine import AffineSteering
-from .base import DEFAULT_POINTS, check_texts, everywhere, model_info, point_param, resolve_points
+from .base import (
+    DEFAULT_POINTS,
+    check_layers,
+    check_pool,
+    check_real,
+    check_texts,
+    everywhere,
+    model_info,
+    point_param,
+    resolve_points,
+)
 
 if TYPE_CHECKING:
     from ..model import HookedModel
@@ -37,8 +47,12 @@ class LinearAcT(AffineSteering):
 
     def __init__(self, layers="all", point=DEFAULT_POINTS, pool: str = "mean", clip_to_range: bool = True,
                  support_threshold: float = 1e-3):
-        super().__init__(layers=layers, point=point_param(point), pool=pool, clip_to_range=clip_to_range,
-                         support_threshold=support_threshold)
+        me = "LinearAcT"
+        if not isinstance(clip_to_range, bool):
+            raise TypeError(f"{me}: clip_to_range must be true or false, got {clip_to_range!r}")
+        super().__init__(layers=check_layers(me, layers), point=point_param(point, me), pool=check_pool(me, pool),
+                         clip_to_range=clip_to_range,
+                         support_threshold=check_real(me, "support_threshold", support_threshold, low=0))
 
     def fit(self, model: HookedModel, source: list[str], target: list[str], batch_size: int = 64, progress: bool = True):
         check_texts(source=source, target=target)

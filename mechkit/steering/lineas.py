@@ -27,7 +27,17 @@ from tqdm.auto import tqdm
 
 from ._stats import masked_mean, pooled_activations, wasserstein
 from .affine import AffineSteering, affine_fn
-from .base import DEFAULT_POINTS, check_texts, everywhere, frozen, model_info, point_param, resolve_points
+from .base import (
+    DEFAULT_POINTS,
+    check_layers,
+    check_real,
+    check_texts,
+    everywhere,
+    frozen,
+    model_info,
+    point_param,
+    resolve_points,
+)
 
 if TYPE_CHECKING:
     from ..model import HookedModel
@@ -59,7 +69,12 @@ class LinEAS(AffineSteering):
 
     def __init__(self, layers="all", point=DEFAULT_POINTS, sparsity: tuple[float, float] = (0.0, 0.0),
                  support_threshold: float = 1e-3):
-        super().__init__(layers=layers, point=point_param(point), sparsity=list(sparsity), support_threshold=support_threshold)
+        me = "LinEAS"
+        if not (isinstance(sparsity, (list, tuple)) and len(sparsity) == 2):
+            raise ValueError(f"{me}: sparsity must be a pair (l1, l2) of finite numbers >= 0, got {sparsity!r}")
+        sparsity = [check_real(me, f"sparsity[{i}]", v, low=0) for i, v in enumerate(sparsity)]
+        super().__init__(layers=check_layers(me, layers), point=point_param(point, me), sparsity=sparsity,
+                         support_threshold=check_real(me, "support_threshold", support_threshold, low=0))
 
     def fit(self, model: HookedModel, source: list[str], target: list[str], steps: int = 300, lr: float = 0.01,
             optimizer: str = "adam", batch_size: int | None = None, loss_points: list[str] | None = None,
