@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .agreement import compare
-from .io import atomic_path
+from .io import atomic_path, read_values
 
 __all__ = ["Result", "compare"]
 
@@ -108,7 +108,6 @@ class Result:
         """Read what :meth:`save` wrote, validated: both files readable, the header's fields and types,
         the values' checksum (when the header has one), axes and labels consistent with the values.
         Errors name the file and the field."""
-        from .fingerprint import fingerprint
 
         path = Path(path)
         hpath = path.with_name(path.name + ".json")
@@ -122,18 +121,7 @@ class Result:
         if not isinstance(header, dict):
             raise ValueError(f"result header {hpath} holds {type(header).__name__}, expected a JSON object")
         _check_header(header, hpath)
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise ValueError(f"result file {path} is not a readable safetensors file ({type(e).__name__})") from None
-        if "values" not in tensors:
-            raise ValueError(f"result file {path} has no tensor 'values' (found {sorted(tensors)})")
-        values = tensors["values"]
-        if not values.is_floating_point():
-            raise ValueError(f"result file {path}: values have dtype {values.dtype}, expected a floating dtype")
-        if header["values_checksum"] != fingerprint(values):
-            raise ValueError(f"result file {path} fails the checksum in {hpath.name}: its values changed since they "
-                             f"were saved (damaged file, or the two files come from different results)")
+        values = read_values(path, hpath, header["values_checksum"], "result file")
         try:
             return cls(values, tuple(header["axes"]), header["labels"], header["baselines"], header["meta"],
                        header["name"])

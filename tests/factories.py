@@ -104,3 +104,17 @@ def dies_after(cls, method: str, calls: int = 1):
         yield
     finally:
         setattr(cls, method, real)
+
+
+def weights_state(model) -> dict:
+    """A copy of a HookedModel's weights (for :func:`assert_unchanged`)."""
+    return {k: v.clone() for k, v in model.hf_model.state_dict().items()}
+
+
+def assert_unchanged(model, before: dict) -> None:
+    """After an error: no mechkit hook on the model and every weight as in ``before``."""
+    from mechkit.hookpoints import has_mechkit_hooks
+
+    assert not has_mechkit_hooks(model.hf_model)
+    after = model.hf_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -11,10 +11,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from factories import assert_unchanged as _unchanged
+from factories import weights_state as _state
 from safetensors.torch import load_file, save_file
 
 import mechkit as mk
-from mechkit.hookpoints import has_mechkit_hooks
 from mechkit.sae import bundle
 
 FIX = __import__("pathlib").Path(__file__).parent / "fixtures" / "saelens"
@@ -42,14 +43,6 @@ def _copy(tmp_path, src, name="d", cfg=None, weights=None):
     return f
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.hf_model.state_dict().items()}
-
-
-def _unchanged(model, before):
-    assert not has_mechkit_hooks(model.hf_model)
-    after = model.hf_model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 # ------------------------------------------------------------------ 2. config field types

@@ -9,11 +9,12 @@ import math
 
 import pytest
 import torch
+from factories import assert_unchanged as _unchanged
+from factories import weights_state as _state
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mechkit as mk
-from mechkit.hookpoints import has_mechkit_hooks
 from mechkit.steering import DiffMean, Gains, LinearAcT, LinEAS
 from mechkit.steering.base import model_info
 
@@ -60,14 +61,6 @@ def _edited(tmp_path, st, name="x", tensors=None, **changes):
     return _write(p, meta, ts if tensors is None else tensors)
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.hf_model.state_dict().items()}
-
-
-def _unchanged(model, before):
-    assert not has_mechkit_hooks(model.hf_model)
-    after = model.hf_model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 # ------------------------------------------------------------------ 1. non-finite hyperparameters

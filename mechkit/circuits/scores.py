@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..io import atomic_path
+from ..io import atomic_path, read_values
 from .circuit import check_n, json_reason
 from .graph import Graph
 
@@ -152,22 +152,10 @@ def _read_header(hpath: Path, path: Path) -> dict:
 
 def _read_values(path: Path, hpath: Path, checksum: str, graph: Graph) -> torch.Tensor:
     """The values tensor of an edge-scores file, checked against its header's checksum and graph."""
-    from ..fingerprint import fingerprint
 
     if not path.is_file():
         raise FileNotFoundError(f"edge-scores file {path} does not exist (edge scores are {path.name} + {hpath.name})")
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise ValueError(f"edge-scores file {path} is not a readable safetensors file ({type(e).__name__})") from None
-    if "values" not in tensors:
-        raise ValueError(f"edge-scores file {path} has no tensor 'values' (found {sorted(tensors)})")
-    values = tensors["values"]
-    if not values.is_floating_point():
-        raise ValueError(f"edge-scores file {path} holds {values.dtype} values, expected floating-point scores")
-    if fingerprint(values) != checksum:
-        raise ValueError(f"edge-scores file {path} fails the checksum in {hpath.name}: its values changed since they "
-                         f"were saved (damaged file, or the two files come from different scores)")
+    values = read_values(path, hpath, checksum, "edge-scores file")
     want = [graph.n_senders, graph.n_receivers]
     if values.dim() not in (2, 3) or list(values.shape[-2:]) != want:
         raise ValueError(f"edge-scores file {path} holds values of shape {list(values.shape)}; the graph in "
