@@ -276,6 +276,26 @@ def test_flipped_truncated_or_replaced_chunk_is_detected_and_recomputed(model, t
     assert sweep(model, task, tmp_path).meta["chunks_computed"] == 0  # the rewritten chunks are good
 
 
+def test_a_chunk_of_another_dtype_is_recomputed(model, tmp_path):
+    """A chunk whose values are not float32 (rewritten with a matching checksum) is not used: its dtype
+    would have failed inside the sweep (an index_put error) or been cast silently."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mechkit.fingerprint import fingerprint
+
+    task = make_task()
+    full = sweep(model, task, tmp_path)
+    path = chunk_files(tmp_path)[0]
+    with safe_open(str(path), framework="pt") as f:
+        meta, values = f.metadata(), f.get_tensor("values")
+    v64 = values.double()
+    save_file({"values": v64}, str(path), metadata=dict(meta, checksum=fingerprint(v64)))
+    with pytest.warns(UserWarning, match=rf"{path.name} holds float64 values"):
+        again = sweep(model, task, tmp_path)
+    assert again.meta["chunks_computed"] == 1 and torch.equal(again.values, full.values)
+
+
 def test_manifest_records_what_the_key_covers(model, tmp_path):
     task = make_task()
     sweep(model, task, tmp_path)

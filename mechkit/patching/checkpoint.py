@@ -144,12 +144,14 @@ class ChunkStore:
             return self._bad(path, "fails its checksum (its bytes changed)")
         if values.dim() != 1 or (count is not None and values.numel() != count):
             return self._bad(path, f"holds {tuple(values.shape)} values, expected ({count},)")
+        if values.dtype != torch.float32:  # what save writes; another dtype is not this sweep's chunk
+            return self._bad(path, f"holds {str(values.dtype).removeprefix('torch.')} values, expected float32")
         return values
 
     def save(self, i: int, values: torch.Tensor) -> None:
         if self.folder is None:
             return
-        values = values.detach().cpu().contiguous()
+        values = values.detach().cpu().float().contiguous()
         meta = {"format": FORMAT, "key": self.key, "index": str(i), "count": str(values.numel()),
                 "checksum": fingerprint(values)}
         with atomic_path(self._path(i)) as tmp:
