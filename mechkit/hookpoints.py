@@ -668,7 +668,7 @@ def installed_hooks(model: nn.Module) -> list[tuple[str, list]]:
     for name, m in model.named_modules():
         found = list(torch_hooks(m))
         found += [m.__dict__[k] for k in ("_mechkit_taps", "_mechkit_attn") if k in m.__dict__]
-        if in_use := [f for f in found if not (hasattr(f, "in_use") and not f.in_use())]:
+        if in_use := [f for f in found if getattr(f, "in_use", lambda: True)()]:  # taps left empty do not count
             out.append((name, in_use))
     return out
 
